@@ -1,0 +1,368 @@
+"""NIH ChestX-ray14: label CSV, patient-level splits, images, the torch Dataset, pos_weight counts.
+
+Data flows one way: this file knows nothing of models or training. Images leave it as uint8 tensors
+of shape [1, S, S]; float conversion and ImageNet normalisation happen on the device
+(transforms.prepare_batch), which keeps worker-to-GPU traffic four times smaller.
+"""
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+# The 14 findings in the order of the NIH paper and CheXNet; model outputs follow this order.
+FINDINGS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+NO_FINDING = "No Finding"  # the label NIH uses for "all 14 negative"
+IMAGE_COLUMN = "Image Index"
+LABELS_COLUMN = "Finding Labels"
+PATIENT_COLUMN = "Patient ID"
+OFFICIAL_LISTS = ("train_val_list.txt", "test_list.txt")  # NIH's patient-disjoint split, beside the CSV
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SPLITS = ("train", "val", "test")
+POS_WEIGHT_POLICIES = ("ratio", "sqrt", "none")
+
+
+class DataError(Exception):
+    """Bad input the user can fix. The message names the file, row or value and what to do."""
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def read_labels(csv_path):
+    """Read Data_Entry_2017.csv (2017 or 2020 form) into image_name, patient_id and one 0/1 column per finding."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"label file not found: {csv_path}")
+    # dtype=str: no silent float conversion of ids; the 2017 header's trailing comma only adds an unused column.
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    table.columns = [str(column).strip() for column in table.columns]
+    missing = [c for c in (IMAGE_COLUMN, LABELS_COLUMN, PATIENT_COLUMN) if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}. "
+            "Use the NIH file Data_Entry_2017.csv (or Data_Entry_2017_v2020.csv) unchanged."
+        )
+    labels = pd.DataFrame({"image_name": table[IMAGE_COLUMN].str.strip()})
+    labels["patient_id"] = _parse_patient_ids(table[PATIENT_COLUMN], labels["image_name"], csv_path)
+    labels[list(FINDINGS)] = _parse_findings(table[LABELS_COLUMN], labels["image_name"], csv_path)
+    duplicated = labels["image_name"].duplicated()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated)[0])
+        raise DataError(f"{csv_path}, row {row + 2}: image {labels['image_name'][row]} is listed twice.")
+    return labels
+
+
+def _parse_patient_ids(column, image_names, csv_path):
+    patient_ids = pd.to_numeric(column.str.strip(), errors="coerce")
+    bad = patient_ids.isna() | (patient_ids % 1 != 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{csv_path}, row {row + 2} (image {image_names[row]}): patient id {column[row]!r} is not a whole number."
+        )
+    return patient_ids.astype(np.int64)
+
+
+def _parse_findings(column, image_names, csv_path):
+    """Pipe-separated labels to a uint8 matrix; any label outside FINDINGS + 'No Finding' is an error."""
+    dummies = column.str.replace(r"\s*\|\s*", "|", regex=True).str.strip().str.get_dummies(sep="|")
+    known = set(FINDINGS) | {NO_FINDING}
+    for label in dummies.columns:
+        if label not in known:
+            row = int(np.flatnonzero(dummies[label].to_numpy())[0])
+            raise DataError(
+                f"{csv_path}, row {row + 2} (image {image_names[row]}): unknown finding {label!r} in "
+                f"{column[row]!r}. Valid labels: {', '.join(FINDINGS)}, {NO_FINDING} (joined with '|')."
+            )
+    empty = dummies.sum(axis=1).to_numpy() == 0
+    no_finding = dummies.get(NO_FINDING, pd.Series(0, index=dummies.index)).to_numpy() == 1
+    matrix = dummies.reindex(columns=list(FINDINGS), fill_value=0).to_numpy(dtype=np.uint8)
+    contradictory = no_finding & (matrix.sum(axis=1) > 0)
+    for problem, what in ((empty, "has no label"), (contradictory, "mixes 'No Finding' with findings")):
+        if problem.any():
+            row = int(np.flatnonzero(problem)[0])
+            raise DataError(f"{csv_path}, row {row + 2} (image {image_names[row]}): {what}: {column[row]!r}.")
+    return matrix
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def split_by_patient(patient_ids, fractions, seed):
+    """Assign each patient (never an image) to one of len(fractions) parts; returns the part number per row."""
+    patients = np.unique(np.asarray(patient_ids))
+    shuffled = np.random.default_rng(seed).permutation(patients)
+    bounds = np.round(np.cumsum(fractions) / np.sum(fractions) * len(patients)).astype(int)
+    part_of_patient = np.searchsorted(bounds, np.arange(len(patients)), side="right")
+    part = pd.Series(part_of_patient, index=shuffled)
+    return part.loc[np.asarray(patient_ids)].to_numpy()
+
+
+def make_split(labels, csv_path, val_fraction, test_fraction, seed):
+    """One split name per row of `labels`: NIH's official lists when they sit beside the CSV, else by patient.
+
+    With the lists, test = test_list.txt and val is `val_fraction` of the train_val patients. Without them,
+    patients are split train/val/test by 1 - val - test, val, test. Either way no patient is in two splits.
+    """
+    list_paths = [Path(csv_path).parent / name for name in OFFICIAL_LISTS]
+    if all(path.is_file() for path in list_paths):
+        split = _split_from_official_lists(labels, *list_paths)
+        train_val = (split == "train").to_numpy()
+        part = split_by_patient(labels["patient_id"][train_val], [1 - val_fraction, val_fraction], seed)
+        split[train_val] = np.where(part == 1, "val", "train")
+    else:
+        fractions = [1 - val_fraction - test_fraction, val_fraction, test_fraction]
+        if min(fractions) < 0:
+            raise DataError(f"val_fraction {val_fraction} + test_fraction {test_fraction} exceed 1.")
+        part = split_by_patient(labels["patient_id"], fractions, seed)
+        split = pd.Series(np.array(SPLITS)[part], index=labels.index)
+    check_patients_disjoint(labels["patient_id"], split)
+    return split
+
+
+def _split_from_official_lists(labels, train_val_path, test_path):
+    names = {path: set(path.read_text().split()) for path in (train_val_path, test_path)}
+    in_train_val = labels["image_name"].isin(names[train_val_path])
+    in_test = labels["image_name"].isin(names[test_path])
+    neither = ~(in_train_val | in_test)
+    if neither.any():
+        raise DataError(
+            f"{neither.sum()} image(s) of the CSV are in neither {train_val_path.name} nor {test_path.name} "
+            f"(first: {', '.join(labels['image_name'][neither][:5])}). Use the lists that came with the CSV, "
+            "or remove them to split by patient."
+        )
+    return pd.Series(np.where(in_test, "test", "train"), index=labels.index, dtype=object)
+
+
+def check_patients_disjoint(patient_ids, split):
+    """Raise if any patient has images in two splits (their images are correlated: it would leak)."""
+    splits_per_patient = pd.Series(np.asarray(split)).groupby(np.asarray(patient_ids)).nunique()
+    shared = splits_per_patient[splits_per_patient > 1]
+    if len(shared):
+        raise DataError(
+            f"{len(shared)} patient(s) appear in two splits (first: patient {shared.index[0]}). "
+            "Official lists must be patient-disjoint; fix them or remove them to split by patient."
+        )
+
+
+def save_split(labels, split, path):
+    """The split actually used, one row per image: the one truth about which images were seen."""
+    table = pd.DataFrame({"image_name": labels["image_name"], "patient_id": labels["patient_id"], "split": split})
+    table.to_csv(path, index=False)
+
+
+def read_split(path):
+    """The table written by save_split: image_name, patient_id, split."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file not found: {path}. It is written by train.py into the run folder.")
+    return pd.read_csv(path, dtype={"image_name": str, "split": str})
+
+
+# ----------------------------------------------------------------------------- pos_weight
+
+
+def count_positives(targets):
+    """Per finding: (positives, negatives) over the rows of a 0/1 target matrix."""
+    targets = np.asarray(targets)
+    positives = targets.sum(axis=0).astype(np.int64)
+    return positives, len(targets) - positives
+
+
+def pos_weight_from_counts(positives, negatives, policy="ratio", cap=0.0):
+    """BCEWithLogitsLoss pos_weight per finding: negatives / positives ('ratio'), its square root ('sqrt'),
+    or 1 ('none'), then capped at `cap` when cap > 0. A finding with no positive gets 1.0 and a warning:
+    its loss term has nothing to up-weight, and an infinite weight would poison the others."""
+    if policy not in POS_WEIGHT_POLICIES:
+        raise ValueError(f"pos_weight policy {policy!r}: choose one of {POS_WEIGHT_POLICIES}")
+    positives = np.asarray(positives, dtype=np.float64)
+    negatives = np.asarray(negatives, dtype=np.float64)
+    ratio = np.divide(negatives, positives, out=np.ones_like(positives), where=positives > 0)
+    weight = {"ratio": ratio, "sqrt": np.sqrt(ratio), "none": np.ones_like(ratio)}[policy]
+    if cap > 0:
+        weight = np.minimum(weight, cap)
+    absent = [finding for finding, count in zip(FINDINGS, positives) if count == 0]
+    if absent:
+        warnings.warn(
+            f"no positive example of {', '.join(absent)} in the training rows: pos_weight set to 1.0; "
+            "these findings cannot be learned from this split.",
+            stacklevel=2,
+        )
+    return weight
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def index_images(data_dir):
+    """Map image name -> path for every image below data_dir, flat or in NIH's images_0NN/images/ folders."""
+    data_dir = Path(data_dir)
+    found = {}
+    duplicates = 0
+    for folder, _, files in os.walk(data_dir):
+        for name in files:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                duplicates += name in found
+                found.setdefault(name, Path(folder) / name)
+    if duplicates:
+        warnings.warn(f"{duplicates} image name(s) occur twice below {data_dir}; the first is used.", stacklevel=2)
+    return found
+
+
+def attach_image_paths(labels, data_dir, drop_missing=False):
+    """Add a `path` column. Missing images are one clear error, or dropped with a warning when asked."""
+    paths = labels["image_name"].map(index_images(data_dir))
+    missing = paths.isna()
+    if missing.any():
+        names = ", ".join(labels["image_name"][missing][:5])
+        message = f"{missing.sum()} of {len(labels)} images in the CSV are not below {data_dir} (first: {names})"
+        if not drop_missing:
+            raise DataError(
+                f"{message}. Extract all 12 NIH archives there (see README), or set DROP_MISSING_IMAGES "
+                "(--drop_missing_images true) to train on the images present."
+            )
+        warnings.warn(f"{message}; they are left out.", stacklevel=2)
+    labels = labels[~missing].copy()
+    labels["path"] = paths[~missing].map(str)
+    return labels.reset_index(drop=True)
+
+
+def load_image(path, size=None):
+    """Open an image as 8-bit grayscale (uint8 H x W), letterboxed to size x size when size is given.
+
+    16-bit PNGs are scaled by their full range (65535 -> 255) rather than clipped; RGB/RGBA files (NIH has
+    a few) drop colour and alpha. A file that cannot be decoded raises DataError naming it.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                pixels = np.asarray(image, dtype=np.float32) / 257.0
+                image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+            elif image.mode != "L":
+                image = image.convert("L")
+            if size is not None:
+                image = fit_square(image, size)
+            return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise DataError(f"cannot read image {path}: {error}. Re-extract or re-download this file.") from error
+
+
+def fit_square(image, size):
+    """Resize the longer side to `size` and pad to a square: the whole chest stays in view (a centre crop of a
+    portrait film would cut the apices or the costophrenic angles). Used by the PNG path and the cache alike."""
+    scale = size / max(image.size)
+    width, height = (max(1, round(side * scale)) for side in image.size)
+    resized = image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if (width, height) == (size, size):
+        return resized
+    square = Image.new("L", (size, size), 0)
+    square.paste(resized, ((size - width) // 2, (size - height) // 2))
+    return square
+
+
+class PngImages:
+    """Images decoded from their files on every access, resized to `size` (same resize as the cache)."""
+
+    def __init__(self, paths, size):
+        self.paths = [str(path) for path in paths]
+        self.size = size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_image(self.paths[index], self.size)
+
+
+class ChestXrayDataset(torch.utils.data.Dataset):
+    """(uint8 image [1, S, S] after `transform`, float32 targets [14]) per image.
+
+    An item may be an index or (index, seed): with a seed, the random transform draws from a generator seeded
+    by it, so augmentation depends on (seed, epoch, image) alone and a resumed run sees the same pixels as an
+    uninterrupted one, whatever the number of workers.
+    """
+
+    def __init__(self, images, targets, transform=None):
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.transform = transform
+        if len(images) != len(self.targets):
+            raise ValueError(f"{len(images)} images but {len(self.targets)} target rows")
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image = torch.from_numpy(np.ascontiguousarray(self.images[index])).unsqueeze(0)
+        if self.transform is not None:
+            if seed is None:
+                image = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image = self.transform(image)
+        return image, torch.from_numpy(self.targets[index])
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """Wraps a sampler with set_epoch (DistributedSampler) and yields (index, seed) items for ChestXrayDataset.
+
+    The order depends on (seed, epoch) and each image's augmentation seed on (seed, epoch, index), so
+    resuming at any step of any epoch replays exactly what an uninterrupted run would have seen. `skip`
+    drops the first items of the epoch (the batches a resumed run has already trained on).
+    """
+
+    def __init__(self, sampler, seed):
+        self.sampler, self.seed, self.epoch, self.skip = sampler, seed, 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+    def __iter__(self):
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
+        for position, index in enumerate(self.sampler):
+            if position >= self.skip:
+                yield index, (base + index) % 2**63
+
+
+def find_label_file(data_dir, csv_path=""):
+    """The label CSV: `csv_path` when given, else the one Data_Entry_2017*.csv below data_dir."""
+    if csv_path:
+        return Path(csv_path)
+    data_dir = Path(data_dir)
+    found = sorted(data_dir.rglob("Data_Entry_2017*.csv")) if data_dir.is_dir() else []
+    if not found:
+        raise DataError(
+            f"no Data_Entry_2017*.csv in {data_dir.resolve()}. Download NIH ChestX-ray14 into it (README, "
+            "'Getting the data'), or try the synthetic demo: python demo_data.py --out data/demo, then "
+            "python train.py config/demo.py"
+        )
+    if len(found) > 1:
+        raise DataError(f"several label files below {data_dir}: {[str(p) for p in found]}; set CSV to one.")
+    return found[0]

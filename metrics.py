@@ -1,0 +1,84 @@
+"""Per-finding AUROC and friends, patient-level bootstrap confidence intervals, operating thresholds.
+
+One implementation for train.py (validation every epoch) and evaluate.py (the test report). Arrays are
+[images, findings]: targets in {0, 1}, scores are probabilities (or logits: AUROC only needs the order).
+"""
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+
+def _per_finding(metric, targets, scores):
+    """metric(y, s) per column; NaN where a column has one class only (the metric is undefined there)."""
+    targets, scores = np.asarray(targets), np.asarray(scores)
+    values = np.full(targets.shape[1], np.nan)
+    for column in range(targets.shape[1]):
+        if 0 < targets[:, column].sum() < len(targets):
+            values[column] = metric(targets[:, column], scores[:, column])
+    return values
+
+
+def auroc_per_finding(targets, scores):
+    return _per_finding(roc_auc_score, targets, scores)
+
+
+def average_precision_per_finding(targets, scores):
+    return _per_finding(average_precision_score, targets, scores)
+
+
+def mean_auroc(aurocs):
+    """Mean over the findings whose AUROC is defined (NaN if none is)."""
+    aurocs = np.asarray(aurocs, dtype=float)
+    return float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan")
+
+
+def bootstrap_auroc_ci(targets, scores, patient_ids, replicates=1000, confidence=0.95, seed=0):
+    """Percentile bootstrap CI of each finding's AUROC and of the mean AUROC, resampling patients.
+
+    Images of one patient are correlated, so resampling images would make the interval too narrow.
+    Returns (low, high) arrays of shape [findings] and a (low, high) pair for the mean.
+    """
+    targets, scores = np.asarray(targets), np.asarray(scores)
+    patients, image_patient = np.unique(np.asarray(patient_ids), return_inverse=True)
+    images_of = np.split(np.argsort(image_patient, kind="stable"), np.cumsum(np.bincount(image_patient))[:-1])
+    rng = np.random.default_rng(seed)
+    samples = np.empty((replicates, targets.shape[1]))
+    for replicate in range(replicates):
+        chosen = rng.integers(0, len(patients), len(patients))
+        rows = np.concatenate([images_of[patient] for patient in chosen])
+        samples[replicate] = auroc_per_finding(targets[rows], scores[rows])
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.nanpercentile(samples, [tail, 100 - tail], axis=0)
+    means = np.nanmean(samples, axis=1)
+    return low, high, tuple(np.nanpercentile(means, [tail, 100 - tail]))
+
+
+def youden_threshold(targets, scores):
+    """The threshold maximising sensitivity + specificity - 1 (Youden's J) for one finding."""
+    false_positive_rate, true_positive_rate, thresholds = roc_curve(targets, scores)
+    return float(thresholds[np.argmax(true_positive_rate - false_positive_rate)])
+
+
+def sensitivity_threshold(targets, scores, sensitivity):
+    """The highest threshold whose sensitivity reaches `sensitivity` (a screening operating point)."""
+    _, true_positive_rate, thresholds = roc_curve(targets, scores)
+    return float(thresholds[np.argmax(true_positive_rate >= sensitivity)])
+
+
+def choose_thresholds(targets, scores, sensitivity=None):
+    """Per finding: Youden's J, or the target sensitivity when given; NaN where a finding has one class."""
+    if sensitivity is None:
+        return _per_finding(youden_threshold, targets, scores)
+    return _per_finding(lambda y, s: sensitivity_threshold(y, s, sensitivity), targets, scores)
+
+
+def operating_point(targets, scores, threshold):
+    """Sensitivity, specificity, PPV and F1 of one finding at `threshold` (score >= threshold is positive)."""
+    targets = np.asarray(targets).astype(bool)
+    predicted = np.asarray(scores) >= threshold
+    true_positives = np.sum(predicted & targets)
+    sensitivity = true_positives / max(targets.sum(), 1)
+    specificity = np.sum(~predicted & ~targets) / max((~targets).sum(), 1)
+    ppv = true_positives / predicted.sum() if predicted.sum() else float("nan")
+    f1 = 2 * true_positives / (predicted.sum() + targets.sum()) if predicted.sum() + targets.sum() else float("nan")
+    return {"sensitivity": float(sensitivity), "specificity": float(specificity), "ppv": float(ppv), "f1": float(f1)}

@@ -1,0 +1,193 @@
+"""The ResNet-50 (ImageNet weights, early blocks frozen, Dropout + Linear head), devices, inference, and
+checkpoint I/O: the only file that calls torch.save / torch.load."""
+
+import os
+import shutil
+import tempfile
+import urllib.error
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import ResNet50_Weights, resnet50
+from torchvision.ops import FrozenBatchNorm2d
+
+ARCHITECTURE = "resnet50"
+BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")  # in forward order; "stem" is conv1 + bn1
+IMAGENET_WEIGHTS = ResNet50_Weights.IMAGENET1K_V2  # torchvision's best ResNet-50 ImageNet weights
+
+
+class CheckpointError(Exception):
+    """A checkpoint or weights file that cannot be used here; the message says which and why."""
+
+
+def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", dropout=0.5):
+    """ResNet-50 with fc replaced by Dropout(dropout) -> Linear(2048, num_findings).
+
+    pretrained: "imagenet" (torchvision download and cache), "none" (random init) or a path to a local
+    ResNet-50 state dict. trainable_layers: comma-separated blocks of BLOCKS that train, or "all"; the head
+    always trains. Frozen blocks get FrozenBatchNorm2d, so their statistics cannot drift in train mode.
+    """
+    model = resnet50(weights=None)
+    if str(pretrained).lower() not in ("none", "false", ""):
+        model.load_state_dict(_pretrained_state_dict(pretrained))
+    model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(model.fc.in_features, num_findings))
+    for block in frozen_blocks(trainable_layers):
+        for module in [model.conv1, model.bn1] if block == "stem" else [getattr(model, block)]:
+            module.requires_grad_(False)
+    _freeze_batchnorm(model)
+    return model
+
+
+def frozen_blocks(trainable_layers):
+    """The blocks of BLOCKS that do not train, from the TRAINABLE_LAYERS setting."""
+    names = [name.strip() for name in str(trainable_layers).split(",") if name.strip()]
+    if names == ["all"]:
+        return []
+    unknown = [name for name in names if name not in BLOCKS + ("head",)]
+    if unknown:
+        raise ValueError(f"trainable_layers {unknown}: use 'all' or names from {BLOCKS + ('head',)}")
+    return [block for block in BLOCKS if block not in names]
+
+
+def _freeze_batchnorm(module):
+    """Swap each BatchNorm2d with frozen parameters for a FrozenBatchNorm2d holding the same statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not child.weight.requires_grad:
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.load_state_dict(child.state_dict(), strict=False)  # num_batches_tracked has no place there
+            setattr(module, name, frozen)
+        else:
+            _freeze_batchnorm(child)
+
+
+def _pretrained_state_dict(pretrained):
+    if str(pretrained).lower() in ("imagenet", "true"):
+        try:
+            return IMAGENET_WEIGHTS.get_state_dict(progress=True, check_hash=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as error:
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+            raise CheckpointError(
+                f"could not download the ImageNet ResNet-50 weights ({IMAGENET_WEIGHTS.url}): {error}\n"
+                f"  - download that file elsewhere and place it at {cached}, or\n"
+                "  - set PRETRAINED to the path of a local ResNet-50 weights file (--pretrained path/to/file.pth), or\n"
+                "  - set PRETRAINED to none to start from random weights (much worse on real X-rays)."
+            ) from error
+    path = Path(pretrained)
+    if not path.is_file():
+        raise CheckpointError(f"PRETRAINED={pretrained!r} is neither 'imagenet', 'none' nor an existing file.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    expected = resnet50(weights=None).state_dict().keys()
+    if not isinstance(state, dict) or set(state) != set(expected):
+        raise CheckpointError(f"{path} is not a torchvision ResNet-50 state dict (keys do not match).")
+    return state
+
+
+# ----------------------------------------------------------------------------- devices and inference
+
+
+def select_device(name="auto"):
+    """'auto': CUDA, else Apple MPS, else CPU; any other name is passed to torch.device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device, enabled=True):
+    """bf16 on GPUs that have it (no loss scaling needed), else fp16; None (full precision) off CUDA."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def unwrap(model):
+    """The bare model under DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+@torch.inference_mode()
+def predict_logits(model, loader, prepare, dtype=None, progress=None):
+    """Run the model over a loader of (uint8 images, targets); returns float32 logits and targets (CPU).
+
+    prepare: turns a uint8 batch into the model's input on its device (transforms.prepare_batch).
+    """
+    model.eval()
+    all_logits, all_targets = [], []
+    for images, targets in progress(loader) if progress else loader:
+        images = prepare(images)
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images)
+        all_logits.append(logits.float())
+        all_targets.append(targets)
+    return torch.cat(all_logits).cpu(), torch.cat(all_targets)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def copy_checkpoint(source, destination):
+    """Atomic copy (best.pth from epoch_NN.pth) without a second serialisation."""
+    destination = Path(destination)
+    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=destination.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, destination)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_checkpoint(path, findings, map_location="cpu"):
+    """Load a checkpoint with weights_only=True (a .pth from elsewhere is code otherwise) and check that it is
+    a cxr14 checkpoint of the same architecture and findings."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # pickle errors of many kinds: all mean "not a checkpoint we can trust"
+        raise CheckpointError(f"cannot load {path} as a weights-only checkpoint: {error}") from error
+    missing = [key for key in ("model", "config", "findings", "architecture") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a cxr14 training checkpoint (missing {missing}).")
+    if checkpoint["architecture"] != ARCHITECTURE:
+        raise CheckpointError(f"{path} holds a {checkpoint['architecture']!r} model; this code builds {ARCHITECTURE}.")
+    if list(checkpoint["findings"]) != list(findings):
+        raise CheckpointError(
+            f"{path} was trained on findings {list(checkpoint['findings'])}, which differ from {list(findings)}."
+        )
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint):
+    """The trained model, rebuilt from the checkpoint's own config (no constants here to drift)."""
+    config = checkpoint["config"]
+    model = build_model(
+        len(checkpoint["findings"]),
+        pretrained="none",
+        trainable_layers=config["TRAINABLE_LAYERS"],
+        dropout=config["DROPOUT"],
+    )
+    model.load_state_dict(checkpoint["model"])
+    return model

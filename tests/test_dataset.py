@@ -1,0 +1,263 @@
+import csv
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import SAMPLE_CSV
+from PIL import Image
+
+from dataset import (
+    FINDINGS,
+    ChestXrayDataset,
+    DataError,
+    PngImages,
+    SeededSampler,
+    attach_image_paths,
+    count_positives,
+    index_images,
+    load_image,
+    make_split,
+    pos_weight_from_counts,
+    read_labels,
+    read_split,
+    save_split,
+    split_by_patient,
+)
+
+
+def hand_counted_labels(path):
+    """An independent reading of the CSV: csv module and str.split, no pandas."""
+    with open(path, newline="") as file:
+        rows = list(csv.reader(file))[1:]
+    return {row[0]: set(row[1].split("|")) for row in rows}
+
+
+def write_2017_form(path):
+    """The original Data_Entry_2017.csv form: a trailing comma on the header and on every row."""
+    lines = SAMPLE_CSV.read_text().splitlines()
+    path.write_text("\n".join(line + "," for line in lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("form", ["2020", "2017"])
+def test_reads_both_csv_forms_into_multi_hot_labels(tmp_path, form):
+    path = SAMPLE_CSV if form == "2020" else write_2017_form(tmp_path / "Data_Entry_2017.csv")
+    labels = read_labels(path)
+    expected = hand_counted_labels(SAMPLE_CSV)
+    assert len(labels) == 503 == len(expected)
+    for _, row in labels.iterrows():
+        positive = {finding for finding in FINDINGS if row[finding] == 1}
+        assert positive == expected[row["image_name"]] - {"No Finding"}
+    assert labels.loc[labels.image_name == "00000001_001.png", ["Cardiomegaly", "Emphysema"]].values.tolist() == [
+        [1, 1]
+    ]
+    assert labels["Hernia"].sum() == 15
+    assert labels["patient_id"].dtype == np.int64
+
+
+def test_no_finding_rows_are_all_negative():
+    labels = read_labels(SAMPLE_CSV)
+    no_finding = [name for name, found in hand_counted_labels(SAMPLE_CSV).items() if found == {"No Finding"}]
+    assert len(no_finding) > 100
+    assert labels.set_index("image_name").loc[no_finding, list(FINDINGS)].to_numpy().sum() == 0
+
+
+def test_unknown_label_names_row_image_and_label(tmp_path):
+    lines = SAMPLE_CSV.read_text().splitlines()
+    lines[5] = lines[5].replace(lines[5].split(",")[1], "Effusion|Pneumonitis", 1)
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as error:
+        read_labels(path)
+    image = lines[5].split(",")[0]
+    assert "row 6" in str(error.value) and image in str(error.value) and "'Pneumonitis'" in str(error.value)
+
+
+def test_missing_column_is_named(tmp_path):
+    table = pd.read_csv(SAMPLE_CSV).drop(columns=["Patient ID"])
+    table.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match="Patient ID"):
+        read_labels(tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("fractions", [(0.7, 0.1, 0.2), (0.5, 0.25, 0.25), (0.9, 0.05, 0.05)])
+def test_patient_split_never_shares_a_patient(seed, fractions):
+    labels = read_labels(SAMPLE_CSV)
+    part = split_by_patient(labels["patient_id"], fractions, seed)
+    patients_per_part = [set(labels["patient_id"][part == k]) for k in range(3)]
+    assert sum(len(p) for p in patients_per_part) == labels["patient_id"].nunique()  # disjoint and complete
+    for k, fraction in enumerate(fractions):
+        assert abs(len(patients_per_part[k]) - fraction * 120) <= 1
+    assert (split_by_patient(labels["patient_id"], fractions, seed) == part).all()  # deterministic
+
+
+def test_split_without_lists_is_70_10_20_by_patient(tmp_path):
+    labels = read_labels(SAMPLE_CSV)
+    split = make_split(labels, SAMPLE_CSV, val_fraction=0.1, test_fraction=0.2, seed=0)
+    assert set(split) == {"train", "val", "test"}
+    assert labels.groupby("patient_id").apply(lambda rows: split[rows.index].nunique()).max() == 1
+    assert split.map({"train": 1, "val": 0, "test": 0}).groupby(labels.patient_id).first().sum() == 84
+
+
+def test_official_lists_give_the_test_split_and_val_is_carved_by_patient(tmp_path):
+    csv_path = tmp_path / "Data_Entry_2017_v2020.csv"
+    csv_path.write_text(SAMPLE_CSV.read_text())
+    labels = read_labels(csv_path)
+    test_patients = sorted(labels.patient_id.unique())[::4]
+    test_names = labels.image_name[labels.patient_id.isin(test_patients)]
+    (tmp_path / "test_list.txt").write_text("\n".join(test_names))
+    (tmp_path / "train_val_list.txt").write_text("\n".join(labels.image_name[~labels.image_name.isin(test_names)]))
+    split = make_split(labels, csv_path, val_fraction=0.2, test_fraction=0.5, seed=3)
+    assert set(labels.image_name[split == "test"]) == set(test_names)
+    val_patients = set(labels.patient_id[split == "val"])
+    assert val_patients and not val_patients & set(labels.patient_id[split == "train"])
+    assert abs(len(val_patients) - 0.2 * (120 - len(test_patients))) <= 1
+
+    save_split(labels, split, tmp_path / "split.csv")
+    saved = read_split(tmp_path / "split.csv")
+    assert saved["split"].tolist() == split.tolist() and saved["image_name"].tolist() == labels.image_name.tolist()
+
+
+def test_official_lists_sharing_a_patient_are_refused(tmp_path):
+    csv_path = tmp_path / "Data_Entry_2017.csv"
+    csv_path.write_text(SAMPLE_CSV.read_text())
+    names = read_labels(csv_path).image_name
+    (tmp_path / "test_list.txt").write_text("00000001_000.png\n")  # patient 1 has other images in train_val
+    (tmp_path / "train_val_list.txt").write_text("\n".join(names[1:]))
+    with pytest.raises(DataError, match="patient 1"):
+        make_split(read_labels(csv_path), csv_path, 0.1, 0.2, 0)
+
+
+def test_pos_weight_matches_hand_counts():
+    labels = read_labels(SAMPLE_CSV)
+    expected = hand_counted_labels(SAMPLE_CSV)
+    positives, negatives = count_positives(labels[list(FINDINGS)])
+    for finding, pos, neg, weight in zip(FINDINGS, positives, negatives, pos_weight_from_counts(positives, negatives)):
+        hand = sum(finding in found for found in expected.values())
+        assert (pos, neg) == (hand, 503 - hand)
+        assert weight == pytest.approx((503 - hand) / hand)
+    hernia = FINDINGS.index("Hernia")
+    assert pos_weight_from_counts(positives, negatives, "sqrt")[hernia] == pytest.approx((488 / 15) ** 0.5)
+    assert pos_weight_from_counts(positives, negatives, "ratio", cap=10)[hernia] == 10
+    assert (pos_weight_from_counts(positives, negatives, "none") == 1).all()
+
+
+def test_zero_positives_gives_a_warning_and_a_finite_weight():
+    positives = np.array([5] * 13 + [0])
+    with pytest.warns(UserWarning, match="Hernia"):
+        weights = pos_weight_from_counts(positives, 100 - positives)
+    assert np.isfinite(weights).all() and weights[-1] == 1.0 and weights[0] == 19.0
+
+
+def save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)  # uint16 arrays become 16-bit PNGs, H x W x 4 arrays RGBA
+    return path
+
+
+def test_grayscale_rgba_and_16_bit_images_load_as_8_bit_gray(tmp_path):
+    gray = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+    assert (load_image(save(tmp_path / "gray.png", gray)) == gray).all()
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 7)])
+    assert (load_image(save(tmp_path / "rgba.png", rgba)) == gray).all()  # alpha ignored, not blended
+    deep = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))
+    loaded = load_image(save(tmp_path / "deep.png", deep))
+    assert loaded.dtype == np.uint8 and loaded.min() == 0 and loaded.max() == 255
+    assert np.abs(loaded.astype(int) - gray).max() <= 1  # scaled over the full range, not clipped at 255
+
+
+def test_load_image_letterboxes_to_a_square(tmp_path):
+    portrait = np.full((200, 100), 200, np.uint8)
+    loaded = load_image(save(tmp_path / "portrait.png", portrait), size=64)
+    assert loaded.shape == (64, 64)
+    assert loaded[:, 32].min() == 200 and loaded[:, 0].max() == 0  # whole film kept, padded at the sides
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    bad = tmp_path / "00000001_000.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(DataError, match="00000001_000.png"):
+        load_image(bad)
+    dataset = ChestXrayDataset(PngImages([bad], 32), np.zeros((1, 14)))
+    with pytest.raises(DataError, match="00000001_000.png"):
+        dataset[0]
+
+
+def test_nested_nih_layout_is_indexed_and_missing_images_are_one_clear_error(tmp_path):
+    labels = read_labels(SAMPLE_CSV).head(6)
+    for k, name in enumerate(labels.image_name[:4]):
+        save(tmp_path / f"images_00{k % 2 + 1}" / "images" / name, np.zeros((8, 8), np.uint8))
+    assert set(index_images(tmp_path)) == set(labels.image_name[:4])
+    with pytest.raises(DataError) as error:
+        attach_image_paths(labels, tmp_path)
+    assert "2 of 6" in str(error.value) and labels.image_name[4] in str(error.value)
+    with pytest.warns(UserWarning, match="2 of 6"):
+        kept = attach_image_paths(labels, tmp_path, drop_missing=True)
+    assert kept.image_name.tolist() == labels.image_name[:4].tolist()
+    assert all("images_00" in path for path in kept.path)
+
+
+def test_dataset_items_and_seeded_augmentation(demo_dir):
+    from transforms import train_transform
+
+    labels = attach_image_paths(read_labels(demo_dir / "Data_Entry_2017_v2020.csv"), demo_dir)
+    dataset = ChestXrayDataset(PngImages(labels.path, 48), labels[list(FINDINGS)], train_transform(32))
+    image, target = dataset[0]
+    assert image.shape == (1, 32, 32) and image.dtype == torch.uint8
+    assert target.dtype == torch.float32 and target.tolist() == labels.loc[0, list(FINDINGS)].tolist()
+    assert torch.equal(dataset[(3, 42)][0], dataset[(3, 42)][0])  # same seed, same augmentation
+    assert not torch.equal(dataset[(3, 42)][0], dataset[(3, 43)][0])
+    state = torch.get_rng_state()
+    dataset[(3, 42)]
+    assert torch.equal(state, torch.get_rng_state())  # the caller's random stream is left alone
+
+
+def test_seeded_sampler_orders_by_epoch_and_skips():
+    sampler = SeededSampler(torch.utils.data.DistributedSampler(range(20), 1, 0, seed=5), seed=5)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    sampler.set_epoch(1, skip=8)
+    assert list(sampler) == first[8:] and len(sampler) == 12
+    assert sorted(index for index, _ in first) == list(range(20))
+
+
+def test_demo_data_is_deterministic_and_in_nih_layout(tmp_path, demo_dir):
+    from demo_data import write_demo
+
+    write_demo(tmp_path / "again", patients=60, size=64, seed=1)
+    write_demo(tmp_path / "other", patients=60, size=64, seed=9)
+    for name in ("Data_Entry_2017_v2020.csv", "train_val_list.txt", "test_list.txt", "BBox_List_2017.csv"):
+        assert (tmp_path / "again" / name).read_bytes() == (demo_dir / name).read_bytes()
+    image = "images_001/images/00000002_000.png"
+    assert (tmp_path / "again" / image).read_bytes() == (demo_dir / image).read_bytes()
+    assert (tmp_path / "other" / image).read_bytes() != (demo_dir / image).read_bytes()
+    labels = read_labels(demo_dir / "Data_Entry_2017_v2020.csv")  # parses as an NIH file
+    assert len(attach_image_paths(labels, demo_dir)) == len(labels)
+    split = make_split(labels, demo_dir / "Data_Entry_2017_v2020.csv", 0.1, 0.2, 0)  # official lists: disjoint
+    assert set(labels.image_name[split == "test"]) == set((demo_dir / "test_list.txt").read_text().split())
+
+
+def test_demo_lesions_are_drawn_where_labelled(demo_dir):
+    """Each labelled lesion changes the pixels in its box compared with a film without findings."""
+    labels = read_labels(demo_dir / "Data_Entry_2017_v2020.csv")
+    paths = index_images(demo_dir)
+    boxes = pd.read_csv(demo_dir / "BBox_List_2017.csv", header=None, skiprows=1).iloc[:, :6]
+    boxes.columns = ["image_name", "finding", "x", "y", "w", "h"]
+    normal = labels.image_name[labels[list(FINDINGS)].sum(axis=1) == 0].tolist()
+    assert set(boxes.finding) == {"Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax"}
+    for finding, brighter in [("Mass", True), ("Nodule", True), ("Effusion", True), ("Pneumothorax", False)]:
+        rows = boxes[boxes.finding == finding]
+        assert len(rows) >= 5
+        agree = 0
+        for row, reference in zip(rows.itertuples(), normal):
+            x, y = int(row.x + row.w / 2), int(row.y + row.h / 2)
+            inside = load_image(paths[row.image_name])[y - 1 : y + 2, x - 1 : x + 2].mean()
+            outside = load_image(paths[reference])[y - 1 : y + 2, x - 1 : x + 2].mean()
+            agree += (inside - outside > 25) if brighter else (outside - inside > 25)
+        assert agree >= 0.8 * len(rows), finding  # 3-px nodules at 64 px sometimes sit on a rib
+    labelled = set(labels.image_name[labels.Mass == 1])
+    assert labelled == set(boxes.image_name[boxes.finding == "Mass"])

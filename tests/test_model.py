@@ -1,0 +1,141 @@
+import urllib.error
+
+import pytest
+import torch
+from torchvision.models import resnet50
+from torchvision.ops import FrozenBatchNorm2d
+
+import model as model_module
+from dataset import FINDINGS
+from model import (
+    ARCHITECTURE,
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+
+
+def trainable_blocks(net):
+    return {name.split(".")[0] for name, parameter in net.named_parameters() if parameter.requires_grad}
+
+
+def test_only_layer4_and_the_head_train_by_default():
+    net = build_model(14, pretrained="none")
+    assert trainable_blocks(net) == {"layer4", "fc"}
+    assert isinstance(net.fc[0], torch.nn.Dropout) and net.fc[0].p == 0.5
+    assert isinstance(net.fc[1], torch.nn.Linear) and net.fc[1].out_features == 14
+    assert trainable_blocks(build_model(14, "none", "layer3,layer4")) == {"layer3", "layer4", "fc"}
+    assert trainable_blocks(build_model(14, "none", "all")) == {
+        "conv1",
+        "bn1",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "fc",
+    }
+    assert trainable_blocks(build_model(14, "none", "head")) == {"fc"}
+    with pytest.raises(ValueError, match="layer5"):
+        build_model(14, "none", "layer5")
+
+
+def test_frozen_layers_and_their_batchnorm_do_not_move_in_training():
+    torch.manual_seed(0)
+    net = build_model(14, pretrained="none", trainable_layers="layer4")
+    frozen_bn = [
+        m
+        for name, m in net.named_modules()
+        if name.startswith(("bn1", "layer1", "layer2", "layer3")) and "bn" in name.split(".")[-1]
+    ]
+    assert frozen_bn and all(isinstance(m, FrozenBatchNorm2d) for m in frozen_bn)
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    net.train()
+    for _ in range(2):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            net(torch.randn(4, 3, 64, 64) * 3 + 1), torch.ones(4, 14)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = net.state_dict()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved, "nothing trained"
+    assert all(name.startswith(("layer4", "fc")) for name in moved), sorted(moved)[:5]
+    assert "layer4.0.bn1.running_mean" in moved  # the trainable block's BatchNorm does update (test can fail)
+    assert "layer3.0.bn1.running_mean" not in moved
+
+
+def test_output_shape_and_eval_is_deterministic():
+    net = build_model(14, pretrained="none").eval()
+    images = torch.randn(3, 3, 64, 64)
+    assert net(images).shape == (3, 14)
+    assert torch.equal(net(images), net(images))  # dropout off in eval
+
+
+def checkpoint_of(net, **changes):
+    return {
+        "model": net.state_dict(),
+        "config": {"TRAINABLE_LAYERS": "layer4", "DROPOUT": 0.5},
+        "findings": list(FINDINGS),
+        "architecture": ARCHITECTURE,
+        **changes,
+    }
+
+
+def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
+    net = build_model(14, pretrained="none").eval()
+    save_checkpoint(checkpoint_of(net), tmp_path / "run" / "epoch_01.pth")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["epoch_01.pth"]  # no temporary left behind
+    restored = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "epoch_01.pth", FINDINGS)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.equal(net(images), restored(images))
+
+
+class NotATensor:
+    pass
+
+
+def test_checkpoint_mismatches_and_unsafe_files_are_clear_errors(tmp_path):
+    net = build_model(14, pretrained="none")
+    save_checkpoint(checkpoint_of(net, findings=list(FINDINGS[:13]) + ["Covid"]), tmp_path / "findings.pth")
+    with pytest.raises(CheckpointError, match="Covid"):
+        load_checkpoint(tmp_path / "findings.pth", FINDINGS)
+    save_checkpoint(checkpoint_of(net, architecture="densenet121"), tmp_path / "arch.pth")
+    with pytest.raises(CheckpointError, match="densenet121"):
+        load_checkpoint(tmp_path / "arch.pth", FINDINGS)
+    torch.save({"model": NotATensor()}, tmp_path / "pickle.pth")  # arbitrary objects: refused, never executed
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_checkpoint(tmp_path / "pickle.pth", FINDINGS)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path / "other.pth", FINDINGS)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "absent.pth", FINDINGS)
+
+
+def test_offline_imagenet_download_says_what_to_do(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(CheckpointError) as error:
+        build_model(14, pretrained="imagenet")
+    message = str(error.value)
+    assert model_module.IMAGENET_WEIGHTS.url in message and "--pretrained" in message and "none" in message
+    assert str(tmp_path) in message  # where to place the file
+
+
+def test_pretrained_from_a_local_file(tmp_path):
+    torch.manual_seed(3)
+    reference = resnet50(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
+    net = build_model(14, pretrained=tmp_path / "resnet50.pth")
+    assert torch.equal(net.layer4[0].conv1.weight, reference.layer4[0].conv1.weight)
+    assert torch.equal(net.layer1[0].bn1.running_var, reference.layer1[0].bn1.running_var)  # frozen BN keeps stats
+    torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match="not a torchvision ResNet-50"):
+        build_model(14, pretrained=tmp_path / "wrong.pth")
