@@ -215,6 +215,8 @@ def make_loaders(config, labels, split, device, rank, world_size):
         "pin_memory": device.type == "cuda",
         "persistent_workers": workers > 0,
         "prefetch_factor": 4 if workers else None,
+        # iter(DataLoader) draws a seed from this generator, not from the global stream that dropout uses
+        "generator": torch.Generator().manual_seed(config["SEED"]),
     }
     train_sampler = SeededSampler(DistributedSampler(train_set, world_size, rank, seed=config["SEED"]), config["SEED"])
     val_sampler = DistributedSampler(val_set, world_size, rank, shuffle=False)
@@ -298,7 +300,7 @@ def train_epoch(model, loader, optimizer, scaler, criterion, context, epoch, ste
     model.train()
     device, dtype, world_size = context["device"], context["dtype"], context["world_size"]
     bar = tqdm(loader, desc=f"epoch {epoch} train", initial=step, total=step + len(loader), disable=context["rank"])
-    started = time.perf_counter()
+    started, first_step = time.perf_counter(), step
     for images, targets in bar:
         images = prepare_batch(images, device, context["channels_last"])
         targets = targets.to(device, non_blocking=True)
@@ -317,7 +319,7 @@ def train_epoch(model, loader, optimizer, scaler, criterion, context, epoch, ste
         step += 1
         totals["loss_sum"] += loss.item() * len(targets)
         totals["images"] += len(targets)
-        rate = (step - bar.initial) * len(targets) * world_size / (time.perf_counter() - started)
+        rate = (step - first_step) * len(targets) * world_size / (time.perf_counter() - started)
         bar.set_postfix(
             loss=f"{totals['loss_sum'] / totals['images']:.4f}",
             lr=f"{optimizer.param_groups[0]['lr']:.1e}",

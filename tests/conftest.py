@@ -28,12 +28,12 @@ def learn_dir(tmp_path_factory):
     return out
 
 
-def validation_loss_of(checkpoint_path, data_dir, split_path):
-    """The weighted BCE of a checkpoint over a run's validation images, computed in one process."""
-    import json
+DRAWN = ["Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax"]  # the findings the demo draws
 
+
+def predict_split(checkpoint_path, data_dir, split_path, part):
+    """Logits and targets of a checkpoint over one part of a saved split, computed in one process."""
     import torch
-    import torch.nn.functional as F
 
     from dataset import FINDINGS, ChestXrayDataset, PngImages, attach_image_paths, read_labels, read_split
     from model import load_checkpoint, model_from_checkpoint, predict_logits
@@ -43,11 +43,55 @@ def validation_loss_of(checkpoint_path, data_dir, split_path):
     config = checkpoint["config"]
     labels = attach_image_paths(read_labels(Path(data_dir) / "Data_Entry_2017_v2020.csv"), data_dir)
     split = read_split(split_path)
-    rows = labels.set_index("image_name").loc[split.image_name[split.split == "val"]]
+    rows = labels.set_index("image_name").loc[split.image_name[split.split == part]]
     images = PngImages(rows["path"], config["LOAD_SIZE"])
     dataset = ChestXrayDataset(images, rows[list(FINDINGS)], eval_transform(config["IMAGE_SIZE"]))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=32)
-    logits, targets = predict_logits(model_from_checkpoint(checkpoint), loader, lambda x: prepare_batch(x, "cpu"))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    net = model_from_checkpoint(checkpoint)
+    return predict_logits(net, loader, lambda batch: prepare_batch(batch, "cpu"))
+
+
+def validation_loss_of(checkpoint_path, data_dir, split_path):
+    """The weighted BCE of a checkpoint over a run's validation images, computed in one process."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+
+    from dataset import FINDINGS
+
+    logits, targets = predict_split(checkpoint_path, data_dir, split_path, "val")
     pos_weight = json.loads((Path(checkpoint_path).parent / "pos_weight.json").read_text())
     weight = torch.tensor([pos_weight[finding] for finding in FINDINGS])
     return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight).item()
+
+
+@pytest.fixture(scope="session")
+def trained_run(learn_dir, tmp_path_factory):
+    """A model trained for 3 epochs on demo data (about 90 s on 2 cores), shared by the tests that need one.
+
+    Measured here: held-out mean AUROC over the five drawn findings 0.62 after 1 epoch, 0.69 after 2,
+    0.77 after 3 (248 test images; chance is 0.5).
+    """
+    import train
+
+    out = tmp_path_factory.mktemp("trained")
+    settings = {
+        "data_dir": learn_dir,
+        "out_dir": out,
+        "image_size": 64,
+        "load_size": 64,
+        "batch_size": 32,
+        "epochs": 3,
+        "learning_rate": 1e-3,
+        "pos_weight": "sqrt",
+        "pretrained": "none",
+        "trainable_layers": "all",
+        "num_workers": 0,
+        "device": "cpu",
+        "early_stopping_patience": 0,
+    }
+    with pytest.raises(SystemExit) as stopped:
+        train.main([f"--{name}={value}" for name, value in settings.items()])
+    assert stopped.value.code == 0
+    return out

@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, validation_loss_of
+from conftest import DRAWN, ROOT, predict_split, validation_loss_of
 
 import train
 from dataset import FINDINGS
+from metrics import auroc_per_finding
 from model import load_checkpoint
 
 
@@ -184,3 +185,11 @@ def test_torchrun_two_processes_on_cpu_write_one_set_of_files(demo_dir, tmp_path
     # the validation metrics cover every validation image once, gathered from both ranks
     expected = validation_loss_of(tmp_path / "epoch_01.pth", demo_dir, tmp_path / "split.csv")
     assert pd.read_csv(tmp_path / "metrics.csv")["val_loss"][0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_model_learns_the_drawn_findings(trained_run, learn_dir):
+    """Held-out (test split) AUROC of the drawn findings: chance is 0.5; 0.77 was measured after 3 epochs."""
+    logits, targets = predict_split(trained_run / "best.pth", learn_dir, trained_run / "split.csv", "test")
+    aurocs = auroc_per_finding(targets.numpy(), logits.numpy())
+    drawn = [aurocs[FINDINGS.index(finding)] for finding in DRAWN]
+    assert np.mean(drawn) > 0.68, dict(zip(DRAWN, np.round(drawn, 3)))
