@@ -145,7 +145,7 @@ def setup_distributed(device_name):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo")  # Windows: gloo
     return dist.get_rank(), world_size, device
 
 
