@@ -410,94 +410,62 @@ def train(config):
         model = torch.compile(model)
     context = {"device": device, "dtype": dtype, "world_size": world_size, "rank": rank, "channels_last": channels_last}
 
+    train_loader, val_loader = loaders
     stop = StopRequest()
     try:
-        return run_epochs(
-            model,
-            optimizer,
-            scheduler,
-            scaler,
-            criterion,
-            pos_weight,
-            loaders,
-            config,
-            context,
-            history,
-            position,
-            totals,
-            stop,
-        )
+        for epoch in range(position["epoch"], config["EPOCHS"] + 1):
+            started = time.perf_counter()
+            first_step = position["step"] if epoch == position["epoch"] else 0
+            if first_step == 0:
+                torch.manual_seed(config["SEED"] * 1_000_003 + epoch)  # dropout: a stream per epoch, so resume is exact
+                totals = {"loss_sum": 0.0, "images": 0}
+            train_loader.sampler.set_epoch(epoch, skip=first_step * config["BATCH_SIZE"])
+            step = train_epoch(
+                model, train_loader, optimizer, scaler, criterion, context, epoch, first_step, totals, stop
+            )
+            if stop.signal is not None or step < first_step + len(train_loader):
+                if is_main:
+                    state = training_state(
+                        model, optimizer, scheduler, scaler, config, history, {"epoch": epoch, "step": step}, totals
+                    )
+                    save_checkpoint(state, run_dir / "interrupted.pth")
+                log(
+                    f"stopped at epoch {epoch}, step {step}: saved {run_dir / 'interrupted.pth'}; continue with "
+                    f"python train.py --out_dir {run_dir} --resume last"
+                )
+                return 128 + (stop.signal or 0)
+            val_loss, aurocs = validate(model, val_loader, pos_weight, context)
+            scheduler.step(val_loss)
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": totals["loss_sum"] / max(totals["images"], 1),
+                    "val_loss": val_loss,
+                    "val_mean_auroc": mean_auroc(aurocs),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - started,
+                    **{f"auroc_{finding}": float(value) for finding, value in zip(FINDINGS, aurocs)},
+                }
+            )
+            row = history[-1]
+            log(
+                f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
+                f"mean AUROC {row['val_mean_auroc']:.4f}, lr {row['lr']:.1e}"
+            )
+            if is_main:
+                save_epoch(
+                    run_dir,
+                    history,
+                    training_state(
+                        model, optimizer, scheduler, scaler, config, history, {"epoch": epoch + 1, "step": 0}, totals
+                    ),
+                )
+            best_epoch = min(history, key=lambda past: past["val_loss"])["epoch"]
+            if 0 < config["EARLY_STOPPING_PATIENCE"] <= epoch - best_epoch:
+                log(f"early stop: no lower validation loss for {epoch - best_epoch} epochs")
+                break
     finally:
         stop.restore()
-
-
-def run_epochs(
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    criterion,
-    pos_weight,
-    loaders,
-    config,
-    context,
-    history,
-    position,
-    totals,
-    stop,
-):
-    train_loader, val_loader = loaders
-    run_dir, is_main = Path(config["OUT_DIR"]), context["rank"] == 0
-    log = print if is_main else (lambda *args, **kwargs: None)
-    for epoch in range(position["epoch"], config["EPOCHS"] + 1):
-        started = time.perf_counter()
-        first_step = position["step"] if epoch == position["epoch"] else 0
-        if first_step == 0:
-            torch.manual_seed(config["SEED"] * 1_000_003 + epoch)  # dropout: a stream per epoch, so resume is exact
-            totals = {"loss_sum": 0.0, "images": 0}
-        train_loader.sampler.set_epoch(epoch, skip=first_step * config["BATCH_SIZE"])
-        step = train_epoch(model, train_loader, optimizer, scaler, criterion, context, epoch, first_step, totals, stop)
-        if stop.signal is not None or step < first_step + len(train_loader):
-            if is_main:
-                state = training_state(
-                    model, optimizer, scheduler, scaler, config, history, {"epoch": epoch, "step": step}, totals
-                )
-                save_checkpoint(state, run_dir / "interrupted.pth")
-            log(
-                f"stopped at epoch {epoch}, step {step}: saved {run_dir / 'interrupted.pth'}; continue with "
-                f"python train.py --out_dir {run_dir} --resume last"
-            )
-            return 128 + (stop.signal or 0)
-        val_loss, aurocs = validate(model, val_loader, pos_weight, context)
-        scheduler.step(val_loss)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": totals["loss_sum"] / max(totals["images"], 1),
-                "val_loss": val_loss,
-                "val_mean_auroc": mean_auroc(aurocs),
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - started,
-                **{f"auroc_{finding}": float(value) for finding, value in zip(FINDINGS, aurocs)},
-            }
-        )
-        row = history[-1]
-        log(
-            f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
-            f"mean AUROC {row['val_mean_auroc']:.4f}, lr {row['lr']:.1e}"
-        )
-        if is_main:
-            save_epoch(
-                run_dir,
-                history,
-                training_state(
-                    model, optimizer, scheduler, scaler, config, history, {"epoch": epoch + 1, "step": 0}, totals
-                ),
-            )
-        best_epoch = min(history, key=lambda past: past["val_loss"])["epoch"]
-        if 0 < config["EARLY_STOPPING_PATIENCE"] <= epoch - best_epoch:
-            log(f"early stop: no lower validation loss for {epoch - best_epoch} epochs")
-            break
     if history:
         log(summary(history, run_dir))
     return 0
