@@ -131,31 +131,27 @@ def predict_logits(model, loader, prepare, dtype=None, progress=None):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(checkpoint, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a checkpoint."""
+def _write_atomically(path, write):
+    """write(temporary_path) beside `path`, then rename over it: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(handle)
     try:
-        torch.save(checkpoint, temporary)
+        write(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
+def save_checkpoint(checkpoint, path):
+    _write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
+
+
 def copy_checkpoint(source, destination):
-    """Atomic copy (best.pth from epoch_NN.pth) without a second serialisation."""
-    destination = Path(destination)
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=destination.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        shutil.copyfile(source, temporary)
-        os.replace(temporary, destination)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    """best.pth from epoch_NN.pth, atomically, without serialising the state a second time."""
+    _write_atomically(destination, lambda temporary: shutil.copyfile(source, temporary))
 
 
 def load_checkpoint(path, findings, map_location="cpu"):

@@ -237,6 +237,28 @@ def resolve_resume(resume, run_dir):
     return max(candidates, key=lambda path: path.stat().st_mtime)
 
 
+RUN_DEFINING = (
+    "IMAGE_SIZE",
+    "LOAD_SIZE",
+    "BATCH_SIZE",
+    "TRAINABLE_LAYERS",
+    "DROPOUT",
+    "POS_WEIGHT",
+    "POS_WEIGHT_CAP",
+    "SEED",
+)  # settings a resumed run must share with its start, or it is another experiment
+
+
+def check_same_run(config, saved, path):
+    changed = {name: (saved[name], config[name]) for name in RUN_DEFINING if saved.get(name) != config[name]}
+    if changed:
+        differences = ", ".join(f"{name.lower()} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        raise CheckpointError(
+            f"{path} was trained with other settings ({differences}). Resume with the settings the run started "
+            f"with (they are in {Path(path).parent / 'config.json'}), e.g. the same config file, plus --resume last."
+        )
+
+
 def training_state(model, optimizer, scheduler, scaler, config, history, position, epoch_totals):
     """Everything a resumed run needs; plain types and tensors only, so weights_only loading accepts it."""
     return {
@@ -395,6 +417,7 @@ def train(config):
     history, position, totals = [], {"epoch": 1, "step": 0}, {"loss_sum": 0.0, "images": 0}
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, FINDINGS, map_location=device)
+        check_same_run(config, checkpoint["config"], resume_path)
         unwrap(model).load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -431,7 +454,7 @@ def train(config):
                     save_checkpoint(state, run_dir / "interrupted.pth")
                 log(
                     f"stopped at epoch {epoch}, step {step}: saved {run_dir / 'interrupted.pth'}; continue with "
-                    f"python train.py --out_dir {run_dir} --resume last"
+                    "the same command plus --resume last"
                 )
                 return 128 + (stop.signal or 0)
             val_loss, aurocs = validate(model, val_loader, pos_weight, context)

@@ -129,6 +129,8 @@ def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(straight_run, d
     assert run(tiny(demo_dir, tmp_path, epochs=1)) == 0
     assert run(tiny(demo_dir, tmp_path, epochs=2, resume="last")) == 0
     assert_same_weights(weights(straight_run / "epoch_02.pth"), weights(tmp_path / "epoch_02.pth"))
+    message = run(tiny(demo_dir, tmp_path, epochs=3, resume="last", image_size=48))
+    assert "image_size 32 -> 48" in message and "config.json" in message
     straight, resumed = pd.read_csv(straight_run / "metrics.csv"), pd.read_csv(tmp_path / "metrics.csv")
     np.testing.assert_allclose(straight["val_loss"], resumed["val_loss"], rtol=1e-5)
 
