@@ -7,7 +7,7 @@ BIN := $(VENV)/Scripts
 endif
 PY := $(BIN)/python
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo bench test lint format clean
 
 install: $(VENV)/.installed
 
@@ -17,11 +17,19 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
-# The synthetic dataset, then training on it end to end (a few minutes on a CPU).
+DEMO_IMAGES := data/demo/images_001/images/00000001_000.png data/demo/images_001/images/00000001_001.png
+
+# The synthetic dataset, its cache, training, the test-split report, predictions with heat maps (CPU: minutes).
 demo: install
 	$(PY) demo_data.py --out data/demo
+	$(PY) cache.py --data_dir data/demo --size 64
 	$(PY) -c "import shutil; shutil.rmtree('checkpoints/demo', ignore_errors=True)"
 	$(PY) train.py config/demo.py
+	$(PY) evaluate.py --checkpoint checkpoints/demo/best.pth
+	$(PY) predict.py --checkpoint checkpoints/demo/best.pth $(DEMO_IMAGES) --cam --out checkpoints/demo/predictions
+
+bench: install
+	$(PY) bench.py --json bench.json
 
 test: install
 	$(PY) -m pytest

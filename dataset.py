@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 # The 14 findings in the order of the NIH paper and CheXNet; model outputs follow this order.
 FINDINGS = (
@@ -247,6 +247,20 @@ def attach_image_paths(labels, data_dir, drop_missing=False):
     return labels.reset_index(drop=True)
 
 
+def _open_dicom(path):
+    """A DICOM file as an 8-bit grayscale PIL image (pydicom is optional: only predict.py needs it)."""
+    try:
+        import pydicom
+    except ImportError as error:
+        raise DataError(f"{path} is DICOM: install pydicom to read it (pip install pydicom)") from error
+    dicom = pydicom.dcmread(path)
+    pixels = dicom.pixel_array.astype(np.float32)
+    pixels = (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1e-6) * 255
+    if getattr(dicom, "PhotometricInterpretation", "") == "MONOCHROME1":  # bright air: invert to NIH's look
+        pixels = 255 - pixels
+    return Image.fromarray(pixels.round().astype(np.uint8))
+
+
 def load_image(path, size=None):
     """Open an image as 8-bit grayscale (uint8 H x W), letterboxed to size x size when size is given.
 
@@ -254,7 +268,7 @@ def load_image(path, size=None):
     a few) drop colour and alpha. A file that cannot be decoded raises DataError naming it.
     """
     try:
-        with Image.open(path) as image:
+        with _open_dicom(path) if str(path).lower().endswith(".dcm") else Image.open(path) as image:
             image.load()
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 pixels = np.asarray(image, dtype=np.float32) / 257.0
@@ -264,7 +278,9 @@ def load_image(path, size=None):
             if size is not None:
                 image = fit_square(image, size)
             return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+    except DataError:
+        raise
+    except Exception as error:  # decoders raise many kinds (OSError, ValueError, SyntaxError, pydicom's own)
         raise DataError(f"cannot read image {path}: {error}. Re-extract or re-download this file.") from error
 
 
@@ -296,7 +312,7 @@ class PngImages:
 
 
 class ChestXrayDataset(torch.utils.data.Dataset):
-    """(uint8 image [1, S, S] after `transform`, float32 targets [14]) per image.
+    """(uint8 image [1, S, S], float32 targets [14]) per image; `transform` takes a grayscale PIL image.
 
     An item may be an index or (index, seed): with a seed, the random transform draws from a generator seeded
     by it, so augmentation depends on (seed, epoch, image) alone and a resumed run sees the same pixels as an
@@ -315,14 +331,18 @@ class ChestXrayDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        image = torch.from_numpy(np.ascontiguousarray(self.images[index])).unsqueeze(0)
-        if self.transform is not None:
-            if seed is None:
-                image = self.transform(image)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    image = self.transform(image)
+        pixels = self.images[index]
+        if self.transform is None:
+            return torch.from_numpy(pixels).unsqueeze(0), torch.from_numpy(self.targets[index])
+        if seed is None:
+            return self.transform(Image.fromarray(pixels)), torch.from_numpy(self.targets[index])
+        # The CPU generator alone, by hand: torch.manual_seed (210 us, it seeds every backend) and
+        # torch.random.fork_rng cost more than the transforms themselves; these calls cost about 3 us.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        image = self.transform(Image.fromarray(pixels))
+        generator.set_state(state)  # the caller's stream (dropout, with num_workers=0) is left alone
         return image, torch.from_numpy(self.targets[index])
 
 

@@ -4,6 +4,8 @@ One implementation for train.py (validation every epoch) and evaluate.py (the te
 [images, findings]: targets in {0, 1}, scores are probabilities (or logits: AUROC only needs the order).
 """
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
@@ -48,9 +50,11 @@ def bootstrap_auroc_ci(targets, scores, patient_ids, replicates=1000, confidence
         rows = np.concatenate([images_of[patient] for patient in chosen])
         samples[replicate] = auroc_per_finding(targets[rows], scores[rows])
     tail = (1 - confidence) / 2 * 100
-    low, high = np.nanpercentile(samples, [tail, 100 - tail], axis=0)
-    means = np.nanmean(samples, axis=1)
-    return low, high, tuple(np.nanpercentile(means, [tail, 100 - tail]))
+    with warnings.catch_warnings():  # a finding with one class in every replicate has no interval: NaN, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(samples, [tail, 100 - tail], axis=0)
+        means = np.nanmean(samples, axis=1)
+        return low, high, tuple(np.nanpercentile(means, [tail, 100 - tail]))
 
 
 def youden_threshold(targets, scores):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from cache import CachedImages, cache_folder
 from dataset import (
     FINDINGS,
     ChestXrayDataset,
@@ -62,6 +63,7 @@ DATA_DIR = "data/nih"  # folder with the label CSV and the images (NIH archive l
 CSV = ""  # label file; empty: the one Data_Entry_2017*.csv below DATA_DIR
 IMAGE_SIZE = 224  # side of the square crop the network sees
 LOAD_SIZE = 256  # images are letterboxed to this square on load; training crops are taken from it
+CACHE = "auto"  # "auto": DATA_DIR/cache_<LOAD_SIZE> when built (python cache.py), "off" (read PNGs), or a folder
 BATCH_SIZE = 64  # images per step on each GPU
 EPOCHS = 10  # passes over the training split
 LEARNING_RATE = 1e-5  # AdamW learning rate; low, as suits fine-tuning pretrained weights
@@ -77,7 +79,7 @@ EARLY_STOPPING_PATIENCE = 3  # epochs without a lower validation loss before tra
 VAL_FRACTION = 0.1  # share of the (train_val) patients held out for validation
 TEST_FRACTION = 0.2  # share of patients held out for testing when there are no official split lists
 DROP_MISSING_IMAGES = False  # train on the images present when some in the CSV are missing (else an error)
-NUM_WORKERS = -1  # DataLoader worker processes per GPU; -1: from the CPU count
+NUM_WORKERS = -1  # DataLoader worker processes per GPU; -1: the CPU cores per GPU less one
 AMP = True  # mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling
 CHANNELS_LAST = True  # NHWC memory layout on CUDA (faster convolutions on tensor cores)
 COMPILE = False  # torch.compile the model (faster steps after a slow first one)
@@ -112,10 +114,8 @@ def parse_config(argv):
     parser.add_argument("config_files", nargs="*", metavar="CONFIG.py", help="files of NAME = value lines")
     for name, (default, comment) in known.items():
         kind = _parse_bool if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{name.lower()}", type=kind, metavar=type(default).__name__.upper(), help=comment)
-        parser.set_defaults(**{name.lower(): None})
-    for action in parser._actions[2:]:
-        action.help += f" (default: {known[action.dest.upper()][0]!r})"
+        metavar = type(default).__name__.upper()
+        parser.add_argument(f"--{name.lower()}", type=kind, metavar=metavar, help=f"{comment} (default: {default!r})")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unknown setting(s) {unknown}. Valid: {', '.join('--' + n.lower() for n in known)}")
@@ -126,6 +126,10 @@ def parse_config(argv):
         bad = [name for name in overrides if name not in known and not name.startswith("_")]
         if bad:
             parser.error(f"{path}: unknown setting(s) {bad}. Valid: {', '.join(known)}")
+        for name, value in overrides.items():
+            default = known.get(name, (value,))[0]
+            if not isinstance(value, type(default)) and not (type(default) is float and type(value) is int):
+                parser.error(f"{path}: {name} = {value!r} should be a {type(default).__name__}, like {default!r}")
         config.update({name: value for name, value in overrides.items() if name in known})
     for name in known:
         if getattr(args, name.lower()) is not None:
@@ -199,16 +203,37 @@ def load_split_labels(config, run_dir, resuming):
     return labels, split
 
 
+def find_cache(config):
+    """The cache folder to read, or None to decode the PNGs."""
+    if config["CACHE"] == "off":
+        return None
+    if config["CACHE"] != "auto":
+        return Path(config["CACHE"])
+    folder = cache_folder(config["DATA_DIR"], config["LOAD_SIZE"])
+    return folder if (folder / "index.csv").is_file() else None
+
+
 def make_loaders(config, labels, split, device, rank, world_size):
+    cache = find_cache(config)
+
     def subset(name, transform):
         rows = labels[split == name]
-        return ChestXrayDataset(PngImages(rows["path"], config["LOAD_SIZE"]), rows[list(FINDINGS)], transform)
+        if cache is None:
+            images = PngImages(rows["path"], config["LOAD_SIZE"])
+        else:
+            images = CachedImages(cache, rows["image_name"])
+            if images.size != config["LOAD_SIZE"]:
+                raise DataError(f"the cache {cache} holds {images.size}-px images; LOAD_SIZE is {config['LOAD_SIZE']}")
+        return ChestXrayDataset(images, rows[list(FINDINGS)], transform)
 
+    if rank == 0:
+        print(f"images: {f'cache {cache}' if cache else 'decoding PNGs (python cache.py builds a faster cache)'}")
     train_set = subset("train", train_transform(config["IMAGE_SIZE"]))
     val_set = subset("val", eval_transform(config["IMAGE_SIZE"]))
     if len(train_set) < config["BATCH_SIZE"] * world_size or len(val_set) == 0:
         raise DataError(f"{len(train_set)} training / {len(val_set)} validation images: too few for a batch.")
-    workers = config["NUM_WORKERS"] if config["NUM_WORKERS"] >= 0 else min(8, (os.cpu_count() or 1) // world_size)
+    cores_per_process = (os.cpu_count() or 1) // world_size
+    workers = config["NUM_WORKERS"] if config["NUM_WORKERS"] >= 0 else max(1, cores_per_process - 1)  # 1 core feeds
     common = {
         "batch_size": config["BATCH_SIZE"],
         "num_workers": workers,

@@ -76,6 +76,9 @@ def test_command_line_and_config_file_overrides(tmp_path):
     assert config["EPOCHS"] == 3 and isinstance(config["EPOCHS"], int)  # the command line wins
     assert config["LEARNING_RATE"] == 0.5 and config["AMP"] is False
     assert config["OUT_DIR"] == "checkpoints/mine" and config["BATCH_SIZE"] == train.BATCH_SIZE
+    config_file.write_text('EPOCHS = "7"\n')
+    with pytest.raises(SystemExit):
+        train.parse_config([str(config_file)])
 
 
 @pytest.mark.parametrize("argv", [["--epoch", "3"], ["--epochs", "three"], ["--amp", "maybe"]])
@@ -190,8 +193,11 @@ def test_torchrun_two_processes_on_cpu_write_one_set_of_files(demo_dir, tmp_path
 
 
 def test_the_model_learns_the_drawn_findings(trained_run, learn_dir):
-    """Held-out (test split) AUROC of the drawn findings: chance is 0.5; 0.77 was measured after 3 epochs."""
-    logits, targets = predict_split(trained_run / "best.pth", learn_dir, trained_run / "split.csv", "test")
+    """Held-out (test split) AUROC of the drawn findings after 4 epochs: chance is 0.5; 0.76-0.81 measured.
+
+    The last epoch, not best.pth: with 88 validation images the choice by validation loss is itself noisy.
+    """
+    logits, targets = predict_split(trained_run / "epoch_04.pth", learn_dir, trained_run / "split.csv", "test")
     aurocs = auroc_per_finding(targets.numpy(), logits.numpy())
     drawn = [aurocs[FINDINGS.index(finding)] for finding in DRAWN]
     assert np.mean(drawn) > 0.68, dict(zip(DRAWN, np.round(drawn, 3)))

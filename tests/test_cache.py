@@ -1,0 +1,109 @@
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import train
+from cache import CachedImages, build_cache, cache_folder
+from dataset import DataError, PngImages, attach_image_paths, load_image, read_labels
+
+
+@pytest.fixture(scope="module")
+def cached(demo_dir, tmp_path_factory):
+    """A copy of the demo data with a 40-px cache built by two worker processes."""
+    data = tmp_path_factory.mktemp("cached") / "demo"
+    shutil.copytree(demo_dir, data)
+    build_cache(data, size=40, workers=2)
+    return data
+
+
+def demo_labels(data):
+    return attach_image_paths(read_labels(data / "Data_Entry_2017_v2020.csv"), data)
+
+
+def test_cache_holds_exactly_the_png_path_pixels(cached):
+    labels = demo_labels(cached)
+    folder = cache_folder(cached, 40)
+    assert pd.read_csv(folder / "index.csv").image_name.tolist() == labels.image_name.tolist()
+    array = np.load(folder / "images.npy", mmap_mode="r")
+    assert array.shape == (len(labels), 40, 40) and array.dtype == np.uint8
+    from_cache = CachedImages(folder, labels.image_name[::-1])  # any order of names
+    from_png = PngImages(labels.path[::-1], 40)
+    for k in range(0, len(labels), 17):
+        assert np.array_equal(from_cache[k], from_png[k])
+    assert np.load(folder / "done.npy").all()
+
+
+def test_an_interrupted_cache_resumes_without_redoing_finished_rows(cached):
+    folder = cache_folder(cached, 40)
+    images = np.load(folder / "images.npy", mmap_mode="r+")
+    done = np.load(folder / "done.npy")
+    expected = np.array(images[:10])
+    images[:10] = 0  # rows lost in an interruption: not marked done
+    images[10] = 7  # a finished row: must not be recomputed
+    images.flush()
+    done[:10] = False
+    np.save(folder / "done.npy", done)
+    with pytest.raises(DataError, match="incomplete"):
+        CachedImages(folder, demo_labels(cached).image_name)
+    build_cache(cached, size=40, workers=1)
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    assert np.array_equal(images[:10], expected) and (images[10] == 7).all()
+    images = np.load(folder / "images.npy", mmap_mode="r+")
+    images[10] = load_image(demo_labels(cached).path[10], 40)  # restore for the other tests
+    images.flush()
+
+
+def test_mismatches_are_clear_errors(cached, tmp_path):
+    folder = cache_folder(cached, 40)
+    with pytest.raises(DataError, match="00009999_000.png"):
+        CachedImages(folder, ["00009999_000.png"])
+    other = tmp_path / "other"
+    shutil.copytree(cached, other)
+    csv_path = other / "Data_Entry_2017_v2020.csv"
+    csv_path.write_text("".join(csv_path.read_text().splitlines(keepends=True)[:-1]))  # one image fewer
+    with pytest.raises(DataError, match="another list of images"):
+        build_cache(other, size=40, workers=1)
+    message = run_train(cached, tmp_path / "run", load_size=48, cache=str(folder))
+    assert "40-px" in message and "48" in message
+
+
+def test_a_corrupt_image_stops_the_cache_naming_it(demo_dir, tmp_path):
+    data = tmp_path / "demo"
+    shutil.copytree(demo_dir, data)
+    broken = next(data.rglob("00000003_000.png"))
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(DataError, match="00000003_000.png"):
+        build_cache(data, size=32, workers=1)
+
+
+def run_train(data, out, **changes):
+    settings = {
+        "data_dir": data,
+        "out_dir": out,
+        "image_size": 32,
+        "load_size": 40,
+        "batch_size": 16,
+        "epochs": 1,
+        "learning_rate": 1e-3,
+        "pretrained": "none",
+        "num_workers": 0,
+        "device": "cpu",
+    }
+    settings.update(changes)
+    with pytest.raises(SystemExit) as stopped:
+        train.main([f"--{name}={value}" for name, value in settings.items()])
+    return stopped.value.code
+
+
+def test_training_on_the_cache_equals_training_on_the_pngs(cached, tmp_path, capsys):
+    assert run_train(cached, tmp_path / "png", cache="off") == 0
+    assert "decoding PNGs" in capsys.readouterr().out
+    assert run_train(cached, tmp_path / "cache", cache="auto", num_workers=2) == 0
+    assert "images: cache" in capsys.readouterr().out
+    png = torch.load(tmp_path / "png" / "epoch_01.pth", weights_only=True)["model"]
+    from_cache = torch.load(tmp_path / "cache" / "epoch_01.pth", weights_only=True)["model"]
+    for name in png:
+        torch.testing.assert_close(png[name], from_cache[name], rtol=1e-5, atol=1e-6, msg=name)

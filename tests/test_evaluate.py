@@ -1,0 +1,124 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import predict_split
+
+import evaluate
+from dataset import FINDINGS
+from metrics import auroc_per_finding
+
+
+def run(argv):
+    return evaluate.evaluate(evaluate.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def report(trained_run):
+    return run(["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "100", "--num_workers", "0"])
+
+
+def test_report_covers_exactly_the_saved_test_split(report, trained_run, learn_dir):
+    split = pd.read_csv(trained_run / "split.csv")
+    test = split[split.split == "test"]
+    assert report["split"] == "test" and report["images"] == len(test)
+    assert report["patients"] == test.patient_id.nunique()
+    logits, targets = predict_split(trained_run / "best.pth", learn_dir, trained_run / "split.csv", "test")
+    expected = auroc_per_finding(targets.numpy(), logits.numpy())
+    reported = np.array([row["auroc"] if row["auroc"] is not None else np.nan for row in report["findings"]])
+    np.testing.assert_allclose(reported, expected, rtol=1e-6)
+    assert report["mean_auroc"] == pytest.approx(np.nanmean(expected))
+
+
+def test_report_files_are_written_and_well_formed(report, trained_run):
+    out = trained_run / "evaluation"
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["mean_auroc"] == report["mean_auroc"] and [r["finding"] for r in saved["findings"]] == list(FINDINGS)
+    low, high = saved["mean_auroc_ci"]
+    assert low <= saved["mean_auroc"] <= high
+    table = pd.read_csv(out / "report.csv")
+    assert list(table.finding) == list(FINDINGS)
+    assert {
+        "auroc",
+        "auroc_ci_low",
+        "auroc_ci_high",
+        "average_precision",
+        "prevalence",
+        "chexnet_auroc",
+        "threshold",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "f1",
+    } <= set(table.columns)
+    drawn = table.set_index("finding").loc["Cardiomegaly"]
+    assert drawn.auroc_ci_low <= drawn.auroc <= drawn.auroc_ci_high and 0 <= drawn.sensitivity <= 1
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    assert thresholds["policy"] == "youden" and set(thresholds["thresholds"]) == set(FINDINGS)
+    assert (out / "roc_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_thresholds_come_from_the_validation_split(trained_run, learn_dir, tmp_path):
+    run(
+        [
+            "--checkpoint",
+            str(trained_run / "best.pth"),
+            "--bootstrap",
+            "20",
+            "--num_workers",
+            "0",
+            "--sensitivity",
+            "0.9",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    thresholds = json.loads((tmp_path / "thresholds.json").read_text())["thresholds"]
+    logits, targets = predict_split(trained_run / "best.pth", learn_dir, trained_run / "split.csv", "val")
+    k = FINDINGS.index("Cardiomegaly")
+    predicted = torch.sigmoid(logits[:, k]).numpy() >= thresholds["Cardiomegaly"] - 1e-6
+    positives = targets[:, k].numpy() == 1
+    assert predicted[positives].mean() >= 0.9  # on validation, the chosen threshold reaches the sensitivity
+
+
+def test_tta_averages_five_crops(trained_run, tmp_path):
+    plain = run(
+        [
+            "--checkpoint",
+            str(trained_run / "best.pth"),
+            "--bootstrap",
+            "20",
+            "--num_workers",
+            "0",
+            "--out",
+            str(tmp_path / "plain"),
+        ]
+    )
+    tta = run(
+        [
+            "--checkpoint",
+            str(trained_run / "best.pth"),
+            "--bootstrap",
+            "20",
+            "--num_workers",
+            "0",
+            "--out",
+            str(tmp_path / "tta"),
+            "--tta",
+        ]
+    )
+    assert tta["tta"] and tta["images"] == plain["images"]
+    assert tta["mean_auroc"] != plain["mean_auroc"] and abs(tta["mean_auroc"] - plain["mean_auroc"]) < 0.1
+
+
+def test_without_a_saved_split_only_the_official_test_list_is_used(trained_run, learn_dir, tmp_path, capsys):
+    shutil.copy(trained_run / "best.pth", tmp_path / "best.pth")
+    result = run(["--checkpoint", str(tmp_path / "best.pth"), "--bootstrap", "20", "--num_workers", "0"])
+    assert result["images"] == len((learn_dir / "test_list.txt").read_text().split())
+    assert "warning" in capsys.readouterr().out
+    assert all(row["threshold"] is None for row in result["findings"])
+    with pytest.raises(SystemExit, match="split"):
+        evaluate.main(["--checkpoint", str(tmp_path / "best.pth"), "--split", "val"])
