@@ -16,6 +16,11 @@ def run(argv):
     return evaluate.evaluate(evaluate.parse_args(argv))
 
 
+def run_quick(checkpoint, *extra):
+    """evaluate.py with a small bootstrap and no worker processes."""
+    return run(["--checkpoint", str(checkpoint), "--bootstrap", "20", "--num_workers", "0", *map(str, extra)])
+
+
 @pytest.fixture(scope="module")
 def report(trained_run):
     return run(["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "100", "--num_workers", "0"])
@@ -62,20 +67,7 @@ def test_report_files_are_written_and_well_formed(report, trained_run):
 
 
 def test_thresholds_come_from_the_validation_split(trained_run, learn_dir, tmp_path):
-    run(
-        [
-            "--checkpoint",
-            str(trained_run / "best.pth"),
-            "--bootstrap",
-            "20",
-            "--num_workers",
-            "0",
-            "--sensitivity",
-            "0.9",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    run_quick(trained_run / "best.pth", "--sensitivity", "0.9", "--out", tmp_path)
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())["thresholds"]
     logits, targets = predict_split(trained_run / "best.pth", learn_dir, trained_run / "split.csv", "val")
     k = FINDINGS.index("Cardiomegaly")
@@ -85,38 +77,15 @@ def test_thresholds_come_from_the_validation_split(trained_run, learn_dir, tmp_p
 
 
 def test_tta_averages_five_crops(trained_run, tmp_path):
-    plain = run(
-        [
-            "--checkpoint",
-            str(trained_run / "best.pth"),
-            "--bootstrap",
-            "20",
-            "--num_workers",
-            "0",
-            "--out",
-            str(tmp_path / "plain"),
-        ]
-    )
-    tta = run(
-        [
-            "--checkpoint",
-            str(trained_run / "best.pth"),
-            "--bootstrap",
-            "20",
-            "--num_workers",
-            "0",
-            "--out",
-            str(tmp_path / "tta"),
-            "--tta",
-        ]
-    )
+    plain = run_quick(trained_run / "best.pth", "--out", tmp_path / "plain")
+    tta = run_quick(trained_run / "best.pth", "--out", tmp_path / "tta", "--tta")
     assert tta["tta"] and tta["images"] == plain["images"]
     assert tta["mean_auroc"] != plain["mean_auroc"] and abs(tta["mean_auroc"] - plain["mean_auroc"]) < 0.1
 
 
 def test_without_a_saved_split_only_the_official_test_list_is_used(trained_run, learn_dir, tmp_path, capsys):
     shutil.copy(trained_run / "best.pth", tmp_path / "best.pth")
-    result = run(["--checkpoint", str(tmp_path / "best.pth"), "--bootstrap", "20", "--num_workers", "0"])
+    result = run_quick(tmp_path / "best.pth")
     assert result["images"] == len((learn_dir / "test_list.txt").read_text().split())
     assert "warning" in capsys.readouterr().out
     assert all(row["threshold"] is None for row in result["findings"])
