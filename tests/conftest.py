@@ -31,19 +31,37 @@ def learn_dir(tmp_path_factory):
 DRAWN = ["Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax"]  # the findings the demo draws
 
 
-def predict_split(checkpoint_path, data_dir, split_path, part):
-    """Logits and targets of a checkpoint over one part of a saved split, computed in one process."""
+def tiny_settings(data_dir, out_dir, **changes):
+    """train.py settings for a run of a few seconds on the CPU, as --name=value arguments."""
+    settings = {
+        "data_dir": data_dir,
+        "out_dir": out_dir,
+        "image_size": 32,
+        "load_size": 40,
+        "batch_size": 16,
+        "epochs": 2,
+        "learning_rate": 1e-3,
+        "pretrained": "none",
+        "num_workers": 0,
+        "device": "cpu",
+        "early_stopping_patience": 0,
+    }
+    settings.update(changes)
+    return [f"--{name}={value}" for name, value in settings.items()]
+
+
+def predict_split(checkpoint_path, data_dir, part):
+    """Logits and targets of a checkpoint over one part of a run's saved split (split.csv beside the checkpoint)."""
     import torch
 
-    from dataset import FINDINGS, ChestXrayDataset, PngImages, attach_image_paths, read_labels, read_split
+    from dataset import FINDINGS, ChestXrayDataset, PngImages
+    from evaluate import split_rows
     from model import load_checkpoint, model_from_checkpoint, predict_logits
     from transforms import eval_transform, prepare_batch
 
     checkpoint = load_checkpoint(checkpoint_path, FINDINGS)
     config = checkpoint["config"]
-    labels = attach_image_paths(read_labels(Path(data_dir) / "Data_Entry_2017_v2020.csv"), data_dir)
-    split = read_split(split_path)
-    rows = labels.set_index("image_name").loc[split.image_name[split.split == part]]
+    rows = split_rows(checkpoint_path, data_dir, "", part)
     images = PngImages(rows["path"], config["LOAD_SIZE"])
     dataset = ChestXrayDataset(images, rows[list(FINDINGS)], eval_transform(config["IMAGE_SIZE"]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=64)
@@ -51,7 +69,7 @@ def predict_split(checkpoint_path, data_dir, split_path, part):
     return predict_logits(net, loader, lambda batch: prepare_batch(batch, "cpu"))
 
 
-def validation_loss_of(checkpoint_path, data_dir, split_path):
+def validation_loss_of(checkpoint_path, data_dir):
     """The weighted BCE of a checkpoint over a run's validation images, computed in one process."""
     import json
 
@@ -60,7 +78,7 @@ def validation_loss_of(checkpoint_path, data_dir, split_path):
 
     from dataset import FINDINGS
 
-    logits, targets = predict_split(checkpoint_path, data_dir, split_path, "val")
+    logits, targets = predict_split(checkpoint_path, data_dir, "val")
     pos_weight = json.loads((Path(checkpoint_path).parent / "pos_weight.json").read_text())
     weight = torch.tensor([pos_weight[finding] for finding in FINDINGS])
     return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight).item()

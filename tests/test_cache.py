@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_settings
 
 import train
 from cache import CachedImages, build_cache, cache_folder
@@ -80,21 +81,8 @@ def test_a_corrupt_image_stops_the_cache_naming_it(demo_dir, tmp_path):
 
 
 def run_train(data, out, **changes):
-    settings = {
-        "data_dir": data,
-        "out_dir": out,
-        "image_size": 32,
-        "load_size": 40,
-        "batch_size": 16,
-        "epochs": 1,
-        "learning_rate": 1e-3,
-        "pretrained": "none",
-        "num_workers": 0,
-        "device": "cpu",
-    }
-    settings.update(changes)
     with pytest.raises(SystemExit) as stopped:
-        train.main([f"--{name}={value}" for name, value in settings.items()])
+        train.main(tiny_settings(data, out, **{"epochs": 1, **changes}))
     return stopped.value.code
 
 

@@ -31,7 +31,7 @@ def test_report_covers_exactly_the_saved_test_split(report, trained_run, learn_d
     test = split[split.split == "test"]
     assert report["split"] == "test" and report["images"] == len(test)
     assert report["patients"] == test.patient_id.nunique()
-    logits, targets = predict_split(trained_run / "best.pth", learn_dir, trained_run / "split.csv", "test")
+    logits, targets = predict_split(trained_run / "best.pth", learn_dir, "test")
     expected = auroc_per_finding(targets.numpy(), logits.numpy())
     reported = np.array([row["auroc"] if row["auroc"] is not None else np.nan for row in report["findings"]])
     np.testing.assert_allclose(reported, expected, rtol=1e-6)
@@ -69,7 +69,7 @@ def test_report_files_are_written_and_well_formed(report, trained_run):
 def test_thresholds_come_from_the_validation_split(trained_run, learn_dir, tmp_path):
     run_quick(trained_run / "best.pth", "--sensitivity", "0.9", "--out", tmp_path)
     thresholds = json.loads((tmp_path / "thresholds.json").read_text())["thresholds"]
-    logits, targets = predict_split(trained_run / "best.pth", learn_dir, trained_run / "split.csv", "val")
+    logits, targets = predict_split(trained_run / "best.pth", learn_dir, "val")
     k = FINDINGS.index("Cardiomegaly")
     predicted = torch.sigmoid(logits[:, k]).numpy() >= thresholds["Cardiomegaly"] - 1e-6
     positives = targets[:, k].numpy() == 1

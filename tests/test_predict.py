@@ -31,7 +31,7 @@ def test_predicts_images_and_folders_and_skips_unreadable_ones(trained_run, lear
     table = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert [p.split("/")[-1].split("\\")[-1] for p in table.image] == names
     # the same numbers as the evaluation path gives for these images
-    logits, _ = predict_split(trained_run / "best.pth", learn_dir, trained_run / "split.csv", "test")
+    logits, _ = predict_split(trained_run / "best.pth", learn_dir, "test")
     expected = torch.sigmoid(logits[:3]).numpy()
     np.testing.assert_allclose(table[list(FINDINGS)].to_numpy(), expected, atol=1e-4)
     first_block = printed.split(names[0])[1].splitlines()[1:15]

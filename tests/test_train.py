@@ -9,30 +9,12 @@ import pandas as pd
 import pytest
 import torch
 from conftest import DRAWN, ROOT, predict_split, validation_loss_of
+from conftest import tiny_settings as tiny
 
 import train
 from dataset import FINDINGS
 from metrics import auroc_per_finding
 from model import load_checkpoint
-
-
-def tiny(data_dir, out_dir, **changes):
-    """Settings for a run of a few seconds on the CPU."""
-    settings = {
-        "data_dir": data_dir,
-        "out_dir": out_dir,
-        "image_size": 32,
-        "load_size": 40,
-        "batch_size": 16,
-        "epochs": 2,
-        "learning_rate": 1e-3,
-        "pretrained": "none",
-        "num_workers": 0,
-        "device": "cpu",
-        "early_stopping_patience": 0,
-    }
-    settings.update(changes)
-    return [f"--{name}={value}" for name, value in settings.items()]
 
 
 def run(argv):
@@ -188,7 +170,7 @@ def test_torchrun_two_processes_on_cpu_write_one_set_of_files(demo_dir, tmp_path
     assert sorted(path.name for path in tmp_path.glob("*.pth")) == ["best.pth", "best_auroc.pth", "epoch_01.pth"]
     assert len(pd.read_csv(tmp_path / "metrics.csv")) == 1
     # the validation metrics cover every validation image once, gathered from both ranks
-    expected = validation_loss_of(tmp_path / "epoch_01.pth", demo_dir, tmp_path / "split.csv")
+    expected = validation_loss_of(tmp_path / "epoch_01.pth", demo_dir)
     assert pd.read_csv(tmp_path / "metrics.csv")["val_loss"][0] == pytest.approx(expected, rel=1e-4)
 
 
@@ -197,7 +179,7 @@ def test_the_model_learns_the_drawn_findings(trained_run, learn_dir):
 
     The last epoch, not best.pth: with 88 validation images the choice by validation loss is itself noisy.
     """
-    logits, targets = predict_split(trained_run / "epoch_04.pth", learn_dir, trained_run / "split.csv", "test")
+    logits, targets = predict_split(trained_run / "epoch_04.pth", learn_dir, "test")
     aurocs = auroc_per_finding(targets.numpy(), logits.numpy())
     drawn = [aurocs[FINDINGS.index(finding)] for finding in DRAWN]
     assert np.mean(drawn) > 0.68, dict(zip(DRAWN, np.round(drawn, 3)))
