@@ -121,6 +121,8 @@ def parse_config(argv):
         parser.error(f"unknown setting(s) {unknown}. Valid: {', '.join('--' + n.lower() for n in known)}")
     config = {name: default for name, (default, _) in known.items()}
     for path in args.config_files:
+        if not Path(path).is_file():
+            parser.error(f"config file not found: {path} (settings are given as --name value; config/demo.py is one)")
         overrides = {}
         exec(Path(path).read_text(encoding="utf-8"), {}, overrides)
         bad = [name for name in overrides if name not in known and not name.startswith("_")]

@@ -63,13 +63,23 @@ def test_command_line_and_config_file_overrides(tmp_path):
         train.parse_config([str(config_file)])
 
 
-@pytest.mark.parametrize("argv", [["--epoch", "3"], ["--epochs", "three"], ["--amp", "maybe"]])
-def test_unknown_or_mistyped_settings_are_errors(argv, capsys):
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config([str(tmp_path / "typo.py")])
+    error = capsys.readouterr().err
+    assert "config file not found" in error and str(tmp_path / "typo.py") in error
+
+
+@pytest.mark.parametrize(
+    "argv, offending",
+    [(["--epoch", "3"], "'--epoch'"), (["--epochs", "three"], "'three'"), (["--amp", "maybe"], "'maybe'")],
+)
+def test_unknown_or_mistyped_settings_are_errors(argv, offending, capsys):
     with pytest.raises(SystemExit) as stopped:
         train.parse_config(argv)
     assert stopped.value.code == 2
     error = capsys.readouterr().err
-    assert argv[1] in error or "--epochs" in error
+    assert offending in error  # the bad name or value is named
     if argv[0] == "--epoch":
         assert "Valid:" in error and "--learning_rate" in error
 
