@@ -7,7 +7,7 @@ BIN := $(VENV)/Scripts
 endif
 PY := $(BIN)/python
 
-.PHONY: install demo bench test lint format clean
+.PHONY: install demo bench test test-slow lint format clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ bench: install
 
 test: install
 	$(PY) -m pytest
+
+# The tests that train a model for minutes (heat-map localisation at 128 px: about 7 min on 2 CPU cores).
+test-slow: install
+	$(PY) -m pytest -m slow -s
 
 lint: install
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ import tempfile
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
@@ -37,6 +38,19 @@ def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", 
             module.requires_grad_(False)
     _freeze_batchnorm(model)
     return model
+
+
+def init_head_bias(model, positives, negatives, pos_weight):
+    """Start each finding's logit at the constant that minimises the pos_weight-ed BCE on the training split,
+    log(pos_weight * positives / negatives), instead of 0 (the "init the last bias" advice of Karpathy's recipe
+    and of RetinaNet). From 0, the first steps push the rare findings' logits down through the weights of
+    features found in every image, and the head learns each finding as a lack of normal anatomy: its Grad-CAM
+    is negative everywhere, an all-zero heat map. A finding with no positive (or no negative) counts one."""
+    positives = np.maximum(np.asarray(positives, dtype=np.float64), 1)
+    negatives = np.maximum(np.asarray(negatives, dtype=np.float64), 1)
+    prior = np.log(np.asarray(pos_weight, dtype=np.float64) * positives / negatives)
+    with torch.no_grad():
+        model.fc[-1].bias.copy_(torch.as_tensor(prior, dtype=model.fc[-1].bias.dtype))
 
 
 def frozen_blocks(trainable_layers):

@@ -52,9 +52,14 @@ def read_thresholds(path):
 
 
 def heat_map(cam, image, finding_index, device):
-    """Grad-CAM of one finding for one uint8 [1, S, S] image, as an RGB overlay (uint8 S x S x 3)."""
+    """Grad-CAM of one finding for one uint8 [1, S, S] image: float32 [S, S] in [0, 1] (all 0 where no
+    location raises the finding's score)."""
     input_tensor = prepare_batch(image.unsqueeze(0), device).requires_grad_(True)  # a gradient even if layer4 froze
-    mask = cam(input_tensor=input_tensor, targets=[ClassifierOutputTarget(finding_index)])[0]
+    return cam(input_tensor=input_tensor, targets=[ClassifierOutputTarget(finding_index)])[0]
+
+
+def overlay(image, mask):
+    """The heat map over the uint8 [1, S, S] image, as RGB uint8 [S, S, 3]."""
     gray = image[0].numpy().astype(np.float32) / 255
     return show_cam_on_image(np.dstack([gray] * 3), mask, use_rgb=True)
 
@@ -126,8 +131,8 @@ def write_heat_maps(model, names, images, probabilities, top, out, device):
     with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
         for name, image, row in zip(names, images, probabilities):
             for k in np.argsort(-row)[:top]:
-                overlay = heat_map(cam, image, int(k), device)
-                Image.fromarray(overlay).save(out / f"{Path(name).stem}_{FINDINGS[k]}_{row[k]:.2f}.png")
+                mask = heat_map(cam, image, int(k), device)
+                Image.fromarray(overlay(image, mask)).save(out / f"{Path(name).stem}_{FINDINGS[k]}_{row[k]:.2f}.png")
     print(f"wrote heat maps of the top {top} findings per image to {out}")
 
 

@@ -50,6 +50,7 @@ from model import (
     autocast_dtype,
     build_model,
     copy_checkpoint,
+    init_head_bias,
     load_checkpoint,
     predict_logits,
     save_checkpoint,
@@ -432,6 +433,7 @@ def train(config):
     loaders = make_loaders(config, labels, split, device, rank, world_size)
 
     model = build_model(len(FINDINGS), config["PRETRAINED"], config["TRAINABLE_LAYERS"], config["DROPOUT"])
+    init_head_bias(model, positives, negatives, pos_weight)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config["LEARNING_RATE"], weight_decay=config["WEIGHT_DECAY"])

@@ -11,6 +11,7 @@ from model import (
     ARCHITECTURE,
     CheckpointError,
     build_model,
+    init_head_bias,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -19,6 +20,30 @@ from model import (
 
 def trainable_blocks(net):
     return {name.split(".")[0] for name, parameter in net.named_parameters() if parameter.requires_grad}
+
+
+def test_head_bias_starts_at_the_minimum_of_the_weighted_loss():
+    """At the initial bias, the pos_weight-ed BCE of a constant prediction has zero gradient on the labels it was
+    computed from, for each pos_weight policy (a finding with no positive just gets a strongly negative bias)."""
+    from dataset import count_positives, pos_weight_from_counts
+
+    generator = torch.Generator().manual_seed(0)
+    prevalence = torch.linspace(0.002, 0.6, 14)
+    targets = (torch.rand(5000, 14, generator=generator) < prevalence).float()
+    targets[:, -1] = 0
+    positives, negatives = count_positives(targets.numpy())
+    for policy in ("ratio", "sqrt", "none"):
+        with pytest.warns(UserWarning, match="Hernia"):
+            pos_weight = pos_weight_from_counts(positives, negatives, policy)
+        net = build_model(14, pretrained="none")
+        init_head_bias(net, positives, negatives, pos_weight)
+        bias = net.fc[1].bias.detach().clone().requires_grad_(True)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            bias.expand_as(targets), targets, pos_weight=torch.as_tensor(pos_weight, dtype=torch.float32)
+        )
+        (gradient,) = torch.autograd.grad(loss, bias)
+        assert gradient[:-1].abs().max() < 1e-6, policy
+        assert bias[-1] < -8  # log(1 / 5000): the absent finding is predicted absent
 
 
 def test_only_layer4_and_the_head_train_by_default():

@@ -80,3 +80,29 @@ def test_dicom_without_pydicom_is_a_clear_message(trained_run, tmp_path, capsys,
             ["--checkpoint", str(trained_run / "best.pth"), str(tmp_path / "film.dcm"), "--out", str(tmp_path / "out")]
         )
     assert "install pydicom" in capsys.readouterr().out
+
+
+def test_heat_maps_of_the_drawn_lesions_are_not_empty(trained_run, learn_dir):
+    """Grad-CAM of Mass/Nodule on held-out films that show one. Measured: 0 of 67 maps empty; with the head's
+    bias started at 0 instead of the base rate (model.init_head_bias), 67 of 67 were (tests/test_heat_maps.py
+    checks where the peaks fall, at 128 px)."""
+    from PIL import Image
+    from pytorch_grad_cam import GradCAM
+
+    from dataset import index_images, load_image
+    from model import load_checkpoint, model_from_checkpoint
+    from transforms import eval_transform
+
+    checkpoint = load_checkpoint(trained_run / "epoch_04.pth", FINDINGS)
+    net = model_from_checkpoint(checkpoint).eval()
+    split = pd.read_csv(trained_run / "split.csv")
+    labels = pd.read_csv(learn_dir / "Data_Entry_2017_v2020.csv").set_index("Image Index")["Finding Labels"]
+    paths, transform = index_images(learn_dir), eval_transform(checkpoint["config"]["IMAGE_SIZE"])
+    empty = total = 0
+    with GradCAM(model=net, target_layers=[net.layer4[-1]]) as cam:
+        for name in split.image_name[split.split == "test"]:
+            for finding in set(labels[name].split("|")) & {"Mass", "Nodule"}:
+                image = transform(Image.fromarray(load_image(paths[name], checkpoint["config"]["LOAD_SIZE"])))
+                empty += predict.heat_map(cam, image, FINDINGS.index(finding), "cpu").max() == 0
+                total += 1
+    assert total >= 40 and empty <= total // 4, f"{empty} of {total} heat maps empty"

@@ -185,7 +185,7 @@ def test_torchrun_two_processes_on_cpu_write_one_set_of_files(demo_dir, tmp_path
 
 
 def test_the_model_learns_the_drawn_findings(trained_run, learn_dir):
-    """Held-out (test split) AUROC of the drawn findings after 4 epochs: chance is 0.5; 0.76-0.81 measured.
+    """Held-out (test split) AUROC of the drawn findings after 4 epochs: chance is 0.5; 0.71-0.79 measured.
 
     The last epoch, not best.pth: with 88 validation images the choice by validation loss is itself noisy.
     """
