@@ -74,27 +74,35 @@ class AverageOverCrops(nn.Module):
         return self.model(images).view(-1, self.crops, len(FINDINGS)).mean(dim=1)
 
 
-def split_rows(checkpoint_path, data_dir, csv_path, part):
-    """Labels (with image paths) of one part of the run's saved split, or of NIH's test_list.txt without one."""
+def split_rows(checkpoint_path, data_dir, csv_path, parts):
+    """{part: labels with image paths} for parts of the run's saved split (or NIH's test_list.txt without one).
+    The label file is read and the images are indexed once for all the parts."""
     csv_file = find_label_file(data_dir, csv_path)
+    labels = read_labels(csv_file).set_index("image_name")
+    wanted = []
+    for part in dict.fromkeys(parts):
+        names, source = split_names(checkpoint_path, csv_file, part)
+        unknown = names[~names.isin(labels.index)]
+        if len(unknown):
+            raise DataError(f"{len(unknown)} image(s) of {source} are not in {csv_file} (first: {unknown.iloc[0]})")
+        if len(names) == 0:
+            raise DataError(f"the {part} split of {source} is empty")
+        wanted.append(labels.loc[names].reset_index().assign(part=part))
+    rows = attach_image_paths(pd.concat(wanted, ignore_index=True), data_dir)
+    return {part: rows[rows.part == part].drop(columns="part").reset_index(drop=True) for part in parts}
+
+
+def split_names(checkpoint_path, csv_file, part):
+    """The image names of one part of the split saved beside the checkpoint, and the file they came from."""
     split_path = Path(checkpoint_path).parent / "split.csv"
     official = csv_file.parent / "test_list.txt"
     if split_path.is_file():
         saved = read_split(split_path)
-        names, source = saved.image_name[saved.split == part], split_path
-    elif part == "test" and official.is_file():
+        return saved.image_name[saved.split == part].reset_index(drop=True), split_path
+    if part == "test" and official.is_file():
         print(f"warning: no {split_path}; using {official}. Only valid for a model trained on NIH's train_val list.")
-        names, source = pd.Series(official.read_text().split()), official
-    else:
-        raise DataError(f"no {split_path}: evaluate.py needs the split the training run saved beside the checkpoint.")
-    labels = read_labels(csv_file).set_index("image_name")
-    unknown = names[~names.isin(labels.index)]
-    if len(unknown):
-        raise DataError(f"{len(unknown)} image(s) of {source} are not in {csv_file} (first: {unknown.iloc[0]})")
-    rows = attach_image_paths(labels.loc[names].reset_index(), data_dir)
-    if len(rows) == 0:
-        raise DataError(f"the {part} split of {source} is empty")
-    return rows
+        return pd.Series(official.read_text().split()), official
+    raise DataError(f"no {split_path}: evaluate.py needs the split the training run saved beside the checkpoint.")
 
 
 def predict_probabilities(model, rows, config, args, device):
@@ -208,13 +216,17 @@ def evaluate(args):
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
 
-    rows = split_rows(args.checkpoint, data_dir, args.csv or config["CSV"], args.split)
+    has_validation = (Path(args.checkpoint).parent / "split.csv").is_file()
+    parts = split_rows(
+        args.checkpoint, data_dir, args.csv or config["CSV"], [args.split, "val"] if has_validation else [args.split]
+    )
+    rows = parts[args.split]
     print(
         f"checkpoint {args.checkpoint} (epoch {checkpoint['epoch']}); the {args.split} split: {len(rows):,} images, "
         f"{rows.patient_id.nunique():,} patients{'; five-crop TTA' if args.tta else ''}"
     )
-    if (Path(args.checkpoint).parent / "split.csv").is_file():
-        validation = split_rows(args.checkpoint, data_dir, args.csv or config["CSV"], "val")
+    if has_validation:
+        validation = parts["val"]
         val_probabilities = predict_probabilities(model, validation, config, args, device)
         thresholds = choose_thresholds(validation[list(FINDINGS)].to_numpy(), val_probabilities, args.sensitivity)
     else:

@@ -61,7 +61,7 @@ def predict_split(checkpoint_path, data_dir, part):
 
     checkpoint = load_checkpoint(checkpoint_path, FINDINGS)
     config = checkpoint["config"]
-    rows = split_rows(checkpoint_path, data_dir, "", part)
+    rows = split_rows(checkpoint_path, data_dir, "", [part])[part]
     images = PngImages(rows["path"], config["LOAD_SIZE"])
     dataset = ChestXrayDataset(images, rows[list(FINDINGS)], eval_transform(config["IMAGE_SIZE"]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=64)
