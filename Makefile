@@ -17,9 +17,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
-DEMO_IMAGES := data/demo/images_001/images/00000001_000.png data/demo/images_001/images/00000001_001.png
+# three test-split films of the demo data (seed 0): Effusion|Mass, Cardiomegaly|Pneumothorax, Mass|Pneumothorax|Edema
+DEMO_IMAGES := $(addprefix data/demo/images_001/images/,00000121_000.png 00000076_000.png 00000117_005.png)
 
-# The synthetic dataset, its cache, training, the test-split report, predictions with heat maps (CPU: minutes).
+# The synthetic dataset, its cache, training, the test-split report, predictions with heat maps (2 CPU cores: 3 min).
 demo: install
 	$(PY) demo_data.py --out data/demo
 	$(PY) cache.py --data_dir data/demo --size 64
@@ -27,6 +28,9 @@ demo: install
 	$(PY) train.py config/demo.py
 	$(PY) evaluate.py --checkpoint checkpoints/demo/best.pth
 	$(PY) predict.py --checkpoint checkpoints/demo/best.pth $(DEMO_IMAGES) --cam --out checkpoints/demo/predictions
+	@echo "Look at: checkpoints/demo/training_curves.png (loss and AUROC by epoch),"
+	@echo "         checkpoints/demo/evaluation/ (report.csv, roc_curves.png: the test split),"
+	@echo "         checkpoints/demo/predictions/ (*_sheet.png: each film beside its heat maps)"
 
 bench: install
 	$(PY) bench.py --json bench.json

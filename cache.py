@@ -7,6 +7,9 @@ small and the OS page cache serves repeated epochs), index.csv (the image name o
 (which rows are written). Interrupted, it resumes where it stopped. The pixels are exactly those of the PNG
 path (the same dataset.load_image), so training on the cache equals training on the PNGs. Full NIH at 256 px:
 112,120 x 256 x 256 bytes = 7.3 GB.
+
+When the images of a run fit comfortably in the device's memory (CACHE_ON_DEVICE in train.py), DeviceBatches
+holds them there and draws batches by index: no DataLoader, no workers, no host-to-device copy per step.
 """
 
 import argparse
@@ -17,15 +20,29 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from dataset import DataError, attach_image_paths, find_label_file, load_image, read_labels
 
 CHUNK = 256  # images per task: large enough to amortise the task, small enough to resume with little lost
+DEVICE_SHARE = 0.25  # the images may take this share of the device's free memory (a GPU) or of the RAM (a CPU);
+# the rest stays for the model's activations, the optimizer and the evaluation
 
 
 def cache_folder(data_dir, size):
     return Path(data_dir) / f"cache_{size}"
+
+
+def find_cache(data_dir, load_size, setting="auto"):
+    """The cache folder to read (CACHE: "auto" finds DATA_DIR/cache_<LOAD_SIZE> when built, "off", or a folder), or
+    None to decode the PNGs."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return Path(setting)
+    folder = cache_folder(data_dir, load_size)
+    return folder if (folder / "index.csv").is_file() else None
 
 
 def _fill_rows(task):
@@ -108,6 +125,52 @@ class CachedImages:
 
     def __getstate__(self):
         return {**self.__dict__, "_images": None}
+
+
+def memory_for_images(device):
+    """(bytes the images may take on `device`, what that is a share of), or (0, why not) when it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return DEVICE_SHARE * free, f"{DEVICE_SHARE:.0%} of the {free / 1e9:.1f} GB free on {device}"
+    if device.type == "cpu" and "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):  # Linux, macOS
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return DEVICE_SHARE * total, f"{DEVICE_SHARE:.0%} of the {total / 1e9:.1f} GB of RAM"
+    return 0, f"the free memory of {device} cannot be told here"
+
+
+def images_on_device(cached_images, device, view=None):
+    """The rows of a CachedImages as one uint8 tensor [N, L, L] on `device` (read once from the memmap), or their
+    view(pixels) when given (the evaluation crops: deterministic, so made once, not every epoch)."""
+    rows = np.load(cached_images.path, mmap_mode="r")[cached_images.rows]  # fancy indexing copies into RAM
+    if view is not None:
+        rows = np.stack([view(pixels) for pixels in rows])
+    return torch.from_numpy(rows).to(device)
+
+
+class DeviceBatches:
+    """Batches of images held in device memory, drawn by index in the sampler's order: what a DataLoader over
+    dataset.ChestXrayDataset (no transform) yields, i.e. (uint8 [B, 1, L, L], targets) for index samplers and
+    (images, targets, seeds) for SeededSampler; the seeds stay on the host, where the augmentation parameters
+    are drawn."""
+
+    def __init__(self, images, targets, sampler, batch_size, drop_last=False):
+        self.images, self.sampler = images, sampler
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32), device=images.device)
+        self.batch_size, self.drop_last = batch_size, drop_last
+
+    def __len__(self):
+        count = len(self.sampler)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def __iter__(self):
+        items = list(self.sampler)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            seeded = isinstance(chunk[0], tuple)
+            indices = [item[0] for item in chunk] if seeded else chunk
+            index = torch.as_tensor(indices, device=self.images.device)
+            batch = (self.images[index].unsqueeze(1), self.targets[index])
+            yield (*batch, torch.as_tensor([item[1] for item in chunk])) if seeded else batch
 
 
 def main(argv=None):

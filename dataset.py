@@ -2,9 +2,10 @@
 
 Data flows one way: this file knows nothing of models or training. Images leave it as uint8 tensors
 of shape [1, S, S]; float conversion and ImageNet normalisation happen on the device
-(transforms.prepare_batch), which keeps worker-to-GPU traffic four times smaller.
+(transforms.normalize), which keeps worker-to-GPU traffic four times smaller.
 """
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+
+from films import IMAGE_SUFFIXES, DataError, load_image  # opening a film is films.py's job (torch-free)
 
 # The 14 findings in the order of the NIH paper and CheXNet; model outputs follow this order.
 FINDINGS = (
@@ -36,13 +38,8 @@ IMAGE_COLUMN = "Image Index"
 LABELS_COLUMN = "Finding Labels"
 PATIENT_COLUMN = "Patient ID"
 OFFICIAL_LISTS = ("train_val_list.txt", "test_list.txt")  # NIH's patient-disjoint split, beside the CSV
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
 POS_WEIGHT_POLICIES = ("ratio", "sqrt", "none")
-
-
-class DataError(Exception):
-    """Bad input the user can fix. The message names the file, row or value and what to do."""
 
 
 # ----------------------------------------------------------------------------- labels
@@ -179,6 +176,35 @@ def read_split(path):
     return pd.read_csv(path, dtype={"image_name": str, "split": str})
 
 
+def split_record(labels, split, csv_path):
+    """The split in a form a checkpoint can carry (plain types and a tensor: weights_only loading accepts it): the
+    image names, one code per image (SPLITS), and the label file's name and SHA-256."""
+    codes = pd.Categorical(np.asarray(split, dtype=object), categories=SPLITS).codes
+    return {
+        "image_names": "\n".join(labels["image_name"]),
+        "codes": torch.tensor(codes, dtype=torch.int8),
+        "label_file": Path(csv_path).name,
+        "label_sha256": hashlib.sha256(Path(csv_path).read_bytes()).hexdigest(),
+    }
+
+
+def saved_split(record, split_path):
+    """The split a run trained with, as image_name and split columns: the checkpoint's own record, checked against
+    split.csv when one lies beside the checkpoint; split.csv alone for checkpoints without a record; else None."""
+    on_disk = read_split(split_path) if Path(split_path).is_file() else None
+    if record is None:
+        return on_disk
+    names = record["image_names"].split("\n")
+    table = pd.DataFrame({"image_name": names, "split": np.array(SPLITS)[record["codes"].numpy()]})
+    if on_disk is not None:
+        if set(zip(on_disk.image_name, on_disk.split)) != set(zip(table.image_name, table.split)):
+            raise DataError(
+                f"{split_path} differs from the split saved in the checkpoint beside it: the checkpoint belongs to "
+                "another run. Move it to its own run folder, or delete the split.csv that does not belong to it."
+            )
+    return table
+
+
 # ----------------------------------------------------------------------------- pos_weight
 
 
@@ -247,56 +273,6 @@ def attach_image_paths(labels, data_dir, drop_missing=False):
     return labels.reset_index(drop=True)
 
 
-def _open_dicom(path):
-    """A DICOM file as an 8-bit grayscale PIL image (pydicom is optional: only predict.py needs it)."""
-    try:
-        import pydicom
-    except ImportError as error:
-        raise DataError(f"{path} is DICOM: install pydicom to read it (pip install pydicom)") from error
-    dicom = pydicom.dcmread(path)
-    pixels = dicom.pixel_array.astype(np.float32)
-    pixels = (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1e-6) * 255
-    if getattr(dicom, "PhotometricInterpretation", "") == "MONOCHROME1":  # bright air: invert to NIH's look
-        pixels = 255 - pixels
-    return Image.fromarray(pixels.round().astype(np.uint8))
-
-
-def load_image(path, size=None):
-    """Open an image as 8-bit grayscale (uint8 H x W), letterboxed to size x size when size is given.
-
-    16-bit PNGs are scaled by their full range (65535 -> 255) rather than clipped; RGB/RGBA files (NIH has
-    a few) drop colour and alpha. A file that cannot be decoded raises DataError naming it.
-    """
-    try:
-        with _open_dicom(path) if str(path).lower().endswith(".dcm") else Image.open(path) as image:
-            image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                pixels = np.asarray(image, dtype=np.float32) / 257.0
-                image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
-            elif image.mode != "L":
-                image = image.convert("L")
-            if size is not None:
-                image = fit_square(image, size)
-            return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
-    except DataError:
-        raise
-    except Exception as error:  # decoders raise many kinds (OSError, ValueError, SyntaxError, pydicom's own)
-        raise DataError(f"cannot read image {path}: {error}. Re-extract or re-download this file.") from error
-
-
-def fit_square(image, size):
-    """Resize the longer side to `size` and pad to a square: the whole chest stays in view (a centre crop of a
-    portrait film would cut the apices or the costophrenic angles). Used by the PNG path and the cache alike."""
-    scale = size / max(image.size)
-    width, height = (max(1, round(side * scale)) for side in image.size)
-    resized = image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    if (width, height) == (size, size):
-        return resized
-    square = Image.new("L", (size, size), 0)
-    square.paste(resized, ((size - width) // 2, (size - height) // 2))
-    return square
-
-
 class PngImages:
     """Images decoded from their files on every access, resized to `size` (same resize as the cache)."""
 
@@ -312,11 +288,14 @@ class PngImages:
 
 
 class ChestXrayDataset(torch.utils.data.Dataset):
-    """(uint8 image [1, S, S], float32 targets [14]) per image; `transform` takes a grayscale PIL image.
+    """One image and its float32 targets [14]; `images` is anything indexable that returns uint8 [L, L] arrays.
 
-    An item may be an index or (index, seed): with a seed, the random transform draws from a generator seeded
-    by it, so augmentation depends on (seed, epoch, image) alone and a resumed run sees the same pixels as an
-    uninterrupted one, whatever the number of workers.
+    An item is an index, giving (uint8 [1, S, S], targets), or (index, seed) from SeededSampler, giving
+    (image, targets, seed): the seed fixes the image's augmentation, so it depends on (SEED, epoch, image) alone
+    and a resumed run sees the same pixels as an uninterrupted one, whatever the number of workers. Without a
+    transform the image leaves as loaded (augmented later, batched on the device, from the seed);
+    transform(pixels) makes an evaluation view (films.eval_view) and transform(pixels, seed) augments in the
+    worker (transforms.WorkerAugment); both take and give uint8 numpy arrays.
     """
 
     def __init__(self, images, targets, transform=None):
@@ -331,19 +310,11 @@ class ChestXrayDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        pixels = self.images[index]
-        if self.transform is None:
-            return torch.from_numpy(pixels).unsqueeze(0), torch.from_numpy(self.targets[index])
-        if seed is None:
-            return self.transform(Image.fromarray(pixels)), torch.from_numpy(self.targets[index])
-        # The CPU generator alone, by hand: torch.manual_seed (210 us, it seeds every backend) and
-        # torch.random.fork_rng cost more than the transforms themselves; these calls cost about 3 us.
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(seed)
-        image = self.transform(Image.fromarray(pixels))
-        generator.set_state(state)  # the caller's stream (dropout, with num_workers=0) is left alone
-        return image, torch.from_numpy(self.targets[index])
+        pixels, targets = self.images[index], torch.from_numpy(self.targets[index])
+        if self.transform is not None:
+            pixels = self.transform(pixels) if seed is None else self.transform(pixels, seed)
+        image = torch.from_numpy(pixels).unsqueeze(-3)  # [1, S, S], or [crops, 1, S, S]
+        return (image, targets) if seed is None else (image, targets, seed)
 
 
 class SeededSampler(torch.utils.data.Sampler):

@@ -1,12 +1,16 @@
 """A synthetic ChestX-ray14 in NIH's exact layout, so everything runs with no download.
 
-    python demo_data.py --out data/demo [--patients 400] [--size 128] [--seed 0]
+    python demo_data.py --out data/demo [--patients 600] [--size 128] [--seed 0]
 
 Writes Data_Entry_2017_v2020.csv (the NIH columns), train_val_list.txt / test_list.txt (split by patient),
-BBox_List_2017.csv (boxes of the drawn lesions, NIH's format) and images_00K/images/PPPPPPPP_FFF.png.
-Each image is a procedural chest-radiograph phantom (body, lungs, ribs, spine, heart). Cardiomegaly,
-Effusion, Mass, Nodule and Pneumothorax are drawn when labelled, so a model can learn them; the other nine
-findings are labels only, at NIH's prevalence. Deterministic for a seed; numpy and Pillow only.
+BBox_List_2017.csv (NIH's format, for the 8 findings NIH boxed) and images_00K/images/PPPPPPPP_FFF.png. Each
+image is a procedural chest-radiograph phantom (body, lungs, ribs, spine, heart) on which every one of the 14
+findings, when present, has its own look, place and size (FINDING_LOOKS; the README shows them). Prevalences
+keep NIH's order (Infiltration most common, Hernia rarest) compressed so that every finding has at least 15
+positives in the test split; findings co-occur as on NIH (effusion with atelectasis and cardiomegaly, pneumonia
+with infiltration and consolidation, mass with nodule); a chronic finding persists over a patient's follow-ups;
+and LABEL_NOISE of the labels disagree with the film, as NIH's text-mined labels do. Deterministic for a seed;
+numpy and Pillow only.
 """
 
 import argparse
@@ -32,17 +36,15 @@ FINDINGS = (  # NIH order; dataset.py holds the same tuple (this file stays free
     "Pleural_Thickening",
     "Hernia",
 )
-DRAWN_PREVALENCE = {  # higher than NIH's so that a few hundred images teach something in minutes
-    "Cardiomegaly": 0.20,  # per patient: an enlarged heart persists across follow-ups
-    "Effusion": 0.20,
-    "Mass": 0.15,
-    "Nodule": 0.15,
-    "Pneumothorax": 0.15,
-}
-NIH_POSITIVES = {  # full-release positives of the findings that are labels only (of 112,120 images)
+NIH_POSITIVES = {  # positives per finding in the full release (of 112,120 images)
     "Atelectasis": 11559,
+    "Cardiomegaly": 2776,
+    "Effusion": 13317,
     "Infiltration": 19894,
+    "Mass": 5782,
+    "Nodule": 6331,
     "Pneumonia": 1431,
+    "Pneumothorax": 5302,
     "Consolidation": 4667,
     "Edema": 2303,
     "Emphysema": 2516,
@@ -50,28 +52,108 @@ NIH_POSITIVES = {  # full-release positives of the findings that are labels only
     "Pleural_Thickening": 3385,
     "Hernia": 227,
 }
-NIH_IMAGES = 112120
+PREVALENCE_MOST, PREVALENCE_LEAST = 0.24, 0.045  # Infiltration's and Hernia's share of the demo's images; the
+# others in between by a power of NIH's counts (same order, the 88:1 range compressed to about 5:1)
+PERSISTENCE = {  # share of a finding's tendency that is the patient's (the rest is the film's): chronic ones persist
+    "Cardiomegaly": 0.8,
+    "Emphysema": 0.8,
+    "Fibrosis": 0.8,
+    "Pleural_Thickening": 0.7,
+    "Hernia": 0.6,
+    "Mass": 0.6,
+    "Nodule": 0.6,
+}
+CO_OCCURRING = {  # NIH's frequent companions share a factor
+    "fluid": ("Effusion", "Edema", "Cardiomegaly", "Atelectasis"),
+    "airspace": ("Infiltration", "Pneumonia", "Consolidation", "Atelectasis"),
+    "lesion": ("Mass", "Nodule"),
+    "chronic": ("Emphysema", "Fibrosis", "Pleural_Thickening"),
+}
+LABEL_NOISE = 0.04  # share of positive labels whose finding is not on the film, and as many drawn findings unlabelled
+FINDING_LOOKS = {  # what each finding looks like on the phantom (README "The demo dataset")
+    "Atelectasis": "a thin bright plate-like band, tilted, in the lower half of one lung",
+    "Cardiomegaly": "the heart 1.4-1.6 times wider",
+    "Effusion": "fluid filling one lung base (sometimes both), higher at the chest wall (the meniscus)",
+    "Infiltration": "faint patchy ill-defined haze in one zone of a lung (subtle)",
+    "Mass": "a round opacity of 10-15% of the chest's width in a lung field",
+    "Nodule": "a small round opacity of 3.5-5.5% of the chest's width (subtle)",
+    "Pneumonia": "a dense blob in a lower zone, crossed by dark air bronchograms",
+    "Pneumothorax": "black air without lung markings at an apex, behind a thin pleural line",
+    "Consolidation": "a dense homogeneous opacity in an upper or middle zone with a flat lower border (a fissure)",
+    "Edema": "symmetric haze around both hila (the bat wing) and short horizontal Kerley lines at the bases",
+    "Emphysema": "larger, darker lungs with flat, low diaphragms",
+    "Fibrosis": "a coarse reticular net in both lower outer zones, lungs slightly smaller",
+    "Pleural_Thickening": "a bright band along the outer wall and apex of one lung",
+    "Hernia": "a round gas bubble with an air-fluid level behind the lower heart",
+}
+BOXED = {  # the findings NIH's BBox_List_2017.csv has boxes for, with the spelling it uses
+    "Atelectasis": "Atelectasis",
+    "Cardiomegaly": "Cardiomegaly",
+    "Effusion": "Effusion",
+    "Infiltration": "Infiltrate",
+    "Mass": "Mass",
+    "Nodule": "Nodule",
+    "Pneumonia": "Pneumonia",
+    "Pneumothorax": "Pneumothorax",
+}
 IMAGES_PER_FOLDER = 500  # NIH packs ~10,000 per archive; smaller here so the demo has several folders
-TEST_FRACTION = 0.2  # of patients, as NIH's test_list (about 23%)
+TEST_FRACTION = 0.25  # of patients, as NIH's test_list (about 23%)
 CSV_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
     "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
 )
 
 
-def sample_findings(rng, has_cardiomegaly):
-    """The set of findings of one image."""
-    found = {name for name, p in DRAWN_PREVALENCE.items() if name != "Cardiomegaly" and rng.random() < p}
-    found |= {name for name, count in NIH_POSITIVES.items() if rng.random() < count / NIH_IMAGES}
-    if has_cardiomegaly:
-        found.add("Cardiomegaly")
-    return found
+def prevalences():
+    """The demo's share of images per finding: NIH's order, compressed range (PREVALENCE_MOST to _LEAST)."""
+    counts = np.array([NIH_POSITIVES[finding] for finding in FINDINGS], dtype=float)
+    power = np.log(PREVALENCE_MOST / PREVALENCE_LEAST) / np.log(counts.max() / counts.min())
+    return PREVALENCE_MOST * (counts / counts.max()) ** power
 
 
-def ellipse(x, y, cx, cy, rx, ry):
+def assign_labels(rng, patient_of_image, in_test):
+    """[images, 14] labels: each finding's positives are the images of highest tendency, exactly the prevalence in
+    the test split and in the rest. A tendency mixes the patient's (chronic findings persist), a shared factor of
+    its companions (CO_OCCURRING), the film's general sickness and noise."""
+    images, patients = len(patient_of_image), patient_of_image.max() + 1
+    sickness = rng.normal(size=images)
+    groups = {name: rng.normal(size=images) for name in CO_OCCURRING}
+    labels = np.zeros((images, len(FINDINGS)), dtype=bool)
+    for k, (finding, prevalence) in enumerate(zip(FINDINGS, prevalences())):
+        persistent = PERSISTENCE.get(finding, 0.3)
+        patient_part = rng.normal(size=patients)[patient_of_image]
+        companions = sum(groups[name] for name, members in CO_OCCURRING.items() if finding in members)
+        tendency = (
+            np.sqrt(persistent) * patient_part
+            + np.sqrt(1 - persistent) * rng.normal(size=images)
+            + 0.7 * companions
+            + 0.6 * sickness
+        )
+        for part in (in_test, ~in_test):
+            rows = np.flatnonzero(part)
+            top = rows[np.argsort(-tendency[rows])[: int(round(prevalence * len(rows)))]]
+            labels[top, k] = True
+    return labels
+
+
+def add_label_noise(rng, labels):
+    """The findings drawn on each film: the labels, with LABEL_NOISE of the positives left undrawn and as many
+    unlabelled findings drawn (the labels were text-mined from reports; they miss and invent findings)."""
+    drawn = labels.copy()
+    missed = labels & (rng.random(labels.shape) < LABEL_NOISE)
+    invented = ~labels & (rng.random(labels.shape) < LABEL_NOISE * labels.mean(0) / (1 - labels.mean(0)))
+    drawn[missed] = False
+    drawn[invented] = True
+    return drawn
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def ellipse(x, y, cx, cy, rx, ry, edge=12.0):
     """Soft-edged ellipse mask in [0, 1] (soft edges keep the phantom free of aliasing at any size)."""
     distance = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
-    return np.clip((1.0 - distance) * 12.0, 0.0, 1.0)
+    return np.clip((1.0 - distance) * edge, 0.0, 1.0)
 
 
 def smooth_noise(rng, size, cells):
@@ -81,96 +163,224 @@ def smooth_noise(rng, size, cells):
     return np.asarray(fine, dtype=np.float32) / 127.5 - 1.0
 
 
-def render(rng, size, anatomy, findings):
-    """One phantom as uint8 [size, size] and the pixel boxes {finding: (x, y, w, h)} of its drawn lesions.
-
-    Coordinates run over [-1, 1]; the patient's left is the image's right (a PA film), so the heart bulges right.
-    """
-    axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-    x, y = np.meshgrid(axis, axis)
-    image = np.full((size, size), 0.05, np.float32)
-    body = ellipse(x, y, 0.0, 0.1, anatomy["body_width"], 1.05)
-    image += 0.45 * body
-    lung_centres = (-0.36 * anatomy["body_width"], 0.36 * anatomy["body_width"])
-    lungs = [ellipse(x, y, cx, -0.08, 0.26, 0.52) for cx in lung_centres]
-    lung = np.maximum(*lungs)
-    image -= 0.28 * lung * (1.0 + 0.15 * smooth_noise(rng, size, 12))
-    for k in range(8):  # posterior ribs: arcs across each lung
-        arc = y - (-0.62 + 0.15 * k + 0.18 * x**2)
-        image += 0.09 * np.clip(1 - np.abs(arc) / 0.025, 0, 1) * body
-    image += 0.22 * np.clip(1 - np.abs(x) / 0.07, 0, 1) * body  # spine
-    boxes = {}
-    heart_radius = anatomy["heart_radius"] * (1.55 if "Cardiomegaly" in findings else 1.0)
-    heart = ellipse(x, y, 0.1, 0.22, heart_radius, heart_radius * 0.85)
-    image = image * (1 - heart) + 0.62 * heart
-    if "Cardiomegaly" in findings:
-        boxes["Cardiomegaly"] = _box(size, 0.1, 0.22, heart_radius, heart_radius * 0.85)
-    if "Effusion" in findings:  # fluid fills a lung base, higher at the side wall (the meniscus)
-        side = rng.integers(2)
-        level = rng.uniform(0.0, 0.2) - 0.35 * np.abs(x - lung_centres[side])
-        fluid = lungs[side] * np.clip((y - level) * 20, 0, 1)
-        image = image * (1 - fluid) + 0.58 * fluid
-        boxes["Effusion"] = _box(size, lung_centres[side], 0.22, 0.26, 0.22)
-    if "Pneumothorax" in findings:  # air outside the lung at the apex-side: dark, no markings, a pleural line
-        side = rng.integers(2)
-        cx = lung_centres[side]
-        outside = lungs[side] * (np.abs(x - cx) * 0.9 + (0.2 - y) * 0.6 > rng.uniform(0.35, 0.45))
-        image = np.where(outside, 0.03, image)
-        boxes["Pneumothorax"] = _box(size, cx + np.sign(cx) * 0.12, -0.35, 0.16, 0.25)
-    for name, (low, high) in (("Mass", (0.11, 0.16)), ("Nodule", (0.05, 0.07))):
-        if name in findings:  # a round opacity somewhere in a lung field
-            radius = rng.uniform(low, high)
-            cx = lung_centres[rng.integers(2)] + rng.uniform(-0.1, 0.1)
-            cy = rng.uniform(-0.4, 0.15)
-            image += 0.4 * ellipse(x, y, cx, cy, radius, radius)
-            boxes[name] = _box(size, cx, cy, radius, radius)
-    image = image * anatomy["exposure"] + rng.normal(0, 0.025, image.shape).astype(np.float32)
-    pixels = Image.fromarray(np.clip(image * 255, 0, 255).astype(np.uint8))
-    return np.asarray(pixels.filter(ImageFilter.GaussianBlur(size / 256))), boxes
+def band(x, y, cx, cy, length, width, angle):
+    """A soft straight band (a rotated thin ellipse) in [0, 1]."""
+    cos, sin = np.cos(angle), np.sin(angle)
+    along, across = (x - cx) * cos + (y - cy) * sin, -(x - cx) * sin + (y - cy) * cos
+    return np.clip((1 - np.sqrt((along / length) ** 2 + (across / width) ** 2)) * 6, 0, 1)
 
 
-def _box(size, cx, cy, rx, ry):
-    """[-1, 1] centre and radii -> pixel (x, y, w, h)."""
-    scale = (size - 1) / 2
-    return (
-        round((cx - rx + 1) * scale, 1),
-        round((cy - ry + 1) * scale, 1),
-        round(2 * rx * scale, 1),
-        round(2 * ry * scale, 1),
-    )
+class Phantom:
+    """One film being drawn: coordinates over [-1, 1] (y down), the patient's left on the image's right (PA)."""
+
+    def __init__(self, rng, size, anatomy, findings):
+        self.rng, self.size, self.findings = rng, size, findings
+        axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+        self.x, self.y = np.meshgrid(axis, axis)
+        self.boxes = {}
+        width = anatomy["body_width"]
+        self.lung_x = (-0.36 * width, 0.36 * width)
+        self.lung_rx, self.lung_ry, self.lung_cy = 0.26, anatomy["lung_height"], -0.08
+        if "Emphysema" in findings:  # hyperinflation: larger lungs, diaphragms pushed down and flattened
+            self.lung_rx, self.lung_ry, self.lung_cy = 0.285, self.lung_ry * 1.16, -0.02
+        if "Fibrosis" in findings:  # volume loss
+            self.lung_ry *= 0.93
+        self.body = ellipse(self.x, self.y, 0.0, 0.1, width, 1.05)
+        self.lungs = [
+            ellipse(
+                self.x, self.y, cx, self.lung_cy, self.lung_rx, self.lung_ry, 12 if "Emphysema" not in findings else 30
+            )
+            for cx in self.lung_x
+        ]
+        self.lung = np.maximum(*self.lungs)
+        self.anatomy = anatomy
+
+    def box(self, finding, cx, cy, rx, ry):
+        """Record the pixel box (x, y, w, h) of a drawn finding from its [-1, 1] centre and radii."""
+        scale = (self.size - 1) / 2
+        self.boxes[finding] = tuple(
+            round(float(value), 1)
+            for value in ((cx - rx + 1) * scale, (cy - ry + 1) * scale, 2 * rx * scale, 2 * ry * scale)
+        )
+
+    def draw(self):
+        """uint8 [size, size] and {finding: box} of the boxed findings."""
+        rng, x, y, findings = self.rng, self.x, self.y, self.findings
+        noise = rng.normal(0, 0.025, x.shape).astype(np.float32)  # first: the findings leave the film's noise alone
+        image = np.full(x.shape, 0.05, np.float32) + 0.45 * self.body
+        darkness = 0.36 if "Emphysema" in findings else 0.28
+        markings = 0.15 * smooth_noise(rng, self.size, 12) * (0.4 if "Emphysema" in findings else 1.0)
+        image -= darkness * self.lung * (1.0 + markings)
+        for k in range(8):  # posterior ribs: arcs across each lung
+            arc = y - (-0.62 + 0.15 * k + 0.18 * x**2)
+            image += 0.09 * np.clip(1 - np.abs(arc) / 0.025, 0, 1) * self.body
+        image += 0.22 * np.clip(1 - np.abs(x) / 0.07, 0, 1) * self.body  # spine
+        image = self._heart(image)
+        for finding in FINDINGS:
+            if finding in findings and hasattr(self, f"_{finding.lower()}"):
+                image = getattr(self, f"_{finding.lower()}")(image)
+        image = image * self.anatomy["exposure"] + noise
+        pixels = Image.fromarray(np.clip(image * 255, 0, 255).astype(np.uint8))
+        return np.asarray(pixels.filter(ImageFilter.GaussianBlur(self.size / 256))), self.boxes
+
+    def _heart(self, image):
+        radius = self.anatomy["heart_radius"] * (self.rng.uniform(1.4, 1.6) if "Cardiomegaly" in self.findings else 1)
+        heart = ellipse(self.x, self.y, 0.1, 0.22, radius, radius * 0.85)
+        self.outside_heart = 1 - heart
+        if "Cardiomegaly" in self.findings:
+            self.box("Cardiomegaly", 0.1, 0.22, radius, radius * 0.85)
+        return image * (1 - heart) + 0.62 * heart
+
+    def _side(self):
+        side = int(self.rng.integers(2))
+        return side, self.lung_x[side]
+
+    def _atelectasis(self, image):
+        side, cx = self._side()
+        cx, cy = cx + self.rng.uniform(-0.05, 0.05), self.rng.uniform(0.02, 0.25)
+        length, width = self.rng.uniform(0.18, 0.24), self.rng.uniform(0.025, 0.04)
+        angle = np.deg2rad(self.rng.uniform(10, 30)) * (1 if side else -1)
+        image += 0.3 * band(self.x, self.y, cx, cy, length, width, angle) * self.lungs[side]
+        self.box("Atelectasis", cx, cy, length * abs(np.cos(angle)) + width, length * abs(np.sin(angle)) + width)
+        return image
+
+    def _effusion(self, image):
+        sides = [0, 1] if self.rng.random() < 0.2 else [int(self.rng.integers(2))]
+        for side in sides:
+            level = self.rng.uniform(0.05, 0.25) - 0.35 * np.abs(self.x - self.lung_x[side])
+            fluid = self.lungs[side] * np.clip((self.y - level) * 20, 0, 1)
+            image = image * (1 - fluid) + 0.58 * fluid
+        low, high = min(self.lung_x[s] for s in sides), max(self.lung_x[s] for s in sides)
+        self.box("Effusion", (low + high) / 2, self.lung_cy + self.lung_ry * 0.6, (high - low) / 2 + 0.26, 0.25)
+        return image
+
+    def _infiltration(self, image):
+        side, cx = self._side()
+        cx, cy, radius = cx + self.rng.uniform(-0.08, 0.08), self.rng.uniform(-0.35, 0.2), self.rng.uniform(0.18, 0.26)
+        patches = np.clip(0.4 + 1.2 * smooth_noise(self.rng, self.size, 14), 0, 1)
+        image += 0.2 * patches * ellipse(self.x, self.y, cx, cy, radius, radius, 3) * self.lungs[side]
+        self.box("Infiltration", cx, cy, radius, radius)
+        return image
+
+    def _mass(self, image):
+        return self._round_opacity(image, "Mass", (0.10, 0.15), (0.3, 0.42))
+
+    def _nodule(self, image):
+        return self._round_opacity(image, "Nodule", (0.035, 0.055), (0.4, 0.55))
+
+    def _round_opacity(self, image, finding, radii, strength):
+        radius = self.rng.uniform(*radii)
+        cx = self.lung_x[self.rng.integers(2)] + self.rng.uniform(-0.1, 0.1)
+        cy = self.rng.uniform(-0.4, 0.15)
+        image += self.rng.uniform(*strength) * ellipse(self.x, self.y, cx, cy, radius, radius)
+        self.box(finding, cx, cy, radius, radius)
+        return image
+
+    def _pneumonia(self, image):
+        side, cx = self._side()
+        cx, cy = cx + self.rng.uniform(-0.06, 0.06), self.rng.uniform(0.08, 0.25)
+        rx, ry = self.rng.uniform(0.15, 0.2), self.rng.uniform(0.13, 0.18)
+        blob = ellipse(self.x, self.y, cx, cy, rx, ry, 4) * self.lungs[side]
+        image = image * (1 - blob) + 0.6 * blob
+        for _ in range(3):  # air bronchograms: dark branches running out from the hilum
+            angle = np.deg2rad(self.rng.uniform(40, 140))
+            branch = band(self.x, self.y, cx, cy - 0.03, rx * 0.8, 0.012, angle)
+            image -= 0.25 * branch * blob
+        self.box("Pneumonia", cx, cy, rx, ry)
+        return image
+
+    def _pneumothorax(self, image):
+        side, cx = self._side()
+        outside = self.lungs[side] * (np.abs(self.x - cx) * 0.9 + (0.2 - self.y) * 0.6 > self.rng.uniform(0.35, 0.45))
+        image = np.where(outside > 0.5, 0.03, image)
+        self.box("Pneumothorax", cx + np.sign(cx) * 0.12, -0.35, 0.16, 0.25)
+        return image
+
+    def _consolidation(self, image):
+        side, cx = self._side()
+        cx, fissure = cx + self.rng.uniform(-0.05, 0.05), self.rng.uniform(-0.2, 0.0)
+        region = ellipse(self.x, self.y, cx, fissure - 0.12, 0.2, 0.2, 4) * np.clip((fissure - self.y) * 40, 0, 1)
+        region *= self.lungs[side]
+        return image * (1 - region) + 0.55 * region
+
+    def _edema(self, image):
+        for hilum in (-0.2, 0.2):
+            haze = np.exp(
+                -(((self.x - hilum * self.anatomy["body_width"] / 0.85) / 0.2) ** 2) - ((self.y - 0.0) / 0.28) ** 2
+            )
+            image += 0.22 * haze * self.lung * self.outside_heart
+        for cx in self.lung_x:  # Kerley B lines: short horizontal lines at the outer lung bases
+            edge = cx + np.sign(cx) * 0.17
+            for k in range(4):
+                line = band(self.x, self.y, edge, 0.12 + 0.06 * k, 0.05, 0.008, 0.0)
+                image += 0.25 * line * self.lung * self.outside_heart
+        return image
+
+    def _fibrosis(self, image):
+        period = self.rng.uniform(0.11, 0.13)
+        warp = 0.04 * smooth_noise(self.rng, self.size, 6)
+        net = np.maximum(
+            np.clip(1 - np.abs(np.sin(np.pi * (self.x + warp) / period)) / 0.3, 0, 1),
+            np.clip(1 - np.abs(np.sin(np.pi * (self.y - warp) / period)) / 0.3, 0, 1),
+        )
+        lower_outer = np.clip((self.y + 0.05) * 3, 0, 1) * np.clip((np.abs(self.x) - 0.2) * 4, 0, 1)
+        return image + 0.3 * net * lower_outer * self.lung * self.outside_heart
+
+    def _pleural_thickening(self, image):
+        side, cx = self._side()
+        thickness = self.rng.uniform(0.03, 0.05)
+        outer = ellipse(self.x, self.y, cx, self.lung_cy, self.lung_rx, self.lung_ry, 30)
+        inner = ellipse(self.x, self.y, cx, self.lung_cy, self.lung_rx - thickness, self.lung_ry - thickness, 30)
+        rim = np.clip(outer - inner, 0, 1) * np.clip(np.sign(cx) * (self.x - cx) * 8 + 0.5, 0, 1)
+        rim *= np.clip((0.15 - self.y) * 5, 0, 1)  # the outer wall and the apex, not the diaphragm
+        return image + 0.35 * rim
+
+    def _hernia(self, image):
+        cx, cy, radius = self.rng.uniform(0.0, 0.08), self.rng.uniform(0.3, 0.38), self.rng.uniform(0.07, 0.1)
+        bubble = ellipse(self.x, self.y, cx, cy, radius, radius, 20)
+        gas = bubble * (self.y < cy + self.rng.uniform(-0.02, 0.03))  # an air-fluid level
+        image = image * (1 - bubble) + 0.5 * bubble
+        return image * (1 - gas) + 0.12 * gas
 
 
-def write_demo(out, patients=400, size=128, seed=0):
+def write_demo(out, patients=600, size=128, seed=0):
     """Write the dataset; returns the number of images."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, boxes, test_patients = [], [], set()
-    split_rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, 1])
+    test_patients = set(rng.permutation(patients)[: int(round(TEST_FRACTION * patients))] + 1)
+    follow_ups = [min(1 + int(np.random.default_rng([seed, 4, p]).geometric(0.4)), 8) for p in range(1, patients + 1)]
+    patient_of_image = np.repeat(np.arange(patients), follow_ups)
+    in_test = np.isin(patient_of_image + 1, list(test_patients))
+    labels = assign_labels(np.random.default_rng([seed, 2]), patient_of_image, in_test)
+    drawn = add_label_noise(np.random.default_rng([seed, 3]), labels)
+    rows, boxes, image_index = [], [], 0
     for patient_id in range(1, patients + 1):
         rng = np.random.default_rng([seed, 0, patient_id])
         anatomy = {
             "body_width": rng.uniform(0.78, 0.92),
-            "heart_radius": rng.uniform(0.2, 0.24),
-            "exposure": rng.uniform(0.9, 1.1),
+            "heart_radius": rng.uniform(0.19, 0.23),
+            "lung_height": rng.uniform(0.5, 0.56),
         }
-        has_cardiomegaly = rng.random() < DRAWN_PREVALENCE["Cardiomegaly"]
-        follow_ups = min(1 + rng.geometric(0.4), 8)  # NIH: most patients have few films, some many
         age, sex = int(rng.integers(18, 90)), "MF"[rng.integers(2)]
-        if split_rng.random() < TEST_FRACTION:
-            test_patients.add(patient_id)
-        for follow_up in range(follow_ups):
+        for follow_up in range(follow_ups[patient_id - 1]):
             name = f"{patient_id:08d}_{follow_up:03d}.png"
-            findings = sample_findings(rng, has_cardiomegaly)
-            exposure = anatomy["exposure"] * rng.uniform(0.95, 1.05)
-            pixels, drawn = render(rng, size, {**anatomy, "exposure": exposure}, findings)
-            folder = out / f"images_{len(rows) // IMAGES_PER_FOLDER + 1:03d}" / "images"
+            film = {finding for finding, on in zip(FINDINGS, drawn[image_index]) if on}
+            exposure = rng.uniform(0.88, 1.12)
+            pixels, drawn_boxes = Phantom(rng, size, {**anatomy, "exposure": exposure}, film).draw()
+            folder = out / f"images_{image_index // IMAGES_PER_FOLDER + 1:03d}" / "images"
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(folder / name, compress_level=1)
-            labels = "|".join(f for f in FINDINGS if f in findings) or "No Finding"
+            labelled = [finding for finding, on in zip(FINDINGS, labels[image_index]) if on]
             spacing = round(0.143 * 2500 / size, 4)
             view = "PA" if rng.random() < 0.6 else "AP"
-            rows.append([name, labels, follow_up, patient_id, age, sex, view, size, size, spacing, spacing])
-            boxes += [[name, finding, *box] for finding, box in drawn.items()]
+            rows.append(
+                [name, "|".join(labelled) or "No Finding", follow_up, patient_id, age, sex, view, size, size]
+                + [spacing, spacing]
+            )
+            # NIH's radiologists boxed labelled findings they could see
+            boxes += [[name, BOXED[f], *box] for f, box in drawn_boxes.items() if f in labelled and f in BOXED]
+            image_index += 1
     _write_tables(out, rows, boxes, test_patients)
     return len(rows)
 
@@ -191,7 +401,7 @@ def _write_tables(out, rows, boxes, test_patients):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo", help="output folder (default: %(default)s)")
-    parser.add_argument("--patients", type=int, default=400, help="patients (~3.4 images each; default: %(default)s)")
+    parser.add_argument("--patients", type=int, default=600, help="patients (~3.4 images each; default: %(default)s)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args()

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cache import CachedImages, find_cache
 from dataset import (
     FINDINGS,
     ChestXrayDataset,
@@ -31,8 +33,9 @@ from dataset import (
     attach_image_paths,
     find_label_file,
     read_labels,
-    read_split,
+    saved_split,
 )
+from films import eval_view, five_views
 from metrics import (
     auroc_per_finding,
     average_precision_per_finding,
@@ -41,8 +44,16 @@ from metrics import (
     mean_auroc,
     operating_point,
 )
-from model import CheckpointError, autocast_dtype, load_checkpoint, model_from_checkpoint, predict_logits, select_device
-from transforms import eval_transform, prepare_batch, tta_transform
+from model import (
+    CheckpointError,
+    autocast_dtype,
+    load_checkpoint,
+    model_from_checkpoint,
+    predict_logits,
+    select_device,
+    use_channels_last,
+)
+from transforms import normalize
 
 CHEXNET_AUROC = {  # Rajpurkar et al. 2017, "CheXNet", Table 1 (a random patient split, not NIH's official one)
     "Atelectasis": 0.8094,
@@ -74,61 +85,84 @@ class AverageOverCrops(nn.Module):
         return self.model(images).view(-1, self.crops, len(FINDINGS)).mean(dim=1)
 
 
-def split_rows(checkpoint_path, data_dir, csv_path, parts):
-    """{part: labels with image paths} for parts of the run's saved split (or NIH's test_list.txt without one).
-    The label file is read and the images are indexed once for all the parts."""
+def run_split(checkpoint, checkpoint_path, test_list=None):
+    """(image_name/split table, where it came from): the checkpoint's own split (checked against the split.csv
+    beside it), or split.csv alone for older checkpoints; with test_list, that file's images as the test part."""
+    if test_list:
+        names = Path(test_list).read_text().split()
+        return pd.DataFrame({"image_name": names, "split": "test"}), str(test_list)
+    saved = saved_split(checkpoint.get("split"), Path(checkpoint_path).parent / "split.csv")
+    if saved is None:
+        official = Path(checkpoint["config"]["DATA_DIR"]) / "test_list.txt"
+        raise DataError(
+            f"{checkpoint_path} carries no split (written before checkpoints did) and no split.csv lies beside it, "
+            f"so which images it never saw is unknown. Evaluate it in its run folder; or, only if the run trained on "
+            f"NIH's train_val_list.txt, on the official test list: --test_list {official}"
+        )
+    return saved, f"the split of {checkpoint_path}"
+
+
+def split_rows(split, source, data_dir, csv_path, parts):
+    """{part: labels with image paths} for parts of a run's split. The label file is read and the images are
+    indexed once for all the parts."""
     csv_file = find_label_file(data_dir, csv_path)
     labels = read_labels(csv_file).set_index("image_name")
     wanted = []
     for part in dict.fromkeys(parts):
-        names, source = split_names(checkpoint_path, csv_file, part)
+        names = split.image_name[split.split == part]
         unknown = names[~names.isin(labels.index)]
         if len(unknown):
             raise DataError(f"{len(unknown)} image(s) of {source} are not in {csv_file} (first: {unknown.iloc[0]})")
         if len(names) == 0:
-            raise DataError(f"the {part} split of {source} is empty")
+            raise DataError(f"the {part} part of {source} is empty")
         wanted.append(labels.loc[names].reset_index().assign(part=part))
     rows = attach_image_paths(pd.concat(wanted, ignore_index=True), data_dir)
     return {part: rows[rows.part == part].drop(columns="part").reset_index(drop=True) for part in parts}
 
 
-def split_names(checkpoint_path, csv_file, part):
-    """The image names of one part of the split saved beside the checkpoint, and the file they came from."""
-    split_path = Path(checkpoint_path).parent / "split.csv"
-    official = csv_file.parent / "test_list.txt"
-    if split_path.is_file():
-        saved = read_split(split_path)
-        return saved.image_name[saved.split == part].reset_index(drop=True), split_path
-    if part == "test" and official.is_file():
-        print(f"warning: no {split_path}; using {official}. Only valid for a model trained on NIH's train_val list.")
-        return pd.Series(official.read_text().split()), official
-    raise DataError(f"no {split_path}: evaluate.py needs the split the training run saved beside the checkpoint.")
+def evaluation_images(rows, data_dir, load_size):
+    """The rows' images from the dataset's cache when one holds them all at this size (no PNG decoding), else PNGs."""
+    folder = find_cache(data_dir, load_size)
+    if folder is not None:
+        try:
+            images = CachedImages(folder, rows["image_name"])
+            if images.size == load_size:
+                return images
+        except DataError:  # incomplete, or without some of these images: the PNGs then
+            pass
+    return PngImages(rows["path"], load_size)
 
 
 def predict_probabilities(model, rows, config, args, device):
-    """Sigmoid outputs [images, findings] for the rows, batched under inference_mode (AMP on CUDA)."""
-    transform = tta_transform if args.tta else eval_transform
-    images = PngImages(rows["path"], config["LOAD_SIZE"])
-    dataset = ChestXrayDataset(images, rows[list(FINDINGS)], transform(config["IMAGE_SIZE"]))
+    """Sigmoid outputs [images, findings] for the rows, batched under inference_mode (AMP as in training)."""
+    view = partial(five_views if args.tta else eval_view, image_size=config["IMAGE_SIZE"])
+    images = evaluation_images(rows, args.data_dir or config["DATA_DIR"], config["LOAD_SIZE"])
+    dataset = ChestXrayDataset(images, rows[list(FINDINGS)], view)
     workers = args.num_workers if args.num_workers >= 0 else min(8, os.cpu_count() or 1)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    channels_last = device.type == "cuda"
+    channels_last = use_channels_last(device, args.amp)
     net = AverageOverCrops(model, TTA_CROPS) if args.tta else model
 
     def prepare(batch):  # with TTA a batch is [N, crops, 1, S, S]: the crops become a larger batch
-        return prepare_batch(batch.flatten(0, 1) if args.tta else batch, device, channels_last)
+        return normalize((batch.flatten(0, 1) if args.tta else batch).to(device, non_blocking=True), channels_last)
 
     def progress(batches):
         return tqdm(batches, desc=f"predicting {len(rows):,} images")
 
-    logits, _ = predict_logits(net, loader, prepare, autocast_dtype(device), progress)
+    logits, _ = predict_logits(net, loader, prepare, autocast_dtype(device, args.amp), progress)
     return torch.sigmoid(logits).numpy()
 
 
 def build_report(targets, probabilities, patient_ids, thresholds, replicates, seed=0):
     """Per-finding table and the mean AUROC with its confidence interval."""
     aurocs = auroc_per_finding(targets, probabilities)
-    low, high, mean_ci = bootstrap_auroc_ci(targets, probabilities, patient_ids, replicates, seed=seed)
+
+    def progress(chunks):
+        return tqdm(chunks, desc=f"bootstrap ({replicates} patient resamples)", unit="chunk", leave=False)
+
+    low, high, mean_ci = bootstrap_auroc_ci(
+        targets, probabilities, patient_ids, replicates, seed=seed, progress=progress
+    )
     precision = average_precision_per_finding(targets, probabilities)
     table = pd.DataFrame(
         {
@@ -197,6 +231,7 @@ def parse_args(argv):
     parser.add_argument("--data_dir", help="dataset folder (default: the one the run trained on)")
     parser.add_argument("--csv", default="", help="label file (default: the Data_Entry_2017*.csv in data_dir)")
     parser.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default: test)")
+    parser.add_argument("--test_list", help="evaluate on these images (e.g. NIH's test_list.txt), not the run's split")
     parser.add_argument("--out", help="report folder (default: evaluation/ beside the checkpoint)")
     parser.add_argument("--tta", action="store_true", help="average five crops per image (default: off)")
     parser.add_argument("--sensitivity", type=float, help="choose thresholds for this sensitivity, not Youden's J")
@@ -204,6 +239,12 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=64, help="default: 64")
     parser.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers; -1: from the CPU count")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), or a torch device")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 and channels_last where training uses them (model.autocast_dtype); --no-amp: fp32 (default: on)",
+    )
     return parser.parse_args(argv)
 
 
@@ -212,14 +253,15 @@ def evaluate(args):
     checkpoint = load_checkpoint(args.checkpoint, FINDINGS, map_location="cpu")
     config = checkpoint["config"]
     data_dir = args.data_dir or config["DATA_DIR"]
-    model = model_from_checkpoint(checkpoint).to(device)
+    layout = torch.channels_last if use_channels_last(device, args.amp) else torch.contiguous_format
+    model = model_from_checkpoint(checkpoint).to(device, memory_format=layout)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
 
-    has_validation = (Path(args.checkpoint).parent / "split.csv").is_file()
-    parts = split_rows(
-        args.checkpoint, data_dir, args.csv or config["CSV"], [args.split, "val"] if has_validation else [args.split]
-    )
+    split, source = run_split(checkpoint, args.checkpoint, args.test_list)
+    has_validation = (split.split == "val").any()
+    wanted = [args.split, "val"] if has_validation else [args.split]
+    parts = split_rows(split, source, data_dir, args.csv or config["CSV"], wanted)
     rows = parts[args.split]
     print(
         f"checkpoint {args.checkpoint} (epoch {checkpoint['epoch']}); the {args.split} split: {len(rows):,} images, "
@@ -234,7 +276,6 @@ def evaluate(args):
         thresholds = np.full(len(FINDINGS), np.nan)
     targets = rows[list(FINDINGS)].to_numpy()
     probabilities = predict_probabilities(model, rows, config, args, device)
-    print(f"bootstrapping {args.bootstrap} patient resamples ...")
     table, summary = build_report(targets, probabilities, rows.patient_id.to_numpy(), thresholds, args.bootstrap)
     print(format_report(table, summary))
 
@@ -243,6 +284,7 @@ def evaluate(args):
         "checkpoint": str(args.checkpoint),
         "epoch": checkpoint["epoch"],
         "split": args.split,
+        "split_source": source,
         "images": len(rows),
         "patients": int(rows.patient_id.nunique()),
         "tta": args.tta,

@@ -9,6 +9,8 @@ import warnings
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+BOOTSTRAP_CHUNK = 100  # replicates computed together
+
 
 def _per_finding(metric, targets, scores):
     """metric(y, s) per column; NaN where a column has one class only (the metric is undefined there)."""
@@ -34,27 +36,49 @@ def mean_auroc(aurocs):
     return float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan")
 
 
-def bootstrap_auroc_ci(targets, scores, patient_ids, replicates=1000, confidence=0.95, seed=0):
+def bootstrap_auroc_ci(targets, scores, patient_ids, replicates=1000, confidence=0.95, seed=0, progress=None):
     """Percentile bootstrap CI of each finding's AUROC and of the mean AUROC, resampling patients.
 
     Images of one patient are correlated, so resampling images would make the interval too narrow.
+    A replicate draws patients with replacement; each image then counts as often as its patient was drawn, and
+    the AUROC of those weighted images (weighted_auroc: equal to scikit-learn's on the duplicated rows) comes from
+    one sort per finding, for all replicates at once (NIH's test split: about 2 s instead of 65).
     Returns (low, high) arrays of shape [findings] and a (low, high) pair for the mean.
     """
     targets, scores = np.asarray(targets), np.asarray(scores)
-    patients, image_patient = np.unique(np.asarray(patient_ids), return_inverse=True)
-    images_of = np.split(np.argsort(image_patient, kind="stable"), np.cumsum(np.bincount(image_patient))[:-1])
+    _, image_patient = np.unique(np.asarray(patient_ids), return_inverse=True)
+    patients = image_patient.max() + 1
     rng = np.random.default_rng(seed)
-    samples = np.empty((replicates, targets.shape[1]))
-    for replicate in range(replicates):
-        chosen = rng.integers(0, len(patients), len(patients))
-        rows = np.concatenate([images_of[patient] for patient in chosen])
-        samples[replicate] = auroc_per_finding(targets[rows], scores[rows])
+    draws = np.stack([rng.integers(0, patients, patients) for _ in range(replicates)])
+    chunks = np.array_split(np.arange(replicates), max(1, replicates // BOOTSTRAP_CHUNK))
+    samples = []
+    for chunk in progress(chunks) if progress else chunks:  # chunks bound the memory (NIH: about 20 MB each)
+        weights = np.stack([np.bincount(draw, minlength=patients)[image_patient] for draw in draws[chunk]]) * 1.0
+        columns = [weighted_auroc(targets[:, k], scores[:, k], weights) for k in range(targets.shape[1])]
+        samples.append(np.stack(columns, axis=1))
+    samples = np.concatenate(samples)
     tail = (1 - confidence) / 2 * 100
     with warnings.catch_warnings():  # a finding with one class in every replicate has no interval: NaN, silently
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanpercentile(samples, [tail, 100 - tail], axis=0)
         means = np.nanmean(samples, axis=1)
         return low, high, tuple(np.nanpercentile(means, [tail, 100 - tail]))
+
+
+def weighted_auroc(targets, scores, weights):
+    """AUROC of one finding under each row of `weights` [replicates, images] (how often each image counts): the
+    weighted share of (positive, negative) pairs ranked correctly, ties counting half; NaN without both classes."""
+    order = np.argsort(scores, kind="stable")
+    _, starts = np.unique(scores[order], return_index=True)  # groups of tied scores, in ascending order
+    positive = np.asarray(targets)[order] == 1
+    weights = weights[:, order]
+    positives = np.add.reduceat(weights * positive, starts, axis=1)
+    negatives = np.add.reduceat(weights * ~positive, starts, axis=1)
+    negatives_below = np.cumsum(negatives, axis=1) - negatives
+    correct = np.sum(positives * (negatives_below + 0.5 * negatives), axis=1)
+    pairs = positives.sum(axis=1) * negatives.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, correct / pairs, np.nan)
 
 
 def youden_threshold(targets, scores):

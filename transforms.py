@@ -1,66 +1,119 @@
-"""Augmentations for training, the evaluation transform, and the device-side batch preparation.
+"""Training augmentation (RandomResizedCrop, RandomRotation, ColorJitter), the evaluation crop, normalisation.
 
-Workers run the geometric and intensity transforms on 8-bit grayscale PIL images (Pillow's C code on uint8 is
-twice as fast here as the same transforms on tensors) and hand on uint8 tensors [1, S, S]: a quarter of the
-bytes of float RGB to pin and copy. prepare_batch then turns a batch into what the ImageNet backbone
-expects, on the GPU when there is one: float, three channels, ImageNet mean/std.
+Augmentation runs in one of two places, with the same random parameters per image:
+- on the device (AUGMENT_ON = "device", the default): workers only read uint8 images; the whole batch is cropped,
+  rotated and resampled in one affine_grid/grid_sample call per batch, then brightness/contrast-adjusted;
+- in the DataLoader workers (AUGMENT_ON = "workers"): the same crop, rotation and jitter with Pillow.
+Each image's parameters are a pure function of its seed, itself a function of (SEED, epoch, image)
+(dataset.SeededSampler), so a resumed run replays the same pixels and both paths draw from the same ranges.
+ImageNet normalisation always runs batched on the device. The evaluation view is films.eval_view (no torch there,
+so that an ONNX deployment needs no PyTorch).
 """
 
+import math
+
+import numpy as np
 import torch
-from torchvision.transforms import v2
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics the pretrained ResNet-50 was trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALE = (0.7, 1.0)  # crop area / image area: keep most of the chest (findings sit at apices and angles too)
+CROP_RATIO = (0.9, 1.1)  # crop aspect ratio: films are near-square; more would distort the cardiac silhouette
+ROTATION_DEGREES = 7.0  # patient positioning varies by a few degrees, not tens
+BRIGHTNESS = 0.2  # brightness factor in 1 +- this: exposure differs between machines and technicians
+CONTRAST = 0.2  # contrast factor in 1 +- this
+PARAMETERS = ("centre_x", "centre_y", "width", "height", "angle", "brightness", "contrast")  # per image, in pixels
+# and degrees of the loaded (LOAD_SIZE) image
+# No horizontal flip anywhere: the heart lies on the patient's left, and a mirrored film shows dextrocardia,
+# another anatomy; NIH films are consistently oriented.
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def train_transform(
-    image_size=224,
-    crop_scale=(0.7, 1.0),  # keep most of the chest: findings sit at the edges too (apices, costophrenic angles)
-    crop_ratio=(0.9, 1.1),  # films are near-square; strong aspect changes distort the cardiac silhouette
-    rotation_degrees=7.0,  # patient positioning varies by a few degrees, not tens
-    brightness=0.2,  # exposure differs between machines and technicians
-    contrast=0.2,
-):
-    """RandomResizedCrop, RandomRotation, ColorJitter (brightness/contrast): grayscale PIL -> uint8 [1, S, S].
+def _uniforms(seeds, count):
+    """`count` uniforms in [0, 1) per seed: the SplitMix64 stream of each seed, vectorised (about 1 us an image,
+    against 20 us for a numpy Generator per image), identical on every platform."""
+    seeds = np.asarray(seeds, dtype=np.int64).astype(np.uint64).reshape(-1, 1)
+    with np.errstate(over="ignore"):  # the arithmetic is modulo 2**64 by design
+        z = seeds + _GOLDEN * np.arange(1, count + 1, dtype=np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
 
-    No horizontal flip: the heart lies on the patient's left, and a mirrored film shows dextrocardia, another
-    anatomy; the model should learn where things are, and the NIH films are consistently oriented.
+
+def augmentation_params(seeds, load_size):
+    """float32 [N, 7] (PARAMETERS) for images of load_size x load_size pixels, one row per seed.
+
+    The crop: an area of CROP_SCALE of the image at a log-uniform aspect ratio in CROP_RATIO, anywhere inside it;
+    then a rotation in +-ROTATION_DEGREES, then brightness and contrast factors in 1 +- BRIGHTNESS / CONTRAST.
     """
-    return v2.Compose(
+    u = _uniforms(seeds, len(PARAMETERS))
+    area = load_size**2 * (CROP_SCALE[0] + u[:, 0] * (CROP_SCALE[1] - CROP_SCALE[0]))
+    ratio = np.exp(np.log(CROP_RATIO[0]) + u[:, 1] * (np.log(CROP_RATIO[1]) - np.log(CROP_RATIO[0])))
+    width = np.minimum(np.sqrt(area * ratio), load_size)
+    height = np.minimum(np.sqrt(area / ratio), load_size)
+    centre_x = width / 2 + u[:, 2] * (load_size - width)
+    centre_y = height / 2 + u[:, 3] * (load_size - height)
+    angle = (2 * u[:, 4] - 1) * ROTATION_DEGREES
+    brightness = 1 + (2 * u[:, 5] - 1) * BRIGHTNESS
+    contrast = 1 + (2 * u[:, 6] - 1) * CONTRAST
+    return np.stack([centre_x, centre_y, width, height, angle, brightness, contrast], axis=1).astype(np.float32)
+
+
+def augment_batch(images, params, image_size):
+    """Device augmentation: uint8 [N, 1, L, L] and params [N, 7] (same device) -> float [N, 1, S, S] in [0, 1].
+
+    One affine map per image takes each output pixel to its source: rotate about the output's centre, then
+    scale and shift into the crop box. grid_sample resamples bilinearly, as Pillow does on the worker path.
+    """
+    images = images.float().div_(255) if images.dtype == torch.uint8 else images
+    size = images.shape[-1]
+    centre_x, centre_y, width, height, angle, brightness, contrast = params.float().unbind(1)
+    radians = angle * (math.pi / 180)
+    cos, sin = radians.cos(), radians.sin()
+    theta = torch.stack(
         [
-            v2.RandomResizedCrop(image_size, scale=crop_scale, ratio=crop_ratio, antialias=True),
-            v2.RandomRotation(rotation_degrees),
-            v2.ColorJitter(brightness=brightness, contrast=contrast),
-            v2.PILToTensor(),
-        ]
+            torch.stack([width / size * cos, -width / size * sin, 2 * centre_x / size - 1], dim=1),
+            torch.stack([height / size * sin, height / size * cos, 2 * centre_y / size - 1], dim=1),
+        ],
+        dim=1,
     )
+    grid = F.affine_grid(theta, [len(images), 1, image_size, image_size], align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = (out * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = contrast.view(-1, 1, 1, 1)
+    return (contrast * out + (1 - contrast) * mean).clamp_(0, 1)
 
 
-def eval_transform(image_size=224, crop_fraction=0.875):
-    """Resize to image_size / crop_fraction, then centre crop: the same field of view as training on average."""
-    return v2.Compose(
-        [v2.Resize(round(image_size / crop_fraction), antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()]
-    )
+class WorkerAugment:
+    """Worker augmentation, the same parameters as augment_batch: uint8 [L, L] array, seed -> uint8 [S, S].
+
+    Pillow's C code on uint8 is the fastest CPU path here (a class, not a closure: Windows workers pickle it)."""
+
+    def __init__(self, image_size):
+        self.image_size = image_size
+
+    def __call__(self, pixels, seed):
+        centre_x, centre_y, width, height, angle, brightness, contrast = augmentation_params([seed], len(pixels))[0]
+        box = (centre_x - width / 2, centre_y - height / 2, centre_x + width / 2, centre_y + height / 2)
+        image = Image.fromarray(pixels).resize((self.image_size,) * 2, Image.Resampling.BILINEAR, box=box)
+        image = image.rotate(float(angle), resample=Image.Resampling.BILINEAR)
+        image = TF.adjust_contrast(TF.adjust_brightness(image, float(brightness)), float(contrast))
+        return np.array(image)
 
 
-def tta_transform(image_size=224, crop_fraction=0.875):
-    """Test-time augmentation: the four corner crops and the centre crop, stacked as [5, 1, S, S]. No flips:
-    the model never saw a mirrored chest."""
-    return v2.Compose(
-        [v2.Resize(round(image_size / crop_fraction), antialias=True), v2.FiveCrop(image_size), _stack_crops]
-    )
-
-
-def _stack_crops(crops):  # a module-level function, not a lambda: DataLoader workers pickle it on Windows
-    return torch.stack([v2.functional.pil_to_tensor(crop) for crop in crops])
-
-
-def prepare_batch(images, device, channels_last=False):
-    """uint8 [N, 1, H, W] -> float32 [N, 3, H, W] on `device`, scaled to [0, 1] and ImageNet-normalised."""
-    images = images.to(device, non_blocking=True).float().div_(255)
+def normalize(images, channels_last=False):
+    """[N, 1, S, S] (float in [0, 1], or uint8) -> [N, 3, S, S] ImageNet-normalised: the gray channel makes the
+    three RGB ones."""
+    images = images.float().div_(255) if images.dtype == torch.uint8 else images
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    images = (images - mean) / std  # broadcasting the one gray channel makes the three RGB ones
+    images = (images - mean) / std
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images

@@ -1,14 +1,16 @@
-# The synthetic demo dataset (python demo_data.py --out data/demo): trains on a CPU in a few minutes.
-# Use: python train.py config/demo.py [--name value ...]
+# The synthetic demo dataset (python demo_data.py --out data/demo): a ResNet-50 from random init learns all 14
+# findings in about 2 minutes on 2 CPU cores. Use: python train.py config/demo.py [--name value ...]
 DATA_DIR = "data/demo"
 OUT_DIR = "checkpoints/demo"
-IMAGE_SIZE = 64  # the phantoms' findings are large; 64 px keeps a CPU epoch around half a minute
+IMAGE_SIZE = 56  # the phantoms' findings show at 64 px; 56 = 64 x 0.875, so the evaluation crop needs no resize
 LOAD_SIZE = 64
 BATCH_SIZE = 32
-EPOCHS = 5
+EPOCHS = 6
 PRETRAINED = "none"  # offline and self-contained; ImageNet features add little on phantoms
 TRAINABLE_LAYERS = "all"  # random early layers would be useless frozen
-LEARNING_RATE = 1e-3  # from scratch, a fine-tuning rate (1e-5) would barely move the weights
-POS_WEIGHT = "sqrt"  # label-only findings with 1-2 positives would get weights near 1000 and spike the loss
+LEARNING_RATE = 2e-3  # from scratch, a fine-tuning rate (1e-5) would barely move the weights
+LR_SCHEDULE = "cosine"  # a short run: warm up, then decay to 0 by the last epoch
+WARMUP_EPOCHS = 0.5
+POS_WEIGHT = "ratio"  # negatives / positives (at most 21 here): every finding weighs as much as its absence
 EARLY_STOPPING_PATIENCE = 0
-NUM_WORKERS = 0  # 64-px PNGs decode faster than worker processes start
+NUM_WORKERS = 0  # the cache is held in memory (CACHE_ON_DEVICE): no worker processes to start

@@ -6,8 +6,21 @@ import bench
 def test_quick_bench_runs_on_cpu_and_writes_its_json(tmp_path):
     bench.main(["--quick", "--workers", "1", "--json", str(tmp_path / "bench.json")])
     figures = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("input_raw_img_s", "input_cached_img_s", "train_img_s", "eval_img_s", "bare_train_img_s"):
+    keys = [
+        "input_raw_img_s",
+        "input_cached_img_s",
+        "train_img_s",
+        "eval_img_s",
+        "bare_train_img_s",
+        "cpu_train_img_s_fp32",
+        "cpu_train_img_s_amp",
+        "input_worker_ms_per_img",
+        "input_worker_ms_per_img_device_aug",
+        "device_aug_ms_per_img",
+        "on_device_batches_per_s",
+    ]
+    for key in keys:
         assert figures[key] > 0, key
     assert figures["device_type"] == "cpu" and "CPU" in figures["device"]
-    assert figures["settings"]["quick"] and len(figures["configurations"]) == 2
+    assert figures["settings"]["quick"] and len(figures["configurations"]) in (2, 3)  # 3 with native bf16
     assert all(row["nih_epoch_s"] > 0 for row in figures["configurations"])

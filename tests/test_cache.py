@@ -87,11 +87,27 @@ def run_train(data, out, **changes):
 
 
 def test_training_on_the_cache_equals_training_on_the_pngs(cached, tmp_path, capsys):
+    """The same weights from the PNGs, from the cache through DataLoader workers, and from the cache held in
+    memory with batches drawn by index (CACHE_ON_DEVICE): the pixels and each image's augmentation are equal."""
     assert run_train(cached, tmp_path / "png", cache="off") == 0
     assert "decoding PNGs" in capsys.readouterr().out
-    assert run_train(cached, tmp_path / "cache", cache="auto", num_workers=2) == 0
+    assert run_train(cached, tmp_path / "cache", cache="auto", cache_on_device="off", num_workers=2) == 0
     assert "images: cache" in capsys.readouterr().out
+    assert run_train(cached, tmp_path / "memory", cache="auto", cache_on_device="auto") == 0
+    assert "held in cpu memory" in capsys.readouterr().out
     png = torch.load(tmp_path / "png" / "epoch_01.pth", weights_only=True)["model"]
-    from_cache = torch.load(tmp_path / "cache" / "epoch_01.pth", weights_only=True)["model"]
-    for name in png:
-        torch.testing.assert_close(png[name], from_cache[name], rtol=1e-5, atol=1e-6, msg=name)
+    for other in ("cache", "memory"):
+        weights = torch.load(tmp_path / other / "epoch_01.pth", weights_only=True)["model"]
+        for name in png:
+            torch.testing.assert_close(png[name], weights[name], rtol=1e-5, atol=1e-6, msg=f"{other}: {name}")
+
+
+def test_images_that_do_not_fit_in_memory_fall_back_to_workers(cached, tmp_path, capsys, monkeypatch):
+    import cache
+
+    monkeypatch.setattr(cache, "DEVICE_SHARE", 1e-9)  # as if the device's memory were nearly full
+    assert run_train(cached, tmp_path / "full", cache="auto") == 0
+    printed = capsys.readouterr().out
+    assert "do not fit" in printed and "with workers instead" in printed
+    message = run_train(cached, tmp_path / "forced", cache="off", cache_on_device="on")
+    assert "CACHE_ON_DEVICE = on needs the image cache" in message

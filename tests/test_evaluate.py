@@ -83,11 +83,31 @@ def test_tta_averages_five_crops(trained_run, tmp_path):
     assert tta["mean_auroc"] != plain["mean_auroc"] and abs(tta["mean_auroc"] - plain["mean_auroc"]) < 0.1
 
 
-def test_without_a_saved_split_only_the_official_test_list_is_used(trained_run, learn_dir, tmp_path, capsys):
+def test_a_checkpoint_copied_anywhere_evaluates_on_its_own_split(report, trained_run, tmp_path):
+    shutil.copy(trained_run / "best.pth", tmp_path / "model.pth")  # no split.csv beside it
+    copied = run_quick(tmp_path / "model.pth")
+    assert copied["images"] == report["images"] and copied["split_source"] == f"the split of {tmp_path / 'model.pth'}"
+    assert copied["mean_auroc"] == pytest.approx(report["mean_auroc"], abs=1e-9)
+    assert all(row["threshold"] is not None for row in copied["findings"])  # its validation part came along too
+
+
+def test_a_split_csv_of_another_run_is_refused(trained_run, tmp_path):
     shutil.copy(trained_run / "best.pth", tmp_path / "best.pth")
-    result = run_quick(tmp_path / "best.pth")
-    assert result["images"] == len((learn_dir / "test_list.txt").read_text().split())
-    assert "warning" in capsys.readouterr().out
-    assert all(row["threshold"] is None for row in result["findings"])
-    with pytest.raises(SystemExit, match="split"):
-        evaluate.main(["--checkpoint", str(tmp_path / "best.pth"), "--split", "val"])
+    split = pd.read_csv(trained_run / "split.csv")
+    split.loc[split.split == "test", "split"] = "train"  # another run's split.csv
+    split.to_csv(tmp_path / "split.csv", index=False)
+    with pytest.raises(SystemExit, match="differs from the split saved in the checkpoint"):
+        evaluate.main(["--checkpoint", str(tmp_path / "best.pth"), "--num_workers", "0"])
+
+
+def test_without_any_split_the_official_list_is_never_substituted(trained_run, learn_dir, tmp_path):
+    checkpoint = torch.load(trained_run / "best.pth", weights_only=True)
+    del checkpoint["split"]  # as checkpoints were before they carried their split
+    torch.save(checkpoint, tmp_path / "old.pth")
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["--checkpoint", str(tmp_path / "old.pth"), "--num_workers", "0"])
+    assert str(tmp_path / "old.pth") in str(stopped.value) and "test_list.txt" in str(stopped.value)
+    official = learn_dir / "test_list.txt"
+    result = run_quick(tmp_path / "old.pth", "--test_list", official, "--out", tmp_path / "official")
+    assert result["images"] == len(official.read_text().split()) and result["split_source"] == str(official)
+    assert all(row["threshold"] is None for row in result["findings"])  # no validation part: no thresholds

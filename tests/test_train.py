@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DRAWN, ROOT, predict_split, validation_loss_of
+from conftest import ROOT, predict_split, validation_loss_of
 from conftest import tiny_settings as tiny
 
 import train
@@ -131,34 +132,51 @@ def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(straight_run, d
 
 
 def test_sigterm_mid_epoch_saves_a_state_that_resumes_exactly(straight_run, demo_dir, tmp_path, monkeypatch):
-    calls = []
-
-    def prepare_then_signal(images, *args):
-        calls.append(1)
-        if len(calls) == 3:  # during the third training step of epoch 1
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_prepare(images, *args)
-
-    train_prepare = train.prepare_batch
-    monkeypatch.setattr(train, "prepare_batch", prepare_then_signal)
+    interrupt_at_step(monkeypatch, 3)  # during the third training step of epoch 1
     assert run(tiny(demo_dir, tmp_path)) == 128 + signal.SIGTERM
     state = load_checkpoint(tmp_path / "interrupted.pth", FINDINGS)
     assert state["position"] == {"epoch": 1, "step": 3} and not (tmp_path / "epoch_01.pth").exists()
-    monkeypatch.setattr(train, "prepare_batch", train_prepare)
+    monkeypatch.undo()
     assert run(tiny(demo_dir, tmp_path, resume="last")) == 0
     assert_same_weights(weights(straight_run / "epoch_02.pth"), weights(tmp_path / "epoch_02.pth"))
     assert not (tmp_path / "interrupted.pth").exists()
 
 
+def interrupt_at_step(monkeypatch, step):
+    """Send this process a SIGTERM while the training loop prepares its `step`-th batch."""
+    calls = []
+    train_input = train.model_input
+
+    def input_then_signal(*args):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_input(*args)
+
+    monkeypatch.setattr(train, "model_input", input_then_signal)
+
+
+def test_warmup_and_cosine_schedule_resume_exactly_mid_epoch(demo_dir, tmp_path, monkeypatch):
+    cosine = {"lr_schedule": "cosine", "warmup_epochs": 0.5, "epochs": 2}
+    assert run(tiny(demo_dir, tmp_path / "straight", **cosine)) == 0
+    rates = pd.read_csv(tmp_path / "straight" / "metrics.csv")["lr"]
+    assert rates[0] > rates[1] == 0  # decaying after the warmup, reaching 0 after the last step
+    interrupt_at_step(monkeypatch, 4)
+    assert run(tiny(demo_dir, tmp_path / "resumed", **cosine)) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert run(tiny(demo_dir, tmp_path / "resumed", **cosine, resume="last")) == 0
+    assert_same_weights(weights(tmp_path / "straight" / "epoch_02.pth"), weights(tmp_path / "resumed" / "epoch_02.pth"))
+
+
 def test_a_nan_loss_stops_naming_epoch_and_step(demo_dir, tmp_path, monkeypatch):
     calls = []
-    train_prepare = train.prepare_batch
+    train_input = train.model_input
 
-    def poisoned(images, *args):
+    def poisoned(*args):
         calls.append(1)
-        return train_prepare(images, *args) * (float("nan") if len(calls) == 2 else 1.0)
+        return train_input(*args) * (float("nan") if len(calls) == 2 else 1.0)
 
-    monkeypatch.setattr(train, "prepare_batch", poisoned)
+    monkeypatch.setattr(train, "model_input", poisoned)
     message = run(tiny(demo_dir, tmp_path))
     assert "epoch 1, step 2" in message and "diverged" in message
     assert not list(tmp_path.glob("epoch_*.pth"))
@@ -172,7 +190,7 @@ def test_torchrun_two_processes_on_cpu_write_one_set_of_files(demo_dir, tmp_path
         "--standalone",
         "--nproc_per_node=2",
         "train.py",
-        *tiny(demo_dir, tmp_path, epochs=1, batch_size=8),
+        *tiny(demo_dir, tmp_path, epochs=1, batch_size=8, amp="false"),  # fp32: equal to 1e-4 whatever the batching
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -180,16 +198,84 @@ def test_torchrun_two_processes_on_cpu_write_one_set_of_files(demo_dir, tmp_path
     assert sorted(path.name for path in tmp_path.glob("*.pth")) == ["best.pth", "best_auroc.pth", "epoch_01.pth"]
     assert len(pd.read_csv(tmp_path / "metrics.csv")) == 1
     # the validation metrics cover every validation image once, gathered from both ranks
-    expected = validation_loss_of(tmp_path / "epoch_01.pth", demo_dir)
+    expected = validation_loss_of(tmp_path / "epoch_01.pth", demo_dir, amp=False)
     assert pd.read_csv(tmp_path / "metrics.csv")["val_loss"][0] == pytest.approx(expected, rel=1e-4)
 
 
-def test_the_model_learns_the_drawn_findings(trained_run, learn_dir):
-    """Held-out (test split) AUROC of the drawn findings after 4 epochs: chance is 0.5; 0.71-0.79 measured.
+def test_the_demo_settings_learn_every_finding(trained_run, learn_dir):
+    """config/demo.py on fresh demo data (300 patients), judged on the held-out test split: chance is 0.5."""
+    logits, targets = predict_split(trained_run / "best.pth", learn_dir, "test")
+    aurocs = dict(zip(FINDINGS, np.round(auroc_per_finding(targets.numpy(), logits.numpy()), 3)))
+    print(aurocs)
+    assert np.mean(list(aurocs.values())) > 0.80 and min(aurocs.values()) > 0.6, aurocs
+    history = pd.read_csv(trained_run / "metrics.csv")
+    assert history.val_loss[1] < history.val_loss[0] and history.val_loss.idxmin() > 0  # learning, not memorising
 
-    The last epoch, not best.pth: with 88 validation images the choice by validation loss is itself noisy.
-    """
-    logits, targets = predict_split(trained_run / "epoch_04.pth", learn_dir, "test")
-    aurocs = auroc_per_finding(targets.numpy(), logits.numpy())
-    drawn = [aurocs[FINDINGS.index(finding)] for finding in DRAWN]
-    assert np.mean(drawn) > 0.68, dict(zip(DRAWN, np.round(drawn, 3)))
+
+def test_resume_into_a_new_folder_continues_exactly_and_writes_its_run_files(straight_run, demo_dir, tmp_path):
+    assert run(tiny(demo_dir, tmp_path / "first", epochs=1)) == 0
+    branch = tmp_path / "branch"
+    assert run(tiny(demo_dir, branch, epochs=2, resume=tmp_path / "first" / "epoch_01.pth")) == 0
+    assert_same_weights(weights(straight_run / "epoch_02.pth"), weights(branch / "epoch_02.pth"))
+    for name in ("split.csv", "config.json", "pos_weight.json"):
+        assert (branch / name).read_text() == (tmp_path / "first" / name).read_text() or name == "config.json"
+    assert json.loads((branch / "config.json").read_text())["OUT_DIR"] == str(branch)
+    message = run(tiny(demo_dir, straight_run, epochs=3, resume=tmp_path / "first" / "epoch_01.pth"))
+    assert "already holds a run" in message  # never two runs mixed in one folder
+
+
+def test_a_finished_run_says_so_and_raising_epochs_continues_it(straight_run, demo_dir, tmp_path, capsys):
+    shutil.copytree(straight_run, tmp_path / "run")
+    (tmp_path / "run" / "best_auroc.pth3k2j1x.tmp").write_bytes(b"half a checkpoint")  # a kill -9 during a save
+    assert run(tiny(demo_dir, tmp_path / "run", resume="last")) == 0
+    printed = capsys.readouterr().out
+    assert "has finished (all 2 epochs are done)" in printed and "--epochs" in printed
+    assert not (tmp_path / "run" / "epoch_03.pth").exists()
+    assert not list((tmp_path / "run").glob("*.tmp")) and "removed" in printed
+    assert run(tiny(demo_dir, tmp_path / "run", resume="last", epochs=3)) == 0
+    assert "continuing a run that had finished" in capsys.readouterr().out
+    assert (tmp_path / "run" / "epoch_03.pth").exists()
+
+
+def test_an_early_stopped_run_stays_stopped_unless_the_patience_is_raised(demo_dir, tmp_path, capsys):
+    import run_folder
+
+    history = [{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.6}, {"epoch": 3, "val_loss": 0.7}]
+    config = {"EPOCHS": 10, "EARLY_STOPPING_PATIENCE": 2, "LR_SCHEDULE": "plateau", "MIN_LEARNING_RATE": 1e-8}
+    ended = run_folder.finished(history, {"epoch": 4, "step": 0}, 1e-4, config)
+    assert ended.startswith("early stop") and "best: 1" in ended
+    assert run_folder.finished(history, {"epoch": 4, "step": 0}, 1e-4, {**config, "EARLY_STOPPING_PATIENCE": 3}) is None
+    assert run_folder.finished(history, {"epoch": 3, "step": 5}, 1e-4, config) is None  # mid-epoch: not finished
+    assert "learning rate" in run_folder.finished(history[:1], {"epoch": 2, "step": 0}, 1e-9, config)
+    # a run whose plateau schedule cuts the rate below the floor ends with the reason
+    assert run(tiny(demo_dir, tmp_path, epochs=4, learning_rate=1e-7, lr_factor=0.01, lr_patience=0)) == 0
+    printed = capsys.readouterr().out
+    assert "training ends: the learning rate was cut" in printed and not (tmp_path / "epoch_04.pth").exists()
+
+
+def test_settings_that_waste_a_run_are_warned_about(demo_dir, tmp_path, capsys):
+    assert run(tiny(demo_dir, tmp_path, epochs=1, trainable_layers="layer4", image_size=48, load_size=40)) == 0
+    printed = capsys.readouterr().out
+    assert "PRETRAINED = none with TRAINABLE_LAYERS = 'layer4'" in printed and "--trainable_layers all" in printed
+    assert "IMAGE_SIZE 48 is larger than LOAD_SIZE 40" in printed
+
+
+def test_tensorboard_events_cover_each_step_once_across_a_resume(demo_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import run_folder
+
+    monkeypatch.setattr(run_folder, "LOG_EVERY", 1)
+    interrupt_at_step(monkeypatch, 12)  # epoch 2, after the first epoch's events
+    assert run(tiny(demo_dir, tmp_path, epochs=2)) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    monkeypatch.setattr(run_folder, "LOG_EVERY", 1)
+    assert run(tiny(demo_dir, tmp_path, epochs=2, resume="last")) == 0
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0}).Reload()
+    steps = [event.step for event in events.Scalars("train/loss")]
+    steps_per_epoch = len(steps) // 2
+    assert steps == list(range(1, 2 * steps_per_epoch + 1))  # every step once, in order, across the resume
+    assert [event.step for event in events.Scalars("epoch/val_loss")] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert {f"val_auroc/{finding}" for finding in ("Cardiomegaly", "Effusion")} <= set(events.Tags()["scalars"])
+    assert "val_heat_map/0" in events.Tags()["images"]
+    assert any(tag.startswith("val_pr/") for tag in events.Tags()["tensors"])

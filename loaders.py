@@ -1,0 +1,85 @@
+"""A training run's batches: from the cached images held in device memory when they fit there (CACHE_ON_DEVICE: no
+DataLoader, no workers, no copy per step), else from DataLoader workers that read the cache or decode the PNGs.
+Training images leave as loaded, with their augmentation seeds (augmented on the device, AUGMENT_ON = "device"),
+or augmented in the workers; validation images leave as evaluation crops (films.eval_view)."""
+
+import os
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cache import CachedImages, DeviceBatches, find_cache, images_on_device, memory_for_images
+from dataset import FINDINGS, ChestXrayDataset, DataError, PngImages, SeededSampler
+from films import eval_view
+from transforms import WorkerAugment
+
+
+def make_loaders(config, labels, split, device, rank, world_size, log):
+    """(training batches, validation batches): from images held in device memory when they fit there
+    (CACHE_ON_DEVICE), else from DataLoader workers that read the cache or decode the PNGs."""
+    if config["AUGMENT_ON"] not in ("device", "workers"):
+        raise DataError(f"AUGMENT_ON is {config['AUGMENT_ON']!r}: use device or workers.")
+    cache = find_cache(config["DATA_DIR"], config["LOAD_SIZE"], config["CACHE"])
+    rows = {part: labels[split == part] for part in ("train", "val")}
+    if len(rows["train"]) < config["BATCH_SIZE"] * world_size or len(rows["val"]) == 0:
+        raise DataError(f"{len(rows['train'])} training / {len(rows['val'])} validation images: too few for a batch.")
+    if cache is None:
+        images = {part: PngImages(rows[part]["path"], config["LOAD_SIZE"]) for part in rows}
+    else:
+        images = {part: CachedImages(cache, rows[part]["image_name"]) for part in rows}
+        if images["train"].size != config["LOAD_SIZE"]:
+            size = images["train"].size
+            raise DataError(f"the cache {cache} holds {size}-px images; LOAD_SIZE is {config['LOAD_SIZE']}")
+    targets = {part: rows[part][list(FINDINGS)].to_numpy() for part in rows}
+    train_sampler = SeededSampler(
+        DistributedSampler(range(len(rows["train"])), world_size, rank, seed=config["SEED"]), config["SEED"]
+    )
+    val_sampler = DistributedSampler(range(len(rows["val"])), world_size, rank, shuffle=False)
+    view = partial(eval_view, image_size=config["IMAGE_SIZE"])
+    if cache_on_device(config, cache, sum(len(part) for part in rows.values()), device, log):
+        on_device = {part: images_on_device(images[part], device, view if part == "val" else None) for part in rows}
+        return (
+            DeviceBatches(on_device["train"], targets["train"], train_sampler, config["BATCH_SIZE"], drop_last=True),
+            DeviceBatches(on_device["val"], targets["val"], val_sampler, config["BATCH_SIZE"]),
+        )
+    log(f"images: {f'cache {cache}' if cache else 'decoding PNGs (python cache.py builds a faster cache)'}")
+    augment = WorkerAugment(config["IMAGE_SIZE"]) if config["AUGMENT_ON"] == "workers" else None
+    cores_per_process = (os.cpu_count() or 1) // world_size
+    workers = config["NUM_WORKERS"] if config["NUM_WORKERS"] >= 0 else max(1, cores_per_process - 1)  # 1 core feeds
+    common = {
+        "batch_size": config["BATCH_SIZE"],
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": workers > 0,
+        "prefetch_factor": 4 if workers else None,
+        # iter(DataLoader) draws a seed from this generator, not from the global stream that dropout uses
+        "generator": torch.Generator().manual_seed(config["SEED"]),
+    }
+    train_set = ChestXrayDataset(images["train"], targets["train"], augment)
+    val_set = ChestXrayDataset(images["val"], targets["val"], view)
+    return (
+        DataLoader(train_set, sampler=train_sampler, drop_last=True, **common),
+        DataLoader(val_set, sampler=val_sampler, **common),
+    )
+
+
+def cache_on_device(config, cache, count, device, log):
+    """Whether to hold the run's cached images in device memory (CACHE_ON_DEVICE), saying why not when asked."""
+    wanted = config["CACHE_ON_DEVICE"]
+    if wanted not in ("auto", "on", "off"):
+        raise DataError(f"CACHE_ON_DEVICE is {wanted!r}: use auto, on or off.")
+    if wanted == "off":
+        return False
+    if cache is None or config["AUGMENT_ON"] != "device":
+        needs = "the image cache (python cache.py)" if cache is None else 'AUGMENT_ON = "device"'
+        if wanted == "on":
+            raise DataError(f"CACHE_ON_DEVICE = on needs {needs}.")
+        return False
+    size = count * config["LOAD_SIZE"] ** 2
+    room, of_what = memory_for_images(device)
+    if wanted == "auto" and size > room:
+        log(f"images: {size / 1e9:.2f} GB do not fit in {of_what}: reading the cache {cache} with workers instead")
+        return False
+    log(f"images: {count:,} cached images ({size / 1e9:.2f} GB) held in {device} memory; batches drawn by index")
+    return True

@@ -1,0 +1,242 @@
+"""What a training run writes into its folder (OUT_DIR), and finds there to resume: checkpoints written atomically
+(epoch_NN.pth, best.pth, best_auroc.pth, interrupted.pth), split.csv, config.json and pos_weight.json,
+metrics.csv and training_curves.png every epoch, the summary table at the end, and TensorBoard events
+(tensorboard --logdir checkpoints): losses, learning rate, images/s, validation AUROC per finding,
+precision-recall curves, a few validation heat maps per epoch, and the settings as hparams. Only rank 0 writes; a
+resumed run appends to its events without duplicated steps."""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dataset import FINDINGS, DataError, save_split
+from model import ARCHITECTURE, CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint, unwrap
+
+HEAT_MAP_IMAGES = 4  # validation films drawn with the heat map of their top finding, per epoch
+LOG_EVERY = 10  # training steps between TensorBoard points
+
+
+# the settings a resumed run must share with its start, or it is another experiment
+RUN_DEFINING = (
+    "IMAGE_SIZE",
+    "LOAD_SIZE",
+    "BATCH_SIZE",
+    "TRAINABLE_LAYERS",
+    "DROPOUT",
+    "POS_WEIGHT",
+    "POS_WEIGHT_CAP",
+    "SEED",
+)
+
+
+def check_same_run(config, saved, path):
+    changed = {name: (saved[name], config[name]) for name in RUN_DEFINING if saved.get(name) != config[name]}
+    if changed:
+        differences = ", ".join(f"{name.lower()} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        raise CheckpointError(
+            f"{path} was trained with other settings ({differences}). Resume with the settings the run started "
+            f"with (they are in {Path(path).parent / 'config.json'}), e.g. the same config file, plus --resume last."
+        )
+
+
+def finished(history, position, learning_rate, config):
+    """Why a run at this point has ended under these settings (early stop, all epochs, learning rate floor), or
+    None. Judged from the settings, so raising EPOCHS or the patience continues a finished run."""
+    if position["step"] == 0 and position["epoch"] > config["EPOCHS"]:
+        return f"all {config['EPOCHS']} epochs are done"
+    if history and position["step"] == 0:
+        best = min(history, key=lambda row: row["val_loss"])["epoch"]
+        if 0 < config["EARLY_STOPPING_PATIENCE"] <= history[-1]["epoch"] - best:
+            return f"early stop: no lower validation loss for {history[-1]['epoch'] - best} epochs (best: {best})"
+    if config["LR_SCHEDULE"] == "plateau" and learning_rate < config["MIN_LEARNING_RATE"]:
+        return f"the learning rate was cut to {learning_rate:.1e}, below MIN_LEARNING_RATE; more epochs would not learn"
+    return None
+
+
+def training_state(parts, config, history, position, epoch_totals):
+    """Everything a resumed run needs; plain types and tensors only, so weights_only loading accepts it."""
+    return {
+        "model": unwrap(parts["model"]).state_dict(),
+        "optimizer": parts["optimizer"].state_dict(),
+        "scheduler": parts["scheduler"].state_dict(),
+        "scaler": parts["scaler"].state_dict(),
+        "config": config,
+        "findings": list(FINDINGS),
+        "architecture": ARCHITECTURE,
+        "split": parts["split"],  # the images of each part: the checkpoint evaluates and resumes on its own
+        "epoch": history[-1]["epoch"] if history else 0,
+        "metrics": history[-1] if history else {},
+        "history": history,
+        "position": position,  # {"epoch", "step"}: where training continues
+        "epoch_totals": epoch_totals,  # the running loss of a part-done epoch
+        "rng": {"torch": torch.get_rng_state()},
+    }
+
+
+def open_run(config, run_dir, device, is_main, log):
+    """(checkpoint path, checkpoint) to resume from, or (None, None) for a new run; (path, None) when the checkpoint's
+    run has finished under these settings. Refuses to mix two runs in one folder."""
+    resume_path = resolve_resume(config["RESUME"], run_dir) if config["RESUME"] else None
+    elsewhere = resume_path is not None and resume_path.parent.resolve() != run_dir.resolve()
+    if (resume_path is None or elsewhere) and any(run_dir.glob("*.pth")):
+        raise DataError(f"{run_dir} already holds a run. Continue it with --resume last, or set another --out_dir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        remove_stale_temporaries(run_dir, log)
+    if resume_path is None:
+        return None, None
+    checkpoint = load_checkpoint(resume_path, FINDINGS, map_location=device)
+    check_same_run(config, checkpoint["config"], resume_path)
+    state = (checkpoint["history"], checkpoint["position"], checkpoint["optimizer"]["param_groups"][0]["lr"])
+    ended_then, ended_now = finished(*state, checkpoint["config"]), finished(*state, config)
+    if ended_now:
+        log(f"{resume_path}: this run has finished ({ended_now}). Raise --epochs or the patience to continue it.")
+        return resume_path, None
+    if ended_then:
+        log(f"continuing a run that had finished ({ended_then}), as the raised settings allow")
+    return resume_path, checkpoint
+
+
+def restore(parts, checkpoint):
+    """Load a checkpoint's training state into the parts; (history, position, running loss totals)."""
+    unwrap(parts["model"]).load_state_dict(checkpoint["model"])
+    for name in ("optimizer", "scheduler", "scaler"):
+        parts[name].load_state_dict(checkpoint[name])
+    torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+    return checkpoint["history"], checkpoint["position"], checkpoint["epoch_totals"]
+
+
+def resolve_resume(resume, run_dir):
+    if resume != "last":
+        return Path(resume)
+    candidates = list(run_dir.glob("epoch_*.pth")) + list(run_dir.glob("interrupted.pth"))
+    if not candidates:
+        raise CheckpointError(f"--resume last: no epoch_*.pth or interrupted.pth in {run_dir}")
+    return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
+def remove_stale_temporaries(run_dir, log):
+    """Temporary files of checkpoint writes that a kill -9 interrupted (checkpoint-sized): never read, so removed."""
+    for stale in run_dir.glob("*.pth*.tmp"):
+        stale.unlink(missing_ok=True)
+        log(f"removed {stale}, left by an interrupted checkpoint write")
+
+
+def write_run_folder(run_dir, labels, split, config, pos_weight):
+    """split.csv, config.json and pos_weight.json: written by a new run, and by a resumed run in a new folder."""
+    save_split(labels, split, run_dir / "split.csv")
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (run_dir / "pos_weight.json").write_text(json.dumps(dict(zip(FINDINGS, pos_weight.tolist())), indent=2))
+
+
+def save_epoch(run_dir, history, state):
+    epoch = history[-1]["epoch"]
+    path = run_dir / f"epoch_{epoch:02d}.pth"
+    save_checkpoint(state, path)
+    if history[-1]["val_loss"] <= min(row["val_loss"] for row in history):
+        copy_checkpoint(path, run_dir / "best.pth")
+    aurocs = [row["val_mean_auroc"] for row in history]
+    if np.isfinite(aurocs[-1]) and aurocs[-1] >= np.nanmax(aurocs):
+        copy_checkpoint(path, run_dir / "best_auroc.pth")
+    (run_dir / "interrupted.pth").unlink(missing_ok=True)  # superseded by a later, complete epoch
+    write_metrics(run_dir, history)
+
+
+def write_metrics(run_dir, history):
+    """metrics.csv and training_curves.png (loss, validation AUROC and learning rate by epoch; best epoch marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.DataFrame(history)
+    table.to_csv(run_dir / "metrics.csv", index=False)
+    best = table.epoch[table.val_loss.idxmin()]
+    figure, (loss_axes, auroc_axes, rate_axes) = plt.subplots(1, 3, figsize=(14, 4))
+    loss_axes.plot(table.epoch, table.train_loss, "o-", label="train")
+    loss_axes.plot(table.epoch, table.val_loss, "o-", label="validation")
+    loss_axes.set(xlabel="epoch", ylabel="weighted BCE loss", title="Loss")
+    auroc_axes.plot(table.epoch, table.val_mean_auroc, "o-", color="C2")
+    auroc_axes.set(xlabel="epoch", ylabel="mean AUROC (14 findings)", title="Validation AUROC")
+    rate_axes.plot(table.epoch, table.lr, "o-", color="C4")
+    rate_axes.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="Learning rate", yscale="log")
+    for axes in (loss_axes, auroc_axes):
+        axes.axvline(best, color="gray", linestyle=":", label=f"best epoch ({best}, lowest validation loss)")
+    loss_axes.legend()
+    figure.tight_layout()
+    figure.savefig(run_dir / "training_curves.png", dpi=100)
+    plt.close(figure)
+
+
+def summary(history, run_dir):
+    """The table printed at the end of training, with the best epoch marked."""
+    best = min(history, key=lambda row: row["val_loss"])
+    lines = [f"{'epoch':>5} {'train loss':>11} {'val loss':>9} {'val AUROC':>10} {'lr':>9} {'time':>7}"]
+    for row in history:
+        mark = "  <- best" if row is best else ""
+        lines.append(
+            f"{row['epoch']:>5} {row['train_loss']:>11.4f} {row['val_loss']:>9.4f} {row['val_mean_auroc']:>10.4f} "
+            f"{row['lr']:>9.1e} {row['seconds']:>6.0f}s{mark}"
+        )
+    lines.append(
+        f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, mean AUROC {best['val_mean_auroc']:.4f} "
+        f"-> {run_dir / 'best.pth'}"
+    )
+    return "\n".join(lines)
+
+
+class TensorBoard:
+    """TensorBoard events in the run folder, or nothing when off, not rank 0, or the package is missing."""
+
+    def __init__(self, run_dir, enabled, purge_step, log):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log("TensorBoard: the tensorboard package is not installed (pip install tensorboard); no events written")
+            return
+        with warnings.catch_warnings():  # tensorboard's own imports warn about deprecated APIs
+            warnings.simplefilter("ignore")
+            # purge_step: a resumed run drops the events a crash left after its checkpoint, so no step is doubled
+            self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        log(f"TensorBoard: tensorboard --logdir {run_dir.parent}")
+
+    def step(self, global_step, loss, learning_rate, images_per_second):
+        if self.writer and global_step % LOG_EVERY == 0:
+            self.writer.add_scalar("train/loss", loss, global_step)
+            self.writer.add_scalar("train/learning_rate", learning_rate, global_step)
+            self.writer.add_scalar("train/images_per_second", images_per_second, global_step)
+
+    def epoch(self, global_step, row, findings, targets, probabilities):
+        if not self.writer:
+            return
+        for name in ("train_loss", "val_loss", "val_mean_auroc", "lr"):
+            self.writer.add_scalar(f"epoch/{name}", row[name], global_step)
+        for k, finding in enumerate(findings):
+            if np.isfinite(row[f"auroc_{finding}"]):
+                self.writer.add_scalar(f"val_auroc/{finding}", row[f"auroc_{finding}"], global_step)
+            if 0 < targets[:, k].sum() < len(targets):
+                self.writer.add_pr_curve(f"val_pr/{finding}", targets[:, k], probabilities[:, k], global_step)
+        self.writer.flush()
+
+    def heat_maps(self, global_step, images):
+        """RGB uint8 [H, W, 3] images of validation heat maps."""
+        if self.writer:
+            for k, image in enumerate(images):
+                self.writer.add_image(f"val_heat_map/{k}", image, global_step, dataformats="HWC")
+
+    def close(self, config, history):
+        if not self.writer:
+            return
+        if history:
+            best = min(history, key=lambda row: row["val_loss"])
+            hparams = {name: value for name, value in config.items() if isinstance(value, (int, float, str, bool))}
+            metrics = {"hparam/best_val_loss": best["val_loss"], "hparam/best_val_mean_auroc": best["val_mean_auroc"]}
+            self.writer.add_hparams(hparams, metrics, run_name=".")
+        self.writer.close()
