@@ -163,7 +163,7 @@ def write_metrics(run_dir, history):
     auroc_axes.plot(table.epoch, table.val_mean_auroc, "o-", color="C2")
     auroc_axes.set(xlabel="epoch", ylabel="mean AUROC (14 findings)", title="Validation AUROC")
     rate_axes.plot(table.epoch, table.lr, "o-", color="C4")
-    rate_axes.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="Learning rate", yscale="log")
+    rate_axes.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="Learning rate", ylim=(0, None))
     for axes in (loss_axes, auroc_axes):
         axes.axvline(best, color="gray", linestyle=":", label=f"best epoch ({best}, lowest validation loss)")
     loss_axes.legend()

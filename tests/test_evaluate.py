@@ -111,3 +111,21 @@ def test_without_any_split_the_official_list_is_never_substituted(trained_run, l
     result = run_quick(tmp_path / "old.pth", "--test_list", official, "--out", tmp_path / "official")
     assert result["images"] == len(official.read_text().split()) and result["split_source"] == str(official)
     assert all(row["threshold"] is None for row in result["findings"])  # no validation part: no thresholds
+
+
+def test_evaluation_reads_the_image_cache_when_one_holds_the_images(
+    report, trained_run, learn_dir, tmp_path, monkeypatch
+):
+    from cache import build_cache
+    from dataset import PngImages
+
+    data = tmp_path / "data"
+    shutil.copytree(learn_dir, data)
+    build_cache(data, size=64, workers=1)
+
+    def no_png(*args):
+        raise AssertionError("a PNG was decoded although the cache holds every image")
+
+    monkeypatch.setattr(PngImages, "__getitem__", no_png)
+    cached = run_quick(trained_run / "best.pth", "--data_dir", data, "--out", tmp_path / "out")
+    assert cached["mean_auroc"] == pytest.approx(report["mean_auroc"], abs=1e-9)  # the same pixels

@@ -69,3 +69,24 @@ def test_thresholds_on_known_data():
     assert point == {"sensitivity": 1.0, "specificity": 0.75, "ppv": 0.8, "f1": pytest.approx(8 / 9)}
     both = choose_thresholds(np.c_[targets, np.zeros(8)], np.c_[scores, scores])
     assert both[0] == 0.7 and np.isnan(both[1])
+
+
+def test_the_weighted_auroc_of_a_resample_equals_scikit_learn_on_the_duplicated_rows():
+    """The bootstrap's fast AUROC (one sort, patients' images counted as often as the patient was drawn) against
+    scikit-learn on the resample written out row by row, ties included (scores rounded to 0.1)."""
+    from metrics import weighted_auroc
+
+    targets, scores, patients = fixture_data(400, seed=3)
+    scores = np.round(scores, 1)
+    rng = np.random.default_rng(4)
+    _, image_patient = np.unique(patients, return_inverse=True)
+    for _ in range(5):
+        counts = np.bincount(rng.integers(0, image_patient.max() + 1, image_patient.max() + 1))
+        weights = np.zeros(image_patient.max() + 1)
+        weights[: len(counts)] = counts
+        weights = weights[image_patient]
+        rows = np.repeat(np.arange(len(targets)), weights.astype(int))
+        for column in range(3):
+            expected = roc_auc_score(targets[rows, column], scores[rows, column])
+            assert weighted_auroc(targets[:, column], scores[:, column], weights[None])[0] == pytest.approx(expected)
+    assert np.isnan(weighted_auroc(np.zeros(10), np.arange(10.0), np.ones((1, 10))))[0]

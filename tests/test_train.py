@@ -279,3 +279,9 @@ def test_tensorboard_events_cover_each_step_once_across_a_resume(demo_dir, tmp_p
     assert {f"val_auroc/{finding}" for finding in ("Cardiomegaly", "Effusion")} <= set(events.Tags()["scalars"])
     assert "val_heat_map/0" in events.Tags()["images"]
     assert any(tag.startswith("val_pr/") for tag in events.Tags()["tensors"])
+
+
+@pytest.mark.parametrize("config_file", sorted((ROOT / "config").glob("*.py")), ids=lambda path: path.name)
+def test_every_shipped_config_file_is_valid(config_file):
+    config = train.parse_config([str(config_file)])  # unknown names or wrong types would exit
+    assert config["OUT_DIR"].startswith("checkpoints/") and config["LOAD_SIZE"] >= config["IMAGE_SIZE"]
