@@ -1,12 +1,16 @@
-"""Test-split report for a trained checkpoint: the numbers the field judges a chest X-ray classifier by.
+"""The report of a trained checkpoint: the numbers the field judges a chest X-ray classifier by.
 
-    python evaluate.py --checkpoint checkpoints/resnet50/best.pth [--split test] [--out DIR] [--tta]
+    python evaluate.py --checkpoint checkpoints/resnet50/best.pth [--split test] [--out DIR] [--tta] [--boxes FILE]
+    python evaluate.py --checkpoint C --dataset chexpert|mimic|padchest --data_dir DIR [--uncertain ignore]
 
-Evaluates on exactly the split the training run saved (split.csv beside the checkpoint), never on images the
-model trained or was selected on. Per finding: AUROC with a 95% bootstrap confidence interval (resampling
-patients), average precision, prevalence, and an operating point (threshold chosen on the validation split:
-Youden's J, or --sensitivity) with sensitivity, specificity, PPV and F1 on the evaluated split.
-Writes report.json, report.csv, roc_curves.png and thresholds.json (which predict.py uses).
+NIH: evaluates on exactly the split the training run used (carried in the checkpoint, and in split.csv beside it),
+never on images the model trained or was selected on. Per finding: AUROC with a 95% bootstrap confidence interval
+(resampling patients), average precision, prevalence, and an operating point (threshold chosen on the validation
+split: Youden's J, or --sensitivity) with sensitivity, specificity, PPV and F1 on the evaluated split. With
+NIH's boxes (BBox_List_2017.csv beside the label file, or --boxes): heat-map localisation as Wang et al. scored it.
+Other datasets: the same figures on their frontal films, for the findings that map onto ours (external.py).
+Writes report.json, report.csv, roc_curves.png, thresholds.json (which predict.py uses; NIH only) and
+localisation.png (with boxes).
 """
 
 import argparse
@@ -35,7 +39,18 @@ from dataset import (
     read_labels,
     saved_split,
 )
+from external import DATASETS, UNCERTAIN_POLICIES, model_scores, read_external
 from films import eval_view, five_views
+from localisation import (
+    BOX_THRESHOLD,
+    IOBB_THRESHOLDS,
+    IOU_THRESHOLDS,
+    WANG_IOBB_01,
+    format_localisation,
+    localise,
+    plot_examples,
+    read_boxes,
+)
 from metrics import (
     auroc_per_finding,
     average_precision_per_finding,
@@ -53,6 +68,7 @@ from model import (
     select_device,
     use_channels_last,
 )
+from predict import read_thresholds  # the operating points predictions are marked with
 from transforms import normalize
 
 CHEXNET_AUROC = {  # Rajpurkar et al. 2017, "CheXNet", Table 1 (a random patient split, not NIH's official one)
@@ -134,10 +150,14 @@ def evaluation_images(rows, data_dir, load_size):
 
 
 def predict_probabilities(model, rows, config, args, device):
-    """Sigmoid outputs [images, findings] for the rows, batched under inference_mode (AMP as in training)."""
+    """Sigmoid outputs [images, findings] for the rows (a path column, and image_name for NIH's cache), batched
+    under inference_mode (AMP as in training)."""
     view = partial(five_views if args.tta else eval_view, image_size=config["IMAGE_SIZE"])
-    images = evaluation_images(rows, args.data_dir or config["DATA_DIR"], config["LOAD_SIZE"])
-    dataset = ChestXrayDataset(images, rows[list(FINDINGS)], view)
+    if args.dataset == "nih":
+        images = evaluation_images(rows, args.data_dir or config["DATA_DIR"], config["LOAD_SIZE"])
+    else:
+        images = PngImages(rows["path"], config["LOAD_SIZE"])
+    dataset = ChestXrayDataset(images, np.zeros((len(rows), len(FINDINGS))), view)
     workers = args.num_workers if args.num_workers >= 0 else min(8, os.cpu_count() or 1)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     channels_last = use_channels_last(device, args.amp)
@@ -153,8 +173,8 @@ def predict_probabilities(model, rows, config, args, device):
     return torch.sigmoid(logits).numpy()
 
 
-def build_report(targets, probabilities, patient_ids, thresholds, replicates, seed=0):
-    """Per-finding table and the mean AUROC with its confidence interval."""
+def build_report(names, targets, probabilities, patient_ids, thresholds, replicates, reference=None, seed=0):
+    """Per-finding table (targets may hold NaN: left out of that finding) and the mean AUROC with its CI."""
     aurocs = auroc_per_finding(targets, probabilities)
 
     def progress(chunks):
@@ -163,17 +183,17 @@ def build_report(targets, probabilities, patient_ids, thresholds, replicates, se
     low, high, mean_ci = bootstrap_auroc_ci(
         targets, probabilities, patient_ids, replicates, seed=seed, progress=progress
     )
-    precision = average_precision_per_finding(targets, probabilities)
     table = pd.DataFrame(
         {
-            "finding": FINDINGS,
+            "finding": names,
             "auroc": aurocs,
             "auroc_ci_low": low,
             "auroc_ci_high": high,
-            "average_precision": precision,
-            "prevalence": targets.mean(axis=0),
-            "positives": targets.sum(axis=0).astype(int),
-            "chexnet_auroc": [CHEXNET_AUROC[finding] for finding in FINDINGS],
+            "average_precision": average_precision_per_finding(targets, probabilities),
+            "prevalence": np.nanmean(targets, axis=0),
+            "positives": np.nansum(targets, axis=0).astype(int),
+            "images": (~np.isnan(targets)).sum(axis=0),
+            "chexnet_auroc": [(reference or {}).get(name, np.nan) for name in names],  # NIH only
             "threshold": thresholds,
         }
     )
@@ -187,9 +207,9 @@ def build_report(targets, probabilities, patient_ids, thresholds, replicates, se
     return table, {"mean_auroc": mean_auroc(aurocs), "mean_auroc_ci": [float(mean_ci[0]), float(mean_ci[1])]}
 
 
-def format_report(table, summary):
+def format_report(table, summary, reference_name="CheXNet"):
     lines = [
-        f"{'finding':<20}{'AUROC':>7}{'95% CI':>15}{'AP':>7}{'prev.':>8}{'CheXNet':>9}   "
+        f"{'finding':<20}{'AUROC':>7}{'95% CI':>15}{'AP':>7}{'prev.':>8}{reference_name:>9}   "
         f"{'thresh.':>8}{'sens.':>7}{'spec.':>7}{'PPV':>7}{'F1':>7}"
     ]
     for row in table.itertuples():
@@ -199,26 +219,29 @@ def format_report(table, summary):
             f"{row.threshold:>8.3f}{row.sensitivity:>7.3f}{row.specificity:>7.3f}{row.ppv:>7.3f}{row.f1:>7.3f}"
         )
     low, high = summary["mean_auroc_ci"]
-    chexnet_mean = np.mean(list(CHEXNET_AUROC.values()))
-    lines.append(f"{'mean':<20}{summary['mean_auroc']:>7.3f}{f'{low:.3f}-{high:.3f}':>15}{'':>15}{chexnet_mean:>9.3f}")
+    reference = np.nanmean(table.chexnet_auroc) if table.chexnet_auroc.notna().any() else np.nan
+    lines.append(f"{'mean':<20}{summary['mean_auroc']:>7.3f}{f'{low:.3f}-{high:.3f}':>15}{'':>15}{reference:>9.3f}")
     return "\n".join(lines)
 
 
-def plot_roc_curves(targets, probabilities, table, path):
+def plot_roc_curves(names, targets, probabilities, table, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(4, 4, figsize=(14, 14))
-    for k, (finding, panel) in enumerate(zip(FINDINGS, axes.flat)):
+    columns = 4
+    rows = -(-len(names) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.5 * columns, 3.5 * rows), squeeze=False)
+    for k, (name, panel) in enumerate(zip(names, axes.flat)):
         panel.plot([0, 1], [0, 1], ":", color="gray")
+        known = ~np.isnan(targets[:, k])
         if np.isfinite(table.auroc[k]):
-            false_positive_rate, true_positive_rate, _ = roc_curve(targets[:, k], probabilities[:, k])
+            false_positive_rate, true_positive_rate, _ = roc_curve(targets[known, k], probabilities[known, k])
             panel.plot(false_positive_rate, true_positive_rate, label=f"AUROC {table.auroc[k]:.3f}")
             panel.legend(loc="lower right")
-        panel.set(title=finding, xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1))
-    for panel in axes.flat[len(FINDINGS) :]:
+        panel.set(title=name, xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1))
+    for panel in axes.flat[len(names) :]:
         panel.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=80)
@@ -230,6 +253,27 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (e.g. best.pth)")
     parser.add_argument("--data_dir", help="dataset folder (default: the one the run trained on)")
     parser.add_argument("--csv", default="", help="label file (default: the Data_Entry_2017*.csv in data_dir)")
+    parser.add_argument(
+        "--dataset",
+        default="nih",
+        choices=("nih", *DATASETS),
+        help="NIH (the run's split) or another dataset (default: nih)",
+    )
+    parser.add_argument(
+        "--uncertain",
+        default="ignore",
+        choices=UNCERTAIN_POLICIES,
+        help="other datasets' -1 and blank labels (default: ignore)",
+    )
+    parser.add_argument(
+        "--boxes", help="NIH-format box file (default: BBox_List_2017.csv beside the labels; none: skip)"
+    )
+    parser.add_argument(
+        "--box_threshold",
+        type=float,
+        default=BOX_THRESHOLD,
+        help="share of a map's maximum cut into boxes (default: %(default)s)",
+    )
     parser.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default: test)")
     parser.add_argument("--test_list", help="evaluate on these images (e.g. NIH's test_list.txt), not the run's split")
     parser.add_argument("--out", help="report folder (default: evaluation/ beside the checkpoint)")
@@ -251,17 +295,40 @@ def parse_args(argv):
 def evaluate(args):
     device = select_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint, FINDINGS, map_location="cpu")
-    config = checkpoint["config"]
-    data_dir = args.data_dir or config["DATA_DIR"]
     layout = torch.channels_last if use_channels_last(device, args.amp) else torch.contiguous_format
     model = model_from_checkpoint(checkpoint).to(device, memory_format=layout)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "evaluation"
+    if args.dataset != "nih" and not args.out:
+        out = out / args.dataset  # never over NIH's report (and its thresholds.json)
     out.mkdir(parents=True, exist_ok=True)
+    about = {"checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"], "dataset": args.dataset}
+    run = evaluate_nih if args.dataset == "nih" else evaluate_external
+    about, names, targets, probabilities, patients, thresholds, reference = run(args, checkpoint, model, device, about)
+    rows = about.pop("rows", None)
+    table, summary = build_report(names, targets, probabilities, patients, thresholds, args.bootstrap, reference)
+    print(format_report(table, summary, "CheXNet" if args.dataset == "nih" else "-"))
+    report = {**about, "tta": args.tta, "bootstrap_replicates": args.bootstrap, **summary}
+    if args.dataset == "nih":
+        policy = f"sensitivity {args.sensitivity}" if args.sensitivity else "youden"
+        threshold_file = {"policy": policy, "thresholds": dict(zip(FINDINGS, map(float, thresholds)))}
+        (out / "thresholds.json").write_text(json.dumps(threshold_file, indent=2) + "\n")
+        report["threshold_policy"] = policy
+        table = localisation_section(args, checkpoint, model, device, rows, table, report, out)
+    table.to_csv(out / "report.csv", index=False)
+    report["findings"] = json.loads(table.to_json(orient="records"))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_roc_curves(names, targets, probabilities, table, out / "roc_curves.png")
+    print(f"wrote the report (report.json, report.csv, roc_curves.png) to {out}")
+    return report
 
+
+def evaluate_nih(args, checkpoint, model, device, about):
+    """The run's test (or validation) split; thresholds chosen on its validation split."""
+    config = checkpoint["config"]
     split, source = run_split(checkpoint, args.checkpoint, args.test_list)
     has_validation = (split.split == "val").any()
     wanted = [args.split, "val"] if has_validation else [args.split]
-    parts = split_rows(split, source, data_dir, args.csv or config["CSV"], wanted)
+    parts = split_rows(split, source, args.data_dir or config["DATA_DIR"], args.csv or config["CSV"], wanted)
     rows = parts[args.split]
     print(
         f"checkpoint {args.checkpoint} (epoch {checkpoint['epoch']}); the {args.split} split: {len(rows):,} images, "
@@ -274,31 +341,82 @@ def evaluate(args):
     else:
         print("no validation split: no operating thresholds (thresholds.json will hold NaN)")
         thresholds = np.full(len(FINDINGS), np.nan)
-    targets = rows[list(FINDINGS)].to_numpy()
     probabilities = predict_probabilities(model, rows, config, args, device)
-    table, summary = build_report(targets, probabilities, rows.patient_id.to_numpy(), thresholds, args.bootstrap)
-    print(format_report(table, summary))
-
-    policy = f"sensitivity {args.sensitivity}" if args.sensitivity else "youden"
-    about = {
-        "checkpoint": str(args.checkpoint),
-        "epoch": checkpoint["epoch"],
+    targets = rows[list(FINDINGS)].to_numpy(dtype=float)
+    about |= {
         "split": args.split,
         "split_source": source,
         "images": len(rows),
         "patients": int(rows.patient_id.nunique()),
-        "tta": args.tta,
-        "bootstrap_replicates": args.bootstrap,
-        "threshold_policy": policy,
+        "rows": rows,  # for the localisation; not written
     }
-    table.to_csv(out / "report.csv", index=False)
-    report = {**about, **summary, "findings": json.loads(table.to_json(orient="records"))}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    threshold_file = {"policy": policy, "thresholds": dict(zip(FINDINGS, map(float, thresholds)))}
-    (out / "thresholds.json").write_text(json.dumps(threshold_file, indent=2) + "\n")
-    plot_roc_curves(targets, probabilities, table, out / "roc_curves.png")
-    print(f"wrote report.json, report.csv, thresholds.json and roc_curves.png to {out}")
-    return report
+    return about, list(FINDINGS), targets, probabilities, rows.patient_id.to_numpy(), thresholds, CHEXNET_AUROC
+
+
+def evaluate_external(args, checkpoint, model, device, about):
+    """Another dataset's frontal films, the findings that map onto ours; thresholds from NIH's validation split
+    (evaluation/thresholds.json beside the checkpoint), where a finding maps to one of ours."""
+    if not args.data_dir:
+        raise DataError(f"--dataset {args.dataset} needs --data_dir: the dataset's folder")
+    data = read_external(args.dataset, args.data_dir, args.csv, args.uncertain)
+    names = list(data.mapping)
+    print(
+        f"checkpoint {args.checkpoint} (epoch {checkpoint['epoch']}); {args.dataset} ({data.source}): "
+        f"{len(data.rows):,} frontal films of {data.rows.patient_id.nunique():,} patients; left out "
+        f"{data.laterals:,} lateral and {data.other_views:,} other films; uncertain labels: {args.uncertain}"
+    )
+    probabilities = model_scores(
+        predict_probabilities(model, data.rows, checkpoint["config"], args, device), data.mapping, FINDINGS
+    )
+    nih = read_thresholds(Path(args.checkpoint).parent / "evaluation" / "thresholds.json")
+    thresholds = np.array(
+        [nih.get(mapped[0], np.nan) if len(mapped) == 1 else np.nan for mapped in data.mapping.values()]
+    )
+    about |= {
+        "source": data.source,
+        "images": len(data.rows),
+        "patients": int(data.rows.patient_id.nunique()),
+        "laterals_left_out": data.laterals,
+        "other_views_left_out": data.other_views,
+        "uncertain": args.uncertain,
+        "mapping": {name: list(mapped) for name, mapped in data.mapping.items()},
+        "threshold_source": "NIH validation split (thresholds.json beside the checkpoint)",
+    }
+    targets = data.rows[names].to_numpy(dtype=float)
+    return about, names, targets, probabilities, data.rows.patient_id.to_numpy(), thresholds, None
+
+
+def localisation_section(args, checkpoint, model, device, rows, table, report, out):
+    """Heat-map localisation against NIH-format boxes, when there are boxes: report entries, table columns, plot."""
+    config = checkpoint["config"]
+    default = (
+        find_label_file(args.data_dir or config["DATA_DIR"], args.csv or config["CSV"]).parent / "BBox_List_2017.csv"
+    )
+    boxes_path = Path(args.boxes) if args.boxes and args.boxes != "none" else default
+    if args.boxes == "none" or not boxes_path.is_file():
+        if args.boxes not in (None, "none"):
+            raise DataError(f"box file not found: {boxes_path}")
+        return table
+    results, examples, outside = localise(model, read_boxes(boxes_path), rows, config, device, args.box_threshold)
+    print(f"localisation against {boxes_path} ({outside} boxed films outside the {args.split} split left out):")
+    print(format_localisation(results))
+    report["localisation"] = results
+    report["localisation_settings"] = {
+        "boxes": str(boxes_path),
+        "box_threshold": args.box_threshold,
+        "left_out": outside,
+    }
+    columns = {
+        "loc_boxes": lambda r: r["boxes"],
+        **{f"loc_iobb_{t}": lambda r, t=t: r["iobb"][str(t)] for t in IOBB_THRESHOLDS},
+        **{f"loc_iou_{t}": lambda r, t=t: r["iou"][str(t)] for t in IOU_THRESHOLDS},
+        "loc_pointing": lambda r: r["pointing"],
+    }
+    for column, value in columns.items():
+        table[column] = [value(results[f]) if f in results else np.nan for f in table.finding]
+    table["wang_iobb_0.1"] = [WANG_IOBB_01.get(f, np.nan) for f in table.finding]
+    plot_examples(examples, out / "localisation.png")
+    return table
 
 
 def main(argv=None):

@@ -34,6 +34,15 @@ class DataError(Exception):
     """Bad input the user can fix. The message names the file, row or value and what to do."""
 
 
+class Prepared(NamedTuple):
+    """A film ready for the network, with what is drawn and reported beside its prediction."""
+
+    name: str
+    original: np.ndarray  # uint8 [H, W], the film as opened (drawn under the heat maps)
+    crop: np.ndarray  # uint8 [S, S], the evaluation view the network sees
+    warnings: tuple
+
+
 class Film(NamedTuple):
     pixels: np.ndarray  # uint8 [H, W], 8-bit grayscale as displayed
     warnings: tuple  # why this file may not be what the model was trained on (DICOM header checks)
@@ -88,6 +97,14 @@ def _letterbox(original_size, size):
 
 
 # ----------------------------------------------------------------------------- the evaluation view
+
+
+def prepare(path, load_size, image_size, strict=False):
+    """A film as the network sees it: opened (DICOM windowed), letterboxed to load_size, the evaluation crop.
+    The one preprocessing of predict.py (PyTorch and ONNX), the web page and the localisation report."""
+    film = open_film(path, strict)
+    loaded = np.asarray(fit_square(Image.fromarray(film.pixels), load_size))
+    return Prepared(str(path), film.pixels, eval_view(loaded, image_size), film.warnings)
 
 
 def eval_view(pixels, image_size):

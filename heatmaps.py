@@ -29,9 +29,14 @@ def grad_cam(model):
 def heat_map(cam, image, finding_index, device):
     """Grad-CAM of one finding for one uint8 [1, S, S] evaluation crop: float32 [S, S] in [0, 1] (all 0 where no
     location raises the finding's score)."""
-    batch = torch.as_tensor(image).unsqueeze(0).to(device)
+    return heat_maps(cam, image, [finding_index], device)[0]
+
+
+def heat_maps(cam, image, finding_indices, device):
+    """Grad-CAM of several findings of one crop, in one forward and backward pass (the crop repeated as a batch)."""
+    batch = torch.as_tensor(image).unsqueeze(0).expand(len(finding_indices), -1, -1, -1).to(device)
     input_tensor = normalize(batch).requires_grad_(True)  # a gradient even when layer4 is frozen
-    return cam(input_tensor=input_tensor, targets=[ClassifierOutputTarget(finding_index)])[0]
+    return list(cam(input_tensor=input_tensor, targets=[ClassifierOutputTarget(k) for k in finding_indices]))
 
 
 def display_size(original_size):

@@ -13,12 +13,14 @@ BOOTSTRAP_CHUNK = 100  # replicates computed together
 
 
 def _per_finding(metric, targets, scores):
-    """metric(y, s) per column; NaN where a column has one class only (the metric is undefined there)."""
-    targets, scores = np.asarray(targets), np.asarray(scores)
+    """metric(y, s) per column over the rows whose target is known (NaN targets: left out, e.g. uncertain labels of
+    other datasets); NaN where a column has one class only (the metric is undefined there)."""
+    targets, scores = np.asarray(targets, dtype=float), np.asarray(scores)
     values = np.full(targets.shape[1], np.nan)
     for column in range(targets.shape[1]):
-        if 0 < targets[:, column].sum() < len(targets):
-            values[column] = metric(targets[:, column], scores[:, column])
+        known = ~np.isnan(targets[:, column])
+        if 0 < targets[known, column].sum() < known.sum():
+            values[column] = metric(targets[known, column], scores[known, column])
     return values
 
 
@@ -67,13 +69,14 @@ def bootstrap_auroc_ci(targets, scores, patient_ids, replicates=1000, confidence
 
 def weighted_auroc(targets, scores, weights):
     """AUROC of one finding under each row of `weights` [replicates, images] (how often each image counts): the
-    weighted share of (positive, negative) pairs ranked correctly, ties counting half; NaN without both classes."""
+    weighted share of (positive, negative) pairs ranked correctly, ties counting half; NaN without both classes.
+    Images whose target is NaN (left out) count in neither class."""
     order = np.argsort(scores, kind="stable")
     _, starts = np.unique(scores[order], return_index=True)  # groups of tied scores, in ascending order
-    positive = np.asarray(targets)[order] == 1
+    targets = np.asarray(targets, dtype=float)[order]
     weights = weights[:, order]
-    positives = np.add.reduceat(weights * positive, starts, axis=1)
-    negatives = np.add.reduceat(weights * ~positive, starts, axis=1)
+    positives = np.add.reduceat(weights * (targets == 1), starts, axis=1)
+    negatives = np.add.reduceat(weights * (targets == 0), starts, axis=1)
     negatives_below = np.cumsum(negatives, axis=1) - negatives
     correct = np.sum(positives * (negatives_below + 0.5 * negatives), axis=1)
     pairs = positives.sum(axis=1) * negatives.sum(axis=1)
@@ -101,9 +104,11 @@ def choose_thresholds(targets, scores, sensitivity=None):
 
 
 def operating_point(targets, scores, threshold):
-    """Sensitivity, specificity, PPV and F1 of one finding at `threshold` (score >= threshold is positive)."""
-    targets = np.asarray(targets).astype(bool)
-    predicted = np.asarray(scores) >= threshold
+    """Sensitivity, specificity, PPV and F1 of one finding at `threshold` (score >= threshold is positive), over
+    the images whose target is known."""
+    targets, scores = np.asarray(targets, dtype=float), np.asarray(scores)
+    known = ~np.isnan(targets)
+    targets, predicted = targets[known].astype(bool), scores[known] >= threshold
     true_positives = np.sum(predicted & targets)
     sensitivity = true_positives / max(targets.sum(), 1)
     specificity = np.sum(~predicted & ~targets) / max((~targets).sum(), 1)

@@ -16,24 +16,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, DataError, eval_view, fit_square, open_film
+from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, DataError, prepare
 
 # No torch import up here: predict.py --onnx runs where only onnxruntime is installed; the PyTorch path imports it.
 CAM_FINDINGS = 3  # heat maps for this many top findings per film (--top)
 BATCH_SIZE = 32  # films per forward pass
-
-
-class Prepared(NamedTuple):
-    name: str
-    original: np.ndarray  # uint8 [H, W], the film as opened (drawn under the heat maps)
-    crop: np.ndarray  # uint8 [S, S], the evaluation view the network sees
-    warnings: tuple
 
 
 def collect_images(inputs):
@@ -48,14 +39,6 @@ def collect_images(inputs):
         else:
             print(f"skipped {item}: no such file or folder")
     return found
-
-
-def prepare(path, load_size, image_size, strict=False):
-    """A film as the network sees it: opened (DICOM windowed), letterboxed to load_size, the evaluation crop.
-    The one preprocessing of predict.py, the web page and evaluate.py's localisation."""
-    film = open_film(path, strict)
-    loaded = np.asarray(fit_square(Image.fromarray(film.pixels), load_size))
-    return Prepared(str(path), film.pixels, eval_view(loaded, image_size), film.warnings)
 
 
 class TorchModel:
@@ -92,10 +75,10 @@ class TorchModel:
 
     def heat_maps(self, crop, finding_indices):
         """Grad-CAM maps (float [S, S] in [0, 1]) of some findings on one uint8 [S, S] crop."""
-        from heatmaps import grad_cam, heat_map
+        from heatmaps import grad_cam, heat_maps
 
         with grad_cam(self.net) as cam:
-            return [heat_map(cam, crop[None], index, self.device) for index in finding_indices]
+            return heat_maps(cam, crop[None], finding_indices, self.device)
 
 
 class OnnxModel:
@@ -124,7 +107,7 @@ class OnnxModel:
 
 
 def read_thresholds(path):
-    """{finding: threshold} from evaluate.py's thresholds.json, or {} when there is none."""
+    """{finding: threshold} from evaluate.py's thresholds.json, or {} when there is none (NaN entries left out)."""
     if path is None or not Path(path).is_file():
         return {}
     thresholds = json.loads(Path(path).read_text())["thresholds"]
@@ -152,20 +135,31 @@ def predictions_table(films, probabilities, findings, thresholds):
     return table
 
 
-def write_heat_maps(model, film, probabilities, top, out):
-    """The top findings' overlays of one film and its sheet; returns the overlay images (in order)."""
-    from heatmaps import film_geometry, overlay, sheet
+def heat_map_overlays(model, film, probabilities, top):
+    """[(finding, overlay image)] of the film's top findings: the one heat-map drawing of predict.py and the page."""
+    from heatmaps import film_geometry, overlay
 
     order = [int(k) for k in np.argsort(-probabilities)[:top]]
     geometry = film_geometry(film.original, model.load_size, model.image_size)
     drawn = []
     for k, mask in zip(order, model.heat_maps(film.crop, order)):
         finding = model.findings[k]
-        image = overlay(film.original, mask, geometry, finding, probabilities[k], model.thresholds.get(finding))
-        image.save(out / f"{Path(film.name).stem}_{finding}_{probabilities[k]:.2f}.png", pnginfo=image.info["pnginfo"])
-        drawn.append(image)
-    sheet(film.original, Path(film.name).name, drawn).save(out / f"{Path(film.name).stem}_sheet.png")
+        drawn.append(
+            (finding, overlay(film.original, mask, geometry, finding, probabilities[k], model.thresholds.get(finding)))
+        )
     return drawn
+
+
+def write_heat_maps(model, film, probabilities, top, out):
+    """The top findings' overlays of one film (FILM_FINDING_P.png) and its sheet (FILM_sheet.png)."""
+    from heatmaps import sheet
+
+    drawn = heat_map_overlays(model, film, probabilities, top)
+    stem = Path(film.name).stem
+    for finding, image in drawn:
+        probability = probabilities[model.findings.index(finding)]
+        image.save(out / f"{stem}_{finding}_{probability:.2f}.png", pnginfo=image.info["pnginfo"])
+    sheet(film.original, Path(film.name).name, [image for _, image in drawn]).save(out / f"{stem}_sheet.png")
 
 
 def parse_args(argv):

@@ -101,3 +101,32 @@ def trained_run(learn_dir, tmp_path_factory):
         train.main(argv)
     assert stopped.value.code == 0
     return out
+
+
+def write_dicom(path, pixels, compress=None, **header):
+    """A single-frame grayscale DICOM the way a DX modality writes one: uint16 pixels, then the header's elements
+    (Modality, BodyPartExamined, ViewPosition, WindowCenter, RescaleSlope, ... given by keyword), optionally
+    compressed with pydicom's encoders (RLE lossless natively, JPEG 2000 lossless through pylibjpeg-openjpeg)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(pixels)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.Modality, dataset.BodyPartExamined, dataset.ViewPosition = "DX", "CHEST", "PA"
+    dataset.Rows, dataset.Columns = pixels.shape[-2:]
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
+    for keyword, value in header.items():
+        setattr(dataset, keyword, value)
+    dataset.PixelData = pixels.astype(np.uint16).tobytes()
+    if compress is not None:
+        dataset.compress(compress)
+    dataset.save_as(path, enforce_file_format=True)
+    return path

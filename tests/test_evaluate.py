@@ -18,12 +18,15 @@ def run(argv):
 
 def run_quick(checkpoint, *extra):
     """evaluate.py with a small bootstrap and no worker processes."""
-    return run(["--checkpoint", str(checkpoint), "--bootstrap", "20", "--num_workers", "0", *map(str, extra)])
+    arguments = ["--checkpoint", str(checkpoint), "--bootstrap", "20", "--num_workers", "0", "--boxes", "none"]
+    return run([*arguments, *map(str, extra)])
 
 
 @pytest.fixture(scope="module")
 def report(trained_run):
-    return run(["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "100", "--num_workers", "0"])
+    return run(
+        ["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "100", "--num_workers", "0", "--boxes", "none"]
+    )
 
 
 def test_report_covers_exactly_the_saved_test_split(report, trained_run, learn_dir):

@@ -1,0 +1,170 @@
+"""Do the heat maps point at the disease? Grad-CAM against radiologists' boxes, as Wang et al. 2017 (the
+ChestX-ray14 paper) scored it on NIH's 984 boxes in BBox_List_2017.csv.
+
+For each boxed film of the evaluated split and each of its boxed findings: the finding's Grad-CAM map (the same
+preprocessing and heat map as predict.py), turned into boxes as Wang et al. did (the map thresholded at a share of its
+maximum, one box around each connected region), in the original film's pixels (letterbox and crop undone). A box is
+found at T(IoBB) when a predicted box's intersection with it covers more than T of the predicted box, and at T(IoU)
+likewise for intersection over union; the pointing game asks whether the map's peak lies inside the box.
+"""
+
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from dataset import FINDINGS, DataError
+from films import crop_to_original, prepare
+from heatmaps import COLORMAP, HEAT_ALPHA, grad_cam, heat_maps, map_on_film
+
+IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)  # Wang et al.'s T(IoBB)
+IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # and T(IoU)
+BOX_THRESHOLD = 0.7  # the map is cut at this share of its maximum (about Wang et al.'s 180 of 255)
+NIH_SPELLING = {"Infiltrate": "Infiltration"}  # BBox_List_2017.csv's name for a finding, and ours
+WANG_IOBB_01 = {  # Wang et al. 2017, Table 3 (ResNet-50): localisation accuracy at T(IoBB) = 0.1
+    "Atelectasis": 0.7277,
+    "Cardiomegaly": 0.9931,
+    "Effusion": 0.7124,
+    "Infiltration": 0.7886,
+    "Mass": 0.4352,
+    "Nodule": 0.1645,
+    "Pneumonia": 0.7500,
+    "Pneumothorax": 0.4591,
+}
+EXAMPLES = 8  # films drawn in localisation.png
+
+
+def read_boxes(path):
+    """NIH's BBox_List_2017.csv: image_name, finding (our spelling), x, y, w, h in the original film's pixels."""
+    table = pd.read_csv(path, header=None, skiprows=1, usecols=range(6), dtype={0: str, 1: str})
+    table.columns = ["image_name", "finding", "x", "y", "w", "h"]
+    table["finding"] = table.finding.str.strip().replace(NIH_SPELLING)
+    unknown = sorted(set(table.finding) - set(FINDINGS))
+    if unknown:
+        raise DataError(f"{path}: unknown finding(s) {unknown}; the file should be NIH's BBox_List_2017.csv")
+    if table[["x", "y", "w", "h"]].isna().any().any():
+        row = int(np.flatnonzero(table[["x", "y", "w", "h"]].isna().any(axis=1))[0])
+        raise DataError(f"{path}, row {row + 2}: a box needs four numbers x, y, w, h")
+    return table
+
+
+def boxes_from_map(mask, threshold=BOX_THRESHOLD):
+    """(x0, y0, x1, y1) boxes in crop pixels around each connected region of the map at or above threshold x its
+    maximum; none for an empty map."""
+    from scipy import ndimage
+
+    if mask.max() <= 0:
+        return []
+    regions, _ = ndimage.label(mask >= threshold * mask.max())
+    return [(box[1].start, box[0].start, box[1].stop, box[0].stop) for box in ndimage.find_objects(regions)]
+
+
+def peak(mask):
+    """(x, y) in crop pixels of the centre of the map's highest plateau (upsampled layer4 cells are flat)."""
+    ys, xs = np.nonzero(mask >= mask.max() - 0.01)
+    return xs.mean() + 0.5, ys.mean() + 0.5
+
+
+def to_original(box, geometry):
+    """A crop box (x0, y0, x1, y1) in the original film's pixels (films.crop_to_original's geometry)."""
+    scale_x, offset_x, scale_y, offset_y = geometry
+    return (
+        box[0] * scale_x + offset_x,
+        box[1] * scale_y + offset_y,
+        box[2] * scale_x + offset_x,
+        box[3] * scale_y + offset_y,
+    )
+
+
+def overlaps(truth, predicted):
+    """(IoU, IoBB) of a true box with a predicted box, both (x0, y0, x1, y1): IoBB is the intersection over the
+    predicted box's area (Wang et al.)."""
+    width = max(0.0, min(truth[2], predicted[2]) - max(truth[0], predicted[0]))
+    height = max(0.0, min(truth[3], predicted[3]) - max(truth[1], predicted[1]))
+    intersection = width * height
+    union = _area(truth) + _area(predicted) - intersection
+    return intersection / union if union else 0.0, intersection / _area(predicted) if _area(predicted) else 0.0
+
+
+def _area(box):
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def accuracy(records):
+    """{boxes, iobb: {T: share found}, iou: {T: share found}, pointing: share} over (truth, predicted, peak)."""
+    best = np.array([[max((overlaps(t, p)[k] for p in boxes), default=0.0) for k in (0, 1)] for t, boxes, _ in records])
+    inside = [t[0] <= x <= t[2] and t[1] <= y <= t[3] for t, _, (x, y) in records]
+    return {
+        "boxes": len(records),
+        "iobb": {str(t): float(np.mean(best[:, 1] > t)) for t in IOBB_THRESHOLDS},
+        "iou": {str(t): float(np.mean(best[:, 0] > t)) for t in IOU_THRESHOLDS},
+        "pointing": float(np.mean(inside)),
+    }
+
+
+def localise(model, boxes, rows, config, device, threshold=BOX_THRESHOLD):
+    """({finding: accuracy(...)}, examples for localisation.png, boxed films outside the evaluated rows)."""
+    paths = dict(zip(rows.image_name, rows.path))
+    outside = int((~boxes.image_name.isin(paths)).sum())
+    boxes = boxes[boxes.image_name.isin(paths)]
+    records, examples = defaultdict(list), []
+    model.eval()
+    with grad_cam(model) as cam:
+        for image_name, group in tqdm(boxes.groupby("image_name", sort=True), desc="localisation", unit="film"):
+            film = prepare(paths[image_name], config["LOAD_SIZE"], config["IMAGE_SIZE"])
+            geometry = crop_to_original(film.original.shape[::-1], config["LOAD_SIZE"], config["IMAGE_SIZE"])
+            masks = heat_maps(cam, film.crop[None], [FINDINGS.index(f) for f in group.finding], device)
+            for box, mask in zip(group.itertuples(), masks):
+                truth = (box.x, box.y, box.x + box.w, box.y + box.h)
+                predicted = [to_original(found, geometry) for found in boxes_from_map(mask, threshold)]
+                x, y = peak(mask) if mask.max() > 0 else (-1.0, -1.0)
+                records[box.finding].append((truth, predicted, to_original((x, y, x, y), geometry)[:2]))
+                if len(examples) < EXAMPLES and sum(example[1] == box.finding for example in examples) < 2:
+                    examples.append((film, box.finding, mask, geometry, truth, predicted))
+    return {finding: accuracy(records[finding]) for finding in FINDINGS if records[finding]}, examples, outside
+
+
+def format_localisation(results):
+    header = "".join(f"{f'IoBB>{t}':>10}" for t in IOBB_THRESHOLDS) + "".join(
+        f"{f'IoU>{t}':>9}" for t in (0.1, 0.3, 0.5)
+    )
+    lines = [f"{'finding':<20}{'boxes':>6}{header}{'pointing':>10}{'Wang IoBB>0.1':>15}"]
+    for finding, result in results.items():
+        values = "".join(f"{result['iobb'][str(t)]:>10.3f}" for t in IOBB_THRESHOLDS)
+        values += "".join(f"{result['iou'][str(t)]:>9.3f}" for t in (0.1, 0.3, 0.5))
+        reference = f"{WANG_IOBB_01[finding]:>15.3f}" if finding in WANG_IOBB_01 else f"{'':>15}"
+        lines.append(f"{finding:<20}{result['boxes']:>6}{values}{result['pointing']:>10.3f}{reference}")
+    return "\n".join(lines)
+
+
+def plot_examples(examples, path):
+    """localisation.png: films under their map, with the true box (green), the boxes from the map (red, dashed) and
+    the map's peak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    columns = min(4, max(1, len(examples)))
+    rows = -(-max(1, len(examples)) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.5 * rows), squeeze=False)
+    for panel, (film, finding, mask, geometry, truth, predicted) in zip(axes.flat, examples):
+        size = film.original.shape[::-1]
+        heat = np.clip(map_on_film(mask, size, size, geometry), 0, 1)
+        panel.imshow(film.original, cmap="gray", vmin=0, vmax=255)
+        panel.imshow(heat, cmap=COLORMAP, alpha=HEAT_ALPHA * heat, vmin=0, vmax=1)
+        for box, colour, style in [(truth, "lime", "-")] + [(box, "red", "--") for box in predicted]:
+            x0, y0, x1, y1 = box
+            panel.add_patch(
+                Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, linewidth=2, linestyle=style)
+            )
+        panel.set_title(f"{finding}: {str(film.name).replace(chr(92), '/').split('/')[-1]}", fontsize=10)
+        panel.axis("off")
+    for panel in axes.flat[len(examples) :]:
+        panel.axis("off")
+    figure.suptitle("green: radiologist's box; red dashed: boxes cut from the Grad-CAM map", fontsize=12)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)

@@ -1,0 +1,139 @@
+"""The web page (app.py): its /predict API through gradio_client, and the page itself in a real headless Chromium
+driven by Selenium. Without a Chromium and a ChromeDriver on PATH the browser test is skipped, unless
+CXR14_REQUIRE_BROWSER is set (.ci/run sets it after installing Debian's chromium and chromium-driver)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import ROOT, write_dicom
+
+import predict
+from dataset import FINDINGS
+
+FILM = "00000002_000.png"
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def page(trained_run):
+    """app.py on a free loopback port, for the module's tests; stopped afterwards."""
+    port = free_port()
+    command = [sys.executable, "app.py", "--checkpoint", str(trained_run / "best.pth"), "--port", str(port)]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"app.py did not start: {server.stdout.read()[-3000:]}")
+            time.sleep(1)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def expected(trained_run, film, tmp_path):
+    """What predict.py prints for the film: {finding: probability with 3 decimals}."""
+    table = predict.predict(
+        predict.parse_args([str(film), "--checkpoint", str(trained_run / "best.pth"), "--out", str(tmp_path)])
+    )
+    return {finding: table[finding][0] for finding in FINDINGS}
+
+
+def test_the_predict_api_gives_predict_pys_probabilities(page, trained_run, learn_dir, tmp_path):
+    from gradio_client import Client, handle_file
+
+    film = next(learn_dir.rglob(FILM))
+    label, _, table, notes, maps = Client(page, verbose=False).predict(handle_file(str(film)), api_name="/predict")
+    confidences = {row["label"]: row["confidence"] for row in label["confidences"]}
+    assert set(confidences) == set(FINDINGS)
+    reference = expected(trained_run, film, tmp_path)
+    for finding in FINDINGS:
+        assert confidences[finding] == pytest.approx(reference[finding], abs=1e-6), finding
+    assert [row[0] for row in table["data"]] == sorted(FINDINGS, key=lambda f: -confidences[f])
+    assert len(maps) == predict.CAM_FINDINGS and "No warning" in notes
+
+
+def browser():
+    """Headless Debian Chromium through its ChromeDriver, or a skip (a failure where CI requires it)."""
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CXR14_REQUIRE_BROWSER"):
+            pytest.fail("CXR14_REQUIRE_BROWSER is set but chromium / chromedriver are not on PATH")
+        pytest.skip("no chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1700",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def upload(driver, url, path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+    driver.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(path))
+    return WebDriverWait(driver, 120)
+
+
+def test_the_page_in_a_real_browser(page, trained_run, learn_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    film = next(learn_dir.rglob(FILM))
+    reference = expected(trained_run, film, tmp_path)
+    lateral = write_dicom(
+        tmp_path / "lateral.dcm", np.tile(np.arange(64, dtype=np.uint16) * 64, (64, 1)), ViewPosition="LL"
+    )
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a film")
+    driver = browser()
+    try:
+        wait = upload(driver, page, film)
+        wait.until(lambda d: "Hernia" in d.find_element(By.ID, "table").text)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#maps img")) >= predict.CAM_FINDINGS)
+        cells = driver.find_element(By.ID, "table").text.split()
+        shown = {cells[k]: float(cells[k + 1]) for k in range(len(cells)) if cells[k] in FINDINGS}
+        assert shown == {finding: round(value, 3) for finding, value in reference.items()}  # as predict.py prints
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        assert (tmp_path / "page.png").stat().st_size > 50_000  # a rendered page, not a blank one
+
+        wait = upload(driver, page, lateral)
+        wait.until(lambda d: "ViewPosition is 'LL'" in d.find_element(By.ID, "notes").text)
+
+        wait = upload(driver, page, broken)
+        wait.until(lambda d: "cannot read image" in d.find_element(By.TAG_NAME, "body").text)
+        assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+    finally:
+        driver.quit()

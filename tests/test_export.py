@@ -1,0 +1,82 @@
+"""ONNX export: the graph, its metadata, parity with PyTorch, and predict.py --onnx without PyTorch."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+import export
+import predict
+from dataset import FINDINGS
+
+THRESHOLDS = {finding: 0.3 + 0.02 * k for k, finding in enumerate(FINDINGS)}
+
+
+@pytest.fixture(scope="module")
+def onnx_file(trained_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    (folder / "thresholds.json").write_text(json.dumps({"policy": "youden", "thresholds": THRESHOLDS}))
+    export.main(
+        ["--checkpoint", str(trained_run / "best.pth"), "--out", str(folder / "model.onnx")]
+        + ["--thresholds", str(folder / "thresholds.json")]
+    )
+    return folder / "model.onnx"
+
+
+def test_the_onnx_file_carries_what_a_consumer_needs(onnx_file, trained_run):
+    import onnx
+
+    proto = onnx.load(str(onnx_file))
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    config = json.loads((trained_run / "config.json").read_text())
+    assert json.loads(metadata["findings"]) == list(FINDINGS)
+    assert int(metadata["image_size"]) == config["IMAGE_SIZE"] and int(metadata["load_size"]) == config["LOAD_SIZE"]
+    assert json.loads(metadata["normalisation"])["mean"] == [0.485, 0.456, 0.406]
+    assert json.loads(metadata["thresholds"]) == pytest.approx(THRESHOLDS)
+    assert len(metadata["config_sha256"]) == 64 and json.loads(metadata["config"])["SEED"] == config["SEED"]
+    (image,) = proto.graph.input
+    dims = image.type.tensor_type.shape.dim
+    assert image.name == "image" and image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert dims[0].dim_param and [dim.dim_value for dim in dims[1:]] == [1, config["IMAGE_SIZE"], config["IMAGE_SIZE"]]
+
+
+def test_onnx_runtime_gives_pytorchs_probabilities(onnx_file, trained_run, learn_dir, tmp_path):
+    films = sorted((learn_dir / "images_001" / "images").glob("*.png"))[:40]
+    onnx_table = predict.predict(
+        predict.parse_args([*map(str, films), "--onnx", str(onnx_file), "--out", str(tmp_path / "o")])
+    )
+    thresholds = onnx_file.parent / "thresholds.json"
+    torch_arguments = ["--checkpoint", str(trained_run / "best.pth"), "--no-amp", "--thresholds", str(thresholds)]
+    torch_table = predict.predict(
+        predict.parse_args([*map(str, films), *torch_arguments, "--out", str(tmp_path / "t")])
+    )
+    difference = np.abs(onnx_table[list(FINDINGS)].to_numpy() - torch_table[list(FINDINGS)].to_numpy())
+    assert difference.max() < 1e-4, difference.max()
+    assert (onnx_table.above_threshold == torch_table.above_threshold).all()  # thresholds from the metadata
+    assert (
+        pd.read_csv(tmp_path / "o" / "predictions.csv").columns.tolist()
+        == pd.read_csv(tmp_path / "t" / "predictions.csv").columns.tolist()
+    )
+
+
+def test_predict_onnx_runs_where_torch_cannot_be_imported(onnx_file, learn_dir, tmp_path):
+    film = next(learn_dir.rglob("00000002_000.png"))
+    script = (
+        "import importlib.abc, runpy, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'torch': raise ImportError('No module named torch')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        f"sys.argv = ['predict.py', '--onnx', {str(onnx_file)!r}, {str(film)!r}, '--out', {str(tmp_path)!r}]\n"
+        "runpy.run_path('predict.py', run_name='__main__')\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "00000002_000.png" in result.stdout and (tmp_path / "predictions.csv").is_file()
+    with pytest.raises(SystemExit):  # heat maps need PyTorch: said, not attempted
+        predict.parse_args([str(film), "--onnx", str(onnx_file), "--cam"])

@@ -1,0 +1,114 @@
+"""Localisation against NIH-format boxes: the box arithmetic, the file format, and the whole chain from a box in the
+original film's pixels to the network's crop and back (with maps that are the boxes themselves)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import evaluate
+import localisation
+from dataset import FINDINGS, DataError
+from films import eval_view, fit_square
+
+
+def test_iou_iobb_boxes_and_accuracy_on_known_geometry():
+    iou, iobb = localisation.overlaps((0, 0, 10, 10), (5, 0, 10, 10))  # the right half
+    assert iou == pytest.approx(0.5) and iobb == pytest.approx(1.0)  # inside the box: IoBB 1 whatever its size
+    assert localisation.overlaps((0, 0, 10, 10), (20, 20, 30, 30)) == (0.0, 0.0)
+    mask = np.zeros((40, 40), np.float32)
+    mask[5:10, 5:15] = 1.0
+    mask[30:35, 20:40] = 0.8
+    mask[20:22, 0:2] = 0.2  # below the threshold: no box
+    assert sorted(localisation.boxes_from_map(mask, 0.7)) == [(5, 5, 15, 10), (20, 30, 40, 35)]
+    assert localisation.boxes_from_map(np.zeros((8, 8)), 0.7) == []
+    assert localisation.peak(mask) == (10.0, 7.5)
+    found = localisation.accuracy([((0, 0, 10, 10), [(0, 0, 10, 10)], (5, 5)), ((0, 0, 10, 10), [], (50, 50))])
+    assert (
+        found["boxes"] == 2 and found["iobb"]["0.9"] == 0.5 and found["iou"]["0.7"] == 0.5 and found["pointing"] == 0.5
+    )
+
+
+def test_nih_box_files_are_read_with_their_spelling_and_bad_ones_named(tmp_path):
+    path = tmp_path / "BBox_List_2017.csv"
+    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000001_000.png,Infiltrate,10.5,20,30,40,,,\n")
+    table = localisation.read_boxes(path)
+    assert table.finding.tolist() == ["Infiltration"] and table.loc[0, ["x", "y", "w", "h"]].tolist() == [
+        10.5,
+        20,
+        30,
+        40,
+    ]
+    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000001_000.png,Fracture,1,2,3,4\n")
+    with pytest.raises(DataError, match="BBox_List_2017.csv: unknown finding"):
+        localisation.read_boxes(path)
+
+
+@pytest.fixture(scope="module")
+def perfect_report(trained_run, learn_dir, tmp_path_factory, monkeypatch_module):
+    """evaluate.py's localisation with each map replaced by its true box carried through letterbox and crop."""
+    boxes = localisation.read_boxes(learn_dir / "BBox_List_2017.csv")
+    config = json.loads((trained_run / "config.json").read_text())
+    current = {}
+    prepare = localisation.prepare
+
+    def remembering(path, *args, **kwargs):
+        film = prepare(path, *args, **kwargs)
+        current["name"], current["size"] = Path(path).name, film.original.shape
+        return film
+
+    def box_maps(cam, image, indices, device):
+        rows = boxes[boxes.image_name == current["name"]].set_index("finding")
+        masks = []
+        for k in indices:
+            box = rows.loc[FINDINGS[k]]
+            mask = np.zeros(current["size"], np.uint8)
+            mask[round(box.y) : round(box.y + box.h), round(box.x) : round(box.x + box.w)] = 255
+            loaded = np.asarray(fit_square(Image.fromarray(mask), config["LOAD_SIZE"]))
+            masks.append(eval_view(loaded, config["IMAGE_SIZE"]).astype(np.float32) / 255)
+        return masks
+
+    monkeypatch_module.setattr(localisation, "prepare", remembering)
+    monkeypatch_module.setattr(localisation, "heat_maps", box_maps)
+    out = tmp_path_factory.mktemp("perfect")
+    arguments = ["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "10", "--num_workers", "0"]
+    return evaluate.evaluate(evaluate.parse_args([*arguments, "--out", str(out)])), out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_maps_that_are_the_boxes_are_found_at_every_threshold(perfect_report, trained_run, learn_dir):
+    report, out = perfect_report
+    split = pd.read_csv(trained_run / "split.csv")
+    boxes = localisation.read_boxes(learn_dir / "BBox_List_2017.csv")
+    boxes = boxes[boxes.image_name.isin(split.image_name[split.split == "test"])]
+    results = report["localisation"]
+    assert set(results) == set(boxes.finding) and len(results) == 8  # NIH's eight boxed findings
+    for finding, result in results.items():
+        assert result["boxes"] == (boxes.finding == finding).sum()
+        assert result["iobb"]["0.5"] == 1.0 and result["pointing"] == 1.0, (finding, result)
+        assert result["iou"]["0.3"] >= 0.9, (finding, result)  # 3-px nodules: a pixel of rounding halves an IoU
+    table = pd.read_csv(out / "report.csv").set_index("finding")
+    assert table.loc["Mass", "loc_iobb_0.1"] == 1.0 and table.loc["Mass", "wang_iobb_0.1"] == 0.4352
+    assert np.isnan(table.loc["Hernia", "loc_boxes"])  # not a boxed finding
+    assert (out / "localisation.png").stat().st_size > 10_000
+
+
+def test_the_real_maps_give_a_localisation_report(trained_run, tmp_path):
+    arguments = ["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "10", "--num_workers", "0"]
+    report = evaluate.evaluate(evaluate.parse_args([*arguments, "--out", str(tmp_path)]))
+    assert set(report["localisation"]) == set(localisation.WANG_IOBB_01)
+    for result in report["localisation"].values():
+        assert 0 <= result["iobb"]["0.9"] <= result["iobb"]["0.1"] <= 1  # accuracy falls as T rises
+    missing = evaluate.parse_args([*arguments, "--out", str(tmp_path), "--boxes", str(tmp_path / "none.csv")])
+    with pytest.raises(DataError, match="box file not found"):
+        evaluate.evaluate(missing)
+    skipped = evaluate.evaluate(evaluate.parse_args([*arguments, "--out", str(tmp_path / "skip"), "--boxes", "none"]))
+    assert "localisation" not in skipped
