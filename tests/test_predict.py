@@ -96,7 +96,7 @@ def test_dicom_without_pydicom_is_a_clear_message(trained_run, tmp_path, capsys,
 
 def test_heat_maps_of_boxed_findings_are_not_empty(trained_run, learn_dir):
     """Grad-CAM of the boxed findings on held-out films that show one: an empty map (every location lowering the
-    score) would say the model learnt the finding as missing normal anatomy. Measured: 0 of 191 maps empty."""
+    score) would say the model learnt the finding as missing normal anatomy. Measured: 4 of 340 maps empty."""
     from functools import partial
 
     from dataset import PngImages, index_images
@@ -118,4 +118,5 @@ def test_heat_maps_of_boxed_findings_are_not_empty(trained_run, learn_dir):
             crop = view(PngImages([paths[name]], config["LOAD_SIZE"])[0])
             maps = heat_maps(cam, crop[None], [FINDINGS.index(finding) for finding in group.f], "cpu")
             empty += sum(heat.max() == 0 for heat in maps)
+    print(f"{empty} of {len(boxes)} heat maps empty")
     assert len(boxes) >= 100 and empty <= len(boxes) // 10, f"{empty} of {len(boxes)} heat maps empty"
