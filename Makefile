@@ -17,19 +17,20 @@ $(VENV)/.installed: requirements.txt requirements-extras.txt requirements-dev.tx
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
-# three test-split films of the demo data (seed 0): Effusion|Mass, Cardiomegaly|Pneumothorax, Mass|Pneumothorax|Edema
-DEMO_IMAGES := $(addprefix data/demo/images_001/images/,00000121_000.png 00000076_000.png 00000117_005.png)
+# three test-split films of the demo data (seed 0): Consolidation|Pneumothorax, Cardiomegaly|Effusion, Mass|Nodule
+DEMO_IMAGES := data/demo/images_001/images/00000100_000.png data/demo/images_002/images/00000182_003.png \
+	data/demo/images_003/images/00000412_001.png
 
-# The synthetic dataset, its cache, training, the test-split report, predictions with heat maps (2 CPU cores: 3 min).
+# The synthetic dataset, its cache, training, the test-split report, predictions with heat maps (2 CPU cores: ~3 min).
 demo: install
 	$(PY) demo_data.py --out data/demo
-	$(PY) cache.py --data_dir data/demo --size 64
+	$(PY) cache.py --data_dir data/demo --size 73
 	$(PY) -c "import shutil; shutil.rmtree('checkpoints/demo', ignore_errors=True)"
 	$(PY) train.py config/demo.py
 	$(PY) evaluate.py --checkpoint checkpoints/demo/best.pth
 	$(PY) predict.py --checkpoint checkpoints/demo/best.pth $(DEMO_IMAGES) --cam --out checkpoints/demo/predictions
-	@echo "Look at: checkpoints/demo/training_curves.png (loss and AUROC by epoch),"
-	@echo "         checkpoints/demo/evaluation/ (report.csv, roc_curves.png: the test split),"
+	@echo "Look at: checkpoints/demo/training_curves.png (loss, AUROC and learning rate by epoch),"
+	@echo "         checkpoints/demo/evaluation/ (report.csv, roc_curves.png, localisation.png: the test split),"
 	@echo "         checkpoints/demo/predictions/ (*_sheet.png: each film beside its heat maps)"
 
 bench: install

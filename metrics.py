@@ -44,7 +44,7 @@ def bootstrap_auroc_ci(targets, scores, patient_ids, replicates=1000, confidence
     Images of one patient are correlated, so resampling images would make the interval too narrow.
     A replicate draws patients with replacement; each image then counts as often as its patient was drawn, and
     the AUROC of those weighted images (weighted_auroc: equal to scikit-learn's on the duplicated rows) comes from
-    one sort per finding, for all replicates at once (NIH's test split: about 2 s instead of 65).
+    one sort per finding, for all replicates at once (21,855 films, 1,000 replicates: 12 s instead of 99 here).
     Returns (low, high) arrays of shape [findings] and a (low, high) pair for the mean.
     """
     targets, scores = np.asarray(targets), np.asarray(scores)

@@ -30,7 +30,7 @@ def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", 
     always trains. Frozen blocks get FrozenBatchNorm2d, so their statistics cannot drift in train mode.
     """
     # zero_init_residual: each residual block starts as the identity (Goyal et al. 2017), which trains a random init
-    # markedly faster (demo, 6 epochs: test mean AUROC 0.92 against 0.88); pretrained weights overwrite it
+    # markedly faster (the demo at 56 px, 6 epochs: test mean AUROC 0.92 against 0.88); pretrained weights overwrite it
     model = resnet50(weights=None, zero_init_residual=True)
     if str(pretrained).lower() not in ("none", "false", ""):
         model.load_state_dict(_pretrained_state_dict(pretrained))
@@ -183,8 +183,18 @@ def save_checkpoint(checkpoint, path):
 
 
 def copy_checkpoint(source, destination):
-    """best.pth from epoch_NN.pth, atomically, without serialising the state a second time."""
-    _write_atomically(destination, lambda temporary: shutil.copyfile(source, temporary))
+    """best.pth from epoch_NN.pth, atomically, without serialising the state a second time: a hard link where the
+    file system has them (no bytes written; checkpoints are only ever replaced, never changed in place), else a
+    copy."""
+
+    def link_or_copy(temporary):
+        os.remove(temporary)
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+
+    _write_atomically(destination, link_or_copy)
 
 
 def load_checkpoint(path, findings, map_location="cpu"):

@@ -25,7 +25,7 @@ def learn_dir(tmp_path_factory):
     """A larger demo dataset (a data seed the demo's settings were not tuned on) for the tests that train a model
     and expect it to learn."""
     out = tmp_path_factory.mktemp("learn")
-    write_demo(out, patients=300, size=64, seed=2)
+    write_demo(out, patients=300, size=128, seed=2)
     return out
 
 

@@ -258,6 +258,13 @@ def test_settings_that_waste_a_run_are_warned_about(demo_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "PRETRAINED = none with TRAINABLE_LAYERS = 'layer4'" in printed and "--trainable_layers all" in printed
     assert "IMAGE_SIZE 48 is larger than LOAD_SIZE 40" in printed
+    assert "per epoch at" not in printed  # 8 steps an epoch: too few for an estimate
+
+
+def test_the_time_of_an_epoch_is_estimated_after_50_steps(demo_dir, tmp_path, capsys):
+    assert run(tiny(demo_dir, tmp_path, epochs=1, batch_size=2, tensorboard="false")) == 0
+    estimates = [line for line in capsys.readouterr().out.splitlines() if "min of training per epoch" in line]
+    assert len(estimates) == 1 and estimates[0].startswith("epoch 1: about ")
 
 
 def test_tensorboard_events_cover_each_step_once_across_a_resume(demo_dir, tmp_path, monkeypatch):
