@@ -92,7 +92,8 @@ def open_run(config, run_dir, device, is_main, log):
     checkpoint = load_checkpoint(resume_path, FINDINGS, map_location=device)
     check_same_run(config, checkpoint["config"], resume_path)
     state = (checkpoint["history"], checkpoint["position"], checkpoint["optimizer"]["param_groups"][0]["lr"])
-    ended_then, ended_now = finished(*state, checkpoint["config"]), finished(*state, config)
+    started_with = {**config, **checkpoint["config"]}  # settings added since the run began take today's defaults
+    ended_then, ended_now = finished(*state, started_with), finished(*state, config)
     if ended_now:
         log(f"{resume_path}: this run has finished ({ended_now}). Raise --epochs or the patience to continue it.")
         return resume_path, None

@@ -124,7 +124,7 @@ def test_evaluation_reads_the_image_cache_when_one_holds_the_images(
 
     data = tmp_path / "data"
     shutil.copytree(learn_dir, data)
-    build_cache(data, size=64, workers=1)
+    build_cache(data, size=json.loads((trained_run / "config.json").read_text())["LOAD_SIZE"], workers=1)
 
     def no_png(*args):
         raise AssertionError("a PNG was decoded although the cache holds every image")
