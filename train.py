@@ -230,16 +230,16 @@ def train_epoch(model, loader, optimizer, scaler, criterion, context, epoch, ste
         if context.get("step_scheduler"):
             context["step_scheduler"].step()
         step += 1
-        totals["loss_sum"] += loss.item() * len(targets)
+        loss_value = loss.item()  # the step's one wait for the device
+        totals["loss_sum"] += loss_value * len(targets)
         totals["images"] += len(targets)
         seconds = time.perf_counter() - started
         rate, learning_rate = (step - first_step) * len(targets) * world_size / seconds, optimizer.param_groups[0]["lr"]
-        bar.set_postfix(
-            loss=f"{totals['loss_sum'] / totals['images']:.4f}", lr=f"{learning_rate:.1e}", img_s=f"{rate:.0f}"
-        )
+        average = totals["loss_sum"] / totals["images"]
+        bar.set_postfix(loss=f"{average:.4f}", lr=f"{learning_rate:.1e}", img_s=f"{rate:.0f}", refresh=False)
         if context.get("tensorboard"):
             context["tensorboard"].step(
-                (epoch - 1) * context["steps_per_epoch"] + step, loss.item(), learning_rate, rate
+                (epoch - 1) * context["steps_per_epoch"] + step, loss_value, learning_rate, rate
             )
         if step - first_step == ETA_AFTER_STEPS and not context["rank"]:
             estimate = seconds / ETA_AFTER_STEPS * (first_step + len(loader))
@@ -256,7 +256,8 @@ def validate(model, loader, pos_weight, context):
     device, world_size, crops = context["device"], context["world_size"], []
 
     def prepare(images):
-        crops.extend(images[: HEAT_MAP_IMAGES - len(crops), 0].cpu().numpy())
+        if len(crops) < HEAT_MAP_IMAGES:
+            crops.extend(images[: HEAT_MAP_IMAGES - len(crops), 0].cpu().numpy())
         return normalize(images.to(device, non_blocking=True), context["channels_last"])
 
     def progress(batches):
