@@ -27,11 +27,14 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def page(trained_run):
-    """app.py on a free loopback port, for the module's tests; stopped afterwards."""
+def page(trained_run, tmp_path_factory):
+    """app.py on a free loopback port, for the module's tests; stopped afterwards. Its uploads go to a test folder."""
     port = free_port()
     command = [sys.executable, "app.py", "--checkpoint", str(trained_run / "best.pth"), "--port", str(port)]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    environment = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    server = subprocess.Popen(
+        command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
     while True:
@@ -60,7 +63,8 @@ def test_the_predict_api_gives_predict_pys_probabilities(page, trained_run, lear
     from gradio_client import Client, handle_file
 
     film = next(learn_dir.rglob(FILM))
-    label, _, table, notes, maps = Client(page, verbose=False).predict(handle_file(str(film)), api_name="/predict")
+    client = Client(page, verbose=False, download_files=str(tmp_path / "downloads"))
+    label, _, table, notes, maps = client.predict(handle_file(str(film)), api_name="/predict")
     confidences = {row["label"]: row["confidence"] for row in label["confidences"]}
     assert set(confidences) == set(FINDINGS)
     reference = expected(trained_run, film, tmp_path)
