@@ -9,6 +9,7 @@ MIMIC: -1) and unmentioned ones (blank) follow --uncertain: "ignore" leaves thos
 
 import ast
 import re
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -125,6 +126,12 @@ def _read_chexpert(data_dir, csv_path, uncertain):
         return str(next((path for path in candidates if path.is_file()), candidates[0]))
 
     patient = table.Path.str.extract(r"patient(\d+)", expand=False)
+    if patient.isna().any():
+        row = int(np.flatnonzero(patient.isna())[0])
+        raise DataError(
+            f"{path}, row {row + 2}: Path {table.Path[row]!r} names no patientNNNNN folder; the intervals resample "
+            "patients, so each film's patient must be known. Use CheXpert's valid.csv or train.csv unchanged."
+        )
     rows = pd.DataFrame({"path": table.Path.map(locate), "patient_id": pd.to_numeric(patient, errors="coerce")})
     rows = pd.concat([rows, _labelled(table, CHEXPERT_MAPPING, uncertain)], axis=1)
     frontal = table["Frontal/Lateral"].astype(str).str.lower() == "frontal"
@@ -162,6 +169,13 @@ def _read_padchest(data_dir, csv_path, uncertain):
         if column not in table.columns:
             raise DataError(f"{path}: missing column {column!r}; is this PadChest's label CSV?")
     labelled = table.Labels.map(_padchest_labels)
+    if labelled.isna().any():  # PadChest has a few films whose report was not labelled: they cannot be scored
+        row = int(np.flatnonzero(labelled.isna())[0])
+        warnings.warn(
+            f"{path}: {labelled.isna().sum()} film(s) without a readable Labels list left out (first: row {row + 2}, "
+            f"{table.ImageID[row]}: {table.Labels[row]!r})",
+            stacklevel=2,
+        )
     table, labelled = table[labelled.notna()].reset_index(drop=True), labelled[labelled.notna()].reset_index(drop=True)
     images = index_images(data_dir)
     rows = pd.DataFrame(

@@ -179,3 +179,26 @@ def test_a_missing_film_or_label_file_is_named(trained_run, films, tmp_path):
         run(trained_run, tmp_path, "chexpert", data)
     with pytest.raises(DataError, match="label file not found"):
         run(trained_run, tmp_path, "mimic", data)
+
+
+def test_unusable_rows_are_named(tmp_path):
+    from dataset import DataError
+    from external import read_external
+
+    data = tmp_path / "CheXpert-v1.0-small"
+    (data / "valid").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "valid" / "film.jpg")
+    columns = {column: [0.0] for column in CHEXPERT_COLUMNS}
+    pd.DataFrame({"Path": ["CheXpert-v1.0-small/valid/film.jpg"], "Frontal/Lateral": ["Frontal"], **columns}).to_csv(
+        data / "valid.csv", index=False
+    )
+    with pytest.raises(DataError, match=r"valid.csv, row 2: Path .* names no patientNNNNN folder"):
+        read_external("chexpert", data)
+    padchest = tmp_path / "padchest"
+    padchest.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(padchest / name)
+    table = {"ImageID": ["a.png", "b.png"], "PatientID": ["p1", "p2"], "Projection": ["PA", "PA"]}
+    pd.DataFrame({**table, "Labels": ["['normal']", np.nan]}).to_csv(padchest / "PADCHEST_labels.csv", index=False)
+    with pytest.warns(UserWarning, match="1 film.* without a readable Labels list left out .*row 3, b.png"):
+        assert len(read_external("padchest", padchest).rows) == 1
