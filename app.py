@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 
-from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, DataError, prepare
+from errors import DataError, UserError
+from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 from predict import CAM_FINDINGS, TorchModel, heat_map_overlays
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a page showing patients' films
@@ -117,11 +118,9 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), or a torch device")
     args = parser.parse_args(argv)
-    from model import CheckpointError
-
     try:
         model = TorchModel(args.checkpoint, args.device)
-    except CheckpointError as error:
+    except UserError as error:
         sys.exit(f"error: {error}")
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"])
     build_page(model, args.checkpoint, args.top).launch(

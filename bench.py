@@ -1,42 +1,57 @@
-"""Throughput, side by side in one run, on synthetic 1024 x 1024 NIH-like PNGs that it generates.
+"""Throughput, side by side in one run, timed as train.py trains, on synthetic NIH-like PNGs that it generates.
 
-    python bench.py [--images 300] [--workers 2] [--image_size 224] [--batch_size 16] [--json bench.json]
+    python bench.py [--images 300] [--workers 2] [--image_size 224] [--batch_size 64] [--json bench.json]
     python bench.py --quick --json bench.json      # seconds, for CI
+    python bench.py --compile [--compile_mode reduce-overhead]   # adds torch.compile (CUDA graphs with that mode)
 
 (a) input pipeline images/s: decoding the PNGs vs reading the cache, same worker augmentation, same worker count;
     a worker's milliseconds per image with augmentation in the workers vs on the device (the worker only reads);
     the device augmentation's cost per image, and batches/s drawn from images held in device memory;
 (b) training-step and evaluation images/s of the real model on this device, in the configurations the device
-    supports (fp32, AMP, channels_last, torch.compile), and the project's training loop (train.train_epoch, with
-    device augmentation) against a bare forward/backward/step loop of the same model and batch; and on the CPU,
+    supports (fp32, AMP, channels_last, torch.compile): train.py's own loop (train.train_epoch over images held in
+    device memory, the default on a GPU: no host-to-device copy per step, fused AdamW, cuDNN benchmark) against a bare
+    forward/backward/step loop of the same model and batch; on a GPU, the share of a step the host needs to queue
+    its kernels (near 100%: the step is CPU-bound by launch overhead, and a faster GPU would not help); on the CPU,
     fp32 against the project's CPU choice (bf16 autocast + channels_last where the CPU has native bf16);
-(c) the projected time of one NIH training epoch for each configuration.
+(c) the projected time of one NIH epoch (training and validation) for each configuration;
+(d) what a training step asks of the device, counted on any device: operations of a forward pass (torchvision's
+    FrozenBatchNorm2d against model.FrozenBatchNorm under bf16 autocast), and per step of train.py's loop the
+    operations and the reads back to the host (item, bool, tolist: each one a wait for a GPU) and blocking uploads.
 """
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from torchvision.ops import FrozenBatchNorm2d
 
+# bench.py imports train.py, the one command another imports: it times train.py's own loop (train_epoch), so that
+# its figures are those of the code that trains, not of a copy
+import train
 from cache import CachedImages, DeviceBatches, build_cache, cache_folder, images_on_device
 from dataset import FINDINGS, ChestXrayDataset, PngImages, SeededSampler, attach_image_paths, read_labels
 from demo_data import write_demo
-from model import autocast_dtype, build_model, cpu_has_native_bf16, select_device
-from train import StopRequest, model_input, train_epoch
+from devices import autocast_dtype, compile_support, cpu_has_native_bf16, device_name, select_device, synchronize
+from model import FrozenBatchNorm, build_model
+from run_folder import EpochTotals
 from transforms import WorkerAugment, augment_batch, augmentation_params, normalize
 
 NIH_TRAIN_IMAGES = 77_872  # train_val_list.txt (86,524) less a 10% validation split by patient
+NIH_VAL_IMAGES = 8_652  # that validation split: evaluated after every epoch
 SOURCE_SIZE = 1024  # NIH films are 1024 x 1024 PNGs
 CPU_STEP = {"image_size": 128, "batch_size": 32}  # the CPU fp32-vs-AMP step: all layers trainable (the demo, CI)
 WORKER_IMAGES = 256  # images per timing of a worker's cost
+HOST_BOUND = 0.9  # a step whose kernels take the host at least this share of its time to queue is CPU-bound
+COUNTED_STEPS = 20  # training steps whose operations and reads are counted
 
 
 def input_loader(images, targets, args):
@@ -46,7 +61,7 @@ def input_loader(images, targets, args):
     workers = args.workers
     return DataLoader(
         dataset,
-        batch_size=args.input_batch_size,
+        batch_size=args.batch_size,
         sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -76,48 +91,66 @@ def input_rates(labels, folder, args):
     return statistics.median(rates["raw"]), statistics.median(rates["cached"])
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# ----------------------------------------------------------------------------- (b) model steps
+
+
+def training_parts(args, device, config):
+    """What train.build_training makes, for random weights: the model in the configuration's layout, fused AdamW on
+    its trainable parameters, the loss scaler (fp16 only) and the pos_weight-ed loss."""
+    dtype = autocast_dtype(device, config["amp"])
+    layout = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    model = build_model(len(FINDINGS), "none", args.trainable_layers, 0.5).to(device, memory_format=layout)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    return {
+        "model": model,
+        "optimizer": torch.optim.AdamW(trainable, lr=1e-5, fused=device.type in ("cuda", "cpu")),
+        "scaler": torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        "criterion": torch.nn.BCEWithLogitsLoss(pos_weight=torch.full((len(FINDINGS),), 5.0, device=device)),
+    }, dtype
+
+
+def device_batches(args, device, steps):
+    """`steps` training batches drawn from random uint8 images held in device memory, as train.py does on a GPU."""
+    count = steps * args.batch_size
+    images = torch.randint(0, 256, (count, args.load_size, args.load_size), dtype=torch.uint8, device=device)
+    targets = (np.random.default_rng(0).random((count, len(FINDINGS))) < 0.2).astype(np.float32)
+    sampler = SeededSampler(DistributedSampler(range(count), 1, 0, seed=0), seed=0)
+    return DeviceBatches(images, targets, sampler, args.batch_size, drop_last=True)
 
 
 def step_rates(args, device, config):
-    """(project loop, bare loop, eval) images/s for one configuration of the model."""
-    dtype = autocast_dtype(device, config["amp"])
-    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
-    model = build_model(len(FINDINGS), "none", args.trainable_layers, 0.5).to(device, memory_format=memory_format)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    criterion = torch.nn.BCEWithLogitsLoss(pos_weight=torch.full((len(FINDINGS),), 5.0, device=device))
-    net = torch.compile(model) if config["compile"] else model
-    images = torch.randint(0, 256, (args.batch_size, 1, args.load_size, args.load_size), dtype=torch.uint8)
-    targets = (torch.rand(args.batch_size, len(FINDINGS)) < 0.2).float()
-    seeds = torch.arange(args.batch_size)
-    if device.type == "cuda":
-        images, targets = images.pin_memory(), targets.pin_memory()
-    batches = [(images, targets, seeds)] * max(args.warmup, args.steps)
-    context = loop_context(device, dtype, config["channels_last"], args.image_size)
-    inputs = normalize(images[..., : args.image_size, : args.image_size].to(device), config["channels_last"])
-    labels = targets.to(device)
+    """(project loop, bare loop, eval) images/s and the host's share of a bare step for one configuration."""
+    parts, dtype = training_parts(args, device, config)
+    net = torch.compile(parts["model"], mode=args.compile_mode) if config["compile"] else parts["model"]
+    loop = train.Loop(device, dtype, config["channels_last"], image_size=args.image_size, show_progress=False)
+    warmup, timed = device_batches(args, device, args.warmup), device_batches(args, device, args.steps)
+    inputs = normalize(
+        torch.randint(0, 256, (args.batch_size, 1, args.image_size, args.image_size), dtype=torch.uint8, device=device),
+        config["channels_last"],
+    )
+    labels = (torch.rand(args.batch_size, len(FINDINGS), device=device) < 0.2).float()
 
-    def project_loop():  # train.py's own epoch loop: batch preparation, loss checks, progress bar included
-        train_epoch(net, batches[: args.steps], optimizer, scaler, criterion, context, 1, 0, _totals(), stop)
+    def project_loop(batches, epoch):
+        batches.sampler.set_epoch(epoch)
+        train.train_epoch(net, batches, parts, loop, epoch, 0, EpochTotals(), stop)
 
     def bare_step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = criterion(net(inputs).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+            loss = parts["criterion"](net(inputs).float(), labels)
+        parts["optimizer"].zero_grad(set_to_none=True)
+        parts["scaler"].scale(loss).backward()
+        parts["scaler"].step(parts["optimizer"])
+        parts["scaler"].update()
 
-    stop = StopRequest()
+    stop = train.StopRequest()
     try:
-        train_epoch(net, batches[: args.warmup], optimizer, scaler, criterion, context, 0, 0, _totals(), stop)
+        project_loop(warmup, 0)
         project, bare = [], []
-        for _ in range(args.rounds):  # alternated, so that drifts of the machine touch both alike
-            project.append(args.steps * args.batch_size / _seconds(project_loop, device))
+        for round_ in range(args.rounds):  # alternated, so that drifts of the machine touch both alike
+            seconds = _seconds(lambda epoch=round_ + 1: project_loop(timed, epoch), device)
+            project.append(args.steps * args.batch_size / seconds)
             bare.append(args.batch_size / _seconds_per_call(bare_step, args, device))
+        host_share = host_share_of_step(bare_step, device)
     finally:
         stop.restore()
     net.eval()
@@ -127,20 +160,23 @@ def step_rates(args, device, config):
             net(inputs)
 
     evaluation = args.batch_size / _seconds_per_call(eval_step, args, device)
-    return statistics.median(project), statistics.median(bare), evaluation
+    return statistics.median(project), statistics.median(bare), evaluation, host_share
 
 
-def loop_context(device, dtype, channels_last, image_size):
-    """train.py's context for train_epoch / model_input: one process, device augmentation, no progress bar."""
-    return {
-        "device": device,
-        "dtype": dtype,
-        "world_size": 1,
-        "rank": 1,
-        "channels_last": channels_last,
-        "augment_on": "device",
-        "image_size": image_size,
-    }
+def host_share_of_step(step, device):
+    """On a GPU: the time the host takes to queue one step's kernels over the step's time from an idle GPU to an idle
+    GPU. Near 1, the GPU waits for the host: the step is CPU-bound (launch overhead). None elsewhere."""
+    if device.type != "cuda":
+        return None
+    shares = []
+    for _ in range(5):
+        synchronize(device)
+        started = time.perf_counter()
+        step()
+        queued = time.perf_counter() - started
+        synchronize(device)
+        shares.append(queued / (time.perf_counter() - started))
+    return statistics.median(shares)
 
 
 def cpu_train_rates(args):
@@ -155,7 +191,7 @@ def cpu_train_rates(args):
 def _cpu_step_rate(dtype, layout, args):
     size, batch = CPU_STEP["image_size"], CPU_STEP["batch_size"]
     model = build_model(len(FINDINGS), "none", "all", 0.5).to(memory_format=layout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
     targets = (torch.rand(batch, len(FINDINGS)) < 0.2).float()
 
@@ -169,6 +205,9 @@ def _cpu_step_rate(dtype, layout, args):
     return batch / _seconds_per_call(step, args, torch.device("cpu"))
 
 
+# ----------------------------------------------------------------------------- (a') where augmentation runs
+
+
 def worker_costs(images, targets, args):
     """A worker's milliseconds per image (read, augment if it does, collate), augmenting in the worker vs on the
     device; measured in this process, one image at a time as a worker does, median of args.rounds."""
@@ -178,8 +217,8 @@ def worker_costs(images, targets, args):
     for _ in range(args.rounds):
         for name, dataset in paths.items():
             started = time.perf_counter()
-            for start in range(0, WORKER_IMAGES, args.input_batch_size):
-                items = range(start, min(start + args.input_batch_size, WORKER_IMAGES))
+            for start in range(0, WORKER_IMAGES, args.batch_size):
+                items = range(start, min(start + args.batch_size, WORKER_IMAGES))
                 default_collate([dataset[(item % len(dataset), item)] for item in items])
             times[name].append((time.perf_counter() - started) / WORKER_IMAGES * 1000)
     return statistics.median(times["workers"]), statistics.median(times["device"])
@@ -189,24 +228,127 @@ def device_input_rates(cached_images, targets, args, device):
     """(device augmentation ms per image, batches/s drawn from images held in device memory and made ready for
     the model: gather, augment, normalise)."""
     on_device = images_on_device(cached_images, device)
-    batch = on_device[torch.arange(args.input_batch_size, device=device) % len(on_device)].unsqueeze(1)
-    params = torch.from_numpy(augmentation_params(np.arange(args.input_batch_size), args.load_size)).to(device)
+    on_device = on_device[torch.arange(args.steps * args.batch_size, device=device) % len(on_device)]  # enough batches
+    batch = on_device[: args.batch_size].unsqueeze(1)
+    params = torch.from_numpy(augmentation_params(np.arange(args.batch_size), args.load_size)).to(device)
     augment_seconds = _seconds_per_call(lambda: augment_batch(batch, params, args.image_size), args, device)
     sampler = SeededSampler(DistributedSampler(range(len(on_device)), 1, 0, seed=0), seed=0)
-    batches = DeviceBatches(on_device, targets, sampler, args.input_batch_size, drop_last=True)
-    context = loop_context(device, None, device.type in ("cuda", "cpu"), args.image_size)
+    targets = np.resize(targets, (len(on_device), targets.shape[1]))
+    batches = DeviceBatches(on_device, targets, sampler, args.batch_size, drop_last=True)
+    loop = train.Loop(device, None, device.type in ("cuda", "cpu"), image_size=args.image_size, show_progress=False)
 
     def epoch():
         sampler.set_epoch(1)
         for images, _, seeds in batches:
-            model_input(images, seeds, context)
+            train.model_input(images, seeds, loop)
 
     rate = len(batches) * args.rounds / sum(_seconds(epoch, device) for _ in range(args.rounds))
-    return augment_seconds / args.input_batch_size * 1000, rate
+    return augment_seconds / args.batch_size * 1000, rate
 
 
-def _totals():
-    return {"loss_sum": 0.0, "images": 0}
+# ----------------------------------------------------------------------------- (d) what a step asks of the device
+
+
+class OperationCount(TorchDispatchMode):
+    """Counts the aten operations run under it (each one a kernel launch, or several, on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations += 1
+        return func(*args, **(kwargs or {}))
+
+
+class DeviceWaits(TorchFunctionMode):
+    """Counts, under it, what makes the host wait for a GPU: reading a tensor's value (item, bool, float, int, tolist)
+    and making a tensor on a device from Python data (torch.tensor / as_tensor with a device: a blocking upload).
+    On the CPU nothing waits, but the same calls are made, so the count is the GPU's."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__}
+    READS |= {torch.Tensor.__int__}
+    UPLOADS = {torch.tensor, torch.as_tensor}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = self.uploads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.reads += func in self.READS
+        self.uploads += func in self.UPLOADS and kwargs.get("device") is not None
+        return func(*args, **kwargs)
+
+
+def forward_operations(frozen_class, trainable_layers="layer4", size=64):
+    """Operations of one forward pass under bf16 autocast on the CPU (the count does not depend on the CPU having
+    native bf16), with the frozen blocks' BatchNorm as `frozen_class`."""
+    model = build_model(len(FINDINGS), "none", trainable_layers, 0.5).eval()
+    if frozen_class is not FrozenBatchNorm:
+        _swap_frozen_batchnorm(model, frozen_class)
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), OperationCount() as count:
+        model(images)
+    return count.operations
+
+
+def _swap_frozen_batchnorm(module, frozen_class):
+    for name, child in module.named_children():
+        if isinstance(child, FrozenBatchNorm):
+            replacement = frozen_class(child.weight.numel(), eps=child.eps)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+        else:
+            _swap_frozen_batchnorm(child, frozen_class)
+
+
+def loop_counts(steps=COUNTED_STEPS, size=32, batch_size=4):
+    """(operations, reads, uploads) per step of train.py's loop on the CPU, over `steps` steps of a small ResNet-50
+    step from images held in memory (the operations depend on the model, not on the image size)."""
+    run = _loop_steps(torch.device("cpu"), steps, size, batch_size)
+    with OperationCount() as operations, DeviceWaits() as waits:
+        run()
+    return operations.operations / steps, waits.reads / steps, waits.uploads / steps
+
+
+def gpu_syncs_per_step(device, steps=COUNTED_STEPS, size=64, batch_size=16):
+    """On CUDA: the operations per step of train.py's loop that make the host wait for the GPU, as CUDA's own sync
+    debug mode reports them (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    _loop_steps(device, 2, size, batch_size)()  # cuDNN's benchmark and first allocations out of the way
+    run = _loop_steps(device, steps, size, batch_size)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught) / steps
+
+
+def _loop_steps(device, steps, size, batch_size):
+    """A function that runs `steps` steps of train.py's loop (one epoch of that many) on `device`, from images held in
+    its memory; what it needs is made here, outside what is counted."""
+    args = argparse.Namespace(trainable_layers="layer4", batch_size=batch_size, load_size=size + 8)
+    parts, dtype = training_parts(args, device, {"amp": True, "channels_last": device.type != "mps"})
+    loop = train.Loop(device, dtype, device.type != "mps", image_size=size, show_progress=False)
+    batches = device_batches(args, device, steps)
+    batches.sampler.set_epoch(1)
+
+    def run():
+        stop = train.StopRequest()
+        try:
+            train.train_epoch(parts["model"], batches, parts, loop, 1, 0, EpochTotals(), stop)
+        finally:
+            stop.restore()
+
+    return run
+
+
+# ----------------------------------------------------------------------------- timing
 
 
 def _seconds(function, device):
@@ -230,7 +372,7 @@ def _seconds_per_call(function, args, device):
 
 def configurations(device, with_compile):
     """What the device supports: AMP and channels_last on CUDA, and on CPUs with native bf16; the last row is what
-    train.py does there."""
+    train.py does there (and, with --compile, the same compiled)."""
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
         configs = [(False, False, False), (True, False, False), (True, True, False)]
     else:
@@ -253,32 +395,36 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for (a) (default: 2)")
     parser.add_argument("--image_size", type=int, default=224, help="network input (default: 224)")
     parser.add_argument("--load_size", type=int, default=256, help="cache / resize size (default: 256)")
-    parser.add_argument("--batch_size", type=int, default=16, help="model steps (default: 16; 64+ on a GPU)")
-    parser.add_argument("--input_batch_size", type=int, default=64, help="input pipeline, as train.py (default: 64)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per round and configuration (default: 4)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per step, as train.py (default: 64)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round and configuration (default: 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
     parser.add_argument("--rounds", type=int, default=3, help="alternated timings; medians reported (default: 3)")
     parser.add_argument("--trainable_layers", default="layer4", help="as in train.py (default: layer4)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
+    parser.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="torch.compile mode; reduce-overhead replays the step as CUDA graphs (default: %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), or a torch device")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, figures mean little")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     if args.quick:  # the input figures keep 224 of 256 px: a worker's cost depends on the image size
-        args.images, args.batch_size, args.steps, args.warmup, args.rounds, args.input_batch_size = 12, 4, 2, 1, 1, 8
+        args.images, args.batch_size, args.steps, args.warmup, args.rounds = 12, 4, 2, 1, 1
     return args
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = select_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py
     print(f"device: {device_name(device)}; torch {torch.__version__}")
+    with_compile = args.compile and compile_support(device)[0]
+    if args.compile and not with_compile:
+        print(f"    no torch.compile figures: {compile_support(device)[1]}")
     with tempfile.TemporaryDirectory() as folder:
         print(f"(a) input pipeline: generating synthetic {SOURCE_SIZE}-px PNGs and their {args.load_size}-px cache ...")
         labels = make_images(Path(folder), args.images, args.load_size, args.workers)
@@ -286,10 +432,10 @@ def main(argv=None):
         cached_images = CachedImages(cache_folder(folder, args.load_size), labels["image_name"])
         targets = labels[list(FINDINGS)].to_numpy()
         worker_aug_ms, worker_read_ms = worker_costs(cached_images, targets, args)
-        device_aug_ms, device_batches = device_input_rates(cached_images, targets, args, device)
+        device_aug_ms, device_batches_per_s = device_input_rates(cached_images, targets, args, device)
     per_worker = max(args.workers, 1)
     print(
-        f"    {len(labels)} images, {args.workers} workers, batch {args.input_batch_size}, worker augmentation at "
+        f"    {len(labels)} images, {args.workers} workers, batch {args.batch_size}, worker augmentation at "
         f"{args.image_size} px, median of {args.rounds} alternated epochs each"
     )
     print(f"    decoding PNGs  {raw:9.1f} img/s  ({raw / per_worker:8.1f} per worker)")
@@ -300,42 +446,64 @@ def main(argv=None):
     print(
         f"    ({worker_aug_ms / worker_read_ms:.1f}x); device augmentation {device_aug_ms:.3f} ms per image on {device}"
     )
-    print(f"    images held in {device} memory: {device_batches:.1f} batches/s of {args.input_batch_size}, augmented")
+    print(f"    images held in {device} memory: {device_batches_per_s:.1f} batches/s of {args.batch_size}, augmented")
 
     print(f"(b) model steps at {args.image_size} px, batch {args.batch_size}, trainable {args.trainable_layers}")
     print(
         f"    {'amp':>5} {'ch_last':>7} {'compile':>7} {'train img/s':>12} {'bare img/s':>11} {'loop/bare':>9} "
-        f"{'eval img/s':>11} {'NIH epoch':>10} {'(c) w/ cache here':>18}"
+        f"{'eval img/s':>11} {'host share':>10} {'NIH epoch':>10} {'(c) w/ cache here':>18}"
     )
     rows = []
-    for config in configurations(device, args.compile):
-        project, bare, evaluation = step_rates(args, device, config)
-        epoch_gpu = NIH_TRAIN_IMAGES / project
-        epoch_here = NIH_TRAIN_IMAGES / min(project, cached)
+    for config in configurations(device, with_compile):
+        project, bare, evaluation, host_share = step_rates(args, device, config)
+        epoch = NIH_TRAIN_IMAGES / project + NIH_VAL_IMAGES / evaluation
+        epoch_here = NIH_TRAIN_IMAGES / min(project, cached) + NIH_VAL_IMAGES / min(evaluation, cached)
         rows.append(
             {
                 **config,
                 "train_img_s": project,
                 "bare_train_img_s": bare,
                 "eval_img_s": evaluation,
-                "nih_epoch_s": epoch_gpu,
+                "host_share_of_step": host_share,
+                "nih_epoch_s": epoch,
                 "nih_epoch_with_this_input_s": epoch_here,
             }
         )
+        share = "" if host_share is None else f"{host_share:.0%}"
         print(
             f"    {config['amp']!s:>5} {config['channels_last']!s:>7} {config['compile']!s:>7} {project:12.1f} "
-            f"{bare:11.1f} {project / bare:9.2f} {evaluation:11.1f} {epoch_gpu / 60:9.1f}m {epoch_here / 60:17.1f}m"
+            f"{bare:11.1f} {project / bare:9.2f} {evaluation:11.1f} {share:>10} {epoch / 60:9.1f}m "
+            f"{epoch_here / 60:17.1f}m"
         )
-    default = rows[-1 - args.compile]  # what train.py does on this device
-    cpu_fp32, cpu_amp = cpu_train_rates(args)
-    choice = f"{autocast_dtype(torch.device('cpu')) or 'fp32'} + channels_last"
+    default = rows[len(configurations(device, False)) - 1]  # what train.py does on this device
+    if default["host_share_of_step"] is not None and default["host_share_of_step"] >= HOST_BOUND:
+        print(
+            f"    the step is CPU-bound: the host needs {default['host_share_of_step']:.0%} of it to queue the kernels "
+            "(launch overhead); a larger batch, or --compile --compile_mode reduce-overhead (CUDA graphs), helps"
+        )
+    cpu_fp32 = cpu_amp = None
+    if device.type == "cpu":  # what the CPU itself does best; beside a GPU it is not what trains
+        cpu_fp32, cpu_amp = cpu_train_rates(args)
+        choice = f"{autocast_dtype(torch.device('cpu')) or 'fp32'} + channels_last"
+        print(
+            f"    CPU, all layers, {CPU_STEP['image_size']} px, batch {CPU_STEP['batch_size']}: fp32 {cpu_fp32:.1f} "
+            f"img/s, {choice} {cpu_amp:.1f} img/s ({cpu_amp / cpu_fp32:.2f}x)"
+        )
     print(
-        f"    CPU, all layers, {CPU_STEP['image_size']} px, batch {CPU_STEP['batch_size']}: fp32 {cpu_fp32:.1f} img/s, "
-        f"{choice} {cpu_amp:.1f} img/s ({cpu_amp / cpu_fp32:.2f}x)"
+        f"(c) one NIH epoch = {NIH_TRAIN_IMAGES:,} training + {NIH_VAL_IMAGES:,} validation images; 'w/ cache here' "
+        f"is bounded by this machine's cached input rate ({args.workers} workers)"
+    )
+    frozen_torchvision, frozen_ours = forward_operations(FrozenBatchNorm2d), forward_operations(FrozenBatchNorm)
+    operations, reads, uploads = loop_counts()
+    gpu_syncs = gpu_syncs_per_step(device)
+    print(
+        f"(d) a forward pass under bf16 autocast (layer4 + head trainable): {frozen_torchvision} operations with "
+        f"torchvision's FrozenBatchNorm2d, {frozen_ours} with model.FrozenBatchNorm"
     )
     print(
-        f"(c) one NIH epoch = {NIH_TRAIN_IMAGES:,} training images; 'w/ cache here' is bounded by this machine's "
-        f"cached input rate ({args.workers} workers)"
+        f"    train.py's loop, per step: {operations:.0f} operations, {reads:.2f} reads back to the host, "
+        f"{uploads:.2f} blocking uploads (train.SYNC_EVERY = {train.SYNC_EVERY})"
+        + ("" if gpu_syncs is None else f"; on this GPU, synchronising operations per step: {gpu_syncs:.2f}")
     )
     results = {
         "device": device_name(device),
@@ -348,12 +516,20 @@ def main(argv=None):
         "train_img_s": default["train_img_s"],
         "bare_train_img_s": default["bare_train_img_s"],
         "eval_img_s": default["eval_img_s"],
+        "host_share_of_step": default["host_share_of_step"],
+        "nih_epoch_s": default["nih_epoch_s"],
         "cpu_train_img_s_fp32": cpu_fp32,
         "cpu_train_img_s_amp": cpu_amp,
         "input_worker_ms_per_img": worker_aug_ms,
         "input_worker_ms_per_img_device_aug": worker_read_ms,
         "device_aug_ms_per_img": device_aug_ms,
-        "on_device_batches_per_s": device_batches,
+        "on_device_batches_per_s": device_batches_per_s,
+        "forward_ops_torchvision_frozen_bn": frozen_torchvision,
+        "forward_ops_frozen_bn": frozen_ours,
+        "loop_ops_per_step": operations,
+        "loop_reads_per_step": reads,
+        "loop_uploads_per_step": uploads,
+        "loop_gpu_syncs_per_step": gpu_syncs,
         "configurations": rows,
     }
     if args.json:

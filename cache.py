@@ -23,11 +23,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from dataset import DataError, attach_image_paths, find_label_file, load_image, read_labels
+from dataset import attach_image_paths, find_label_file, load_image, read_labels
+from devices import local_world_size, usable_cpus
+from errors import DataError
 
 CHUNK = 256  # images per task: large enough to amortise the task, small enough to resume with little lost
-DEVICE_SHARE = 0.25  # the images may take this share of the device's free memory (a GPU) or of the RAM (a CPU);
-# the rest stays for the model's activations, the optimizer and the evaluation
+DEVICE_SHARE = 0.25  # the images may take this share of the device's free memory (a GPU) or of the RAM (a CPU),
+# divided among the processes that share it; the rest stays for activations, the optimizer and the evaluation
+UPLOAD_CHUNK = 4096  # images read from the cache and copied to the device at a time: bounds the host memory used
 
 
 def cache_folder(data_dir, size):
@@ -86,7 +89,7 @@ def build_cache(data_dir, size=256, csv_path="", workers=None, drop_missing=Fals
     todo = np.flatnonzero(~done)
     paths = labels["path"].to_numpy()
     tasks = [(images_path, size, rows, paths[rows]) for rows in np.array_split(todo, max(1, len(todo) // CHUNK))]
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     bar = tqdm(total=len(done), initial=int(done.sum()), desc=f"caching at {size} px", unit="img")
     with get_context("spawn").Pool(workers) as pool:  # spawn: the same behaviour on Linux, macOS and Windows
         for rows in pool.imap_unordered(_fill_rows, [task for task in tasks if len(task[2])]):
@@ -127,24 +130,41 @@ class CachedImages:
         return {**self.__dict__, "_images": None}
 
 
-def memory_for_images(device):
-    """(bytes the images may take on `device`, what that is a share of), or (0, why not) when it cannot be told."""
+def memory_for_images(device, processes=None):
+    """(bytes one process's images may take on `device`, what that is a share of), or (0, why not) when it cannot be
+    told. The share is divided among this machine's processes that use the same memory: all of them for the RAM
+    (and an Apple GPU's unified memory), those placed on the same GPU for a GPU."""
+    processes = local_world_size() if processes is None else processes
     if device.type == "cuda":
+        sharing = -(-processes // max(torch.cuda.device_count(), 1))
         free, _ = torch.cuda.mem_get_info(device)
-        return DEVICE_SHARE * free, f"{DEVICE_SHARE:.0%} of the {free / 1e9:.1f} GB free on {device}"
-    if device.type == "cpu" and "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):  # Linux, macOS
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return DEVICE_SHARE * total, f"{DEVICE_SHARE:.0%} of the {total / 1e9:.1f} GB of RAM"
-    return 0, f"the free memory of {device} cannot be told here"
+        room, of_what = DEVICE_SHARE * free, f"{DEVICE_SHARE:.0%} of the {free / 1e9:.1f} GB free on {device}"
+    elif device.type == "mps":
+        sharing, free = processes, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+        room, of_what = DEVICE_SHARE * free, f"{DEVICE_SHARE:.0%} of the {free / 1e9:.1f} GB free for the Apple GPU"
+    elif device.type == "cpu" and "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):  # Linux, macOS
+        sharing, total = processes, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        room, of_what = DEVICE_SHARE * total, f"{DEVICE_SHARE:.0%} of the {total / 1e9:.1f} GB of RAM"
+    else:
+        return 0, f"the free memory of {device} cannot be told here"
+    if sharing > 1:
+        return room / sharing, f"{of_what}, shared by {sharing} processes"
+    return room, of_what
 
 
 def images_on_device(cached_images, device, view=None):
-    """The rows of a CachedImages as one uint8 tensor [N, L, L] on `device` (read once from the memmap), or their
-    view(pixels) when given (the evaluation crops: deterministic, so made once, not every epoch)."""
-    rows = np.load(cached_images.path, mmap_mode="r")[cached_images.rows]  # fancy indexing copies into RAM
-    if view is not None:
-        rows = np.stack([view(pixels) for pixels in rows])
-    return torch.from_numpy(rows).to(device)
+    """The rows of a CachedImages as one uint8 tensor [N, L, L] on `device`, or their view(pixels) when given (the
+    evaluation crops: deterministic, so made once, not every epoch). Read from the memmap and copied UPLOAD_CHUNK
+    images at a time, so the host holds one chunk, not the whole set (eight ranks of NIH: 8 x 5.7 GB otherwise)."""
+    array, rows = np.load(cached_images.path, mmap_mode="r"), cached_images.rows
+    shape = array.shape[1:] if view is None else view(np.array(array[rows[0]])).shape
+    images = torch.empty((len(rows), *shape), dtype=torch.uint8, device=device)
+    for start in range(0, len(rows), UPLOAD_CHUNK):
+        chunk = array[rows[start : start + UPLOAD_CHUNK]]  # fancy indexing copies this chunk into RAM
+        if view is not None:
+            chunk = np.stack([view(pixels) for pixels in chunk])
+        images[start : start + len(chunk)].copy_(torch.from_numpy(chunk))
+    return images
 
 
 class DeviceBatches:
@@ -164,13 +184,14 @@ class DeviceBatches:
 
     def __iter__(self):
         items = list(self.sampler)
+        seeded = bool(items) and isinstance(items[0], tuple)
+        indices = torch.tensor([item[0] for item in items] if seeded else items, dtype=torch.long)
+        seeds = torch.tensor([item[1] for item in items], dtype=torch.long) if seeded else None
+        indices = indices.to(self.images.device)  # the epoch's order uploaded once, not a blocking copy every step
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            seeded = isinstance(chunk[0], tuple)
-            indices = [item[0] for item in chunk] if seeded else chunk
-            index = torch.as_tensor(indices, device=self.images.device)
+            index = indices[start : start + self.batch_size]
             batch = (self.images[index].unsqueeze(1), self.targets[index])
-            yield (*batch, torch.as_tensor([item[1] for item in chunk])) if seeded else batch
+            yield (*batch, seeds[start : start + self.batch_size]) if seeded else batch
 
 
 def main(argv=None):

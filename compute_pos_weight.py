@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import FINDINGS, POS_WEIGHT_POLICIES, DataError, count_positives, pos_weight_from_counts, read_labels
+from dataset import FINDINGS, POS_WEIGHT_POLICIES, count_positives, pos_weight_from_counts, read_labels
+from errors import DataError
 
 
 def select_rows(labels, train_list):

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from films import IMAGE_SUFFIXES, DataError, load_image  # opening a film is films.py's job (torch-free)
+from errors import DataError
+from films import IMAGE_SUFFIXES, load_image  # opening a film is films.py's job (torch-free)
 
 # The 14 findings in the order of the NIH paper and CheXNet; model outputs follow this order.
 FINDINGS = (

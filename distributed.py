@@ -1,5 +1,5 @@
 """torchrun helpers: one process per GPU (NCCL), or per CPU process (gloo, also on Windows where NCCL is absent);
-gathering validation rows from every rank; agreeing to stop at the same step."""
+gathering validation rows from every rank; sums over ranks (the training loss, a stop request)."""
 
 import os
 
@@ -28,13 +28,11 @@ def gather_rows(tensor, device, world_size):
     return torch.cat(parts).cpu()
 
 
-def any_rank(flag, device, world_size):
-    """True on every rank if `flag` is true on any: ranks must stop at the same step or they deadlock."""
-    if world_size == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+def sum_over_ranks(tensor, world_size):
+    """The tensor summed over every rank, in place (every rank must call this at the same point)."""
+    if world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def shut_down():

@@ -15,7 +15,6 @@ localisation.png (with boxes).
 
 import argparse
 import json
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -32,13 +31,14 @@ from cache import CachedImages, find_cache
 from dataset import (
     FINDINGS,
     ChestXrayDataset,
-    DataError,
     PngImages,
     attach_image_paths,
     find_label_file,
     read_labels,
     saved_split,
 )
+from devices import autocast_dtype, select_device, use_channels_last, worker_count
+from errors import DataError, UserError
 from external import DATASETS, UNCERTAIN_POLICIES, model_scores, read_external
 from films import eval_view, five_views
 from localisation import (
@@ -59,15 +59,7 @@ from metrics import (
     mean_auroc,
     operating_point,
 )
-from model import (
-    CheckpointError,
-    autocast_dtype,
-    load_checkpoint,
-    model_from_checkpoint,
-    predict_logits,
-    select_device,
-    use_channels_last,
-)
+from model import load_checkpoint, model_from_checkpoint, predict_logits
 from predict import read_thresholds  # the operating points predictions are marked with
 from transforms import normalize
 
@@ -158,7 +150,7 @@ def predict_probabilities(model, rows, config, args, device):
     else:
         images = PngImages(rows["path"], config["LOAD_SIZE"])
     dataset = ChestXrayDataset(images, np.zeros((len(rows), len(FINDINGS))), view)
-    workers = args.num_workers if args.num_workers >= 0 else min(8, os.cpu_count() or 1)
+    workers = worker_count(args.num_workers)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     channels_last = use_channels_last(device, args.amp)
     net = AverageOverCrops(model, TTA_CROPS) if args.tta else model
@@ -294,7 +286,7 @@ def parse_args(argv):
 
 def evaluate(args):
     device = select_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint, FINDINGS, map_location="cpu")
+    checkpoint = load_checkpoint(args.checkpoint, FINDINGS)
     layout = torch.channels_last if use_channels_last(device, args.amp) else torch.contiguous_format
     model = model_from_checkpoint(checkpoint).to(device, memory_format=layout)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "evaluation"
@@ -423,7 +415,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         evaluate(args)
-    except (DataError, CheckpointError) as error:
+    except UserError as error:
         sys.exit(f"error: {error}")
 
 

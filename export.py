@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dataset import FINDINGS, DataError
+from dataset import FINDINGS
+from errors import UserError
 from films import EVAL_CROP_FRACTION
-from model import ARCHITECTURE, CheckpointError, load_checkpoint, model_from_checkpoint
+from model import ARCHITECTURE, load_checkpoint, model_from_checkpoint
 from predict import read_thresholds  # the thresholds predictions are marked with, embedded for ONNX consumers
 from transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
@@ -105,7 +106,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         properties = export(args.checkpoint, args.out, args.thresholds)
-    except (DataError, CheckpointError) as error:
+    except UserError as error:
         sys.exit(f"error: {error}")
     except ImportError as error:
         sys.exit(f"error: {error}. Install the extras: pip install -r requirements-extras.txt")

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from dataset import DataError, index_images
+from dataset import index_images
+from errors import DataError
 
 DATASETS = ("chexpert", "mimic", "padchest")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")

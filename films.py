@@ -14,6 +14,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from errors import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what the dataset indexes (NIH ships PNG)
 DICOM_SUFFIXES = (".dcm", ".dicom")  # predict.py and app.py read these too
 EVAL_CROP_FRACTION = 0.875  # evaluation: resize to IMAGE_SIZE / this, then centre-crop IMAGE_SIZE (the field of
@@ -28,10 +30,6 @@ DECODER_PACKAGES = {  # transfer syntax UID prefix -> the pydicom plugin that de
     "1.2.840.10008.1.2.4.20": "pylibjpeg-openjpeg",  # HTJ2K
     "1.2.840.10008.1.2.5": "pylibjpeg-rle",  # RLE lossless
 }
-
-
-class DataError(Exception):
-    """Bad input the user can fix. The message names the file, row or value and what to do."""
 
 
 class Prepared(NamedTuple):

@@ -3,14 +3,16 @@ DataLoader, no workers, no copy per step), else from DataLoader workers that rea
 Training images leave as loaded, with their augmentation seeds (augmented on the device, AUGMENT_ON = "device"),
 or augmented in the workers; validation images leave as evaluation crops (films.eval_view)."""
 
-import os
+import signal
 from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cache import CachedImages, DeviceBatches, find_cache, images_on_device, memory_for_images
-from dataset import FINDINGS, ChestXrayDataset, DataError, PngImages, SeededSampler
+from dataset import FINDINGS, ChestXrayDataset, PngImages, SeededSampler
+from devices import worker_count
+from errors import DataError
 from films import eval_view
 from transforms import WorkerAugment
 
@@ -45,8 +47,7 @@ def make_loaders(config, labels, split, device, rank, world_size, log):
         )
     log(f"images: {f'cache {cache}' if cache else 'decoding PNGs (python cache.py builds a faster cache)'}")
     augment = WorkerAugment(config["IMAGE_SIZE"]) if config["AUGMENT_ON"] == "workers" else None
-    cores_per_process = (os.cpu_count() or 1) // world_size
-    workers = config["NUM_WORKERS"] if config["NUM_WORKERS"] >= 0 else max(1, cores_per_process - 1)  # 1 core feeds
+    workers = worker_count(config["NUM_WORKERS"])
     common = {
         "batch_size": config["BATCH_SIZE"],
         "num_workers": workers,
@@ -55,6 +56,7 @@ def make_loaders(config, labels, split, device, rank, world_size, log):
         "prefetch_factor": 4 if workers else None,
         # iter(DataLoader) draws a seed from this generator, not from the global stream that dropout uses
         "generator": torch.Generator().manual_seed(config["SEED"]),
+        "worker_init_fn": leave_stop_signals_to_the_main_process,
     }
     train_set = ChestXrayDataset(images["train"], targets["train"], augment)
     val_set = ChestXrayDataset(images["val"], targets["val"], view)
@@ -62,6 +64,31 @@ def make_loaders(config, labels, split, device, rank, world_size, log):
         DataLoader(train_set, sampler=train_sampler, drop_last=True, **common),
         DataLoader(val_set, sampler=val_sampler, **common),
     )
+
+
+def leave_stop_signals_to_the_main_process(worker_id):
+    """In each DataLoader worker: ignore SIGINT and SIGTERM. The main process catches them, stops at its next step
+    and saves; a worker killed by the same signal (Ctrl-C reaches the whole process group, SLURM signals every
+    process of the job) would make the main process fail with "DataLoader worker exited unexpectedly" instead.
+    A worker still ends with the main process (the DataLoader shuts it down, or it sees its parent gone)."""
+    for name in ("SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def close_workers(*loaders):
+    """End the loaders' worker processes now, at the end of a run. They ignore SIGTERM, and at interpreter exit
+    DataLoader leaves its persistent workers to a SIGTERM from Python's own clean-up, which would then wait for them
+    for ever. Asked to stop, a worker ends at once; one that does not is killed. (DataLoader has no public close;
+    this uses its iterator's own shutdown.)"""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is None:
+            continue
+        iterator._shutdown_workers()
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+        loader._iterator = None
 
 
 def cache_on_device(config, cache, count, device, log):

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from dataset import FINDINGS, DataError
+from dataset import FINDINGS
+from errors import DataError
 from films import crop_to_original, prepare
 from heatmaps import COLORMAP, HEAT_ALPHA, grad_cam, heat_maps, map_on_film
 

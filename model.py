@@ -1,5 +1,5 @@
-"""The ResNet-50 (ImageNet weights, early blocks frozen, Dropout + Linear head), devices, inference, and
-checkpoint I/O: the only file that calls torch.save / torch.load."""
+"""The ResNet-50 (ImageNet weights, early blocks frozen, Dropout + Linear head), inference, and checkpoint I/O: the
+only file that calls torch.save / torch.load (checkpoints always load onto the CPU)."""
 
 import os
 import shutil
@@ -13,13 +13,33 @@ from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
+from errors import CheckpointError
+
 ARCHITECTURE = "resnet50"
 BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")  # in forward order; "stem" is conv1 + bn1
 IMAGENET_WEIGHTS = ResNet50_Weights.IMAGENET1K_V2  # torchvision's best ResNet-50 ImageNet weights
 
 
-class CheckpointError(Exception):
-    """A checkpoint or weights file that cannot be used here; the message says which and why."""
+class FrozenBatchNorm(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same state dict), applied in the input's dtype as one multiply-add with a
+    scale and shift folded from its statistics when they are loaded. torchvision's computes from fp32 buffers, so
+    under bf16 autocast each frozen block's activations left it in fp32 and were converted back before every
+    convolution (bench.py counts the operations of a forward pass)."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__(num_features, eps)
+        self.register_buffer("scale", torch.ones(1, num_features, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.zeros(1, num_features, 1, 1), persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        with torch.no_grad():  # the statistics never change afterwards: fold them once
+            scale = self.weight * (self.running_var + self.eps).rsqrt()
+            self.scale.copy_(scale.view(1, -1, 1, 1))
+            self.shift.copy_((self.bias - self.running_mean * scale).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
 
 
 def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", dropout=0.5):
@@ -67,10 +87,10 @@ def frozen_blocks(trainable_layers):
 
 
 def _freeze_batchnorm(module):
-    """Swap each BatchNorm2d with frozen parameters for a FrozenBatchNorm2d holding the same statistics."""
+    """Swap each BatchNorm2d with frozen parameters for a FrozenBatchNorm holding the same statistics."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not child.weight.requires_grad:
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen = FrozenBatchNorm(child.num_features, eps=child.eps)
             frozen.load_state_dict(child.state_dict(), strict=False)  # num_batches_tracked has no place there
             setattr(module, name, frozen)
         else:
@@ -100,42 +120,7 @@ def _pretrained_state_dict(pretrained):
     return state
 
 
-# ----------------------------------------------------------------------------- devices and inference
-
-
-def select_device(name="auto"):
-    """'auto': CUDA, else Apple MPS, else CPU; any other name is passed to torch.device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_has_native_bf16():
-    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast trains about twice as
-    fast as fp32; elsewhere it is emulated and slower."""
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-
-
-def autocast_dtype(device, enabled=True):
-    """The AMP setting on a device: bf16 on GPUs that have it (no loss scaling needed), else fp16; bf16 on CPUs
-    with native bf16; None (full precision) elsewhere, and when disabled."""
-    if not enabled:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def use_channels_last(device, enabled=True):
-    """NHWC where it is faster: CUDA (tensor cores) and the CPU (oneDNN: 1.2x in fp32, more under bf16)."""
-    return enabled and device.type in ("cuda", "cpu")
+# ----------------------------------------------------------------------------- inference
 
 
 def unwrap(model):
@@ -197,14 +182,16 @@ def copy_checkpoint(source, destination):
     _write_atomically(destination, link_or_copy)
 
 
-def load_checkpoint(path, findings, map_location="cpu"):
+def load_checkpoint(path, findings):
     """Load a checkpoint with weights_only=True (a .pth from elsewhere is code otherwise) and check that it is
-    a cxr14 checkpoint of the same architecture and findings."""
+    a cxr14 checkpoint of the same architecture and findings. Always onto the CPU: the split's codes and the RNG
+    state must stay there (numpy, torch.set_rng_state), and the model, optimizer and scaler move their own tensors
+    to the device as their state is loaded."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors of many kinds: all mean "not a checkpoint we can trust"
         raise CheckpointError(f"cannot load {path} as a weights-only checkpoint: {error}") from error
     missing = [key for key in ("model", "config", "findings", "architecture") if key not in checkpoint]

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, DataError, prepare
+from errors import DataError, UserError
+from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 
 # No torch import up here: predict.py --onnx runs where only onnxruntime is installed; the PyTorch path imports it.
 CAM_FINDINGS = 3  # heat maps for this many top findings per film (--top)
@@ -48,9 +49,10 @@ class TorchModel:
         import torch
 
         from dataset import FINDINGS
-        from model import autocast_dtype, load_checkpoint, model_from_checkpoint, select_device, use_channels_last
+        from devices import autocast_dtype, select_device, use_channels_last
+        from model import load_checkpoint, model_from_checkpoint
 
-        checkpoint = load_checkpoint(checkpoint_path, FINDINGS, map_location="cpu")
+        checkpoint = load_checkpoint(checkpoint_path, FINDINGS)
         self.device = select_device(device)
         self.dtype, self.channels_last = autocast_dtype(self.device, amp), use_channels_last(self.device, amp)
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -215,14 +217,9 @@ def predict(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    errors = (DataError,)
-    if args.checkpoint:
-        from model import CheckpointError  # the PyTorch path only
-
-        errors += (CheckpointError,)
     try:
         predict(args)
-    except errors as error:
+    except UserError as error:
         sys.exit(f"error: {error}")
 
 

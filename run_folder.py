@@ -7,14 +7,16 @@ resumed run appends to its events without duplicated steps."""
 
 import json
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from dataset import FINDINGS, DataError, save_split
-from model import ARCHITECTURE, CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from dataset import FINDINGS, save_split
+from devices import dtype_name, rng_state, set_rng_state
+from errors import CheckpointError, DataError
+from model import ARCHITECTURE, copy_checkpoint, load_checkpoint, save_checkpoint, unwrap
 
 HEAT_MAP_IMAGES = 4  # validation films drawn with the heat map of their top finding, per epoch
 LOG_EVERY = 10  # training steps between TensorBoard points
@@ -31,6 +33,25 @@ RUN_DEFINING = (
     "POS_WEIGHT_CAP",
     "SEED",
 )
+
+
+@dataclass
+class Position:
+    """Where training continues: an epoch, and the steps of it already done."""
+
+    epoch: int = 1
+    step: int = 0
+
+
+@dataclass
+class EpochTotals:
+    """The training loss of the epoch so far, summed over the images of every rank."""
+
+    loss_sum: float = 0.0
+    images: int = 0
+
+    def mean(self):
+        return self.loss_sum / max(self.images, 1)
 
 
 def check_same_run(config, saved, path):
@@ -57,7 +78,7 @@ def finished(history, position, learning_rate, config):
     return None
 
 
-def training_state(parts, config, history, position, epoch_totals):
+def training_state(parts, config, history, position, epoch_totals, device, dtype):
     """Everything a resumed run needs; plain types and tensors only, so weights_only loading accepts it."""
     return {
         "model": unwrap(parts["model"]).state_dict(),
@@ -71,16 +92,17 @@ def training_state(parts, config, history, position, epoch_totals):
         "epoch": history[-1]["epoch"] if history else 0,
         "metrics": history[-1] if history else {},
         "history": history,
-        "position": position,  # {"epoch", "step"}: where training continues
-        "epoch_totals": epoch_totals,  # the running loss of a part-done epoch
-        "rng": {"torch": torch.get_rng_state()},
+        "position": asdict(position),  # where training continues
+        "epoch_totals": asdict(epoch_totals),  # the running loss of a part-done epoch
+        "rng": rng_state(device),  # the CPU's and the GPU's: dropout replays after a mid-epoch resume
+        "amp_dtype": dtype_name(dtype),  # what trained it: bf16, fp16 or fp32
     }
 
 
-def open_run(config, run_dir, device, is_main, log):
+def open_run(config, run_dir, is_main, log):
     """(checkpoint path, checkpoint) to resume from, or (None, None) for a new run; (path, None) when the checkpoint's
     run has finished under these settings. Refuses to mix two runs in one folder."""
-    resume_path = resolve_resume(config["RESUME"], run_dir) if config["RESUME"] else None
+    resume_path = resolve_resume(config["RESUME"], run_dir)
     elsewhere = resume_path is not None and resume_path.parent.resolve() != run_dir.resolve()
     if (resume_path is None or elsewhere) and any(run_dir.glob("*.pth")):
         raise DataError(f"{run_dir} already holds a run. Continue it with --resume last, or set another --out_dir.")
@@ -89,7 +111,7 @@ def open_run(config, run_dir, device, is_main, log):
         remove_stale_temporaries(run_dir, log)
     if resume_path is None:
         return None, None
-    checkpoint = load_checkpoint(resume_path, FINDINGS, map_location=device)
+    checkpoint = load_checkpoint(resume_path, FINDINGS)  # onto the CPU; restore() moves what the device needs
     check_same_run(config, checkpoint["config"], resume_path)
     state = (checkpoint["history"], checkpoint["position"], checkpoint["optimizer"]["param_groups"][0]["lr"])
     started_with = {**config, **checkpoint["config"]}  # settings added since the run began take today's defaults
@@ -102,19 +124,29 @@ def open_run(config, run_dir, device, is_main, log):
     return resume_path, checkpoint
 
 
-def restore(parts, checkpoint):
-    """Load a checkpoint's training state into the parts; (history, position, running loss totals)."""
+def restore(parts, checkpoint, device):
+    """Load a checkpoint's training state into the parts (their tensors already on `device`: each load_state_dict
+    copies the CPU checkpoint's tensors to its own); (history, Position, EpochTotals)."""
     unwrap(parts["model"]).load_state_dict(checkpoint["model"])
-    for name in ("optimizer", "scheduler", "scaler"):
+    for name in ("optimizer", "scheduler"):
         parts[name].load_state_dict(checkpoint[name])
-    torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-    return checkpoint["history"], checkpoint["position"], checkpoint["epoch_totals"]
+    if checkpoint["scaler"]:  # {} when saved disabled (bf16, fp32): an fp16 run resuming it starts a fresh scale
+        parts["scaler"].load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"], device)
+    return checkpoint["history"], Position(**checkpoint["position"]), EpochTotals(**checkpoint["epoch_totals"])
 
 
 def resolve_resume(resume, run_dir):
+    """The checkpoint RESUME names: None for a new run ("", or "auto" in a folder without checkpoints), the newest
+    epoch_*.pth or interrupted.pth ("last", and "auto" in a folder with them: a requeued cluster job continues, its
+    first start begins), or a path."""
+    candidates = list(run_dir.glob("epoch_*.pth")) + list(run_dir.glob("interrupted.pth"))
+    if resume == "auto":
+        resume = "last" if candidates else ""
+    if not resume:
+        return None
     if resume != "last":
         return Path(resume)
-    candidates = list(run_dir.glob("epoch_*.pth")) + list(run_dir.glob("interrupted.pth"))
     if not candidates:
         raise CheckpointError(f"--resume last: no epoch_*.pth or interrupted.pth in {run_dir}")
     return max(candidates, key=lambda path: path.stat().st_mtime)

@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ from tqdm import tqdm
 import configurator
 from dataset import (
     FINDINGS,
-    DataError,
     attach_image_paths,
     count_positives,
     find_label_file,
@@ -36,23 +36,15 @@ from dataset import (
     saved_split,
     split_record,
 )
-from distributed import any_rank, gather_rows, setup_distributed, shut_down
-from heatmaps import top_finding_overlays
-from loaders import make_loaders
-from metrics import auroc_per_finding, mean_auroc
-from model import (
-    CheckpointError,
-    autocast_dtype,
-    build_model,
-    frozen_blocks,
-    init_head_bias,
-    predict_logits,
-    save_checkpoint,
-    select_device,
-    use_channels_last,
-)
+from devices import autocast_dtype, compile_support, device_name, select_device, use_channels_last
+from distributed import gather_rows, setup_distributed, shut_down, sum_over_ranks
+from errors import CheckpointError, DataError, UserError
+from loaders import close_workers, make_loaders
+from model import build_model, frozen_blocks, init_head_bias, predict_logits, save_checkpoint
 from run_folder import (
     HEAT_MAP_IMAGES,
+    EpochTotals,
+    Position,
     TensorBoard,
     finished,
     open_run,
@@ -63,6 +55,9 @@ from run_folder import (
     write_run_folder,
 )
 from transforms import augment_batch, augmentation_params, normalize
+
+# No matplotlib, scikit-learn or grad-cam up here: each DataLoader worker on Windows re-imports this file, and they
+# are imported where used (validation's AUROC, the TensorBoard heat maps), so a worker stays small.
 
 # ----------------------------------------------------------------------------- settings (python train.py --help)
 DATA_DIR = "data/nih"  # folder with the label CSV and the images (NIH archive layout or flat)
@@ -98,12 +93,15 @@ TENSORBOARD = True  # write TensorBoard events to OUT_DIR (tensorboard --logdir 
 SEED = 0  # seeds the split, the data order, augmentation and dropout
 DEVICE = "auto"  # "auto" (cuda, else mps, else cpu), or a torch device such as "cuda:1" or "cpu"
 OUT_DIR = "checkpoints/resnet50"  # the run folder: checkpoints, metrics.csv, split.csv, config.json, plots
-RESUME = ""  # "" (a new run), "last" (the newest checkpoint in OUT_DIR) or a checkpoint path
+RESUME = ""  # "" (a new run), "last" (the newest checkpoint in OUT_DIR), "auto" (last if there is one) or a path
 # -----------------------------------------------------------------------------
 
 
-# the run prints its estimated time per epoch after this many steps
-ETA_AFTER_STEPS = 50
+# the loop reads the loss back from the device (and agrees on a stop request) once every this many steps: each read
+# waits for the GPU to finish its queued work, so reading every step would leave it idle between steps
+SYNC_EVERY = 10
+# the run prints its time estimate once this many seconds of training, or a tenth of the epoch, have passed
+ETA_AFTER_SECONDS = 20
 
 
 def settings():
@@ -131,10 +129,12 @@ def warn_about_settings(config, log):
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM ask the loop to stop after the current step and save; a second Ctrl-C stops at once."""
+    """Ctrl-C or SIGTERM asks the loop to stop at its next read of the device and save. Only a second Ctrl-C stops at
+    once: under SLURM and torchrun every process gets SIGTERM twice (from the scheduler, then forwarded by torchrun),
+    and the second must not cut the save short, possibly in the middle of a collective."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.interrupts = None, 0
         names = [name for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)]  # Windows: no SIGTERM to catch
         self.previous = {name: signal.signal(getattr(signal, name), self._handle) for name in names}
 
@@ -143,9 +143,10 @@ class StopRequest:
             signal.signal(getattr(signal, name), handler)
 
     def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
+        self.interrupts += signum == signal.SIGINT
+        if self.interrupts >= 2:
+            raise KeyboardInterrupt  # a person pressing Ctrl-C twice
+        self.signal = self.signal or signum
 
 
 # ----------------------------------------------------------------------------- data
@@ -178,6 +179,25 @@ def load_split_labels(config, checkpoint, checkpoint_path):
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class Loop:
+    """How this process runs the training loop; fixed for a run."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None  # autocast dtype; None: full precision
+    channels_last: bool = False
+    augment_on: str = "device"  # "device": augment_batch here; "workers": batches arrive augmented
+    image_size: int = 224
+    world_size: int = 1
+    rank: int = 0
+    epochs: int = 1  # for the progress bar and the run's time estimate
+    steps_per_epoch: int = 0
+    step_scheduler: object = None  # the cosine schedule, stepped every step; None for plateau (stepped per epoch)
+    tensorboard: object = None
+    show_progress: bool = True
+    estimated: bool = False  # the run's time estimate has been printed
+
+
 def make_scheduler(optimizer, config, steps_per_epoch):
     """ReduceLROnPlateau (stepped per epoch on validation loss), or linear warmup then cosine decay (per step)."""
     if config["LR_SCHEDULE"] == "plateau":
@@ -196,74 +216,137 @@ def make_scheduler(optimizer, config, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def model_input(images, seeds, context):
+def model_input(images, seeds, loop):
     """A training batch as the model takes it: augmented on the device from each image's seed (or already in the
     workers), normalised, in the chosen memory layout."""
-    images = images.to(context["device"], non_blocking=True)
-    if context["augment_on"] == "device":
+    images = images.to(loop.device, non_blocking=True)
+    if loop.augment_on == "device":
         params = torch.from_numpy(augmentation_params(seeds.numpy(), images.shape[-1]))
-        images = augment_batch(images, params.to(context["device"], non_blocking=True), context["image_size"])
-    return normalize(images, context["channels_last"])
+        images = augment_batch(images, params.to(loop.device, non_blocking=True), loop.image_size)
+    return normalize(images, loop.channels_last)
 
 
-def train_epoch(model, loader, optimizer, scaler, criterion, context, epoch, step, totals, stop):
-    """One epoch from `step`; returns the steps done. Stops early (without error) when a stop is requested."""
-    model.train()
-    device, dtype, world_size = context["device"], context["dtype"], context["world_size"]
-    bar = tqdm(loader, desc=f"epoch {epoch} train", initial=step, total=step + len(loader), disable=context["rank"])
-    started, first_step = time.perf_counter(), step
-    for images, targets, seeds in bar:
-        images = model_input(images, seeds, context)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(images)
-        loss = criterion(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at epoch {epoch}, step {step + 1}: training diverged. Lower "
-                "LEARNING_RATE, cap POS_WEIGHT (POS_WEIGHT_CAP) or use --resume on the last good checkpoint."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if context.get("step_scheduler"):
-            context["step_scheduler"].step()
+class StepLosses:
+    """Each step's loss kept on the device, and read back every SYNC_EVERY steps in one wait: summed over ranks
+    (so the logged loss is every rank's, not rank 0's alone) together with any rank's stop request."""
+
+    def __init__(self, device):
+        self.values = torch.zeros(SYNC_EVERY + 1, device=device)  # the last slot: how many ranks were asked to stop
+        self.count = 0
+
+    def add(self, loss):
+        self.values[self.count].copy_(loss.detach())
+        self.count += 1
+
+    def full(self):
+        return self.count == SYNC_EVERY
+
+    def read(self, stop_requested, world_size):
+        """(each step's loss averaged over ranks, whether any rank was asked to stop); every rank calls it together."""
+        self.values[-1].fill_(float(stop_requested))
+        values = sum_over_ranks(self.values, world_size).tolist()  # the one wait for the device
+        losses, self.count = [value / world_size for value in values[: self.count]], 0
+        return losses, values[-1] > 0
+
+
+def train_epoch(net, batches, parts, loop, epoch, step, totals, stop):
+    """One epoch from `step`; returns the steps done. The device is read every SYNC_EVERY steps and at the epoch's
+    end: the losses (a non-finite one stops the run, naming its step) and a stop request, which ends the epoch
+    early (without error) on every rank at once."""
+    net.train()
+    first_step, steps = step, step + len(batches)
+    bar = tqdm(total=steps, initial=step, desc=f"epoch {epoch}/{loop.epochs} train", disable=not loop.show_progress)
+    window, started, learning_rates = StepLosses(loop.device), time.perf_counter(), []
+    for images, targets, seeds in batches:
+        images = model_input(images, seeds, loop)
+        targets = targets.to(loop.device, non_blocking=True)
+        with torch.autocast(loop.device.type, dtype=loop.dtype, enabled=loop.dtype is not None):
+            logits = net(images)
+        loss = parts["criterion"](logits.float(), targets)
+        parts["optimizer"].zero_grad(set_to_none=True)
+        parts["scaler"].scale(loss).backward()
+        parts["scaler"].step(parts["optimizer"])
+        parts["scaler"].update()
+        if loop.step_scheduler is not None:
+            loop.step_scheduler.step()
         step += 1
-        loss_value = loss.item()  # the step's one wait for the device
-        totals["loss_sum"] += loss_value * len(targets)
-        totals["images"] += len(targets)
-        seconds = time.perf_counter() - started
-        rate, learning_rate = (step - first_step) * len(targets) * world_size / seconds, optimizer.param_groups[0]["lr"]
-        average = totals["loss_sum"] / totals["images"]
-        bar.set_postfix(loss=f"{average:.4f}", lr=f"{learning_rate:.1e}", img_s=f"{rate:.0f}", refresh=False)
-        if context.get("tensorboard"):
-            context["tensorboard"].step(
-                (epoch - 1) * context["steps_per_epoch"] + step, loss_value, learning_rate, rate
+        window.add(loss)
+        learning_rates.append(parts["optimizer"].param_groups[0]["lr"])
+        bar.update()
+        if window.full() or step == steps:
+            losses, stopping = window.read(stop.signal is not None, loop.world_size)
+            seconds = time.perf_counter() - started
+            images_per_second = (step - first_step) * len(targets) * loop.world_size / seconds
+            record_steps(
+                losses, learning_rates, len(targets) * loop.world_size, images_per_second, step, epoch, totals, loop
             )
-        if step - first_step == ETA_AFTER_STEPS and not context["rank"]:
-            estimate = seconds / ETA_AFTER_STEPS * (first_step + len(loader))
-            bar.write(f"epoch {epoch}: about {estimate / 60:.1f} min of training per epoch at {rate:.0f} img/s")
-        if any_rank(stop.signal is not None, device, world_size):
-            break
+            bar.set_postfix(
+                loss=f"{totals.mean():.4f}", lr=f"{learning_rates[-1]:.1e}", img_s=f"{images_per_second:.0f}"
+            )
+            learning_rates = []
+            estimate_time(seconds, step - first_step, steps - step, images_per_second, epoch, loop, bar)
+            if stopping:
+                break
     bar.close()
     return step
 
 
-def validate(model, loader, pos_weight, context):
+def record_steps(losses, learning_rates, batch_images, images_per_second, step, epoch, totals, loop):
+    """Add a window of steps' losses to the epoch's totals and to TensorBoard; a non-finite loss stops the run."""
+    first = step - len(losses) + 1
+    for offset, (loss, learning_rate) in enumerate(zip(losses, learning_rates)):
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at epoch {epoch}, step {first + offset}: training diverged. Lower LEARNING_RATE, "
+                "cap POS_WEIGHT (POS_WEIGHT_CAP) or use --resume on the last good checkpoint."
+            )
+        totals.loss_sum += loss * batch_images
+        totals.images += batch_images
+        if loop.tensorboard is not None:
+            global_step = (epoch - 1) * loop.steps_per_epoch + first + offset
+            loop.tensorboard.step(global_step, loss, learning_rate, images_per_second)
+
+
+def estimate_time(seconds, steps_done, steps_left, images_per_second, epoch, loop, bar):
+    """Once per run, after ETA_AFTER_SECONDS of training or a tenth of an epoch, while training remains: how long an
+    epoch's training takes, and the rest of the run's."""
+    left = steps_left + (loop.epochs - epoch) * loop.steps_per_epoch
+    if loop.estimated or not loop.show_progress or left == 0:
+        return
+    if seconds < ETA_AFTER_SECONDS and steps_done < loop.steps_per_epoch / 10:
+        return
+    loop.estimated = True
+    per_step = seconds / steps_done
+    bar.write(
+        f"epoch {epoch}: about {duration(per_step * loop.steps_per_epoch)} of training per epoch at "
+        f"{images_per_second:.0f} img/s; about {duration(per_step * left)} of training left in this run "
+        f"(epochs {epoch}-{loop.epochs}; validation not included)"
+    )
+
+
+def duration(seconds):
+    """'40 s', '12.5 min' or '3.2 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def validate(model, loader, pos_weight, loop):
     """Validation loss (same weighting as training), per-finding AUROC, targets and probabilities, gathered over all
     ranks; and this rank's first few validation crops (for the heat maps)."""
-    device, world_size, crops = context["device"], context["world_size"], []
+    from metrics import auroc_per_finding  # scikit-learn: imported here, not in every DataLoader worker
+
+    device, world_size, crops = loop.device, loop.world_size, []
 
     def prepare(images):
         if len(crops) < HEAT_MAP_IMAGES:
             crops.extend(images[: HEAT_MAP_IMAGES - len(crops), 0].cpu().numpy())
-        return normalize(images.to(device, non_blocking=True), context["channels_last"])
+        return normalize(images.to(device, non_blocking=True), loop.channels_last)
 
     def progress(batches):
-        return tqdm(batches, desc="  validation", leave=False, disable=context["rank"])
+        return tqdm(batches, desc="  validation", leave=False, disable=not loop.show_progress)
 
-    logits, targets = predict_logits(model, loader, prepare, context["dtype"], progress)
+    logits, targets = predict_logits(model, loader, prepare, loop.dtype, progress)
     indices = torch.tensor(list(loader.sampler))  # DistributedSampler pads ranks to equal size: de-duplicate
     indices = gather_rows(indices, device, world_size).numpy()
     _, first = np.unique(indices, return_index=True)
@@ -281,7 +364,8 @@ def build_training(config, counts, pos_weight, device, dtype, channels_last, ste
     init_head_bias(model, *counts, pos_weight)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    # fused: one kernel for all parameters (on this CPU 18 ms a step instead of 44 for the whole ResNet-50)
+    # fused: one kernel for all parameters (on this CPU 18 ms a step instead of 44 for the whole ResNet-50); on CUDA
+    # it also takes GradScaler's scale and inf check on the device, so fp16 steps need no wait for the device
     fused = device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(
         trainable, lr=config["LEARNING_RATE"], weight_decay=config["WEIGHT_DECAY"], fused=fused
@@ -297,12 +381,23 @@ def build_training(config, counts, pos_weight, device, dtype, channels_last, ste
     }
 
 
+def compiled(model, config, device, log):
+    """torch.compile(model) when COMPILE is set and this device can compile; else the model, saying why."""
+    if not config["COMPILE"]:
+        return model
+    possible, why = compile_support(device)
+    if not possible:
+        log(f"COMPILE: {why}; training without compiling")
+        return model
+    return torch.compile(model)
+
+
 def train(config):
     rank, world_size, device = setup_distributed(select_device(config["DEVICE"]))
     is_main = rank == 0
     log = print if is_main else (lambda *args, **kwargs: None)
     run_dir = Path(config["OUT_DIR"])
-    resume_path, checkpoint = open_run(config, run_dir, device, is_main, log)
+    resume_path, checkpoint = open_run(config, run_dir, is_main, log)
     if resume_path is not None and checkpoint is None:
         return 0  # finished, and said so
     warn_about_settings(config, log)
@@ -311,9 +406,8 @@ def train(config):
     channels_last = use_channels_last(device, config["CHANNELS_LAST"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     log(
-        f"device: {device} ({name}); autocast {dtype or 'off (fp32)'}; channels_last {channels_last}; "
+        f"device: {device} ({device_name(device)}); autocast {dtype or 'off (fp32)'}; channels_last {channels_last}; "
         f"augmentation on the {'device' if config['AUGMENT_ON'] == 'device' else 'workers'}; {world_size} process(es)"
     )
 
@@ -329,64 +423,64 @@ def train(config):
     steps_per_epoch = len(train_loader)
     parts = build_training(config, counts, pos_weight, device, dtype, channels_last, steps_per_epoch)
     parts["split"] = split_record(labels, split, csv_path)
-    history, position, totals = [], {"epoch": 1, "step": 0}, {"loss_sum": 0.0, "images": 0}
+    history, position, totals = [], Position(), EpochTotals()
     if checkpoint is not None:
-        history, position, totals = restore(parts, checkpoint)
-        log(f"resumed from {resume_path} at epoch {position['epoch']}, step {position['step']}")
-    model = parts["model"]
+        history, position, totals = restore(parts, checkpoint, device)
+        log(f"resumed from {resume_path} at epoch {position.epoch}, step {position.step}")
+    net = parts["model"]
     if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if config["COMPILE"]:
-        model = torch.compile(model)
-    done = (position["epoch"] - 1) * steps_per_epoch + position["step"]
+    net = compiled(net, config, device, log)
+    done = (position.epoch - 1) * steps_per_epoch + position.step
     tensorboard = TensorBoard(run_dir, is_main and config["TENSORBOARD"], done + 1, log)  # purge what a crash left
-    context = {
-        "device": device,
-        "dtype": dtype,
-        "world_size": world_size,
-        "rank": rank,
-        "channels_last": channels_last,
-        "augment_on": config["AUGMENT_ON"],
-        "image_size": config["IMAGE_SIZE"],
-        "step_scheduler": parts["scheduler"] if config["LR_SCHEDULE"] == "cosine" else None,
-        "tensorboard": tensorboard,
-        "steps_per_epoch": steps_per_epoch,
-    }
-    optimizer, criterion = parts["optimizer"], parts["criterion"]
+    loop = Loop(
+        device=device,
+        dtype=dtype,
+        channels_last=channels_last,
+        augment_on=config["AUGMENT_ON"],
+        image_size=config["IMAGE_SIZE"],
+        world_size=world_size,
+        rank=rank,
+        epochs=config["EPOCHS"],
+        steps_per_epoch=steps_per_epoch,
+        step_scheduler=parts["scheduler"] if config["LR_SCHEDULE"] == "cosine" else None,
+        tensorboard=tensorboard if tensorboard.writer else None,
+        show_progress=is_main,
+    )
 
     stop = StopRequest()
     try:
-        for epoch in range(position["epoch"], config["EPOCHS"] + 1):
+        for epoch in range(position.epoch, config["EPOCHS"] + 1):
             started = time.perf_counter()
-            first_step = position["step"] if epoch == position["epoch"] else 0
+            first_step = position.step if epoch == position.epoch else 0
             if first_step == 0:
                 torch.manual_seed(config["SEED"] * 1_000_003 + epoch)  # dropout: a stream per epoch, so resume is exact
-                totals = {"loss_sum": 0.0, "images": 0}
+                totals = EpochTotals()
             train_loader.sampler.set_epoch(epoch, skip=first_step * config["BATCH_SIZE"])
-            step = train_epoch(
-                model, train_loader, optimizer, parts["scaler"], criterion, context, epoch, first_step, totals, stop
-            )
+            step = train_epoch(net, train_loader, parts, loop, epoch, first_step, totals, stop)
             if stop.signal is not None or step < first_step + len(train_loader):
                 if is_main:
-                    state = training_state(parts, config, history, {"epoch": epoch, "step": step}, totals)
+                    state = training_state(parts, config, history, Position(epoch, step), totals, device, dtype)
                     save_checkpoint(state, run_dir / "interrupted.pth")
                 log(
                     f"stopped at epoch {epoch}, step {step}: saved {run_dir / 'interrupted.pth'}; continue with "
                     "the same command plus --resume last"
                 )
                 return 128 + (stop.signal or 0)
-            val_loss, aurocs, targets, probabilities, crops = validate(model, val_loader, criterion.pos_weight, context)
+            val_loss, aurocs, targets, probabilities, crops = validate(
+                net, val_loader, parts["criterion"].pos_weight, loop
+            )
             if config["LR_SCHEDULE"] == "plateau":
                 parts["scheduler"].step(val_loss)
             history.append(
                 {
                     "epoch": epoch,
-                    "train_loss": totals["loss_sum"] / max(totals["images"], 1),
+                    "train_loss": totals.mean(),
                     "val_loss": val_loss,
-                    "val_mean_auroc": mean_auroc(aurocs),
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "val_mean_auroc": float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
+                    "lr": parts["optimizer"].param_groups[0]["lr"],
                     "seconds": time.perf_counter() - started,
                     **{f"auroc_{finding}": float(value) for finding, value in zip(FINDINGS, aurocs)},
                 }
@@ -397,10 +491,12 @@ def train(config):
                 f"mean AUROC {row['val_mean_auroc']:.4f}, lr {row['lr']:.1e}"
             )
             if is_main:
-                state = training_state(parts, config, history, {"epoch": epoch + 1, "step": 0}, totals)
+                state = training_state(parts, config, history, Position(epoch + 1, 0), totals, device, dtype)
                 save_epoch(run_dir, history, state)
                 tensorboard.epoch(epoch * steps_per_epoch, row, FINDINGS, targets, probabilities)
                 if tensorboard.writer:
+                    from heatmaps import top_finding_overlays  # grad-cam and matplotlib: not in DataLoader workers
+
                     drawn = top_finding_overlays(parts["model"], crops, FINDINGS, device)
                     tensorboard.heat_maps(epoch * steps_per_epoch, drawn)
             ended = finished(history, {"epoch": epoch + 1, "step": 0}, row["lr"], config)
@@ -409,6 +505,7 @@ def train(config):
                 break
     finally:
         stop.restore()
+        close_workers(train_loader, val_loader)
         tensorboard.close(config, history)
     if history:
         log(summary(history, run_dir))
@@ -419,7 +516,7 @@ def main(argv=None):
     config = parse_config(sys.argv[1:] if argv is None else argv)
     try:
         code = train(config)
-    except (DataError, CheckpointError, FloatingPointError) as error:
+    except (UserError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
     finally:
         shut_down()

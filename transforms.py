@@ -109,11 +109,22 @@ class WorkerAugment:
 
 def normalize(images, channels_last=False):
     """[N, 1, S, S] (float in [0, 1], or uint8) -> [N, 3, S, S] ImageNet-normalised: the gray channel makes the
-    three RGB ones."""
-    images = images.float().div_(255) if images.dtype == torch.uint8 else images
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    images = (images - mean) / std
+    three RGB ones, in one multiply-add with per-channel constants kept on the device (made from Python numbers
+    every batch, they would be a blocking upload to the GPU every step)."""
+    scale, shift = _normalisation(images.device)
+    if images.dtype == torch.uint8:
+        images, scale = images.float(), scale / 255
+    images = torch.addcmul(shift, images, scale)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
+
+
+_NORMALISATION = {}  # device -> (scale, shift), each [1, 3, 1, 1]: (x - mean) / std = x * scale + shift
+
+
+def _normalisation(device):
+    if device not in _NORMALISATION:
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        _NORMALISATION[device] = ((1 / std).to(device), (-mean / std).to(device))
+    return _NORMALISATION[device]

@@ -56,9 +56,10 @@ def predict_split(checkpoint_path, data_dir, part, amp=True):
     import torch
 
     from dataset import FINDINGS, ChestXrayDataset, PngImages
+    from devices import autocast_dtype, use_channels_last
     from evaluate import run_split, split_rows
     from films import eval_view
-    from model import autocast_dtype, load_checkpoint, model_from_checkpoint, predict_logits, use_channels_last
+    from model import load_checkpoint, model_from_checkpoint, predict_logits
     from transforms import normalize
 
     checkpoint = load_checkpoint(checkpoint_path, FINDINGS)

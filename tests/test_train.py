@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -132,10 +133,11 @@ def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(straight_run, d
 
 
 def test_sigterm_mid_epoch_saves_a_state_that_resumes_exactly(straight_run, demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "SYNC_EVERY", 2)  # the loop reads the device, and sees the request, every 2 steps
     interrupt_at_step(monkeypatch, 3)  # during the third training step of epoch 1
     assert run(tiny(demo_dir, tmp_path)) == 128 + signal.SIGTERM
     state = load_checkpoint(tmp_path / "interrupted.pth", FINDINGS)
-    assert state["position"] == {"epoch": 1, "step": 3} and not (tmp_path / "epoch_01.pth").exists()
+    assert state["position"] == {"epoch": 1, "step": 4} and not (tmp_path / "epoch_01.pth").exists()
     monkeypatch.undo()
     assert run(tiny(demo_dir, tmp_path, resume="last")) == 0
     assert_same_weights(weights(straight_run / "epoch_02.pth"), weights(tmp_path / "epoch_02.pth"))
@@ -182,16 +184,14 @@ def test_a_nan_loss_stops_naming_epoch_and_step(demo_dir, tmp_path, monkeypatch)
     assert not list(tmp_path.glob("epoch_*.pth"))
 
 
+def torchrun(settings):
+    """train.py under torchrun: two processes of this machine (gloo on the CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *settings]
+
+
 def test_torchrun_two_processes_on_cpu_write_one_set_of_files(demo_dir, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        *tiny(demo_dir, tmp_path, epochs=1, batch_size=8, amp="false"),  # fp32: equal to 1e-4 whatever the batching
-    ]
+    # fp32: equal to 1e-4 whatever the batching
+    command = torchrun(tiny(demo_dir, tmp_path, epochs=1, batch_size=8, amp="false"))
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("device: cpu") == 1 and "2 process(es)" in result.stdout  # rank 0 alone prints
@@ -202,6 +202,47 @@ def test_torchrun_two_processes_on_cpu_write_one_set_of_files(demo_dir, tmp_path
     assert pd.read_csv(tmp_path / "metrics.csv")["val_loss"][0] == pytest.approx(expected, rel=1e-4)
 
 
+def test_two_sigterms_to_a_two_process_run_leave_a_state_that_resumes_exactly(demo_dir, tmp_path):
+    """Under SLURM the scheduler signals every process of the job, and torchrun forwards a second SIGTERM to its
+    workers; DataLoader workers get the signal too. Both ranks must still stop together, save interrupted.pth, and
+    resume to the weights of an uninterrupted run."""
+    settings = {"epochs": 2, "batch_size": 2, "amp": "false", "num_workers": 1, "tensorboard": "false"}
+    straight = subprocess.run(
+        torchrun(tiny(demo_dir, tmp_path / "straight", **settings)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "stopped"
+    process = subprocess.Popen(
+        torchrun(tiny(demo_dir, out, **settings)),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a job's
+    )
+    started = time.time()
+    while not (out / "epoch_01.pth").exists():
+        assert process.poll() is None and time.time() < started + 300, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    for _ in range(2):  # the scheduler's SIGTERM to every process (torchrun forwards one more to each rank)
+        os.killpg(process.pid, signal.SIGTERM)
+        time.sleep(0.3)
+    _, stderr = process.communicate(timeout=300)
+    assert (out / "interrupted.pth").exists(), stderr[-3000:]
+    assert "DataLoader worker" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    position = load_checkpoint(out / "interrupted.pth", FINDINGS)["position"]
+    assert position["epoch"] == 2 and 0 < position["step"], position  # inside epoch 2, as the signal was
+    resumed = subprocess.run(  # a timeout: workers that ignore SIGTERM must still end with the run
+        torchrun(tiny(demo_dir, out, resume="last", **settings)), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(weights(tmp_path / "straight" / "epoch_02.pth"), weights(out / "epoch_02.pth"))
+
+
 def test_the_demo_settings_learn_every_finding(trained_run, learn_dir):
     """config/demo.py on fresh demo data (300 patients), judged on the held-out test split: chance is 0.5."""
     logits, targets = predict_split(trained_run / "best.pth", learn_dir, "test")
@@ -210,6 +251,12 @@ def test_the_demo_settings_learn_every_finding(trained_run, learn_dir):
     assert np.mean(list(aurocs.values())) > 0.80 and min(aurocs.values()) > 0.6, aurocs
     history = pd.read_csv(trained_run / "metrics.csv")
     assert history.val_loss[1] < history.val_loss[0] and history.val_loss.idxmin() > 0  # learning, not memorising
+
+
+def test_resume_auto_starts_a_new_run_then_continues_it_as_a_requeued_job_does(straight_run, demo_dir, tmp_path):
+    assert run(tiny(demo_dir, tmp_path, epochs=1, resume="auto")) == 0  # nothing there yet: a new run
+    assert run(tiny(demo_dir, tmp_path, epochs=2, resume="auto")) == 0  # the same command again: it continues
+    assert_same_weights(weights(straight_run / "epoch_02.pth"), weights(tmp_path / "epoch_02.pth"))
 
 
 def test_resume_into_a_new_folder_continues_exactly_and_writes_its_run_files(straight_run, demo_dir, tmp_path):
@@ -263,7 +310,7 @@ def test_settings_that_waste_a_run_are_warned_about(demo_dir, tmp_path, capsys):
 
 def test_the_time_of_an_epoch_is_estimated_after_50_steps(demo_dir, tmp_path, capsys):
     assert run(tiny(demo_dir, tmp_path, epochs=1, batch_size=2, tensorboard="false")) == 0
-    estimates = [line for line in capsys.readouterr().out.splitlines() if "min of training per epoch" in line]
+    estimates = [line for line in capsys.readouterr().out.splitlines() if "of training per epoch" in line]
     assert len(estimates) == 1 and estimates[0].startswith("epoch 1: about ")
 
 
