@@ -6,7 +6,7 @@ The page shows the findings as bars sorted by probability with each finding's op
 (evaluation/thresholds.json beside the checkpoint), the same numbers as a table, the Grad-CAM maps of the top
 findings drawn on the film, and any warning about the input (a DICOM header that says it is not a frontal chest
 film). Its API endpoint is /predict (gradio_client: Client(url).predict(handle_file(path), api_name="/predict")).
-Everything goes through predict.py's functions: the same preprocessing, probabilities and heat maps.
+The same preprocessing (films.prepare), probabilities (inference.py) and heat maps (heatmaps.py) as predict.py.
 It listens on 127.0.0.1 (this computer only) unless --host says otherwise. A research tool, not a medical device.
 """
 
@@ -16,9 +16,13 @@ import sys
 
 import numpy as np
 
+from configurator import add_device_flags
 from errors import DataError, UserError
 from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
-from predict import CAM_FINDINGS, TorchModel, heat_map_overlays
+from heatmaps import film_overlays
+from inference import TorchModel
+
+CAM_FINDINGS = 3  # heat maps of this many top findings per film (--top)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a page showing patients' films
 import gradio as gr  # noqa: E402  (after the variable above, which gradio reads on import)
@@ -72,7 +76,7 @@ def analyse(model, path, top):
         for k in np.argsort(-probabilities)
     ]
     notes = "\n".join(f"- **Warning:** {warning}" for warning in film.warnings) or "No warning about this file."
-    maps = [(np.asarray(image), finding) for finding, image in heat_map_overlays(model, film, probabilities, top)]
+    maps = [(np.asarray(image), finding) for finding, image in film_overlays(model, film, probabilities, top)]
     return label, probability_chart(probabilities, findings, thresholds), table, notes, maps
 
 
@@ -116,10 +120,10 @@ def main(argv=None):
         "--host", default="127.0.0.1", help="127.0.0.1 (default): this computer only; 0.0.0.0: every network it is on"
     )
     parser.add_argument("--top", type=int, default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), or a torch device")
+    add_device_flags(parser)
     args = parser.parse_args(argv)
     try:
-        model = TorchModel(args.checkpoint, args.device)
+        model = TorchModel(args.checkpoint, args.device, args.amp)
     except UserError as error:
         sys.exit(f"error: {error}")
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"])

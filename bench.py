@@ -22,6 +22,8 @@
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -35,14 +37,24 @@ from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from torchvision.ops import FrozenBatchNorm2d
 
 # bench.py imports train.py, the one command another imports: it times train.py's own loop (train_epoch), so that
-# its figures are those of the code that trains, not of a copy
+# its figures are those of the code that trains, not of a copy (the demo data and its cache it makes by running
+# demo_data.py and cache.py)
 import train
-from cache import CachedImages, DeviceBatches, build_cache, cache_folder, images_on_device
-from dataset import FINDINGS, ChestXrayDataset, PngImages, SeededSampler, attach_image_paths, read_labels
-from demo_data import write_demo
-from devices import autocast_dtype, compile_support, cpu_has_native_bf16, device_name, select_device, synchronize
+from configurator import add_device_flags
+from dataset import FINDINGS, attach_image_paths, read_labels
+from devices import (
+    autocast_dtype,
+    compile_support,
+    cpu_has_native_bf16,
+    device_name,
+    select_device,
+    synchronize,
+    timed,
+)
+from images import CachedImages, PngImages, cache_folder, images_on_device
+from loaders import ChestXrayDataset, DeviceBatches, SeededSampler
 from model import FrozenBatchNorm, build_model
-from run_folder import EpochTotals
+from run_folder import EpochTotals, Training
 from transforms import WorkerAugment, augment_batch, augmentation_params, normalize
 
 NIH_TRAIN_IMAGES = 77_872  # train_val_list.txt (86,524) less a 10% validation split by patient
@@ -95,18 +107,22 @@ def input_rates(labels, folder, args):
 
 
 def training_parts(args, device, config):
-    """What train.build_training makes, for random weights: the model in the configuration's layout, fused AdamW on
-    its trainable parameters, the loss scaler (fp16 only) and the pos_weight-ed loss."""
+    """(a run_folder.Training, the autocast dtype) as train.build_training makes them, for random weights: the
+    model in the configuration's layout, fused AdamW on its trainable parameters, the loss scaler (fp16 only) and
+    the pos_weight-ed loss."""
     dtype = autocast_dtype(device, config["amp"])
     layout = torch.channels_last if config["channels_last"] else torch.contiguous_format
-    model = build_model(len(FINDINGS), "none", args.trainable_layers, 0.5).to(device, memory_format=layout)
+    backbone = getattr(args, "backbone", "resnet50")
+    model = build_model(len(FINDINGS), "none", args.trainable_layers, 0.5, backbone).to(device, memory_format=layout)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    return {
-        "model": model,
-        "optimizer": torch.optim.AdamW(trainable, lr=1e-5, fused=device.type in ("cuda", "cpu")),
-        "scaler": torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        "criterion": torch.nn.BCEWithLogitsLoss(pos_weight=torch.full((len(FINDINGS),), 5.0, device=device)),
-    }, dtype
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type in ("cuda", "cpu"))
+    return Training(
+        model=model,
+        optimizer=optimizer,
+        scheduler=None,
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        criterion=torch.nn.BCEWithLogitsLoss(pos_weight=torch.full((len(FINDINGS),), 5.0, device=device)),
+    ), dtype
 
 
 def device_batches(args, device, steps):
@@ -121,9 +137,9 @@ def device_batches(args, device, steps):
 def step_rates(args, device, config):
     """(project loop, bare loop, eval) images/s and the host's share of a bare step for one configuration."""
     parts, dtype = training_parts(args, device, config)
-    net = torch.compile(parts["model"], mode=args.compile_mode) if config["compile"] else parts["model"]
+    net = torch.compile(parts.model, mode=args.compile_mode) if config["compile"] else parts.model
     loop = train.Loop(device, dtype, config["channels_last"], image_size=args.image_size, show_progress=False)
-    warmup, timed = device_batches(args, device, args.warmup), device_batches(args, device, args.steps)
+    warmup, measured = device_batches(args, device, args.warmup), device_batches(args, device, args.steps)
     inputs = normalize(
         torch.randint(0, 256, (args.batch_size, 1, args.image_size, args.image_size), dtype=torch.uint8, device=device),
         config["channels_last"],
@@ -136,18 +152,18 @@ def step_rates(args, device, config):
 
     def bare_step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = parts["criterion"](net(inputs).float(), labels)
-        parts["optimizer"].zero_grad(set_to_none=True)
-        parts["scaler"].scale(loss).backward()
-        parts["scaler"].step(parts["optimizer"])
-        parts["scaler"].update()
+            loss = parts.criterion(net(inputs).float(), labels)
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(loss).backward()
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
 
     stop = train.StopRequest()
     try:
         project_loop(warmup, 0)
         project, bare = [], []
         for round_ in range(args.rounds):  # alternated, so that drifts of the machine touch both alike
-            seconds = _seconds(lambda epoch=round_ + 1: project_loop(timed, epoch), device)
+            seconds = timed(lambda epoch=round_ + 1: project_loop(measured, epoch), device)
             project.append(args.steps * args.batch_size / seconds)
             bare.append(args.batch_size / _seconds_per_call(bare_step, args, device))
         host_share = host_share_of_step(bare_step, device)
@@ -242,7 +258,7 @@ def device_input_rates(cached_images, targets, args, device):
         for images, _, seeds in batches:
             train.model_input(images, seeds, loop)
 
-    rate = len(batches) * args.rounds / sum(_seconds(epoch, device) for _ in range(args.rounds))
+    rate = len(batches) * args.rounds / sum(timed(epoch, device) for _ in range(args.rounds))
     return augment_seconds / args.batch_size * 1000, rate
 
 
@@ -341,7 +357,7 @@ def _loop_steps(device, steps, size, batch_size):
     def run():
         stop = train.StopRequest()
         try:
-            train.train_epoch(parts["model"], batches, parts, loop, 1, 0, EpochTotals(), stop)
+            train.train_epoch(parts.model, batches, parts, loop, 1, 0, EpochTotals(), stop)
         finally:
             stop.restore()
 
@@ -349,14 +365,6 @@ def _loop_steps(device, steps, size, batch_size):
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def _seconds(function, device):
-    synchronize(device)
-    started = time.perf_counter()
-    function()
-    synchronize(device)
-    return time.perf_counter() - started
 
 
 def _seconds_per_call(function, args, device):
@@ -383,9 +391,13 @@ def configurations(device, with_compile):
 
 
 def make_images(folder, count, load_size, workers):
-    """count NIH-like 1024 x 1024 PNGs (the demo phantoms, about 3 per patient) and their cache."""
-    write_demo(folder, patients=max(1, count // 3), size=SOURCE_SIZE)
-    build_cache(folder, load_size, workers=workers)
+    """count NIH-like 1024 x 1024 PNGs (the demo phantoms, about 3 per patient) and their cache, made by running
+    demo_data.py and cache.py as a user does."""
+    for command in (
+        ["demo_data.py", "--out", folder, "--patients", max(1, count // 3), "--size", SOURCE_SIZE],
+        ["cache.py", "--data_dir", folder, "--size", load_size, "--workers", max(workers, 1)],
+    ):
+        subprocess.run([sys.executable, *map(str, command)], cwd=Path(__file__).parent, check=True, capture_output=True)
     return attach_image_paths(read_labels(folder / "Data_Entry_2017_v2020.csv"), folder)
 
 
@@ -407,7 +419,7 @@ def parse_args(argv=None):
         choices=("default", "reduce-overhead", "max-autotune"),
         help="torch.compile mode; reduce-overhead replays the step as CUDA graphs (default: %(default)s)",
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), or a torch device")
+    add_device_flags(parser, amp=False)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, figures mean little")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)

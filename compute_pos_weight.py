@@ -1,8 +1,8 @@
 """Positives, negatives and BCEWithLogitsLoss pos_weight per finding.
 
-    python compute_pos_weight.py --csv Data_Entry_2017.csv [--train-list train_list.txt] [--out pos_weight.json]
+    python compute_pos_weight.py --csv Data_Entry_2017.csv [--train_list train_list.txt] [--out pos_weight.json]
 
-Counts over the images named in --train-list (one name per line), or over every row of the CSV. Count over
+Counts over the images named in --train_list (one name per line), or over every row of the CSV. Count over
 the training split only: weights from validation or test rows leak their label balance into training.
 train.py computes the same numbers from its own training split through the same dataset.py functions.
 """
@@ -39,7 +39,9 @@ def format_table(positives, negatives, weights):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", required=True, help="NIH label file (Data_Entry_2017.csv or the 2020 revision)")
-    parser.add_argument("--train-list", help="file of training image names, one per line (default: every row)")
+    parser.add_argument(
+        "--train_list", "--train-list", help="file of training image names, one per line (default: every row)"
+    )
     parser.add_argument("--policy", choices=POS_WEIGHT_POLICIES, default="ratio", help="ratio = neg/pos (default)")
     parser.add_argument("--cap", type=float, default=0.0, help="upper bound on a weight; 0 = none (default: 0)")
     parser.add_argument("--out", help="write {finding: pos_weight} as JSON here")

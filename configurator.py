@@ -1,23 +1,89 @@
-"""train.py's settings parser: its UPPER_CASE constants, then config files, then --name value flags.
+"""Settings, checked once when they are parsed: train.py's constants, config files and --name value flags; and the
+flags every command shares (--device, --amp, --out).
 
     python train.py config/demo.py --epochs 3 --batch_size=32
 
-The constants at the top of train.py are the defaults and the documentation: --help lists each with the
-comment beside it. A config file is Python of NAME = value lines (nanoGPT's convention); every value, from a
-file or a flag, is checked against its default's type, and an unknown name is an error that lists the valid ones.
+train.py's settings are its annotated UPPER_CASE constants, `NAME: Rule = default  # what it means`: the annotation
+says which values the setting may take, the default is its value, the comment is its --help. They are found as
+annotated assignments (Python's own parser), never by the look of a line, and --help lists each with its allowed
+values and default. A config file holds `NAME = value` lines of plain values (numbers, text, true/false, lists,
+None): it is read, never run, and anything else in it is an error naming the file and the line. Every value, from a
+file or a flag, is checked against its rule before the command writes or reads anything; a wrong one is one line
+that names the setting and lists what it may be. This file imports no torch: `python train.py --help` stays instant.
 """
 
 import argparse
-import re
+import ast
+import inspect
+import io
+import sys
+import tokenize
 from pathlib import Path
 
+from errors import SettingsError
 
-def settings(script, namespace):
-    """{NAME: (default, comment)} for the `NAME = value  # comment` lines of `script`, valued from `namespace`
-    (the script's globals()), so --help says exactly what the file says."""
-    source = Path(script).read_text(encoding="utf-8")
-    comments = re.findall(r"^([A-Z_]+) = .*?  # (.*)$", source, re.MULTILINE)
-    return {name: (namespace[name], comment) for name, comment in comments}
+
+class Rule:
+    """Which values a setting may take: its type (str, int, float, bool), a check, and the allowed values in words."""
+
+    def __init__(self, kind, allowed, check=None, values=()):
+        self.kind, self.allowed, self.check = kind, allowed, check or (lambda value: True)
+        self.values = values  # the allowed values, where they can be listed
+
+    def parse(self, text):
+        """A command-line value of this setting's type (argparse's `type`)."""
+        if self.kind is bool:
+            return _parse_bool(text)
+        try:
+            return self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_KIND_NAMES[self.kind]}") from None
+
+    def validate(self, name, value):
+        """Raise SettingsError, naming the setting and what it may be, unless `value` is allowed."""
+        typed = isinstance(value, self.kind) and not (self.kind is not bool and isinstance(value, bool))
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            typed = True  # 1 for 1.0
+        if not typed or not self.check(value):
+            raise SettingsError(f"{name} = {value!r}: it must be {self.allowed}")
+
+
+_KIND_NAMES = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}
+
+Text = Rule(str, "text")
+Flag = Rule(bool, "true or false")
+
+
+def OneOf(*values):  # noqa: N802 (read as a type in annotations: NAME: OneOf(...) = value)
+    return Rule(str, f"one of {', '.join(map(repr, values))}", lambda value: value in values, values)
+
+
+def AtLeast(minimum):  # noqa: N802
+    return Rule(type(minimum), f"{_KIND_NAMES[type(minimum)]} of at least {minimum}", lambda value: value >= minimum)
+
+
+def Above(minimum):  # noqa: N802
+    return Rule(float, f"a number above {minimum}", lambda value: value > minimum)
+
+
+def Between(low, high, *, low_included=True, high_included=False):  # noqa: N802
+    """A number from `low` to `high`, each end included or not."""
+    start, end = "[" if low_included else "(", "]" if high_included else ")"
+
+    def check(value):
+        return (low <= value if low_included else low < value) and (value <= high if high_included else value < high)
+
+    return Rule(float, f"a number in {start}{low}, {high}{end}", check)
+
+
+def CommaList(*names, alone):  # noqa: N802
+    """A comma-separated list of some of `names`, or the single word `alone`."""
+
+    def check(value):
+        chosen = [name.strip() for name in value.split(",") if name.strip()]
+        return chosen == [alone] or (bool(chosen) and all(name in names for name in chosen))
+
+    return Rule(str, f"{alone!r}, or a comma-separated list of {', '.join(names)}", check)
 
 
 def _parse_bool(text):
@@ -28,39 +94,131 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
-def parse_config(argv, known, description):
-    """The settings with config-file and command-line overrides applied, typed from their defaults."""
+# ----------------------------------------------------------------------------- finding a script's settings
+
+
+def rules(module):
+    """{NAME: Rule} of a module's settings: its annotated module-level names whose annotation is a Rule, in order."""
+    annotations = inspect.get_annotations(module)
+    return {name: rule for name, rule in annotations.items() if isinstance(rule, Rule)}
+
+
+def settings(module):
+    """{NAME: (default, comment)} of a module's settings (see rules), the comment being the one on its line."""
+    source = Path(module.__file__).read_text(encoding="utf-8")
+    comments = {
+        token.start[0]: token.string.lstrip("#").strip()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
+    lines = {
+        node.target.id: range(node.lineno, node.end_lineno + 1)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+    return {
+        name: (getattr(module, name), next((comments[k] for k in lines.get(name, ()) if k in comments), ""))
+        for name in rules(module)
+    }
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _parser(module, description):
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("config_files", nargs="*", metavar="CONFIG.py", help="files of NAME = value lines")
+    known, allowed = settings(module), rules(module)
     for name, (default, comment) in known.items():
-        kind = _parse_bool if isinstance(default, bool) else type(default)
-        metavar = type(default).__name__.upper()
-        parser.add_argument(f"--{name.lower()}", type=kind, metavar=metavar, help=f"{comment} (default: {default!r})")
+        rule = allowed[name]
+        parser.add_argument(
+            f"--{name.lower()}",
+            type=rule.parse,
+            metavar={str: "TEXT", int: "INT", float: "FLOAT", bool: "BOOL"}[rule.kind],
+            help=f"{comment}{'' if rule is Text else f'; {rule.allowed}'} (default: {default!r})",
+        )
+    return parser
+
+
+def exit_after_help(module):
+    """Print --help and exit when it is asked for: before the script imports torch, so it takes no time."""
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        _parser(module, module.__doc__).parse_args(["--help"])
+
+
+def parse_config(argv, module, description, check=None):
+    """The settings with config-file and command-line overrides applied, each checked against its rule, then
+    check(config) for the rules between settings; a wrong value exits with one line naming it (exit code 2)."""
+    parser = _parser(module, description)
     args, unknown = parser.parse_known_args(argv)
+    known = settings(module)
     if unknown:
         parser.error(f"unknown setting(s) {unknown}. Valid: {', '.join('--' + n.lower() for n in known)}")
     config = {name: default for name, (default, _) in known.items()}
-    for path in args.config_files:
-        config.update(_read_config_file(path, known, parser))
-    for name in known:
-        if getattr(args, name.lower()) is not None:
-            config[name] = getattr(args, name.lower())
+    try:
+        for path in args.config_files:
+            config.update(read_config_file(path, known))
+        for name in known:
+            if getattr(args, name.lower()) is not None:
+                config[name] = getattr(args, name.lower())
+        for name, rule in rules(module).items():
+            rule.validate(name, config[name])
+        if check is not None:
+            check(config)
+    except SettingsError as error:
+        parser.error(str(error))
     return config
 
 
-def _read_config_file(path, known, parser):
-    if not Path(path).is_file():
-        parser.error(f"config file not found: {path} (settings are given as --name value; config/demo.py is one)")
-    overrides = {}
-    exec(Path(path).read_text(encoding="utf-8"), {}, overrides)
-    overrides = {name: value for name, value in overrides.items() if not name.startswith("_")}
-    bad = [name for name in overrides if name not in known]
-    if bad:
-        parser.error(f"{path}: unknown setting(s) {bad}. Valid: {', '.join(known)}")
-    for name, value in overrides.items():
-        default = known[name][0]
-        if not isinstance(value, type(default)) and not (type(default) is float and type(value) is int):
-            parser.error(f"{path}: {name} = {value!r} should be a {type(default).__name__}, like {default!r}")
-    return overrides
+def read_config_file(path, known):
+    """{NAME: value} of a config file: `NAME = value` lines of plain values and comments, read and never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"config file not found: {path} (settings are --name value; config/demo.py is a file)")
+    source = path.read_text(encoding="utf-8")
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as error:
+        raise SettingsError(f"{path}, line {error.lineno}: not a NAME = value line ({error.msg})") from None
+    values = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise SettingsError(
+                f"{path}, line {node.lineno}: only NAME = value lines are allowed in a config file, not "
+                f"{ast.get_source_segment(source, node)!r} (a config file is read, never run)"
+            )
+        name = node.targets[0].id
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            raise SettingsError(
+                f"{path}, line {node.lineno}: {name} = {ast.get_source_segment(source, node.value)} is not a plain "
+                "value (a number, text in quotes, True/False, a list or None); a config file is read, never run"
+            ) from None
+        if name not in known:
+            raise SettingsError(f"{path}, line {node.lineno}: unknown setting {name}. Valid: {', '.join(known)}")
+        values[name] = value
+    return values
+
+
+# ----------------------------------------------------------------------------- flags every command shares
+
+
+def add_device_flags(parser, amp=True):
+    """--device (and --amp / --no-amp) as train.py's DEVICE and AMP mean them."""
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), or a torch device")
+    if amp:
+        parser.add_argument(
+            "--amp",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="bf16 (fp16 on GPUs before Ampere) and channels_last where training uses them; --no-amp: fp32 "
+            "(default: on)",
+        )
+
+
+def add_out_flag(parser, default, what, default_text=None):
+    """--out: where a command writes (a folder or a file)."""
+    parser.add_argument("--out", default=default, help=f"{what} (default: {default_text or default})")

@@ -6,7 +6,6 @@ of shape [1, S, S]; float conversion and ImageNet normalisation happen on the de
 """
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pandas as pd
 import torch
 
 from errors import DataError
-from films import IMAGE_SUFFIXES, load_image  # opening a film is films.py's job (torch-free)
+from images import index_images
 
 # The 14 findings in the order of the NIH paper and CheXNet; model outputs follow this order.
 FINDINGS = (
@@ -241,21 +240,6 @@ def pos_weight_from_counts(positives, negatives, policy="ratio", cap=0.0):
 # ----------------------------------------------------------------------------- images
 
 
-def index_images(data_dir):
-    """Map image name -> path for every image below data_dir, flat or in NIH's images_0NN/images/ folders."""
-    data_dir = Path(data_dir)
-    found = {}
-    duplicates = 0
-    for folder, _, files in os.walk(data_dir):
-        for name in files:
-            if name.lower().endswith(IMAGE_SUFFIXES):
-                duplicates += name in found
-                found.setdefault(name, Path(folder) / name)
-    if duplicates:
-        warnings.warn(f"{duplicates} image name(s) occur twice below {data_dir}; the first is used.", stacklevel=2)
-    return found
-
-
 def attach_image_paths(labels, data_dir, drop_missing=False):
     """Add a `path` column. Missing images are one clear error, or dropped with a warning when asked."""
     paths = labels["image_name"].map(index_images(data_dir))
@@ -272,75 +256,6 @@ def attach_image_paths(labels, data_dir, drop_missing=False):
     labels = labels[~missing].copy()
     labels["path"] = paths[~missing].map(str)
     return labels.reset_index(drop=True)
-
-
-class PngImages:
-    """Images decoded from their files on every access, resized to `size` (same resize as the cache)."""
-
-    def __init__(self, paths, size):
-        self.paths = [str(path) for path in paths]
-        self.size = size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        return load_image(self.paths[index], self.size)
-
-
-class ChestXrayDataset(torch.utils.data.Dataset):
-    """One image and its float32 targets [14]; `images` is anything indexable that returns uint8 [L, L] arrays.
-
-    An item is an index, giving (uint8 [1, S, S], targets), or (index, seed) from SeededSampler, giving
-    (image, targets, seed): the seed fixes the image's augmentation, so it depends on (SEED, epoch, image) alone
-    and a resumed run sees the same pixels as an uninterrupted one, whatever the number of workers. Without a
-    transform the image leaves as loaded (augmented later, batched on the device, from the seed);
-    transform(pixels) makes an evaluation view (films.eval_view) and transform(pixels, seed) augments in the
-    worker (transforms.WorkerAugment); both take and give uint8 numpy arrays.
-    """
-
-    def __init__(self, images, targets, transform=None):
-        self.images = images
-        self.targets = np.asarray(targets, dtype=np.float32)
-        self.transform = transform
-        if len(images) != len(self.targets):
-            raise ValueError(f"{len(images)} images but {len(self.targets)} target rows")
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        pixels, targets = self.images[index], torch.from_numpy(self.targets[index])
-        if self.transform is not None:
-            pixels = self.transform(pixels) if seed is None else self.transform(pixels, seed)
-        image = torch.from_numpy(pixels).unsqueeze(-3)  # [1, S, S], or [crops, 1, S, S]
-        return (image, targets) if seed is None else (image, targets, seed)
-
-
-class SeededSampler(torch.utils.data.Sampler):
-    """Wraps a sampler with set_epoch (DistributedSampler) and yields (index, seed) items for ChestXrayDataset.
-
-    The order depends on (seed, epoch) and each image's augmentation seed on (seed, epoch, index), so
-    resuming at any step of any epoch replays exactly what an uninterrupted run would have seen. `skip`
-    drops the first items of the epoch (the batches a resumed run has already trained on).
-    """
-
-    def __init__(self, sampler, seed):
-        self.sampler, self.seed, self.epoch, self.skip = sampler, seed, 0, 0
-
-    def set_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = epoch, skip
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self):
-        return len(self.sampler) - self.skip
-
-    def __iter__(self):
-        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
-        for position, index in enumerate(self.sampler):
-            if position >= self.skip:
-                yield index, (base + index) % 2**63
 
 
 def find_label_file(data_dir, csv_path=""):

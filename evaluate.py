@@ -27,20 +27,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cache import CachedImages, find_cache
-from dataset import (
-    FINDINGS,
-    ChestXrayDataset,
-    PngImages,
-    attach_image_paths,
-    find_label_file,
-    read_labels,
-    saved_split,
-)
-from devices import autocast_dtype, select_device, use_channels_last, worker_count
+from configurator import add_device_flags, add_out_flag
+from dataset import FINDINGS, attach_image_paths, find_label_file, read_labels, saved_split
+from devices import worker_count
 from errors import DataError, UserError
 from external import DATASETS, UNCERTAIN_POLICIES, model_scores, read_external
 from films import eval_view, five_views
+from images import CachedImages, PngImages, find_cache
+from inference import TorchModel, predict_logits, read_thresholds, thresholds_path, write_thresholds
+from loaders import ChestXrayDataset
 from localisation import (
     BOX_THRESHOLD,
     IOBB_THRESHOLDS,
@@ -59,8 +54,6 @@ from metrics import (
     mean_auroc,
     operating_point,
 )
-from model import load_checkpoint, model_from_checkpoint, predict_logits
-from predict import read_thresholds  # the operating points predictions are marked with
 from transforms import normalize
 
 CHEXNET_AUROC = {  # Rajpurkar et al. 2017, "CheXNet", Table 1 (a random patient split, not NIH's official one)
@@ -79,7 +72,7 @@ CHEXNET_AUROC = {  # Rajpurkar et al. 2017, "CheXNet", Table 1 (a random patient
     "Pleural_Thickening": 0.8062,
     "Hernia": 0.9164,
 }
-TTA_CROPS = 5  # transforms.tta_transform: four corners and the centre
+TTA_CROPS = 5  # films.five_views: four corners and the centre
 
 
 class AverageOverCrops(nn.Module):
@@ -141,9 +134,10 @@ def evaluation_images(rows, data_dir, load_size):
     return PngImages(rows["path"], load_size)
 
 
-def predict_probabilities(model, rows, config, args, device):
-    """Sigmoid outputs [images, findings] for the rows (a path column, and image_name for NIH's cache), batched
-    under inference_mode (AMP as in training)."""
+def predict_probabilities(model, rows, args):
+    """Sigmoid outputs [images, findings] of an inference.TorchModel for the rows (a path column, and image_name for
+    NIH's cache), batched under inference_mode (AMP as in training)."""
+    config, device = model.config, model.device
     view = partial(five_views if args.tta else eval_view, image_size=config["IMAGE_SIZE"])
     if args.dataset == "nih":
         images = evaluation_images(rows, args.data_dir or config["DATA_DIR"], config["LOAD_SIZE"])
@@ -152,16 +146,16 @@ def predict_probabilities(model, rows, config, args, device):
     dataset = ChestXrayDataset(images, np.zeros((len(rows), len(FINDINGS))), view)
     workers = worker_count(args.num_workers)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    channels_last = use_channels_last(device, args.amp)
-    net = AverageOverCrops(model, TTA_CROPS) if args.tta else model
+    net = AverageOverCrops(model.net, TTA_CROPS) if args.tta else model.net
 
     def prepare(batch):  # with TTA a batch is [N, crops, 1, S, S]: the crops become a larger batch
-        return normalize((batch.flatten(0, 1) if args.tta else batch).to(device, non_blocking=True), channels_last)
+        batch = batch.flatten(0, 1) if args.tta else batch
+        return normalize(batch.to(device, non_blocking=True), model.channels_last)
 
     def progress(batches):
         return tqdm(batches, desc=f"predicting {len(rows):,} images")
 
-    logits, _ = predict_logits(net, loader, prepare, autocast_dtype(device, args.amp), progress)
+    logits, _ = predict_logits(net, loader, prepare, model.dtype, progress)
     return torch.sigmoid(logits).numpy()
 
 
@@ -268,44 +262,35 @@ def parse_args(argv):
     )
     parser.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default: test)")
     parser.add_argument("--test_list", help="evaluate on these images (e.g. NIH's test_list.txt), not the run's split")
-    parser.add_argument("--out", help="report folder (default: evaluation/ beside the checkpoint)")
+    add_out_flag(parser, None, "report folder", "evaluation/ beside the checkpoint")
     parser.add_argument("--tta", action="store_true", help="average five crops per image (default: off)")
     parser.add_argument("--sensitivity", type=float, help="choose thresholds for this sensitivity, not Youden's J")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default: 1000)")
     parser.add_argument("--batch_size", type=int, default=64, help="default: 64")
     parser.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers; -1: from the CPU count")
-    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), or a torch device")
-    parser.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bf16 and channels_last where training uses them (model.autocast_dtype); --no-amp: fp32 (default: on)",
-    )
+    add_device_flags(parser)
     return parser.parse_args(argv)
 
 
 def evaluate(args):
-    device = select_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint, FINDINGS)
-    layout = torch.channels_last if use_channels_last(device, args.amp) else torch.contiguous_format
-    model = model_from_checkpoint(checkpoint).to(device, memory_format=layout)
+    model = TorchModel(args.checkpoint, args.device, args.amp)
+    checkpoint = model.checkpoint
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "evaluation"
     if args.dataset != "nih" and not args.out:
         out = out / args.dataset  # never over NIH's report (and its thresholds.json)
     out.mkdir(parents=True, exist_ok=True)
     about = {"checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"], "dataset": args.dataset}
     run = evaluate_nih if args.dataset == "nih" else evaluate_external
-    about, names, targets, probabilities, patients, thresholds, reference = run(args, checkpoint, model, device, about)
+    about, names, targets, probabilities, patients, thresholds, reference = run(args, model, about)
     rows = about.pop("rows", None)
     table, summary = build_report(names, targets, probabilities, patients, thresholds, args.bootstrap, reference)
     print(format_report(table, summary, "CheXNet" if args.dataset == "nih" else "-"))
     report = {**about, "tta": args.tta, "bootstrap_replicates": args.bootstrap, **summary}
     if args.dataset == "nih":
         policy = f"sensitivity {args.sensitivity}" if args.sensitivity else "youden"
-        threshold_file = {"policy": policy, "thresholds": dict(zip(FINDINGS, map(float, thresholds)))}
-        (out / "thresholds.json").write_text(json.dumps(threshold_file, indent=2) + "\n")
+        write_thresholds(out / "thresholds.json", policy, dict(zip(FINDINGS, thresholds)))
         report["threshold_policy"] = policy
-        table = localisation_section(args, checkpoint, model, device, rows, table, report, out)
+        table = localisation_section(args, model, rows, table, report, out)
     table.to_csv(out / "report.csv", index=False)
     report["findings"] = json.loads(table.to_json(orient="records"))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -314,9 +299,9 @@ def evaluate(args):
     return report
 
 
-def evaluate_nih(args, checkpoint, model, device, about):
+def evaluate_nih(args, model, about):
     """The run's test (or validation) split; thresholds chosen on its validation split."""
-    config = checkpoint["config"]
+    checkpoint, config = model.checkpoint, model.config
     split, source = run_split(checkpoint, args.checkpoint, args.test_list)
     has_validation = (split.split == "val").any()
     wanted = [args.split, "val"] if has_validation else [args.split]
@@ -328,12 +313,12 @@ def evaluate_nih(args, checkpoint, model, device, about):
     )
     if has_validation:
         validation = parts["val"]
-        val_probabilities = predict_probabilities(model, validation, config, args, device)
+        val_probabilities = predict_probabilities(model, validation, args)
         thresholds = choose_thresholds(validation[list(FINDINGS)].to_numpy(), val_probabilities, args.sensitivity)
     else:
         print("no validation split: no operating thresholds (thresholds.json will hold NaN)")
         thresholds = np.full(len(FINDINGS), np.nan)
-    probabilities = predict_probabilities(model, rows, config, args, device)
+    probabilities = predict_probabilities(model, rows, args)
     targets = rows[list(FINDINGS)].to_numpy(dtype=float)
     about |= {
         "split": args.split,
@@ -345,7 +330,7 @@ def evaluate_nih(args, checkpoint, model, device, about):
     return about, list(FINDINGS), targets, probabilities, rows.patient_id.to_numpy(), thresholds, CHEXNET_AUROC
 
 
-def evaluate_external(args, checkpoint, model, device, about):
+def evaluate_external(args, model, about):
     """Another dataset's frontal films, the findings that map onto ours; thresholds from NIH's validation split
     (evaluation/thresholds.json beside the checkpoint), where a finding maps to one of ours."""
     if not args.data_dir:
@@ -353,14 +338,12 @@ def evaluate_external(args, checkpoint, model, device, about):
     data = read_external(args.dataset, args.data_dir, args.csv, args.uncertain)
     names = list(data.mapping)
     print(
-        f"checkpoint {args.checkpoint} (epoch {checkpoint['epoch']}); {args.dataset} ({data.source}): "
+        f"checkpoint {args.checkpoint} (epoch {model.checkpoint['epoch']}); {args.dataset} ({data.source}): "
         f"{len(data.rows):,} frontal films of {data.rows.patient_id.nunique():,} patients; left out "
         f"{data.laterals:,} lateral and {data.other_views:,} other films; uncertain labels: {args.uncertain}"
     )
-    probabilities = model_scores(
-        predict_probabilities(model, data.rows, checkpoint["config"], args, device), data.mapping, FINDINGS
-    )
-    nih = read_thresholds(Path(args.checkpoint).parent / "evaluation" / "thresholds.json")
+    probabilities = model_scores(predict_probabilities(model, data.rows, args), data.mapping, FINDINGS)
+    nih = read_thresholds(thresholds_path(args.checkpoint))
     thresholds = np.array(
         [nih.get(mapped[0], np.nan) if len(mapped) == 1 else np.nan for mapped in data.mapping.values()]
     )
@@ -378,9 +361,9 @@ def evaluate_external(args, checkpoint, model, device, about):
     return about, names, targets, probabilities, data.rows.patient_id.to_numpy(), thresholds, None
 
 
-def localisation_section(args, checkpoint, model, device, rows, table, report, out):
+def localisation_section(args, model, rows, table, report, out):
     """Heat-map localisation against NIH-format boxes, when there are boxes: report entries, table columns, plot."""
-    config = checkpoint["config"]
+    config = model.config
     default = (
         find_label_file(args.data_dir or config["DATA_DIR"], args.csv or config["CSV"]).parent / "BBox_List_2017.csv"
     )
@@ -389,7 +372,7 @@ def localisation_section(args, checkpoint, model, device, rows, table, report, o
         if args.boxes not in (None, "none"):
             raise DataError(f"box file not found: {boxes_path}")
         return table
-    results, examples, outside = localise(model, read_boxes(boxes_path), rows, config, device, args.box_threshold)
+    results, examples, outside = localise(model, read_boxes(boxes_path), rows, args.box_threshold)
     print(f"localisation against {boxes_path} ({outside} boxed films outside the {args.split} split left out):")
     print(format_localisation(results))
     report["localisation"] = results

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from configurator import add_out_flag
 from dataset import FINDINGS
 from errors import UserError
 from films import EVAL_CROP_FRACTION
-from model import ARCHITECTURE, load_checkpoint, model_from_checkpoint
-from predict import read_thresholds  # the thresholds predictions are marked with, embedded for ONNX consumers
-from transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from inference import probability_graph, read_thresholds, thresholds_path
+from model import load_checkpoint, model_from_checkpoint
+from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 OPSET = 18  # ONNX Runtime 1.16 and later run it
 INPUT_CONTRACT = (
@@ -36,15 +37,15 @@ INPUT_CONTRACT = (
 
 
 class Deployable(nn.Module):
-    """uint8 evaluation crops -> probabilities: the normalisation and the sigmoid inside, so a consumer cannot get
-    them wrong."""
+    """uint8 evaluation crops -> probabilities (inference.probability_graph): the normalisation and the sigmoid
+    inside, so a consumer cannot get them wrong."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, image):
-        return torch.sigmoid(self.model(normalize(image)))
+        return probability_graph(self.model, image)
 
 
 def metadata(checkpoint, thresholds):
@@ -59,14 +60,14 @@ def metadata(checkpoint, thresholds):
         "input": INPUT_CONTRACT,
         "output": "probabilities: float32 [N, findings], sigmoid outputs in the order of 'findings'",
         "thresholds": json.dumps(thresholds),
-        "architecture": ARCHITECTURE,
+        "architecture": checkpoint["architecture"],
         "epoch": str(checkpoint["epoch"]),
         "config": config_json,
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
     }
 
 
-def export(checkpoint_path, out, thresholds_path=None):
+def export(checkpoint_path, out, thresholds_file=None):
     """Write the ONNX file; returns its metadata."""
     import onnx
 
@@ -88,7 +89,7 @@ def export(checkpoint_path, out, thresholds_path=None):
         external_data=False,
         verbose=False,
     )
-    thresholds = read_thresholds(thresholds_path or Path(checkpoint_path).parent / "evaluation" / "thresholds.json")
+    thresholds = read_thresholds(thresholds_file or thresholds_path(checkpoint_path))
     properties = metadata(checkpoint, thresholds)
     proto = onnx.load(str(out))
     for key, value in properties.items():
@@ -101,7 +102,7 @@ def export(checkpoint_path, out, thresholds_path=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (e.g. best.pth)")
-    parser.add_argument("--out", default="model.onnx", help="the ONNX file to write (default: %(default)s)")
+    add_out_flag(parser, "model.onnx", "the ONNX file to write")
     parser.add_argument("--thresholds", help="thresholds.json (default: evaluation/thresholds.json by the checkpoint)")
     args = parser.parse_args(argv)
     try:

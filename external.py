@@ -16,8 +16,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from dataset import index_images
 from errors import DataError
+from films import FRONTAL_VIEWS, LATERAL_VIEWS
+from images import index_images
 
 DATASETS = ("chexpert", "mimic", "padchest")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
@@ -51,8 +52,6 @@ PADCHEST_MAPPING = {  # reported name: (PadChest label strings, the model's find
     "Hernia": (("hiatal hernia",), ("Hernia",)),
 }
 MAPPINGS = {"chexpert": CHEXPERT_MAPPING, "mimic": CHEXPERT_MAPPING, "padchest": PADCHEST_MAPPING}
-FRONTAL_VIEWS = {"PA", "AP", "AP_HORIZONTAL", "FRONTAL"}  # AP_horizontal: PadChest's supine AP films
-LATERAL_VIEWS = {"L", "LL", "RL", "LATERAL", "LAT"}
 
 
 class External(NamedTuple):

@@ -21,7 +21,9 @@ DICOM_SUFFIXES = (".dcm", ".dicom")  # predict.py and app.py read these too
 EVAL_CROP_FRACTION = 0.875  # evaluation: resize to IMAGE_SIZE / this, then centre-crop IMAGE_SIZE (the field of
 # view of an average training crop)
 FRONTAL_MODALITIES = ("CR", "DX")  # computed and digital radiography: what NIH's films are
-LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD")  # DICOM ViewPosition values of side views
+FRONTAL_VIEWS = {"PA", "AP", "AP_HORIZONTAL", "FRONTAL"}  # projections of frontal films (AP_horizontal: PadChest's
+# supine AP films)
+LATERAL_VIEWS = {"L", "LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}  # side views: DICOM ViewPosition and datasets' own
 DECODER_PACKAGES = {  # transfer syntax UID prefix -> the pydicom plugin that decodes it
     "1.2.840.10008.1.2.4.5": "pylibjpeg-libjpeg",  # JPEG baseline / extended
     "1.2.840.10008.1.2.4.7": "pylibjpeg-libjpeg",  # JPEG lossless

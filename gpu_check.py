@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from configurator import add_device_flags
 from dataset import FINDINGS
 from devices import device_name, select_device
 from errors import UserError
@@ -223,9 +224,7 @@ def main(argv=None):
     parser.add_argument("--json", default="gpu_check.json", help="where to write the results (default: %(default)s)")
     parser.add_argument("--skip_compile", action="store_true", help="leave out torch.compile (a minute or more)")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder)")
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda, else mps), or a torch device; cpu checks the checks"
-    )
+    add_device_flags(parser, amp=False)  # --device cpu checks the checks themselves
     parser.add_argument("--quick", action="store_true", help="bench.py --quick (its figures then mean little)")
     args = parser.parse_args(argv)
     try:

@@ -1,6 +1,7 @@
-"""Grad-CAM heat maps: the raw map of a finding (the grad-cam library on layer4), and the same map drawn on the film
-a person reads, at 512 px or more, labelled with the finding, its probability and its threshold, with a colour
-scale; one sheet per film beside its top maps. predict.py, app.py and evaluate.py's localisation all use these.
+"""Grad-CAM heat maps: the raw map of a finding (the grad-cam library on the backbone's last block, model.cam_layer),
+and the same map drawn on the film a person reads, at 512 px or more, labelled with the finding, its probability and
+its threshold, with a colour scale; one sheet per film beside its top maps. predict.py, app.py, evaluate.py's
+localisation and train.py's TensorBoard maps all use these.
 """
 
 import numpy as np
@@ -12,6 +13,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from films import crop_to_original
+from inference import crop_probabilities
+from model import cam_layer
 from transforms import normalize
 
 DISPLAY_SHORT_SIDE = (512, 1024)  # the drawn film's short side: at least 512 px (readable), at most 1024 (file size)
@@ -23,7 +26,7 @@ SHEET_HEIGHT = 512  # px: each panel of a sheet
 
 def grad_cam(model):
     """A Grad-CAM over the model's last block (use as a context manager: it removes its hooks on exit)."""
-    return GradCAM(model=model, target_layers=[model.layer4[-1]])
+    return GradCAM(model=model, target_layers=[cam_layer(model)])
 
 
 def heat_map(cam, image, finding_index, device):
@@ -35,7 +38,7 @@ def heat_map(cam, image, finding_index, device):
 def heat_maps(cam, image, finding_indices, device):
     """Grad-CAM of several findings of one crop, in one forward and backward pass (the crop repeated as a batch)."""
     batch = torch.as_tensor(image).unsqueeze(0).expand(len(finding_indices), -1, -1, -1).to(device)
-    input_tensor = normalize(batch).requires_grad_(True)  # a gradient even when layer4 is frozen
+    input_tensor = normalize(batch).requires_grad_(True)  # a gradient even when the last block is frozen
     return list(cam(input_tensor=input_tensor, targets=[ClassifierOutputTarget(k) for k in finding_indices]))
 
 
@@ -132,19 +135,32 @@ def sheet(original, name, overlays):
     return out
 
 
+def film_overlays(model, film, probabilities, top):
+    """[(finding, overlay image)] of a film's top findings (model: an inference.TorchModel; film: films.prepare's):
+    the one heat-map drawing of predict.py and the page."""
+    order = [int(k) for k in np.argsort(-probabilities)[:top]]
+    geometry = film_geometry(film.original, model.load_size, model.image_size)
+    with grad_cam(model.net) as cam:
+        masks = heat_maps(cam, film.crop[None], order, model.device)
+    drawn = []
+    for k, mask in zip(order, masks):
+        finding = model.findings[k]
+        threshold = model.thresholds.get(finding)
+        drawn.append((finding, overlay(film.original, mask, geometry, finding, probabilities[k], threshold)))
+    return drawn
+
+
 def top_finding_overlays(model, crops, findings, device):
     """For a few evaluation crops (uint8 [S, S]): the heat map of each one's most probable finding drawn on the crop,
     as RGB uint8 arrays (TensorBoard shows them every epoch). Leaves the model in the mode it found it in."""
     was_training = model.training
     model.eval()
     drawn = []
+    probabilities = crop_probabilities(model, np.stack(crops), device) if len(crops) else []
     with grad_cam(model) as cam:
-        for crop in crops:
-            with torch.no_grad():
-                batch = normalize(torch.as_tensor(crop)[None, None].to(device))
-                probabilities = torch.sigmoid(model(batch).float())[0].cpu()
-            k = int(probabilities.argmax())
+        for crop, row in zip(crops, probabilities):
+            k = int(row.argmax())
             mask = heat_map(cam, crop[None], k, device)
-            drawn.append(np.asarray(overlay(crop, mask, (1, 0, 1, 0), findings[k], float(probabilities[k]))))
+            drawn.append(np.asarray(overlay(crop, mask, (1, 0, 1, 0), findings[k], float(row[k]))))
     model.train(was_training)
     return drawn

@@ -6,15 +6,16 @@ or augmented in the workers; validation images leave as evaluation crops (films.
 import signal
 from functools import partial
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cache import CachedImages, DeviceBatches, find_cache, images_on_device, memory_for_images
-from dataset import FINDINGS, ChestXrayDataset, PngImages, SeededSampler
+from dataset import FINDINGS
 from devices import worker_count
 from errors import DataError
 from films import eval_view
-from transforms import WorkerAugment
+from images import CachedImages, PngImages, find_cache, images_on_device, memory_for_images
+from transforms import WorkerAugment, mix_seed
 
 
 def make_loaders(config, labels, split, device, rank, world_size, log):
@@ -110,3 +111,84 @@ def cache_on_device(config, cache, count, device, log):
         return False
     log(f"images: {count:,} cached images ({size / 1e9:.2f} GB) held in {device} memory; batches drawn by index")
     return True
+
+
+class ChestXrayDataset(torch.utils.data.Dataset):
+    """One image and its float32 targets [14]; `images` is anything indexable that returns uint8 [L, L] arrays.
+
+    An item is an index, giving (uint8 [1, S, S], targets), or (index, seed) from SeededSampler, giving
+    (image, targets, seed): the seed fixes the image's augmentation, so it depends on (SEED, epoch, image) alone
+    and a resumed run sees the same pixels as an uninterrupted one, whatever the number of workers. Without a
+    transform the image leaves as loaded (augmented later, batched on the device, from the seed);
+    transform(pixels) makes an evaluation view (films.eval_view) and transform(pixels, seed) augments in the
+    worker (transforms.WorkerAugment); both take and give uint8 numpy arrays.
+    """
+
+    def __init__(self, images, targets, transform=None):
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.transform = transform
+        if len(images) != len(self.targets):
+            raise ValueError(f"{len(images)} images but {len(self.targets)} target rows")
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        pixels, targets = self.images[index], torch.from_numpy(self.targets[index])
+        if self.transform is not None:
+            pixels = self.transform(pixels) if seed is None else self.transform(pixels, seed)
+        image = torch.from_numpy(pixels).unsqueeze(-3)  # [1, S, S], or [crops, 1, S, S]
+        return (image, targets) if seed is None else (image, targets, seed)
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """Wraps a sampler with set_epoch (DistributedSampler) and yields (index, seed) items for ChestXrayDataset.
+
+    The order depends on (seed, epoch) and each image's augmentation seed on (seed, epoch, index), so
+    resuming at any step of any epoch replays exactly what an uninterrupted run would have seen. `skip`
+    drops the first items of the epoch (the batches a resumed run has already trained on).
+    """
+
+    def __init__(self, sampler, seed):
+        self.sampler, self.seed, self.epoch, self.skip = sampler, seed, 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+    def __iter__(self):
+        for position, index in enumerate(self.sampler):
+            if position >= self.skip:
+                yield index, mix_seed(self.seed, self.epoch, index)
+
+
+class DeviceBatches:
+    """Batches of images held in device memory, drawn by index in the sampler's order: what a DataLoader over
+    dataset.ChestXrayDataset (no transform) yields, i.e. (uint8 [B, 1, L, L], targets) for index samplers and
+    (images, targets, seeds) for SeededSampler; the seeds stay on the host, where the augmentation parameters
+    are drawn."""
+
+    def __init__(self, images, targets, sampler, batch_size, drop_last=False):
+        self.images, self.sampler = images, sampler
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32), device=images.device)
+        self.batch_size, self.drop_last = batch_size, drop_last
+
+    def __len__(self):
+        count = len(self.sampler)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def __iter__(self):
+        items = list(self.sampler)
+        seeded = bool(items) and isinstance(items[0], tuple)
+        indices = torch.tensor([item[0] for item in items] if seeded else items, dtype=torch.long)
+        seeds = torch.tensor([item[1] for item in items], dtype=torch.long) if seeded else None
+        indices = indices.to(self.images.device)  # the epoch's order uploaded once, not a blocking copy every step
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = indices[start : start + self.batch_size]
+            batch = (self.images[index].unsqueeze(1), self.targets[index])
+            yield (*batch, seeds[start : start + self.batch_size]) if seeded else batch

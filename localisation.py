@@ -104,18 +104,18 @@ def accuracy(records):
     }
 
 
-def localise(model, boxes, rows, config, device, threshold=BOX_THRESHOLD):
-    """({finding: accuracy(...)}, examples for localisation.png, boxed films outside the evaluated rows)."""
+def localise(model, boxes, rows, threshold=BOX_THRESHOLD):
+    """({finding: accuracy(...)}, examples for localisation.png, boxed films outside the evaluated rows), for an
+    inference.TorchModel."""
     paths = dict(zip(rows.image_name, rows.path))
     outside = int((~boxes.image_name.isin(paths)).sum())
     boxes = boxes[boxes.image_name.isin(paths)]
     records, examples = defaultdict(list), []
-    model.eval()
-    with grad_cam(model) as cam:
+    with grad_cam(model.net) as cam:
         for image_name, group in tqdm(boxes.groupby("image_name", sort=True), desc="localisation", unit="film"):
-            film = prepare(paths[image_name], config["LOAD_SIZE"], config["IMAGE_SIZE"])
-            geometry = crop_to_original(film.original.shape[::-1], config["LOAD_SIZE"], config["IMAGE_SIZE"])
-            masks = heat_maps(cam, film.crop[None], [FINDINGS.index(f) for f in group.finding], device)
+            film = prepare(paths[image_name], model.load_size, model.image_size)
+            geometry = crop_to_original(film.original.shape[::-1], model.load_size, model.image_size)
+            masks = heat_maps(cam, film.crop[None], [FINDINGS.index(f) for f in group.finding], model.device)
             for box, mask in zip(group.itertuples(), masks):
                 truth = (box.x, box.y, box.x + box.w, box.y + box.h)
                 predicted = [to_original(found, geometry) for found in boxes_from_map(mask, threshold)]

@@ -1,23 +1,86 @@
-"""The ResNet-50 (ImageNet weights, early blocks frozen, Dropout + Linear head), inference, and checkpoint I/O: the
-only file that calls torch.save / torch.load (checkpoints always load onto the CPU)."""
+"""The networks (BACKBONE: torchvision's ResNet-50, DenseNet-121 or ConvNeXt-Tiny, ImageNet weights, early blocks
+frozen, a Dropout + Linear head) and checkpoint I/O: the only file that calls torch.save / torch.load (checkpoints
+always load onto the CPU). Only this file knows a backbone's insides: its blocks for TRAINABLE_LAYERS, its BatchNorm,
+its head, the layer Grad-CAM reads (cam_layer) and its feature size (features_of)."""
 
 import os
+import pickle
 import shutil
 import tempfile
 import urllib.error
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
+from torchvision import models
 from torchvision.ops import FrozenBatchNorm2d
 
 from errors import CheckpointError
 
-ARCHITECTURE = "resnet50"
-BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")  # in forward order; "stem" is conv1 + bn1
-IMAGENET_WEIGHTS = ResNet50_Weights.IMAGENET1K_V2  # torchvision's best ResNet-50 ImageNet weights
+BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")  # every backbone's blocks, in forward order
+
+
+class Backbone(NamedTuple):
+    """What this project needs to know of a torchvision network; module paths as model.get_submodule takes them."""
+
+    title: str  # its name in messages
+    build: object  # torchvision's constructor
+    weights: object  # its best ImageNet weights
+    blocks: dict  # BLOCKS name -> the modules that make it
+    head: str  # the classifier Linear, replaced by Dropout + Linear(features, findings)
+    cam_layer: str  # the last block's output, whose activations and gradients Grad-CAM reads
+    features: int  # the width of the pooled features the head reads
+
+
+BACKBONES = {
+    "resnet50": Backbone(
+        "ResNet-50",
+        models.resnet50,
+        models.ResNet50_Weights.IMAGENET1K_V2,
+        {
+            "stem": ("conv1", "bn1"),
+            "layer1": ("layer1",),
+            "layer2": ("layer2",),
+            "layer3": ("layer3",),
+            "layer4": ("layer4",),
+        },
+        head="fc",
+        cam_layer="layer4",
+        features=2048,
+    ),
+    "densenet121": Backbone(  # CheXNet's network; a transition (norm, conv, pool) starts the next block
+        "DenseNet-121",
+        models.densenet121,
+        models.DenseNet121_Weights.IMAGENET1K_V1,
+        {
+            "stem": ("features.conv0", "features.norm0"),
+            "layer1": ("features.denseblock1",),
+            "layer2": ("features.transition1", "features.denseblock2"),
+            "layer3": ("features.transition2", "features.denseblock3"),
+            "layer4": ("features.transition3", "features.denseblock4", "features.norm5"),
+        },
+        head="classifier",
+        cam_layer="features",
+        features=1024,
+    ),
+    "convnext_tiny": Backbone(  # LayerNorm, no BatchNorm; a downsampling layer starts each later stage
+        "ConvNeXt-Tiny",
+        models.convnext_tiny,
+        models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1,
+        {
+            "stem": ("features.0",),
+            "layer1": ("features.1",),
+            "layer2": ("features.2", "features.3"),
+            "layer3": ("features.4", "features.5"),
+            "layer4": ("features.6", "features.7"),
+        },
+        head="classifier.2",
+        cam_layer="features.7",
+        features=768,
+    ),
+}
 
 
 class FrozenBatchNorm(FrozenBatchNorm2d):
@@ -42,24 +105,56 @@ class FrozenBatchNorm(FrozenBatchNorm2d):
         return torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
 
 
-def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", dropout=0.5):
-    """ResNet-50 with fc replaced by Dropout(dropout) -> Linear(2048, num_findings).
+def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", dropout=0.5, backbone="resnet50"):
+    """A backbone of BACKBONES with its classifier replaced by Dropout(dropout) -> Linear(features, num_findings).
 
-    pretrained: "imagenet" (torchvision download and cache), "none" (random init) or a path to a local
-    ResNet-50 state dict. trainable_layers: comma-separated blocks of BLOCKS that train, or "all"; the head
-    always trains. Frozen blocks get FrozenBatchNorm2d, so their statistics cannot drift in train mode.
+    pretrained: "imagenet" (torchvision download and cache), "none" (random init) or a path to a local state dict of
+    the same torchvision network. trainable_layers: comma-separated BLOCKS that train, "all" or "head"; the head
+    always trains. Frozen blocks' BatchNorm becomes FrozenBatchNorm, so its statistics cannot drift in train mode.
     """
+    spec = backbone_spec(backbone)
     # zero_init_residual: each residual block starts as the identity (Goyal et al. 2017), which trains a random init
-    # markedly faster (the demo at 56 px, 6 epochs: test mean AUROC 0.92 against 0.88); pretrained weights overwrite it
-    model = resnet50(weights=None, zero_init_residual=True)
+    # markedly faster (measured on the demo when it ran at 56 px, 6 epochs: test mean AUROC 0.92 against 0.88);
+    # pretrained weights overwrite it
+    model = spec.build(weights=None, **({"zero_init_residual": True} if backbone == "resnet50" else {}))
     if str(pretrained).lower() not in ("none", "false", ""):
-        model.load_state_dict(_pretrained_state_dict(pretrained))
-    model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(model.fc.in_features, num_findings))
+        model.load_state_dict(_pretrained_state_dict(pretrained, backbone))
+    model.backbone = backbone  # a plain attribute: cam_layer and features_of read it
+    new_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.features, num_findings))
+    parent, _, name = spec.head.rpartition(".")
+    setattr(model.get_submodule(parent), name, new_head)
     for block in frozen_blocks(trainable_layers):
-        for module in [model.conv1, model.bn1] if block == "stem" else [getattr(model, block)]:
-            module.requires_grad_(False)
+        for path in spec.blocks[block]:
+            model.get_submodule(path).requires_grad_(False)
     _freeze_batchnorm(model)
     return model
+
+
+def backbone_spec(backbone):
+    if backbone not in BACKBONES:
+        raise CheckpointError(f"backbone {backbone!r}: this code builds {', '.join(BACKBONES)}")
+    return BACKBONES[backbone]
+
+
+def head(model):
+    """The Dropout + Linear head of a model built by build_model."""
+    return unwrap(model).get_submodule(BACKBONES[unwrap(model).backbone].head)
+
+
+def cam_layer(model):
+    """The module whose output Grad-CAM reads: the last block's (layer4's) feature map."""
+    return unwrap(model).get_submodule(BACKBONES[unwrap(model).backbone].cam_layer)
+
+
+def pooled_features(model, images):
+    """The pooled features the head reads, float32 [N, features], from one forward pass (a hook on the head)."""
+    captured = []
+    handle = head(model).register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].float()))
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def init_head_bias(model, positives, negatives, pos_weight):
@@ -71,8 +166,9 @@ def init_head_bias(model, positives, negatives, pos_weight):
     positives = np.maximum(np.asarray(positives, dtype=np.float64), 1)
     negatives = np.maximum(np.asarray(negatives, dtype=np.float64), 1)
     prior = np.log(np.asarray(pos_weight, dtype=np.float64) * positives / negatives)
+    bias = head(model)[-1].bias
     with torch.no_grad():
-        model.fc[-1].bias.copy_(torch.as_tensor(prior, dtype=model.fc[-1].bias.dtype))
+        bias.copy_(torch.as_tensor(prior, dtype=bias.dtype))
 
 
 def frozen_blocks(trainable_layers):
@@ -81,8 +177,8 @@ def frozen_blocks(trainable_layers):
     if names == ["all"]:
         return []
     unknown = [name for name in names if name not in BLOCKS + ("head",)]
-    if unknown:
-        raise ValueError(f"trainable_layers {unknown}: use 'all' or names from {BLOCKS + ('head',)}")
+    if unknown or not names:
+        raise ValueError(f"trainable_layers {unknown or names}: use 'all', 'head' or names from {', '.join(BLOCKS)}")
     return [block for block in BLOCKS if block not in names]
 
 
@@ -97,16 +193,17 @@ def _freeze_batchnorm(module):
             _freeze_batchnorm(child)
 
 
-def _pretrained_state_dict(pretrained):
+def _pretrained_state_dict(pretrained, backbone):
+    weights, title = BACKBONES[backbone].weights, BACKBONES[backbone].title
     if str(pretrained).lower() in ("imagenet", "true"):
         try:
-            return IMAGENET_WEIGHTS.get_state_dict(progress=True, check_hash=True)
+            return weights.get_state_dict(progress=True, check_hash=True)
         except (urllib.error.URLError, OSError, RuntimeError) as error:
-            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
             raise CheckpointError(
-                f"could not download the ImageNet ResNet-50 weights ({IMAGENET_WEIGHTS.url}): {error}\n"
+                f"could not download the ImageNet {title} weights ({weights.url}): {error}\n"
                 f"  - download that file elsewhere and place it at {cached}, or\n"
-                "  - set PRETRAINED to the path of a local ResNet-50 weights file (--pretrained path/to/file.pth), or\n"
+                f"  - set PRETRAINED to a local {title} weights file (--pretrained path/to/file.pth), or\n"
                 "  - set PRETRAINED to none to start from random weights (much worse on real X-rays)."
             ) from error
     path = Path(pretrained)
@@ -114,36 +211,16 @@ def _pretrained_state_dict(pretrained):
         raise CheckpointError(f"PRETRAINED={pretrained!r} is neither 'imagenet', 'none' nor an existing file.")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
-    expected = resnet50(weights=None).state_dict().keys()
+    expected = BACKBONES[backbone].build(weights=None).state_dict().keys()
     if not isinstance(state, dict) or set(state) != set(expected):
-        raise CheckpointError(f"{path} is not a torchvision ResNet-50 state dict (keys do not match).")
+        raise CheckpointError(f"{path} is not a torchvision {title} state dict (keys do not match).")
     return state
-
-
-# ----------------------------------------------------------------------------- inference
 
 
 def unwrap(model):
     """The bare model under DistributedDataParallel and torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
-
-
-@torch.inference_mode()
-def predict_logits(model, loader, prepare, dtype=None, progress=None):
-    """Run the model over a loader of (uint8 images, targets); returns float32 logits and targets (CPU).
-
-    prepare: turns a uint8 batch into the model's input on its device (transforms.eval_batch).
-    """
-    model.eval()
-    all_logits, all_targets = [], []
-    for images, targets in progress(loader) if progress else loader:
-        images = prepare(images)
-        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(images)
-        all_logits.append(logits.float())
-        all_targets.append(targets)
-    return torch.cat(all_logits).cpu(), torch.cat(all_targets).cpu()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -183,22 +260,31 @@ def copy_checkpoint(source, destination):
 
 
 def load_checkpoint(path, findings):
-    """Load a checkpoint with weights_only=True (a .pth from elsewhere is code otherwise) and check that it is
-    a cxr14 checkpoint of the same architecture and findings. Always onto the CPU: the split's codes and the RNG
-    state must stay there (numpy, torch.set_rng_state), and the model, optimizer and scaler move their own tensors
-    to the device as their state is loaded."""
+    """Load a checkpoint with weights_only=True (a .pth from elsewhere is code otherwise) and check that it is a
+    cxr14 checkpoint of a backbone this code builds and of the same findings. Always onto the CPU: the split's codes
+    and the RNG state must stay there (numpy, torch.set_rng_state), and the model, optimizer and scaler move their own
+    tensors to the device as their state is loaded."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors of many kinds: all mean "not a checkpoint we can trust"
-        raise CheckpointError(f"cannot load {path} as a weights-only checkpoint: {error}") from error
+    except Exception as error:  # of many kinds: each means "not a checkpoint of this project"
+        if isinstance(error, pickle.UnpicklingError):
+            what = "it holds Python objects besides tensors and numbers, and loading those would run their code"
+        else:
+            what = "it is not a file that torch.save wrote"
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project: {what}. Checkpoints are the .pth files train.py writes "
+            "(epoch_NN.pth, best.pth, interrupted.pth); load only those, or files of a source you trust."
+        ) from None
     missing = [key for key in ("model", "config", "findings", "architecture") if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not a cxr14 training checkpoint (missing {missing}).")
-    if checkpoint["architecture"] != ARCHITECTURE:
-        raise CheckpointError(f"{path} holds a {checkpoint['architecture']!r} model; this code builds {ARCHITECTURE}.")
+    if checkpoint["architecture"] not in BACKBONES:
+        raise CheckpointError(
+            f"{path} holds a {checkpoint['architecture']!r} model; this code builds {', '.join(BACKBONES)}."
+        )
     if list(checkpoint["findings"]) != list(findings):
         raise CheckpointError(
             f"{path} was trained on findings {list(checkpoint['findings'])}, which differ from {list(findings)}."
@@ -207,13 +293,14 @@ def load_checkpoint(path, findings):
 
 
 def model_from_checkpoint(checkpoint):
-    """The trained model, rebuilt from the checkpoint's own config (no constants here to drift)."""
+    """The trained model, rebuilt from the checkpoint's own config and backbone (no constants here to drift)."""
     config = checkpoint["config"]
     model = build_model(
         len(checkpoint["findings"]),
         pretrained="none",
         trainable_layers=config["TRAINABLE_LAYERS"],
         dropout=config["DROPOUT"],
+        backbone=checkpoint["architecture"],
     )
     model.load_state_dict(checkpoint["model"])
     return model

@@ -3,11 +3,13 @@
 metrics.csv and training_curves.png every epoch, the summary table at the end, and TensorBoard events
 (tensorboard --logdir checkpoints): losses, learning rate, images/s, validation AUROC per finding,
 precision-recall curves, a few validation heat maps per epoch, and the settings as hparams. Only rank 0 writes; a
-resumed run appends to its events without duplicated steps."""
+resumed run appends to its events without duplicated steps. Also the records of a run's state: what trains
+(Training), where it is (Position, EpochTotals) and what each epoch measured (EpochMetrics).
+"""
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +18,15 @@ import pandas as pd
 from dataset import FINDINGS, save_split
 from devices import dtype_name, rng_state, set_rng_state
 from errors import CheckpointError, DataError
-from model import ARCHITECTURE, copy_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from model import copy_checkpoint, load_checkpoint, save_checkpoint, unwrap
 
 HEAT_MAP_IMAGES = 4  # validation films drawn with the heat map of their top finding, per epoch
 LOG_EVERY = 10  # training steps between TensorBoard points
-
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch_totals")  # what only a resume needs
 
 # the settings a resumed run must share with its start, or it is another experiment
 RUN_DEFINING = (
+    "BACKBONE",
     "IMAGE_SIZE",
     "LOAD_SIZE",
     "BATCH_SIZE",
@@ -33,6 +36,18 @@ RUN_DEFINING = (
     "POS_WEIGHT_CAP",
     "SEED",
 )
+
+
+@dataclass
+class Training:
+    """What trains: built once per run (train.build_training), saved in every checkpoint, restored on resume."""
+
+    model: object  # the bare network (DDP and torch.compile wrap it elsewhere)
+    optimizer: object
+    scheduler: object
+    scaler: object  # GradScaler: enabled under fp16 only
+    criterion: object  # the pos_weight-ed BCEWithLogitsLoss
+    split: dict = None  # dataset.split_record: every checkpoint carries the run's split
 
 
 @dataclass
@@ -54,7 +69,37 @@ class EpochTotals:
         return self.loss_sum / max(self.images, 1)
 
 
+@dataclass
+class EpochMetrics:
+    """One epoch of a run. Each field is a column of metrics.csv and a checkpoint's history (row()), and the
+    numeric ones a TensorBoard scalar (scalars()); the curves and the summary read the same fields."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_mean_auroc: float
+    lr: float
+    seconds: float
+    aurocs: dict = field(default_factory=dict)  # finding: validation AUROC
+
+    def scalars(self):
+        """{field: value} of the epoch's figures (what TensorBoard plots per epoch)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("epoch", "seconds", "aurocs")}
+
+    def row(self):
+        """The flat row of metrics.csv and of a checkpoint's history (auroc_FINDING columns)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "aurocs"}
+        return {**values, **{f"auroc_{finding}": float(value) for finding, value in self.aurocs.items()}}
+
+    @classmethod
+    def from_row(cls, row):
+        names = [f.name for f in fields(cls) if f.name != "aurocs"]
+        aurocs = {name[len("auroc_") :]: value for name, value in row.items() if name.startswith("auroc_")}
+        return cls(**{name: row[name] for name in names}, aurocs=aurocs)
+
+
 def check_same_run(config, saved, path):
+    saved = {"BACKBONE": "resnet50", **saved}  # checkpoints from before BACKBONE were ResNet-50s
     changed = {name: (saved[name], config[name]) for name in RUN_DEFINING if saved.get(name) != config[name]}
     if changed:
         differences = ", ".join(f"{name.lower()} {old!r} -> {new!r}" for name, (old, new) in changed.items())
@@ -78,17 +123,18 @@ def finished(history, position, learning_rate, config):
     return None
 
 
-def training_state(parts, config, history, position, epoch_totals, device, dtype):
+def training_state(training, config, history, position, epoch_totals, device, dtype):
     """Everything a resumed run needs; plain types and tensors only, so weights_only loading accepts it."""
+    model = unwrap(training.model)
     return {
-        "model": unwrap(parts["model"]).state_dict(),
-        "optimizer": parts["optimizer"].state_dict(),
-        "scheduler": parts["scheduler"].state_dict(),
-        "scaler": parts["scaler"].state_dict(),
+        "model": model.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict(),
+        "scaler": training.scaler.state_dict(),
         "config": config,
         "findings": list(FINDINGS),
-        "architecture": ARCHITECTURE,
-        "split": parts["split"],  # the images of each part: the checkpoint evaluates and resumes on its own
+        "architecture": model.backbone,
+        "split": training.split,  # the images of each part: the checkpoint evaluates and resumes on its own
         "epoch": history[-1]["epoch"] if history else 0,
         "metrics": history[-1] if history else {},
         "history": history,
@@ -101,55 +147,67 @@ def training_state(parts, config, history, position, epoch_totals, device, dtype
 
 def open_run(config, run_dir, is_main, log):
     """(checkpoint path, checkpoint) to resume from, or (None, None) for a new run; (path, None) when the checkpoint's
-    run has finished under these settings. Refuses to mix two runs in one folder."""
+    run has finished under these settings. Refuses to mix two runs in one folder. Writes nothing: a run that then
+    fails to start leaves no folder behind."""
     resume_path = resolve_resume(config["RESUME"], run_dir)
     elsewhere = resume_path is not None and resume_path.parent.resolve() != run_dir.resolve()
     if (resume_path is None or elsewhere) and any(run_dir.glob("*.pth")):
         raise DataError(f"{run_dir} already holds a run. Continue it with --resume last, or set another --out_dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
         remove_stale_temporaries(run_dir, log)
     if resume_path is None:
         return None, None
     checkpoint = load_checkpoint(resume_path, FINDINGS)  # onto the CPU; restore() moves what the device needs
     check_same_run(config, checkpoint["config"], resume_path)
-    state = (checkpoint["history"], checkpoint["position"], checkpoint["optimizer"]["param_groups"][0]["lr"])
+    learning_rate = checkpoint["history"][-1]["lr"] if checkpoint["history"] else config["LEARNING_RATE"]
+    state = (checkpoint["history"], checkpoint["position"], learning_rate)
     started_with = {**config, **checkpoint["config"]}  # settings added since the run began take today's defaults
     ended_then, ended_now = finished(*state, started_with), finished(*state, config)
     if ended_now:
         log(f"{resume_path}: this run has finished ({ended_now}). Raise --epochs or the patience to continue it.")
         return resume_path, None
+    missing = [name for name in TRAINING_STATE if name not in checkpoint]
+    if missing:
+        newest = resolve_resume("last", resume_path.parent) if resume_path.parent.is_dir() else None
+        raise CheckpointError(
+            f"{resume_path} keeps the model alone, not the optimizer's state that an exact resume needs "
+            f"(KEEP_TRAINING_STATE = 'newest' keeps it in the newest checkpoint only). Resume from "
+            f"{newest or 'the newest epoch_NN.pth or interrupted.pth'}; set KEEP_TRAINING_STATE = all in a run to "
+            "keep it in every epoch's checkpoint."
+        )
     if ended_then:
         log(f"continuing a run that had finished ({ended_then}), as the raised settings allow")
     return resume_path, checkpoint
 
 
-def restore(parts, checkpoint, device):
-    """Load a checkpoint's training state into the parts (their tensors already on `device`: each load_state_dict
+def restore(training, checkpoint, device):
+    """Load a checkpoint's training state into a Training (its tensors already on `device`: each load_state_dict
     copies the CPU checkpoint's tensors to its own); (history, Position, EpochTotals)."""
-    unwrap(parts["model"]).load_state_dict(checkpoint["model"])
-    for name in ("optimizer", "scheduler"):
-        parts[name].load_state_dict(checkpoint[name])
+    unwrap(training.model).load_state_dict(checkpoint["model"])
+    training.optimizer.load_state_dict(checkpoint["optimizer"])
+    training.scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint["scaler"]:  # {} when saved disabled (bf16, fp32): an fp16 run resuming it starts a fresh scale
-        parts["scaler"].load_state_dict(checkpoint["scaler"])
+        training.scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"], device)
     return checkpoint["history"], Position(**checkpoint["position"]), EpochTotals(**checkpoint["epoch_totals"])
 
 
 def resolve_resume(resume, run_dir):
-    """The checkpoint RESUME names: None for a new run ("", or "auto" in a folder without checkpoints), the newest
-    epoch_*.pth or interrupted.pth ("last", and "auto" in a folder with them: a requeued cluster job continues, its
-    first start begins), or a path."""
-    candidates = list(run_dir.glob("epoch_*.pth")) + list(run_dir.glob("interrupted.pth"))
+    """The checkpoint RESUME names: None for a new run ("", or "auto" in a folder without checkpoints), the run's
+    latest state ("last", and "auto" in a folder with checkpoints: a requeued cluster job continues, its first start
+    begins), or a path. The latest state is interrupted.pth when there is one (a completed epoch removes it), else the
+    epoch_NN.pth of the highest NN."""
+    epochs = sorted(run_dir.glob("epoch_*.pth"))
+    latest = run_dir / "interrupted.pth" if (run_dir / "interrupted.pth").is_file() else (epochs or [None])[-1]
     if resume == "auto":
-        resume = "last" if candidates else ""
+        resume = "last" if latest else ""
     if not resume:
         return None
     if resume != "last":
         return Path(resume)
-    if not candidates:
+    if latest is None:
         raise CheckpointError(f"--resume last: no epoch_*.pth or interrupted.pth in {run_dir}")
-    return max(candidates, key=lambda path: path.stat().st_mtime)
+    return latest
 
 
 def remove_stale_temporaries(run_dir, log):
@@ -161,20 +219,33 @@ def remove_stale_temporaries(run_dir, log):
 
 def write_run_folder(run_dir, labels, split, config, pos_weight):
     """split.csv, config.json and pos_weight.json: written by a new run, and by a resumed run in a new folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_split(labels, split, run_dir / "split.csv")
     (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (run_dir / "pos_weight.json").write_text(json.dumps(dict(zip(FINDINGS, pos_weight.tolist())), indent=2))
 
 
-def save_epoch(run_dir, history, state):
+def save_epoch(run_dir, history, state, keep_training_state="newest"):
+    """epoch_NN.pth with the full state, best.pth and best_auroc.pth; the previous epoch's checkpoint then keeps the
+    model alone unless keep_training_state is "all" (the optimizer's moments are most of a checkpoint's size)."""
     epoch = history[-1]["epoch"]
     path = run_dir / f"epoch_{epoch:02d}.pth"
     save_checkpoint(state, path)
-    if history[-1]["val_loss"] <= min(row["val_loss"] for row in history):
-        copy_checkpoint(path, run_dir / "best.pth")
+    best_loss = min(history, key=lambda row: row["val_loss"])["epoch"]
     aurocs = [row["val_mean_auroc"] for row in history]
-    if np.isfinite(aurocs[-1]) and aurocs[-1] >= np.nanmax(aurocs):
+    best_auroc = history[int(np.nanargmax(aurocs))]["epoch"] if np.isfinite(aurocs).any() else None
+    if best_loss == epoch:
+        copy_checkpoint(path, run_dir / "best.pth")
+    if best_auroc == epoch:
         copy_checkpoint(path, run_dir / "best_auroc.pth")
+    previous = run_dir / f"epoch_{epoch - 1:02d}.pth"
+    if keep_training_state == "newest" and previous.is_file():
+        slim = load_checkpoint(previous, FINDINGS)
+        if any(name in slim for name in TRAINING_STATE):
+            save_checkpoint({key: value for key, value in slim.items() if key not in TRAINING_STATE}, previous)
+            for best, name in ((best_loss, "best.pth"), (best_auroc, "best_auroc.pth")):
+                if best == epoch - 1:  # a link to (or copy of) the full previous file: now the slim one
+                    copy_checkpoint(previous, run_dir / name)
     (run_dir / "interrupted.pth").unlink(missing_ok=True)  # superseded by a later, complete epoch
     write_metrics(run_dir, history)
 
@@ -186,7 +257,7 @@ def write_metrics(run_dir, history):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = pd.DataFrame(history)
+    table = pd.DataFrame([EpochMetrics.from_row(row).row() for row in history])
     table.to_csv(run_dir / "metrics.csv", index=False)
     best = table.epoch[table.val_loss.idxmin()]
     figure, (loss_axes, auroc_axes, rate_axes) = plt.subplots(1, 3, figsize=(14, 4))
@@ -205,18 +276,27 @@ def write_metrics(run_dir, history):
     plt.close(figure)
 
 
+SUMMARY_COLUMNS = (  # (EpochMetrics field, header, format) of the table printed at the end of training
+    ("epoch", "epoch", "{:>5}"),
+    ("train_loss", "train loss", "{:>11.4f}"),
+    ("val_loss", "val loss", "{:>9.4f}"),
+    ("val_mean_auroc", "val AUROC", "{:>10.4f}"),
+    ("lr", "lr", "{:>9.1e}"),
+    ("seconds", "time", "{:>6.0f}s"),
+)
+
+
 def summary(history, run_dir):
     """The table printed at the end of training, with the best epoch marked."""
-    best = min(history, key=lambda row: row["val_loss"])
-    lines = [f"{'epoch':>5} {'train loss':>11} {'val loss':>9} {'val AUROC':>10} {'lr':>9} {'time':>7}"]
-    for row in history:
-        mark = "  <- best" if row is best else ""
-        lines.append(
-            f"{row['epoch']:>5} {row['train_loss']:>11.4f} {row['val_loss']:>9.4f} {row['val_mean_auroc']:>10.4f} "
-            f"{row['lr']:>9.1e} {row['seconds']:>6.0f}s{mark}"
-        )
+    epochs = [EpochMetrics.from_row(row) for row in history]
+    best = min(epochs, key=lambda metrics: metrics.val_loss)
+    widths = [len(fmt.format(0)) for _, _, fmt in SUMMARY_COLUMNS]
+    lines = [" ".join(f"{header:>{width}}" for (_, header, _), width in zip(SUMMARY_COLUMNS, widths))]
+    for metrics in epochs:
+        cells = " ".join(fmt.format(getattr(metrics, name)) for name, _, fmt in SUMMARY_COLUMNS)
+        lines.append(cells + ("  <- best" if metrics is best else ""))
     lines.append(
-        f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, mean AUROC {best['val_mean_auroc']:.4f} "
+        f"best epoch {best.epoch}: val loss {best.val_loss:.4f}, mean AUROC {best.val_mean_auroc:.4f} "
         f"-> {run_dir / 'best.pth'}"
     )
     return "\n".join(lines)
@@ -246,14 +326,15 @@ class TensorBoard:
             self.writer.add_scalar("train/learning_rate", learning_rate, global_step)
             self.writer.add_scalar("train/images_per_second", images_per_second, global_step)
 
-    def epoch(self, global_step, row, findings, targets, probabilities):
+    def epoch(self, global_step, metrics, targets, probabilities):
+        """An epoch's EpochMetrics, each finding's validation AUROC and precision-recall curve."""
         if not self.writer:
             return
-        for name in ("train_loss", "val_loss", "val_mean_auroc", "lr"):
-            self.writer.add_scalar(f"epoch/{name}", row[name], global_step)
-        for k, finding in enumerate(findings):
-            if np.isfinite(row[f"auroc_{finding}"]):
-                self.writer.add_scalar(f"val_auroc/{finding}", row[f"auroc_{finding}"], global_step)
+        for name, value in metrics.scalars().items():
+            self.writer.add_scalar(f"epoch/{name}", value, global_step)
+        for k, (finding, auroc) in enumerate(metrics.aurocs.items()):
+            if np.isfinite(auroc):
+                self.writer.add_scalar(f"val_auroc/{finding}", auroc, global_step)
             if 0 < targets[:, k].sum() < len(targets):
                 self.writer.add_pr_curve(f"val_pr/{finding}", targets[:, k], probabilities[:, k], global_step)
         self.writer.flush()
@@ -264,12 +345,15 @@ class TensorBoard:
             for k, image in enumerate(images):
                 self.writer.add_image(f"val_heat_map/{k}", image, global_step, dataformats="HWC")
 
-    def close(self, config, history):
+    def close(self, config, history, dtype):
+        """The run's settings as hparams (AMP as the dtype that trained: fp32 where autocast was off) beside its best
+        validation loss and AUROC."""
         if not self.writer:
             return
         if history:
             best = min(history, key=lambda row: row["val_loss"])
             hparams = {name: value for name, value in config.items() if isinstance(value, (int, float, str, bool))}
+            hparams["AMP"] = dtype_name(dtype)
             metrics = {"hparam/best_val_loss": best["val_loss"], "hparam/best_val_mean_auroc": best["val_mean_auroc"]}
             self.writer.add_hparams(hparams, metrics, run_name=".")
         self.writer.close()

@@ -12,9 +12,58 @@ OUT_DIR/interrupted.pth; --resume last continues exactly where the run stopped (
 branches a run into a new folder); a finished run says so instead of training on.
 """
 
-import math
-import signal
 import sys
+
+import configurator
+from configurator import Above, AtLeast, Between, CommaList, Flag, OneOf, Text
+
+LAYERS = CommaList("stem", "layer1", "layer2", "layer3", "layer4", "head", alone="all")  # model.BLOCKS, and the head
+
+# ----------------------------------------------------------------------------- settings (python train.py --help)
+# NAME: what it may be = its default  # what it means. Edit a default here, or override it with a config file or
+# --name value; every value is checked against what it may be before the run writes or reads anything.
+DATA_DIR: Text = "data/nih"  # folder with the label CSV and the images (NIH archive layout or flat)
+CSV: Text = ""  # label file; empty: the one Data_Entry_2017*.csv below DATA_DIR
+BACKBONE: OneOf("resnet50", "densenet121", "convnext_tiny") = "resnet50"  # the network (model.BACKBONES)
+IMAGE_SIZE: AtLeast(32) = 224  # side of the square crop the network sees
+LOAD_SIZE: AtLeast(32) = 256  # images are letterboxed to this square on load; training crops are taken from it
+CACHE: Text = "auto"  # "auto": DATA_DIR/cache_<LOAD_SIZE> when built (python cache.py), "off" (read PNGs), or a folder
+BATCH_SIZE: AtLeast(1) = 64  # images per step on each GPU
+EPOCHS: AtLeast(1) = 10  # passes over the training split
+LEARNING_RATE: Above(0.0) = 1e-5  # AdamW learning rate; low, as suits fine-tuning pretrained weights
+WEIGHT_DECAY: AtLeast(0.0) = 1e-4  # AdamW decoupled weight decay
+DROPOUT: Between(0.0, 1.0) = 0.5  # dropout before the final Linear layer
+PRETRAINED: Text = "imagenet"  # "imagenet" (torchvision download), "none" (random init), or a weights file
+TRAINABLE_LAYERS: LAYERS = "layer4"  # blocks that train besides the head (layer1-4: the backbone's four stages)
+POS_WEIGHT: OneOf("ratio", "sqrt", "none") = "ratio"  # pos_weight per finding from the training split
+POS_WEIGHT_CAP: AtLeast(0.0) = 0.0  # upper bound on any pos_weight; 0: none
+LR_SCHEDULE: OneOf("plateau", "cosine") = "plateau"  # plateau: ReduceLROnPlateau on val loss; cosine: warmup, decay
+LR_PATIENCE: AtLeast(0) = 1  # plateau: epochs without a lower validation loss before the learning rate drops
+LR_FACTOR: Between(0.0, 1.0, low_included=False) = 0.1  # plateau: the factor the learning rate is multiplied by then
+WARMUP_EPOCHS: AtLeast(0.0) = 0.0  # cosine: epochs of linear warmup from 0 (per step)
+MIN_LEARNING_RATE: AtLeast(0.0) = 1e-8  # plateau: the run ends when the rate has been cut below this
+EARLY_STOPPING_PATIENCE: AtLeast(0) = 3  # epochs without a lower validation loss before training stops; 0: never
+VAL_FRACTION: Between(0.0, 1.0, low_included=False) = 0.1  # share of the (train_val) patients held out for validation
+TEST_FRACTION: Between(0.0, 1.0) = 0.2  # share of patients held out for testing when there are no official lists
+DROP_MISSING_IMAGES: Flag = False  # train on the images present when some in the CSV are missing (else an error)
+NUM_WORKERS: AtLeast(-1) = -1  # DataLoader worker processes per GPU; -1: from the CPUs this process may use
+AUGMENT_ON: OneOf("device", "workers") = "device"  # crop, rotation, jitter batched on the GPU (or CPU), or in workers
+CACHE_ON_DEVICE: OneOf("auto", "on", "off") = "auto"  # hold the cached images in device memory when they fit
+AMP: Flag = True  # mixed precision: bf16 (fp16 with loss scaling before Ampere GPUs) and on CPUs with native bf16
+CHANNELS_LAST: Flag = True  # NHWC memory layout on CUDA and the CPU (faster convolutions)
+COMPILE: Flag = False  # torch.compile the model (faster steps after a slow first one; needs Triton on a GPU)
+TENSORBOARD: Flag = True  # write TensorBoard events to OUT_DIR (tensorboard --logdir checkpoints)
+SEED: AtLeast(0) = 0  # seeds the split, the data order, augmentation and dropout
+DEVICE: Text = "auto"  # "auto" (cuda, else mps, else cpu), or a torch device such as "cuda:1" or "cpu"
+OUT_DIR: Text = "checkpoints/resnet50"  # the run folder: checkpoints, metrics.csv, split.csv, config.json, plots
+RESUME: Text = ""  # "" (a new run), "last" (the newest checkpoint in OUT_DIR), "auto" (last if any) or a path
+KEEP_TRAINING_STATE: OneOf("newest", "all") = "newest"  # optimizer state in the newest checkpoint only, or in all
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    configurator.exit_after_help(sys.modules[__name__])  # --help needs no torch: it answers before the imports below
+
+import math  # the imports follow the settings, so that --help answers without them (pyproject: E402 here)
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +73,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import configurator
 from dataset import (
     FINDINGS,
     attach_image_paths,
@@ -38,14 +86,17 @@ from dataset import (
 )
 from devices import autocast_dtype, compile_support, device_name, select_device, use_channels_last
 from distributed import gather_rows, setup_distributed, shut_down, sum_over_ranks
-from errors import CheckpointError, DataError, UserError
+from errors import CheckpointError, DataError, SettingsError, UserError
+from inference import predict_logits
 from loaders import close_workers, make_loaders
-from model import build_model, frozen_blocks, init_head_bias, predict_logits, save_checkpoint
+from model import build_model, frozen_blocks, init_head_bias, save_checkpoint
 from run_folder import (
     HEAT_MAP_IMAGES,
+    EpochMetrics,
     EpochTotals,
     Position,
     TensorBoard,
+    Training,
     finished,
     open_run,
     restore,
@@ -54,48 +105,10 @@ from run_folder import (
     training_state,
     write_run_folder,
 )
-from transforms import augment_batch, augmentation_params, normalize
+from transforms import augment_batch, augmentation_params, mix_seed, normalize
 
 # No matplotlib, scikit-learn or grad-cam up here: each DataLoader worker on Windows re-imports this file, and they
 # are imported where used (validation's AUROC, the TensorBoard heat maps), so a worker stays small.
-
-# ----------------------------------------------------------------------------- settings (python train.py --help)
-DATA_DIR = "data/nih"  # folder with the label CSV and the images (NIH archive layout or flat)
-CSV = ""  # label file; empty: the one Data_Entry_2017*.csv below DATA_DIR
-IMAGE_SIZE = 224  # side of the square crop the network sees
-LOAD_SIZE = 256  # images are letterboxed to this square on load; training crops are taken from it
-CACHE = "auto"  # "auto": DATA_DIR/cache_<LOAD_SIZE> when built (python cache.py), "off" (read PNGs), or a folder
-BATCH_SIZE = 64  # images per step on each GPU
-EPOCHS = 10  # passes over the training split
-LEARNING_RATE = 1e-5  # AdamW learning rate; low, as suits fine-tuning pretrained weights
-WEIGHT_DECAY = 1e-4  # AdamW decoupled weight decay
-DROPOUT = 0.5  # dropout before the final Linear layer
-PRETRAINED = "imagenet"  # "imagenet" (torchvision download), "none" (random init), or a ResNet-50 weights file
-TRAINABLE_LAYERS = "layer4"  # blocks that train besides the head: comma list of stem,layer1..layer4, or "all"
-POS_WEIGHT = "ratio"  # pos_weight per finding from the training split: "ratio" (neg/pos), "sqrt" or "none"
-POS_WEIGHT_CAP = 0.0  # upper bound on any pos_weight; 0: none
-LR_SCHEDULE = "plateau"  # "plateau": ReduceLROnPlateau on validation loss; "cosine": warmup, then cosine decay to 0
-LR_PATIENCE = 1  # plateau: epochs without a lower validation loss before the learning rate drops
-LR_FACTOR = 0.1  # plateau: the factor the learning rate is multiplied by then
-WARMUP_EPOCHS = 0.0  # cosine: epochs of linear warmup from 0 (per step)
-MIN_LEARNING_RATE = 1e-8  # plateau: the run ends when the learning rate has been cut below this (it would not learn)
-EARLY_STOPPING_PATIENCE = 3  # epochs without a lower validation loss before training stops; 0: never stop early
-VAL_FRACTION = 0.1  # share of the (train_val) patients held out for validation
-TEST_FRACTION = 0.2  # share of patients held out for testing when there are no official split lists
-DROP_MISSING_IMAGES = False  # train on the images present when some in the CSV are missing (else an error)
-NUM_WORKERS = -1  # DataLoader worker processes per GPU; -1: the CPU cores per GPU less one
-AUGMENT_ON = "device"  # "device": crop, rotation, jitter batched on the GPU (or CPU); "workers": in DataLoader workers
-CACHE_ON_DEVICE = "auto"  # "auto": hold the cached images in device memory when they fit (no DataLoader); "on"; "off"
-AMP = True  # mixed precision: bf16 on CUDA (fp16 with loss scaling on older GPUs) and on CPUs with native bf16
-CHANNELS_LAST = True  # NHWC memory layout on CUDA and the CPU (faster convolutions)
-COMPILE = False  # torch.compile the model (faster steps after a slow first one)
-TENSORBOARD = True  # write TensorBoard events to OUT_DIR (tensorboard --logdir checkpoints)
-SEED = 0  # seeds the split, the data order, augmentation and dropout
-DEVICE = "auto"  # "auto" (cuda, else mps, else cpu), or a torch device such as "cuda:1" or "cpu"
-OUT_DIR = "checkpoints/resnet50"  # the run folder: checkpoints, metrics.csv, split.csv, config.json, plots
-RESUME = ""  # "" (a new run), "last" (the newest checkpoint in OUT_DIR), "auto" (last if there is one) or a path
-# -----------------------------------------------------------------------------
-
 
 # the loop reads the loss back from the device (and agrees on a stop request) once every this many steps: each read
 # waits for the GPU to finish its queued work, so reading every step would leave it idle between steps
@@ -105,12 +118,25 @@ ETA_AFTER_SECONDS = 20
 
 
 def settings():
-    """{NAME: (default, comment)} of the constants above (configurator.py reads this file for --help)."""
-    return configurator.settings(__file__, globals())
+    """{NAME: (default, comment)} of the settings above."""
+    return configurator.settings(sys.modules[__name__])
 
 
 def parse_config(argv):
-    return configurator.parse_config(argv, settings(), __doc__)
+    """The settings, from the constants above, config files and --name value flags, each checked."""
+    return configurator.parse_config(argv, sys.modules[__name__], __doc__, check_settings)
+
+
+def check_settings(config):
+    """What a setting may be given the others (each alone is checked against its rule)."""
+    if config["VAL_FRACTION"] + config["TEST_FRACTION"] >= 1:
+        raise SettingsError(
+            f"VAL_FRACTION {config['VAL_FRACTION']} + TEST_FRACTION {config['TEST_FRACTION']} leave no patient for "
+            "training: their sum must be below 1"
+        )
+    pretrained = str(config["PRETRAINED"])
+    if pretrained.lower() not in ("imagenet", "none") and not Path(pretrained).is_file():
+        raise SettingsError(f"PRETRAINED = {pretrained!r}: use imagenet, none, or the path of a weights file")
 
 
 def warn_about_settings(config, log):
@@ -249,8 +275,9 @@ class StepLosses:
         return losses, values[-1] > 0
 
 
-def train_epoch(net, batches, parts, loop, epoch, step, totals, stop):
-    """One epoch from `step`; returns the steps done. The device is read every SYNC_EVERY steps and at the epoch's
+def train_epoch(net, batches, training, loop, epoch, step, totals, stop):
+    """One epoch of `net` (training.model, or its DDP or compiled wrapper) trained by a run_folder.Training, from
+    `step`; returns the steps done. The device is read every SYNC_EVERY steps and at the epoch's
     end: the losses (a non-finite one stops the run, naming its step) and a stop request, which ends the epoch
     early (without error) on every rank at once."""
     net.train()
@@ -262,16 +289,16 @@ def train_epoch(net, batches, parts, loop, epoch, step, totals, stop):
         targets = targets.to(loop.device, non_blocking=True)
         with torch.autocast(loop.device.type, dtype=loop.dtype, enabled=loop.dtype is not None):
             logits = net(images)
-        loss = parts["criterion"](logits.float(), targets)
-        parts["optimizer"].zero_grad(set_to_none=True)
-        parts["scaler"].scale(loss).backward()
-        parts["scaler"].step(parts["optimizer"])
-        parts["scaler"].update()
+        loss = training.criterion(logits.float(), targets)
+        training.optimizer.zero_grad(set_to_none=True)
+        training.scaler.scale(loss).backward()
+        training.scaler.step(training.optimizer)
+        training.scaler.update()
         if loop.step_scheduler is not None:
             loop.step_scheduler.step()
         step += 1
         window.add(loss)
-        learning_rates.append(parts["optimizer"].param_groups[0]["lr"])
+        learning_rates.append(training.optimizer.param_groups[0]["lr"])
         bar.update()
         if window.full() or step == steps:
             losses, stopping = window.read(stop.signal is not None, loop.world_size)
@@ -358,9 +385,11 @@ def validate(model, loader, pos_weight, loop):
 
 
 def build_training(config, counts, pos_weight, device, dtype, channels_last, steps_per_epoch):
-    """The model (head bias at the weighted base rate), AdamW on its trainable parameters, the scheduler, the loss
-    scaler (fp16 only) and the pos_weight-ed loss."""
-    model = build_model(len(FINDINGS), config["PRETRAINED"], config["TRAINABLE_LAYERS"], config["DROPOUT"])
+    """A run_folder.Training: the model (head bias at the weighted base rate), AdamW on its trainable parameters,
+    the scheduler, the loss scaler (fp16 only) and the pos_weight-ed loss."""
+    model = build_model(
+        len(FINDINGS), config["PRETRAINED"], config["TRAINABLE_LAYERS"], config["DROPOUT"], config["BACKBONE"]
+    )
     init_head_bias(model, *counts, pos_weight)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -370,15 +399,13 @@ def build_training(config, counts, pos_weight, device, dtype, channels_last, ste
     optimizer = torch.optim.AdamW(
         trainable, lr=config["LEARNING_RATE"], weight_decay=config["WEIGHT_DECAY"], fused=fused
     )
-    return {
-        "model": model,
-        "optimizer": optimizer,
-        "scheduler": make_scheduler(optimizer, config, steps_per_epoch),
-        "scaler": torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        "criterion": torch.nn.BCEWithLogitsLoss(
-            pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device)
-        ),
-    }
+    return Training(
+        model=model,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, config, steps_per_epoch),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        criterion=torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device)),
+    )
 
 
 def compiled(model, config, device, log):
@@ -417,17 +444,17 @@ def train(config):
     for part in ("train", "val", "test"):
         rows = labels[split == part]
         log(f"{part:>5}: {len(rows):>7,} images, {rows['patient_id'].nunique():>6,} patients")
-    if is_main and (checkpoint is None or not (run_dir / "split.csv").is_file()):
-        write_run_folder(run_dir, labels, split, config, pos_weight)
     train_loader, val_loader = make_loaders(config, labels, split, device, rank, world_size, log)
     steps_per_epoch = len(train_loader)
-    parts = build_training(config, counts, pos_weight, device, dtype, channels_last, steps_per_epoch)
-    parts["split"] = split_record(labels, split, csv_path)
+    training = build_training(config, counts, pos_weight, device, dtype, channels_last, steps_per_epoch)
+    training.split = split_record(labels, split, csv_path)
     history, position, totals = [], Position(), EpochTotals()
     if checkpoint is not None:
-        history, position, totals = restore(parts, checkpoint, device)
+        history, position, totals = restore(training, checkpoint, device)
         log(f"resumed from {resume_path} at epoch {position.epoch}, step {position.step}")
-    net = parts["model"]
+    if is_main and (checkpoint is None or not (run_dir / "split.csv").is_file()):
+        write_run_folder(run_dir, labels, split, config, pos_weight)  # only now: the run is known to start
+    net = training.model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
@@ -445,7 +472,7 @@ def train(config):
         rank=rank,
         epochs=config["EPOCHS"],
         steps_per_epoch=steps_per_epoch,
-        step_scheduler=parts["scheduler"] if config["LR_SCHEDULE"] == "cosine" else None,
+        step_scheduler=training.scheduler if config["LR_SCHEDULE"] == "cosine" else None,
         tensorboard=tensorboard if tensorboard.writer else None,
         show_progress=is_main,
     )
@@ -456,57 +483,54 @@ def train(config):
             started = time.perf_counter()
             first_step = position.step if epoch == position.epoch else 0
             if first_step == 0:
-                torch.manual_seed(config["SEED"] * 1_000_003 + epoch)  # dropout: a stream per epoch, so resume is exact
+                torch.manual_seed(mix_seed(config["SEED"], epoch))  # dropout: a stream per epoch, so resume is exact
                 totals = EpochTotals()
             train_loader.sampler.set_epoch(epoch, skip=first_step * config["BATCH_SIZE"])
-            step = train_epoch(net, train_loader, parts, loop, epoch, first_step, totals, stop)
+            step = train_epoch(net, train_loader, training, loop, epoch, first_step, totals, stop)
             if stop.signal is not None or step < first_step + len(train_loader):
                 if is_main:
-                    state = training_state(parts, config, history, Position(epoch, step), totals, device, dtype)
+                    state = training_state(training, config, history, Position(epoch, step), totals, device, dtype)
                     save_checkpoint(state, run_dir / "interrupted.pth")
                 log(
                     f"stopped at epoch {epoch}, step {step}: saved {run_dir / 'interrupted.pth'}; continue with "
                     "the same command plus --resume last"
                 )
                 return 128 + (stop.signal or 0)
-            val_loss, aurocs, targets, probabilities, crops = validate(
-                net, val_loader, parts["criterion"].pos_weight, loop
-            )
+            pos_weight = training.criterion.pos_weight
+            val_loss, aurocs, targets, probabilities, crops = validate(net, val_loader, pos_weight, loop)
             if config["LR_SCHEDULE"] == "plateau":
-                parts["scheduler"].step(val_loss)
-            history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": totals.mean(),
-                    "val_loss": val_loss,
-                    "val_mean_auroc": float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
-                    "lr": parts["optimizer"].param_groups[0]["lr"],
-                    "seconds": time.perf_counter() - started,
-                    **{f"auroc_{finding}": float(value) for finding, value in zip(FINDINGS, aurocs)},
-                }
+                training.scheduler.step(val_loss)
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=totals.mean(),
+                val_loss=val_loss,
+                val_mean_auroc=float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
+                lr=training.optimizer.param_groups[0]["lr"],
+                seconds=time.perf_counter() - started,
+                aurocs={finding: float(value) for finding, value in zip(FINDINGS, aurocs)},
             )
-            row = history[-1]
+            history.append(metrics.row())
             log(
-                f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
-                f"mean AUROC {row['val_mean_auroc']:.4f}, lr {row['lr']:.1e}"
+                f"epoch {epoch}: train loss {metrics.train_loss:.4f}, val loss {val_loss:.4f}, "
+                f"mean AUROC {metrics.val_mean_auroc:.4f}, lr {metrics.lr:.1e}"
             )
             if is_main:
-                state = training_state(parts, config, history, Position(epoch + 1, 0), totals, device, dtype)
-                save_epoch(run_dir, history, state)
-                tensorboard.epoch(epoch * steps_per_epoch, row, FINDINGS, targets, probabilities)
+                state = training_state(training, config, history, Position(epoch + 1, 0), totals, device, dtype)
+                save_epoch(run_dir, history, state, config["KEEP_TRAINING_STATE"])
+                tensorboard.epoch(epoch * steps_per_epoch, metrics, targets, probabilities)
                 if tensorboard.writer:
                     from heatmaps import top_finding_overlays  # grad-cam and matplotlib: not in DataLoader workers
 
-                    drawn = top_finding_overlays(parts["model"], crops, FINDINGS, device)
+                    drawn = top_finding_overlays(training.model, crops, FINDINGS, device)
                     tensorboard.heat_maps(epoch * steps_per_epoch, drawn)
-            ended = finished(history, {"epoch": epoch + 1, "step": 0}, row["lr"], config)
+            ended = finished(history, {"epoch": epoch + 1, "step": 0}, metrics.lr, config)
             if ended:
                 log(f"training ends: {ended}")
                 break
     finally:
         stop.restore()
         close_workers(train_loader, val_loader)
-        tensorboard.close(config, history)
+        tensorboard.close(config, history, dtype)
     if history:
         log(summary(history, run_dir))
     return 0

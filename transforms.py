@@ -11,6 +11,7 @@ so that an ONNX deployment needs no PyTorch).
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,12 +26,31 @@ CROP_RATIO = (0.9, 1.1)  # crop aspect ratio: films are near-square; more would 
 ROTATION_DEGREES = 7.0  # patient positioning varies by a few degrees, not tens
 BRIGHTNESS = 0.2  # brightness factor in 1 +- this: exposure differs between machines and technicians
 CONTRAST = 0.2  # contrast factor in 1 +- this
-PARAMETERS = ("centre_x", "centre_y", "width", "height", "angle", "brightness", "contrast")  # per image, in pixels
-# and degrees of the loaded (LOAD_SIZE) image
 # No horizontal flip anywhere: the heart lies on the patient's left, and a mirrored film shows dextrocardia,
 # another anatomy; NIH films are consistently oriented.
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+class Augmentation(NamedTuple):
+    """One image's (or, field by field, a batch's) augmentation: a crop box in pixels of the loaded (LOAD_SIZE) image,
+    a rotation in degrees, brightness and contrast factors. The one description both augmentation paths read."""
+
+    centre_x: object
+    centre_y: object
+    width: object
+    height: object
+    angle: object
+    brightness: object
+    contrast: object
+
+
+def mix_seed(seed, *parts):
+    """One seed from the run's SEED and further numbers (epoch, image): (SEED, epoch) seeds an epoch's dropout, and
+    (SEED, epoch, image) an image's augmentation, so each is a pure function of where training is."""
+    for part in parts:
+        seed = seed * 1_000_003 + part
+    return seed % 2**63
 
 
 def _uniforms(seeds, count):
@@ -46,12 +66,12 @@ def _uniforms(seeds, count):
 
 
 def augmentation_params(seeds, load_size):
-    """float32 [N, 7] (PARAMETERS) for images of load_size x load_size pixels, one row per seed.
+    """float32 [N, 7] (the fields of Augmentation, in order) for images of load_size x load_size pixels, a row per seed.
 
     The crop: an area of CROP_SCALE of the image at a log-uniform aspect ratio in CROP_RATIO, anywhere inside it;
     then a rotation in +-ROTATION_DEGREES, then brightness and contrast factors in 1 +- BRIGHTNESS / CONTRAST.
     """
-    u = _uniforms(seeds, len(PARAMETERS))
+    u = _uniforms(seeds, len(Augmentation._fields))
     area = load_size**2 * (CROP_SCALE[0] + u[:, 0] * (CROP_SCALE[1] - CROP_SCALE[0]))
     ratio = np.exp(np.log(CROP_RATIO[0]) + u[:, 1] * (np.log(CROP_RATIO[1]) - np.log(CROP_RATIO[0])))
     width = np.minimum(np.sqrt(area * ratio), load_size)
@@ -65,28 +85,29 @@ def augmentation_params(seeds, load_size):
 
 
 def augment_batch(images, params, image_size):
-    """Device augmentation: uint8 [N, 1, L, L] and params [N, 7] (same device) -> float [N, 1, S, S] in [0, 1].
+    """Device augmentation: uint8 [N, 1, L, L] and params [N, 7] (augmentation_params, on the same device) -> float
+    [N, 1, S, S] in [0, 1].
 
     One affine map per image takes each output pixel to its source: rotate about the output's centre, then
     scale and shift into the crop box. grid_sample resamples bilinearly, as Pillow does on the worker path.
     """
     images = images.float().div_(255) if images.dtype == torch.uint8 else images
     size = images.shape[-1]
-    centre_x, centre_y, width, height, angle, brightness, contrast = params.float().unbind(1)
-    radians = angle * (math.pi / 180)
+    p = Augmentation(*params.float().unbind(1))
+    radians = p.angle * (math.pi / 180)
     cos, sin = radians.cos(), radians.sin()
     theta = torch.stack(
         [
-            torch.stack([width / size * cos, -width / size * sin, 2 * centre_x / size - 1], dim=1),
-            torch.stack([height / size * sin, height / size * cos, 2 * centre_y / size - 1], dim=1),
+            torch.stack([p.width / size * cos, -p.width / size * sin, 2 * p.centre_x / size - 1], dim=1),
+            torch.stack([p.height / size * sin, p.height / size * cos, 2 * p.centre_y / size - 1], dim=1),
         ],
         dim=1,
     )
     grid = F.affine_grid(theta, [len(images), 1, image_size, image_size], align_corners=False)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out = (out * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
+    out = (out * p.brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    contrast = contrast.view(-1, 1, 1, 1)
+    contrast = p.contrast.view(-1, 1, 1, 1)
     return (contrast * out + (1 - contrast) * mean).clamp_(0, 1)
 
 
@@ -99,11 +120,11 @@ class WorkerAugment:
         self.image_size = image_size
 
     def __call__(self, pixels, seed):
-        centre_x, centre_y, width, height, angle, brightness, contrast = augmentation_params([seed], len(pixels))[0]
-        box = (centre_x - width / 2, centre_y - height / 2, centre_x + width / 2, centre_y + height / 2)
+        p = Augmentation(*augmentation_params([seed], len(pixels))[0])
+        box = (p.centre_x - p.width / 2, p.centre_y - p.height / 2, p.centre_x + p.width / 2, p.centre_y + p.height / 2)
         image = Image.fromarray(pixels).resize((self.image_size,) * 2, Image.Resampling.BILINEAR, box=box)
-        image = image.rotate(float(angle), resample=Image.Resampling.BILINEAR)
-        image = TF.adjust_contrast(TF.adjust_brightness(image, float(brightness)), float(contrast))
+        image = image.rotate(float(p.angle), resample=Image.Resampling.BILINEAR)
+        image = TF.adjust_contrast(TF.adjust_brightness(image, float(p.brightness)), float(p.contrast))
         return np.array(image)
 
 

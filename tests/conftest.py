@@ -55,24 +55,20 @@ def predict_split(checkpoint_path, data_dir, part, amp=True):
 
     import torch
 
-    from dataset import FINDINGS, ChestXrayDataset, PngImages
-    from devices import autocast_dtype, use_channels_last
+    from dataset import FINDINGS
     from evaluate import run_split, split_rows
     from films import eval_view
-    from model import load_checkpoint, model_from_checkpoint, predict_logits
+    from images import PngImages
+    from inference import TorchModel, predict_logits
+    from loaders import ChestXrayDataset
     from transforms import normalize
 
-    checkpoint = load_checkpoint(checkpoint_path, FINDINGS)
-    config = checkpoint["config"]
-    rows = split_rows(*run_split(checkpoint, checkpoint_path), data_dir, "", [part])[part]
-    images = PngImages(rows["path"], config["LOAD_SIZE"])
-    dataset = ChestXrayDataset(images, rows[list(FINDINGS)], partial(eval_view, image_size=config["IMAGE_SIZE"]))
+    model = TorchModel(checkpoint_path, device="cpu", amp=amp)
+    rows = split_rows(*run_split(model.checkpoint, checkpoint_path), data_dir, "", [part])[part]
+    images = PngImages(rows["path"], model.load_size)
+    dataset = ChestXrayDataset(images, rows[list(FINDINGS)], partial(eval_view, image_size=model.image_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=64)
-    cpu = torch.device("cpu")
-    channels_last = use_channels_last(cpu, amp)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    net = model_from_checkpoint(checkpoint).to(memory_format=layout)
-    return predict_logits(net, loader, lambda batch: normalize(batch, channels_last), autocast_dtype(cpu, amp))
+    return predict_logits(model.net, loader, lambda batch: normalize(batch, model.channels_last), model.dtype)
 
 
 def validation_loss_of(checkpoint_path, data_dir, amp=True):

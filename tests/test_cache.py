@@ -7,8 +7,11 @@ import torch
 from conftest import tiny_settings
 
 import train
-from cache import CachedImages, build_cache, cache_folder
-from dataset import DataError, PngImages, attach_image_paths, load_image, read_labels
+from cache import build_cache
+from dataset import attach_image_paths, read_labels
+from errors import DataError
+from films import load_image
+from images import CachedImages, PngImages, cache_folder
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +106,9 @@ def test_training_on_the_cache_equals_training_on_the_pngs(cached, tmp_path, cap
 
 
 def test_images_that_do_not_fit_in_memory_fall_back_to_workers(cached, tmp_path, capsys, monkeypatch):
-    import cache
+    import images
 
-    monkeypatch.setattr(cache, "DEVICE_SHARE", 1e-9)  # as if the device's memory were nearly full
+    monkeypatch.setattr(images, "DEVICE_SHARE", 1e-9)  # as if the device's memory were nearly full
     assert run_train(cached, tmp_path / "full", cache="auto") == 0
     printed = capsys.readouterr().out
     assert "do not fit" in printed and "with workers instead" in printed

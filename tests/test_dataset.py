@@ -9,14 +9,8 @@ from PIL import Image
 
 from dataset import (
     FINDINGS,
-    ChestXrayDataset,
-    DataError,
-    PngImages,
-    SeededSampler,
     attach_image_paths,
     count_positives,
-    index_images,
-    load_image,
     make_split,
     pos_weight_from_counts,
     read_labels,
@@ -24,6 +18,10 @@ from dataset import (
     save_split,
     split_by_patient,
 )
+from errors import DataError
+from films import load_image
+from images import PngImages, index_images
+from loaders import ChestXrayDataset, SeededSampler
 
 
 def hand_counted_labels(path):

@@ -17,8 +17,8 @@ from conftest import ROOT
 from conftest import tiny_settings as tiny
 
 import bench
-import cache
 import devices
+import images
 import run_folder
 import train
 from dataset import FINDINGS, count_positives, pos_weight_from_counts
@@ -56,8 +56,8 @@ def test_resuming_onto_a_gpu_reads_the_checkpoint_on_the_cpu(one_epoch, demo_dir
     numpy from there. Loaded onto the CPU, only what the device needs moves there."""
     checkpoint, parts, position = resume_onto(META, demo_dir, one_epoch)
     assert checkpoint["split"]["codes"].device.type == "cpu" and position == run_folder.Position(2, 0)
-    assert all(parameter.device == META for parameter in parts["model"].parameters())
-    moments = [state["exp_avg"] for state in parts["optimizer"].state.values()]
+    assert all(parameter.device == META for parameter in parts.model.parameters())
+    moments = [state["exp_avg"] for state in parts.optimizer.state.values()]
     assert moments and all(moment.device == META for moment in moments)  # the optimizer's state followed its model
 
 
@@ -76,7 +76,7 @@ def test_an_empty_loss_scaler_state_resumes_into_an_fp16_run(one_epoch, demo_dir
     """A bf16 or fp32 run saves its disabled scaler as {}; resumed where fp16 is chosen, it starts a fresh scale."""
     assert load_checkpoint(one_epoch / "epoch_01.pth", FINDINGS)["scaler"] == {}
     _, parts, _ = resume_onto(torch.device("cpu"), demo_dir, one_epoch, dtype=torch.float16)
-    assert parts["scaler"].is_enabled() and parts["scaler"].get_scale() == 2.0**16
+    assert parts.scaler.is_enabled() and parts.scaler.get_scale() == 2.0**16
 
 
 def test_checkpoints_record_the_autocast_dtype_that_trained_them(one_epoch):
@@ -229,21 +229,22 @@ def test_a_dataloader_worker_imports_no_plotting_or_heat_map_library():
 def test_images_go_to_device_memory_in_chunks_and_share_it_among_processes(demo_dir, tmp_path, monkeypatch):
     import shutil
 
+    from cache import build_cache
     from dataset import attach_image_paths, read_labels
     from films import eval_view
 
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
-    cache.build_cache(data, size=24, workers=1)
+    build_cache(data, size=24, workers=1)
     labels = attach_image_paths(read_labels(data / "Data_Entry_2017_v2020.csv"), data)
-    images = cache.CachedImages(cache.cache_folder(data, 24), labels.image_name[::-1])
-    whole = torch.from_numpy(np.stack([images[k] for k in range(len(images))]))
-    monkeypatch.setattr(cache, "UPLOAD_CHUNK", 7)
-    assert torch.equal(cache.images_on_device(images, torch.device("cpu")), whole)
-    crops = cache.images_on_device(images, torch.device("cpu"), lambda pixels: eval_view(pixels, 16))
-    assert crops.shape == (len(images), 16, 16) and torch.equal(crops[3], torch.from_numpy(eval_view(images[3], 16)))
-    alone, _ = cache.memory_for_images(torch.device("cpu"), processes=1)
-    shared, said = cache.memory_for_images(torch.device("cpu"), processes=4)
+    cached = images.CachedImages(images.cache_folder(data, 24), labels.image_name[::-1])
+    whole = torch.from_numpy(np.stack([cached[k] for k in range(len(cached))]))
+    monkeypatch.setattr(images, "UPLOAD_CHUNK", 7)
+    assert torch.equal(images.images_on_device(cached, torch.device("cpu")), whole)
+    crops = images.images_on_device(cached, torch.device("cpu"), lambda pixels: eval_view(pixels, 16))
+    assert crops.shape == (len(cached), 16, 16) and torch.equal(crops[3], torch.from_numpy(eval_view(cached[3], 16)))
+    alone, _ = images.memory_for_images(torch.device("cpu"), processes=1)
+    shared, said = images.memory_for_images(torch.device("cpu"), processes=4)
     assert shared == pytest.approx(alone / 4) and "shared by 4 processes" in said
 
 
@@ -258,8 +259,8 @@ def _average_over_ranks(rank, port, results):
     parts, _ = bench.training_parts(
         type("Args", (), {"trainable_layers": "head"})(), torch.device("cpu"), {"amp": False, "channels_last": False}
     )
-    parts["model"].fc[0].p = 0.0
-    parts["optimizer"].param_groups[0]["lr"] = 0.0  # the same model at every step: each loss depends on its batch only
+    parts.model.fc[0].p = 0.0
+    parts.optimizer.param_groups[0]["lr"] = 0.0  # the same model at every step: each loss depends on its batch only
     images = torch.full((2, 1, 40, 40), 100 + 50 * rank, dtype=torch.uint8)
     batches = [(images, torch.full((2, len(FINDINGS)), float(rank)), torch.arange(2))] * 2
     stop, totals = train.StopRequest(), {}
@@ -267,7 +268,7 @@ def _average_over_ranks(rank, port, results):
         for world_size in (1, 2):
             loop = train.Loop(torch.device("cpu"), image_size=32, world_size=world_size, show_progress=False)
             totals[world_size] = run_folder.EpochTotals()
-            train.train_epoch(parts["model"], batches, parts, loop, 1, 0, totals[world_size], stop)
+            train.train_epoch(parts.model, batches, parts, loop, 1, 0, totals[world_size], stop)
     finally:
         stop.restore()
     alone = [None, None]

@@ -120,7 +120,7 @@ def test_evaluation_reads_the_image_cache_when_one_holds_the_images(
     report, trained_run, learn_dir, tmp_path, monkeypatch
 ):
     from cache import build_cache
-    from dataset import PngImages
+    from images import PngImages
 
     data = tmp_path / "data"
     shutil.copytree(learn_dir, data)

@@ -170,7 +170,7 @@ def test_padchest_label_lists_projections_and_16_bit_films(trained_run, films, t
 
 
 def test_a_missing_film_or_label_file_is_named(trained_run, films, tmp_path):
-    from dataset import DataError
+    from errors import DataError
 
     labels, images = films
     data = write_chexpert(tmp_path, labels.iloc[:20].reset_index(drop=True), images[:20])
@@ -182,7 +182,7 @@ def test_a_missing_film_or_label_file_is_named(trained_run, films, tmp_path):
 
 
 def test_unusable_rows_are_named(tmp_path):
-    from dataset import DataError
+    from errors import DataError
     from external import read_external
 
     data = tmp_path / "CheXpert-v1.0-small"

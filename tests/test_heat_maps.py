@@ -8,11 +8,12 @@ from conftest import ROOT
 from PIL import Image
 
 import train
-from dataset import FINDINGS, index_images, load_image, read_split
+from dataset import FINDINGS, read_split
 from demo_data import write_demo
-from films import eval_view, fit_square
+from films import eval_view, fit_square, load_image
 from heatmaps import grad_cam, heat_map
-from model import load_checkpoint, model_from_checkpoint
+from images import index_images
+from inference import TorchModel
 
 pytestmark = pytest.mark.slow
 LESIONS = ["Mass", "Nodule"]
@@ -64,9 +65,8 @@ def hit_rate(peaks, regions):
 def test_heat_map_peaks_fall_on_the_drawn_lesions(heat_map_run):
     data, out = heat_map_run
     last_epoch = sorted(out.glob("epoch_*.pth"))[-1]  # not best.pth: from scratch, validation loss is noisy
-    checkpoint = load_checkpoint(last_epoch, FINDINGS)
-    config = checkpoint["config"]
-    model = model_from_checkpoint(checkpoint).eval()
+    loaded = TorchModel(last_epoch, device="cpu")
+    config, model = loaded.config, loaded.net
     split = read_split(out / "split.csv")
     boxes = read_boxes(data)
     boxes = boxes[boxes.finding.isin(LESIONS) & boxes.image_name.isin(split.image_name[split.split == "test"])]

@@ -11,7 +11,8 @@ from PIL import Image
 
 import evaluate
 import localisation
-from dataset import FINDINGS, DataError
+from dataset import FINDINGS
+from errors import DataError
 from films import eval_view, fit_square
 
 

@@ -8,7 +8,6 @@ from torchvision.ops import FrozenBatchNorm2d
 import model as model_module
 from dataset import FINDINGS
 from model import (
-    ARCHITECTURE,
     CheckpointError,
     build_model,
     init_head_bias,
@@ -105,7 +104,7 @@ def checkpoint_of(net, **changes):
         "model": net.state_dict(),
         "config": {"TRAINABLE_LAYERS": "layer4", "DROPOUT": 0.5},
         "findings": list(FINDINGS),
-        "architecture": ARCHITECTURE,
+        "architecture": "resnet50",
         **changes,
     }
 
@@ -128,12 +127,16 @@ def test_checkpoint_mismatches_and_unsafe_files_are_clear_errors(tmp_path):
     save_checkpoint(checkpoint_of(net, findings=list(FINDINGS[:13]) + ["Covid"]), tmp_path / "findings.pth")
     with pytest.raises(CheckpointError, match="Covid"):
         load_checkpoint(tmp_path / "findings.pth", FINDINGS)
-    save_checkpoint(checkpoint_of(net, architecture="densenet121"), tmp_path / "arch.pth")
-    with pytest.raises(CheckpointError, match="densenet121"):
+    save_checkpoint(checkpoint_of(net, architecture="vit_b_16"), tmp_path / "arch.pth")
+    with pytest.raises(CheckpointError, match="vit_b_16"):
         load_checkpoint(tmp_path / "arch.pth", FINDINGS)
     torch.save({"model": NotATensor()}, tmp_path / "pickle.pth")  # arbitrary objects: refused, never executed
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project") as error:
         load_checkpoint(tmp_path / "pickle.pth", FINDINGS)
+    assert "weights_only=False" not in str(error.value)  # never the advice to load it anyway
+    (tmp_path / "notes.pth").write_text("my notes")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "notes.pth", FINDINGS)
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="missing"):
         load_checkpoint(tmp_path / "other.pth", FINDINGS)
@@ -150,7 +153,7 @@ def test_offline_imagenet_download_says_what_to_do(monkeypatch, tmp_path):
     with pytest.raises(CheckpointError) as error:
         build_model(14, pretrained="imagenet")
     message = str(error.value)
-    assert model_module.IMAGENET_WEIGHTS.url in message and "--pretrained" in message and "none" in message
+    assert model_module.BACKBONES["resnet50"].weights.url in message and "--pretrained" in message and "none" in message
     assert str(tmp_path) in message  # where to place the file
 
 
@@ -164,3 +167,32 @@ def test_pretrained_from_a_local_file(tmp_path):
     torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "wrong.pth")
     with pytest.raises(CheckpointError, match="not a torchvision ResNet-50"):
         build_model(14, pretrained=tmp_path / "wrong.pth")
+
+
+@pytest.mark.parametrize("backbone", sorted(model_module.BACKBONES))
+def test_every_backbone_has_its_blocks_head_features_and_heat_map_layer(backbone):
+    net = build_model(14, "none", "layer4", 0.5, backbone).eval()
+    spec = model_module.BACKBONES[backbone]
+    frozen = [path for block in ("stem", "layer1", "layer2", "layer3") for path in spec.blocks[block]]
+    assert all(not p.requires_grad for path in frozen for p in net.get_submodule(path).parameters())
+    assert all(p.requires_grad for path in spec.blocks["layer4"] for p in net.get_submodule(path).parameters())
+    assert not [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad]
+    images = torch.randn(2, 3, 64, 64)
+    assert net(images).shape == (2, 14) and model_module.pooled_features(net, images).shape == (2, spec.features)
+    assert model_module.cam_layer(net) is net.get_submodule(spec.cam_layer)
+
+
+def test_the_settings_offer_exactly_the_backbones_and_blocks_model_builds():
+    """train.py declares its settings' values without importing model.py (so that --help needs no torch): the two
+    must agree."""
+    import train
+    from configurator import rules
+
+    allowed = rules(train)
+    for name in model_module.BACKBONES:
+        allowed["BACKBONE"].validate("BACKBONE", name)
+    with pytest.raises(Exception, match="one of"):
+        allowed["BACKBONE"].validate("BACKBONE", "vgg16")
+    for block in model_module.BLOCKS:
+        allowed["TRAINABLE_LAYERS"].validate("TRAINABLE_LAYERS", block)
+    assert allowed["BACKBONE"].allowed.count("'") == 2 * len(model_module.BACKBONES)

@@ -99,13 +99,13 @@ def test_heat_maps_of_boxed_findings_are_not_empty(trained_run, learn_dir):
     score) would say the model learnt the finding as missing normal anatomy. Measured: 4 of 340 maps empty."""
     from functools import partial
 
-    from dataset import PngImages, index_images
     from films import eval_view
     from heatmaps import grad_cam, heat_maps
-    from model import load_checkpoint, model_from_checkpoint
+    from images import PngImages, index_images
+    from inference import TorchModel
 
-    checkpoint = load_checkpoint(trained_run / "best.pth", FINDINGS)
-    net = model_from_checkpoint(checkpoint).eval()
+    loaded = TorchModel(trained_run / "best.pth", device="cpu")
+    checkpoint, net = loaded.checkpoint, loaded.net
     split = pd.read_csv(trained_run / "split.csv")
     boxes = pd.read_csv(learn_dir / "BBox_List_2017.csv", header=None, skiprows=1, usecols=[0, 1], names=["image", "f"])
     boxes = boxes[boxes.image.isin(split.image_name[split.split == "test"])]

@@ -206,7 +206,7 @@ def test_two_sigterms_to_a_two_process_run_leave_a_state_that_resumes_exactly(de
     """Under SLURM the scheduler signals every process of the job, and torchrun forwards a second SIGTERM to its
     workers; DataLoader workers get the signal too. Both ranks must still stop together, save interrupted.pth, and
     resume to the weights of an uninterrupted run."""
-    settings = {"epochs": 2, "batch_size": 2, "amp": "false", "num_workers": 1, "tensorboard": "false"}
+    settings = {"epochs": 2, "batch_size": 4, "amp": "false", "num_workers": 1, "tensorboard": "false"}
     straight = subprocess.run(
         torchrun(tiny(demo_dir, tmp_path / "straight", **settings)),
         cwd=ROOT,
@@ -339,3 +339,106 @@ def test_tensorboard_events_cover_each_step_once_across_a_resume(demo_dir, tmp_p
 def test_every_shipped_config_file_is_valid(config_file):
     config = train.parse_config([str(config_file)])  # unknown names or wrong types would exit
     assert config["OUT_DIR"].startswith("checkpoints/") and config["LOAD_SIZE"] >= config["IMAGE_SIZE"]
+
+
+@pytest.mark.parametrize("backbone", ["densenet121", "convnext_tiny"])  # resnet50: every other test here
+def test_another_backbone_trains_resumes_exactly_evaluates_draws_and_exports(backbone, demo_dir, tmp_path):
+    import evaluate
+    from export import export
+    from films import prepare
+    from heatmaps import film_overlays
+    from inference import OnnxModel, TorchModel
+
+    settings = {"backbone": backbone, "trainable_layers": "all", "tensorboard": "false"}
+    assert run(tiny(demo_dir, tmp_path / "straight", **settings)) == 0
+    assert run(tiny(demo_dir, tmp_path / "resumed", **settings, epochs=1)) == 0
+    assert run(tiny(demo_dir, tmp_path / "resumed", **settings, resume="last")) == 0
+    assert_same_weights(weights(tmp_path / "straight" / "epoch_02.pth"), weights(tmp_path / "resumed" / "epoch_02.pth"))
+    assert load_checkpoint(tmp_path / "straight" / "best.pth", FINDINGS)["architecture"] == backbone
+    arguments = ["--checkpoint", str(tmp_path / "straight" / "best.pth"), "--bootstrap", "20", "--num_workers", "0"]
+    report = evaluate.evaluate(evaluate.parse_args([*arguments, "--boxes", "none"]))
+    assert np.isfinite(report["mean_auroc"])
+    model = TorchModel(tmp_path / "straight" / "best.pth", device="cpu", amp=False)
+    films = [prepare(path, model.load_size, model.image_size) for path in sorted(demo_dir.rglob("*.png"))[:4]]
+    probabilities = model.probabilities(np.stack([film.crop for film in films]))
+    drawn = film_overlays(model, films[0], probabilities[0], 2)
+    assert len(drawn) == 2 and min(drawn[0][1].size) >= 512
+    export(tmp_path / "straight" / "best.pth", tmp_path / "model.onnx")
+    onnx = OnnxModel(tmp_path / "model.onnx").probabilities(np.stack([film.crop for film in films]))
+    np.testing.assert_allclose(onnx, probabilities, atol=1e-4)
+
+
+def enumerated_settings():
+    from configurator import rules
+
+    return {name: rule.values for name, rule in rules(train).items() if rule.values}
+
+
+@pytest.mark.parametrize("name", sorted(enumerated_settings()))
+def test_every_enumerated_setting_refuses_another_value_before_writing_anything(name, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.main([f"--out_dir={out}", f"--{name.lower()}=bogus"])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"{name} = 'bogus'" in error
+    assert all(repr(value) in error for value in enumerated_settings()[name])  # the allowed values, listed
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flag, said",
+    [
+        ("--batch_size=0", "BATCH_SIZE = 0: it must be a whole number of at least 1"),
+        ("--learning_rate=-1", "LEARNING_RATE = -1.0: it must be a number above 0.0"),
+        ("--dropout=1.5", "DROPOUT = 1.5: it must be a number in [0.0, 1.0)"),
+        ("--image_size=7", "IMAGE_SIZE = 7: it must be a whole number of at least 32"),
+        ("--epochs=0", "EPOCHS = 0: it must be a whole number of at least 1"),
+        ("--trainable_layers=layer5", "TRAINABLE_LAYERS = 'layer5'"),
+        ("--val_fraction=0.5", "leave no patient for training"),
+        ("--pretrained=missing.pth", "PRETRAINED = 'missing.pth'"),
+    ],
+)
+def test_settings_out_of_range_are_one_line_before_anything_is_written(flag, said, tmp_path, capsys):
+    extra = ["--test_fraction=0.5"] if "val_fraction" in flag else []
+    with pytest.raises(SystemExit) as stopped:
+        train.main([f"--out_dir={tmp_path / 'run'}", flag, *extra])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and said in error and "Traceback" not in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_is_read_never_run(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    for code in (
+        f"import os\nos.system('touch {marker}')\n",
+        "import os as _os\nEPOCHS = 3\n",
+        f"EPOCHS = open('{marker}', 'w')\n",
+    ):
+        config_file = tmp_path / "evil.py"
+        config_file.write_text("# a config\n" + code)
+        with pytest.raises(SystemExit) as stopped:
+            train.parse_config([str(config_file)])
+        error = capsys.readouterr().err
+        assert stopped.value.code == 2 and f"{config_file}, line 2" in error
+        assert not marker.exists()  # nothing in it ran
+    config_file.write_text('EPOCHS = 3\nOUT_DIR = "checkpoints/x"  # a comment\nLR_SCHEDULE = "cosine"\n')
+    assert train.parse_config([str(config_file)])["EPOCHS"] == 3
+
+
+def test_a_config_file_with_a_syntax_error_names_its_file_and_line(tmp_path, capsys):
+    config_file = tmp_path / "typo.py"
+    config_file.write_text("EPOCHS = 3\nBATCH_SIZE = = 4\n")
+    with pytest.raises(SystemExit):
+        train.parse_config([str(config_file)])
+    error = capsys.readouterr().err
+    assert f"{config_file}, line 2" in error and "Traceback" not in error
+
+
+def test_help_answers_without_importing_torch():
+    code = (
+        "import runpy, sys; sys.argv = ['train.py', '--help']\n"
+        "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "--image_size INT" in result.stdout and result.stdout.strip().endswith("False")

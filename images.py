@@ -1,0 +1,132 @@
+"""Where a run's pixels come from: image files found below a dataset folder, decoded on every access (PngImages),
+the memory-mapped cache that cache.py builds (CachedImages), or the cached images held in device memory
+(images_on_device), with how much of that memory they may take. Each gives uint8 [L, L] images, letterboxed to the
+run's LOAD_SIZE by films.load_image, the same pixels whichever the source.
+"""
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from devices import local_world_size
+from errors import DataError
+from films import IMAGE_SUFFIXES, load_image
+
+DEVICE_SHARE = 0.25  # the images may take this share of the device's free memory (a GPU) or of the RAM (a CPU),
+# divided among the processes that share it; the rest stays for activations, the optimizer and the evaluation
+UPLOAD_CHUNK = 4096  # images read from the cache and copied to the device at a time: bounds the host memory used
+
+
+def index_images(data_dir):
+    """Map image name -> path for every image below data_dir, flat or in NIH's images_0NN/images/ folders."""
+    data_dir = Path(data_dir)
+    found = {}
+    duplicates = 0
+    for folder, _, files in os.walk(data_dir):
+        for name in files:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                duplicates += name in found
+                found.setdefault(name, Path(folder) / name)
+    if duplicates:
+        warnings.warn(f"{duplicates} image name(s) occur twice below {data_dir}; the first is used.", stacklevel=2)
+    return found
+
+
+class PngImages:
+    """Images decoded from their files on every access, resized to `size` (same resize as the cache)."""
+
+    def __init__(self, paths, size):
+        self.paths = [str(path) for path in paths]
+        self.size = size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_image(self.paths[index], self.size)
+
+
+def cache_folder(data_dir, size):
+    return Path(data_dir) / f"cache_{size}"
+
+
+def find_cache(data_dir, load_size, setting="auto"):
+    """The cache folder to read (CACHE: "auto" finds DATA_DIR/cache_<LOAD_SIZE> when built, "off", or a folder), or
+    None to decode the PNGs."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return Path(setting)
+    folder = cache_folder(data_dir, load_size)
+    return folder if (folder / "index.csv").is_file() else None
+
+
+class CachedImages:
+    """Images of a cache folder by row, memory-mapped lazily in each worker (the array is never pickled)."""
+
+    def __init__(self, folder, image_names):
+        folder = Path(folder)
+        if not (folder / "index.csv").is_file():
+            raise DataError(f"no image cache in {folder}; build it with: python cache.py --data_dir DATA_DIR")
+        if not np.load(folder / "done.npy").all():
+            raise DataError(f"the cache in {folder} is incomplete; finish it with the same python cache.py command.")
+        row_of = pd.Series(np.arange(len(index := pd.read_csv(folder / "index.csv"))), index=index["image_name"])
+        missing = pd.Index(image_names).difference(row_of.index)
+        if len(missing):
+            raise DataError(f"{len(missing)} image(s) are not in the cache {folder} (first: {missing[0]}); rebuild it.")
+        self.path = folder / "images.npy"
+        self.rows = row_of.loc[list(image_names)].to_numpy()
+        self.size = np.load(self.path, mmap_mode="r").shape[1]
+        self._images = None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if self._images is None:
+            self._images = np.load(self.path, mmap_mode="r")
+        return np.array(self._images[self.rows[index]])  # a private, writable copy of one image (S*S bytes)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_images": None}
+
+
+def memory_for_images(device, processes=None):
+    """(bytes one process's images may take on `device`, what that is a share of), or (0, why not) when it cannot be
+    told. The share is divided among this machine's processes that use the same memory: all of them for the RAM
+    (and an Apple GPU's unified memory), those placed on the same GPU for a GPU."""
+    processes = local_world_size() if processes is None else processes
+    if device.type == "cuda":
+        sharing = -(-processes // max(torch.cuda.device_count(), 1))
+        free, _ = torch.cuda.mem_get_info(device)
+        room, of_what = DEVICE_SHARE * free, f"{DEVICE_SHARE:.0%} of the {free / 1e9:.1f} GB free on {device}"
+    elif device.type == "mps":
+        sharing, free = processes, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+        room, of_what = DEVICE_SHARE * free, f"{DEVICE_SHARE:.0%} of the {free / 1e9:.1f} GB free for the Apple GPU"
+    elif device.type == "cpu" and "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):  # Linux, macOS
+        sharing, total = processes, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        room, of_what = DEVICE_SHARE * total, f"{DEVICE_SHARE:.0%} of the {total / 1e9:.1f} GB of RAM"
+    else:
+        return 0, f"the free memory of {device} cannot be told here"
+    if sharing > 1:
+        return room / sharing, f"{of_what}, shared by {sharing} processes"
+    return room, of_what
+
+
+def images_on_device(cached_images, device, view=None):
+    """The rows of a CachedImages as one uint8 tensor [N, L, L] on `device`, or their view(pixels) when given (the
+    evaluation crops: deterministic, so made once, not every epoch). Read from the memmap and copied UPLOAD_CHUNK
+    images at a time, so the host holds one chunk, not the whole set (eight ranks of NIH: 8 x 5.7 GB otherwise)."""
+    array, rows = np.load(cached_images.path, mmap_mode="r"), cached_images.rows
+    shape = array.shape[1:] if view is None else view(np.array(array[rows[0]])).shape
+    images = torch.empty((len(rows), *shape), dtype=torch.uint8, device=device)
+    for start in range(0, len(rows), UPLOAD_CHUNK):
+        chunk = array[rows[start : start + UPLOAD_CHUNK]]  # fancy indexing copies this chunk into RAM
+        if view is not None:
+            chunk = np.stack([view(pixels) for pixels in chunk])
+        images[start : start + len(chunk)].copy_(torch.from_numpy(chunk))
+    return images
