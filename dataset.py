@@ -240,8 +240,9 @@ def pos_weight_from_counts(positives, negatives, policy="ratio", cap=0.0):
 # ----------------------------------------------------------------------------- images
 
 
-def attach_image_paths(labels, data_dir, drop_missing=False):
-    """Add a `path` column. Missing images are one clear error, or dropped with a warning when asked."""
+def attach_image_paths(labels, data_dir, drop_missing=False, flag="DROP_MISSING_IMAGES (--drop_missing_images true)"):
+    """Add a `path` column. Missing images are one clear error naming `flag` (the setting that leaves them out), or
+    dropped with a warning when asked."""
     paths = labels["image_name"].map(index_images(data_dir))
     missing = paths.isna()
     if missing.any():
@@ -249,8 +250,7 @@ def attach_image_paths(labels, data_dir, drop_missing=False):
         message = f"{missing.sum()} of {len(labels)} images in the CSV are not below {data_dir} (first: {names})"
         if not drop_missing:
             raise DataError(
-                f"{message}. Extract all 12 NIH archives there (see README), or set DROP_MISSING_IMAGES "
-                "(--drop_missing_images true) to train on the images present."
+                f"{message}. Extract all 12 NIH archives there (see README), or set {flag} to use the images present."
             )
         warnings.warn(f"{message}; they are left out.", stacklevel=2)
     labels = labels[~missing].copy()
@@ -258,10 +258,22 @@ def attach_image_paths(labels, data_dir, drop_missing=False):
     return labels.reset_index(drop=True)
 
 
+def find_file(path, folder, what="file"):
+    """A file named in a setting or flag: as given (absolute, or from the current folder), else below the dataset
+    folder (a README command's --csv train.csv means the dataset's own); an error naming both places otherwise."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_absolute() and (Path(folder) / path).is_file():
+        return Path(folder) / path
+    raise DataError(f"{what} not found: {path} (looked for it as given and in {folder})")
+
+
 def find_label_file(data_dir, csv_path=""):
-    """The label CSV: `csv_path` when given, else the one Data_Entry_2017*.csv below data_dir."""
+    """The label CSV: `csv_path` when given (as given, or below data_dir), else the one Data_Entry_2017*.csv below
+    data_dir."""
     if csv_path:
-        return Path(csv_path)
+        return find_file(csv_path, data_dir, "label file")
     data_dir = Path(data_dir)
     found = sorted(data_dir.rglob("Data_Entry_2017*.csv")) if data_dir.is_dir() else []
     if not found:

@@ -1,28 +1,32 @@
 """The report of a trained checkpoint: the numbers the field judges a chest X-ray classifier by.
 
     python evaluate.py --checkpoint checkpoints/resnet50/best.pth [--split test] [--out DIR] [--tta] [--boxes FILE]
-    python evaluate.py --checkpoint C --dataset chexpert|mimic|padchest --data_dir DIR [--uncertain ignore]
+    python evaluate.py --checkpoint C --expert_labels google2019_nih-chest-xray-labels.csv
+    python evaluate.py --checkpoint C --dataset chexpert|mimic|padchest|vindr|rsna --data_dir DIR [--uncertain ignore]
 
 NIH: evaluates on exactly the split the training run used (carried in the checkpoint, and in split.csv beside it),
 never on images the model trained or was selected on. Per finding: AUROC with a 95% bootstrap confidence interval
-(resampling patients), average precision, prevalence, and an operating point (threshold chosen on the validation
-split: Youden's J, or --sensitivity) with sensitivity, specificity, PPV and F1 on the evaluated split. With
-NIH's boxes (BBox_List_2017.csv beside the label file, or --boxes): heat-map localisation as Wang et al. scored it.
-Other datasets: the same figures on their frontal films, for the findings that map onto ours (external.py).
-Writes report.json, report.csv, roc_curves.png, thresholds.json (which predict.py uses; NIH only) and
-localisation.png (with boxes).
+(resampling patients), average precision, prevalence, positives and negatives, and an operating point (threshold
+chosen on the validation split: Youden's J, or --sensitivity) with sensitivity, specificity, PPV and F1 on the
+evaluated split. With NIH's boxes (BBox_List_2017.csv beside the label file, or --boxes): heat-map localisation as
+Wang et al. scored it. With Google's expert labels: their four findings scored against NIH's labels and the experts'
+on the same test films, side by side. Other datasets: the same figures on their frontal films, for the findings that
+map onto ours (external.py), and for VinDr-CXR and RSNA the localisation on their radiologists' boxes.
+Writes report.json, report.csv, roc_curves.png, thresholds.json (which predict.py uses; NIH only),
+localisation.png (with boxes) and expert_labels.csv (with expert labels). Films missing or unreadable stop the report,
+naming them, unless --drop_missing_images leaves them out (report.json's "skipped" names them).
 """
 
 import argparse
 import json
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_curve
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -31,11 +35,20 @@ from configurator import add_device_flags, add_out_flag
 from dataset import FINDINGS, attach_image_paths, find_label_file, read_labels, saved_split
 from devices import worker_count
 from errors import DataError, UserError
-from external import DATASETS, UNCERTAIN_POLICIES, model_scores, read_external
+from external import (
+    DATASETS,
+    EXPERT_MAPPING,
+    EXPERT_UNSCORED,
+    UNCERTAIN_POLICIES,
+    VINDR_RULES,
+    model_scores,
+    read_expert_labels,
+    read_external,
+)
 from films import eval_view, five_views
 from images import CachedImages, PngImages, find_cache
 from inference import TorchModel, predict_logits, read_thresholds, thresholds_path, write_thresholds
-from loaders import ChestXrayDataset
+from loaders import ReadableFilms
 from localisation import (
     BOX_THRESHOLD,
     IOBB_THRESHOLDS,
@@ -46,32 +59,10 @@ from localisation import (
     plot_examples,
     read_boxes,
 )
-from metrics import (
-    auroc_per_finding,
-    average_precision_per_finding,
-    bootstrap_auroc_ci,
-    choose_thresholds,
-    mean_auroc,
-    operating_point,
-)
+from metrics import choose_thresholds
+from report import CHEXNET_AUROC, build_report, format_report, format_two_label_table, plot_roc_curves, two_label_table
 from transforms import normalize
 
-CHEXNET_AUROC = {  # Rajpurkar et al. 2017, "CheXNet", Table 1 (a random patient split, not NIH's official one)
-    "Atelectasis": 0.8094,
-    "Cardiomegaly": 0.9248,
-    "Effusion": 0.8638,
-    "Infiltration": 0.7345,
-    "Mass": 0.8676,
-    "Nodule": 0.7802,
-    "Pneumonia": 0.7680,
-    "Pneumothorax": 0.8887,
-    "Consolidation": 0.7901,
-    "Edema": 0.8878,
-    "Emphysema": 0.9371,
-    "Fibrosis": 0.8047,
-    "Pleural_Thickening": 0.8062,
-    "Hernia": 0.9164,
-}
 TTA_CROPS = 5  # films.five_views: four corners and the centre
 
 
@@ -103,9 +94,9 @@ def run_split(checkpoint, checkpoint_path, test_list=None):
     return saved, f"the split of {checkpoint_path}"
 
 
-def split_rows(split, source, data_dir, csv_path, parts):
-    """{part: labels with image paths} for parts of a run's split. The label file is read and the images are
-    indexed once for all the parts."""
+def split_rows(split, source, data_dir, csv_path, parts, drop_missing=False):
+    """{part: labels with image paths} for parts of a run's split, and the names of the images that are missing
+    (left out, with drop_missing; else an error). The label file is read and the images indexed once."""
     csv_file = find_label_file(data_dir, csv_path)
     labels = read_labels(csv_file).set_index("image_name")
     wanted = []
@@ -117,8 +108,13 @@ def split_rows(split, source, data_dir, csv_path, parts):
         if len(names) == 0:
             raise DataError(f"the {part} part of {source} is empty")
         wanted.append(labels.loc[names].reset_index().assign(part=part))
-    rows = attach_image_paths(pd.concat(wanted, ignore_index=True), data_dir)
-    return {part: rows[rows.part == part].drop(columns="part").reset_index(drop=True) for part in parts}
+    wanted = pd.concat(wanted, ignore_index=True)
+    with warnings.catch_warnings():  # said once below, naming them
+        warnings.simplefilter("ignore")
+        rows = attach_image_paths(wanted, data_dir, drop_missing, flag="--drop_missing_images")
+    missing = sorted(set(wanted.image_name) - set(rows.image_name))
+    parts = {part: rows[rows.part == part].drop(columns="part").reset_index(drop=True) for part in parts}
+    return (parts, missing) if drop_missing else parts
 
 
 def evaluation_images(rows, data_dir, load_size):
@@ -135,17 +131,18 @@ def evaluation_images(rows, data_dir, load_size):
 
 
 def predict_probabilities(model, rows, args):
-    """Sigmoid outputs [images, findings] of an inference.TorchModel for the rows (a path column, and image_name for
-    NIH's cache), batched under inference_mode (AMP as in training)."""
+    """(sigmoid outputs [images, findings], whether each film could be read) of an inference.TorchModel for the rows
+    (a path column, and image_name for NIH's cache), batched under inference_mode (AMP as in training)."""
     config, device = model.config, model.device
     view = partial(five_views if args.tta else eval_view, image_size=config["IMAGE_SIZE"])
     if args.dataset == "nih":
         images = evaluation_images(rows, args.data_dir or config["DATA_DIR"], config["LOAD_SIZE"])
     else:
         images = PngImages(rows["path"], config["LOAD_SIZE"])
-    dataset = ChestXrayDataset(images, np.zeros((len(rows), len(FINDINGS))), view)
     workers = worker_count(args.num_workers)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        ReadableFilms(images, view), batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     net = AverageOverCrops(model.net, TTA_CROPS) if args.tta else model.net
 
     def prepare(batch):  # with TTA a batch is [N, crops, 1, S, S]: the crops become a larger batch
@@ -155,104 +152,59 @@ def predict_probabilities(model, rows, args):
     def progress(batches):
         return tqdm(batches, desc=f"predicting {len(rows):,} images")
 
-    logits, _ = predict_logits(net, loader, prepare, model.dtype, progress)
-    return torch.sigmoid(logits).numpy()
+    logits, readable = predict_logits(net, loader, prepare, model.dtype, progress)
+    return torch.sigmoid(logits).numpy(), readable.numpy() == 1
 
 
-def build_report(names, targets, probabilities, patient_ids, thresholds, replicates, reference=None, seed=0):
-    """Per-finding table (targets may hold NaN: left out of that finding) and the mean AUROC with its CI."""
-    aurocs = auroc_per_finding(targets, probabilities)
-
-    def progress(chunks):
-        return tqdm(chunks, desc=f"bootstrap ({replicates} patient resamples)", unit="chunk", leave=False)
-
-    low, high, mean_ci = bootstrap_auroc_ci(
-        targets, probabilities, patient_ids, replicates, seed=seed, progress=progress
-    )
-    table = pd.DataFrame(
-        {
-            "finding": names,
-            "auroc": aurocs,
-            "auroc_ci_low": low,
-            "auroc_ci_high": high,
-            "average_precision": average_precision_per_finding(targets, probabilities),
-            "prevalence": np.nanmean(targets, axis=0),
-            "positives": np.nansum(targets, axis=0).astype(int),
-            "images": (~np.isnan(targets)).sum(axis=0),
-            "chexnet_auroc": [(reference or {}).get(name, np.nan) for name in names],  # NIH only
-            "threshold": thresholds,
-        }
-    )
-    points = [
-        operating_point(targets[:, k], probabilities[:, k], threshold)
-        if np.isfinite(threshold)
-        else dict.fromkeys(("sensitivity", "specificity", "ppv", "f1"), np.nan)
-        for k, threshold in enumerate(thresholds)
-    ]
-    table = pd.concat([table, pd.DataFrame(points)], axis=1)
-    return table, {"mean_auroc": mean_auroc(aurocs), "mean_auroc_ci": [float(mean_ci[0]), float(mean_ci[1])]}
-
-
-def format_report(table, summary, reference_name="CheXNet"):
-    lines = [
-        f"{'finding':<20}{'AUROC':>7}{'95% CI':>15}{'AP':>7}{'prev.':>8}{reference_name:>9}   "
-        f"{'thresh.':>8}{'sens.':>7}{'spec.':>7}{'PPV':>7}{'F1':>7}"
-    ]
-    for row in table.itertuples():
-        lines.append(
-            f"{row.finding:<20}{row.auroc:>7.3f}{f'{row.auroc_ci_low:.3f}-{row.auroc_ci_high:.3f}':>15}"
-            f"{row.average_precision:>7.3f}{row.prevalence:>8.1%}{row.chexnet_auroc:>9.3f}   "
-            f"{row.threshold:>8.3f}{row.sensitivity:>7.3f}{row.specificity:>7.3f}{row.ppv:>7.3f}{row.f1:>7.3f}"
+def readable_only(rows, probabilities, readable, args, skipped):
+    """The rows and probabilities of the films that could be read; the others an error naming the first few, or
+    (with --drop_missing_images) left out and added to skipped["unreadable"]."""
+    if readable.all():
+        return rows, probabilities
+    names = list(rows.path[~readable])
+    if not args.drop_missing_images:
+        raise DataError(
+            f"{len(names)} film(s) cannot be read (first: {', '.join(names[:3])}): truncated or not images. "
+            "Re-extract or re-download them, or leave them out with --drop_missing_images (the report names them)."
         )
-    low, high = summary["mean_auroc_ci"]
-    reference = np.nanmean(table.chexnet_auroc) if table.chexnet_auroc.notna().any() else np.nan
-    lines.append(f"{'mean':<20}{summary['mean_auroc']:>7.3f}{f'{low:.3f}-{high:.3f}':>15}{'':>15}{reference:>9.3f}")
-    return "\n".join(lines)
-
-
-def plot_roc_curves(names, targets, probabilities, table, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = 4
-    rows = -(-len(names) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.5 * columns, 3.5 * rows), squeeze=False)
-    for k, (name, panel) in enumerate(zip(names, axes.flat)):
-        panel.plot([0, 1], [0, 1], ":", color="gray")
-        known = ~np.isnan(targets[:, k])
-        if np.isfinite(table.auroc[k]):
-            false_positive_rate, true_positive_rate, _ = roc_curve(targets[known, k], probabilities[known, k])
-            panel.plot(false_positive_rate, true_positive_rate, label=f"AUROC {table.auroc[k]:.3f}")
-            panel.legend(loc="lower right")
-        panel.set(title=name, xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1))
-    for panel in axes.flat[len(names) :]:
-        panel.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    print(f"warning: {len(names)} unreadable film(s) left out (first: {names[0]})")
+    skipped["unreadable"] += names
+    return rows[readable].reset_index(drop=True), probabilities[readable]
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (e.g. best.pth)")
     parser.add_argument("--data_dir", help="dataset folder (default: the one the run trained on)")
-    parser.add_argument("--csv", default="", help="label file (default: the Data_Entry_2017*.csv in data_dir)")
+    parser.add_argument("--csv", default="", help="label file, as given or below data_dir (default: the dataset's)")
     parser.add_argument(
-        "--dataset",
-        default="nih",
-        choices=("nih", *DATASETS),
-        help="NIH (the run's split) or another dataset (default: nih)",
+        "--dataset", default="nih", choices=("nih", *DATASETS), help="NIH (the run's split) or another (default: nih)"
     )
     parser.add_argument(
         "--uncertain",
         default="ignore",
         choices=UNCERTAIN_POLICIES,
-        help="other datasets' -1 and blank labels (default: ignore)",
+        help="CheXpert and MIMIC's -1 (uncertain) labels: left out, negative or positive; blank is always negative "
+        "(default: ignore)",
     )
     parser.add_argument(
-        "--boxes", help="NIH-format box file (default: BBox_List_2017.csv beside the labels; none: skip)"
+        "--vindr_rule",
+        default="any",
+        choices=VINDR_RULES,
+        help="a VinDr finding is positive when marked by any radiologist, or by at least two (default: any)",
+    )
+    parser.add_argument("--min_age", type=float, help="PadChest: leave out films of younger or unknown-age patients")
+    parser.add_argument(
+        "--drop_missing_images",
+        action="store_true",
+        help="leave out films that are missing or unreadable, naming them in the report (default: an error)",
+    )
+    parser.add_argument(
+        "--expert_labels", help="Google's expert labels of NIH films (google2019_nih-chest-xray-labels.csv)"
+    )
+    parser.add_argument(
+        "--boxes", help="NIH-format box file (default: BBox_List_2017.csv beside the labels; VinDr's and RSNA's own "
+        "boxes; none: no localisation)"
     )
     parser.add_argument(
         "--box_threshold",
@@ -269,33 +221,44 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=64, help="default: 64")
     parser.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers; -1: from the CPU count")
     add_device_flags(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.expert_labels and args.dataset != "nih":
+        parser.error("--expert_labels scores NIH films: leave --dataset out")
+    return args
 
 
 def evaluate(args):
     model = TorchModel(args.checkpoint, args.device, args.amp)
-    checkpoint = model.checkpoint
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "evaluation"
     if args.dataset != "nih" and not args.out:
         out = out / args.dataset  # never over NIH's report (and its thresholds.json)
-    out.mkdir(parents=True, exist_ok=True)
-    about = {"checkpoint": str(args.checkpoint), "epoch": checkpoint["epoch"], "dataset": args.dataset}
+    about = {"checkpoint": str(args.checkpoint), "epoch": model.checkpoint["epoch"], "dataset": args.dataset}
     run = evaluate_nih if args.dataset == "nih" else evaluate_external
-    about, names, targets, probabilities, patients, thresholds, reference = run(args, model, about)
-    rows = about.pop("rows", None)
-    table, summary = build_report(names, targets, probabilities, patients, thresholds, args.bootstrap, reference)
+    result = run(args, model, about)
+    names, targets, probabilities, rows = result["names"], result["targets"], result["probabilities"], result["rows"]
+    table, summary = build_report(
+        names, targets, probabilities, rows.patient_id.to_numpy(), result["thresholds"], args.bootstrap, result["ref"]
+    )
     print(format_report(table, summary, "CheXNet" if args.dataset == "nih" else "-"))
     report = {**about, "tta": args.tta, "bootstrap_replicates": args.bootstrap, **summary}
+    out.mkdir(parents=True, exist_ok=True)
+    written = ["report.json", "report.csv", "roc_curves.png"]
     if args.dataset == "nih":
         policy = f"sensitivity {args.sensitivity}" if args.sensitivity else "youden"
-        write_thresholds(out / "thresholds.json", policy, dict(zip(FINDINGS, thresholds)))
+        write_thresholds(out / "thresholds.json", policy, dict(zip(FINDINGS, result["thresholds"])))
         report["threshold_policy"] = policy
-        table = localisation_section(args, model, rows, table, report, out)
+        written.append("thresholds.json")
+    if result.get("boxes") is not None:
+        table = localisation_section(args, model, rows, result["boxes"], table, report, out)
+        written += ["localisation.png"] if "localisation" in report else []
+    if args.expert_labels:
+        report["expert_labels"] = expert_section(args, rows, probabilities, out)
+        written.append("expert_labels.csv")
     table.to_csv(out / "report.csv", index=False)
     report["findings"] = json.loads(table.to_json(orient="records"))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_roc_curves(names, targets, probabilities, table, out / "roc_curves.png")
-    print(f"wrote the report (report.json, report.csv, roc_curves.png) to {out}")
+    print(f"wrote {', '.join(written)} to {out}")
     return report
 
 
@@ -305,29 +268,56 @@ def evaluate_nih(args, model, about):
     split, source = run_split(checkpoint, args.checkpoint, args.test_list)
     has_validation = (split.split == "val").any()
     wanted = [args.split, "val"] if has_validation else [args.split]
-    parts = split_rows(split, source, args.data_dir or config["DATA_DIR"], args.csv or config["CSV"], wanted)
+    data_dir = args.data_dir or config["DATA_DIR"]
+    parts = split_rows(split, source, data_dir, args.csv or config["CSV"], wanted, args.drop_missing_images)
+    skipped = {"missing": [], "unreadable": []}
+    if args.drop_missing_images:
+        parts, skipped["missing"] = parts
+        if skipped["missing"]:
+            print(f"warning: {len(skipped['missing'])} film(s) missing and left out (first: {skipped['missing'][0]})")
     rows = parts[args.split]
     print(
         f"checkpoint {args.checkpoint} (epoch {checkpoint['epoch']}); the {args.split} split: {len(rows):,} images, "
         f"{rows.patient_id.nunique():,} patients{'; five-crop TTA' if args.tta else ''}"
     )
     if has_validation:
-        validation = parts["val"]
-        val_probabilities = predict_probabilities(model, validation, args)
+        validation, val_probabilities = readable_only(
+            parts["val"], *predict_probabilities(model, parts["val"], args), args, skipped
+        )
         thresholds = choose_thresholds(validation[list(FINDINGS)].to_numpy(), val_probabilities, args.sensitivity)
     else:
-        print("no validation split: no operating thresholds (thresholds.json will hold NaN)")
+        print("no validation split: no operating thresholds (thresholds.json will hold none)")
         thresholds = np.full(len(FINDINGS), np.nan)
-    probabilities = predict_probabilities(model, rows, args)
-    targets = rows[list(FINDINGS)].to_numpy(dtype=float)
+    rows, probabilities = readable_only(rows, *predict_probabilities(model, rows, args), args, skipped)
     about |= {
         "split": args.split,
         "split_source": source,
         "images": len(rows),
         "patients": int(rows.patient_id.nunique()),
-        "rows": rows,  # for the localisation; not written
+        "skipped": skipped,
     }
-    return about, list(FINDINGS), targets, probabilities, rows.patient_id.to_numpy(), thresholds, CHEXNET_AUROC
+    return {
+        "names": list(FINDINGS),
+        "targets": rows[list(FINDINGS)].to_numpy(dtype=float),
+        "probabilities": probabilities,
+        "rows": rows,
+        "thresholds": thresholds,
+        "ref": CHEXNET_AUROC,
+        "boxes": nih_boxes(args, config),
+    }
+
+
+def nih_boxes(args, config):
+    """NIH's box file (BBox_List_2017.csv beside the label file, or --boxes), or None."""
+    if args.boxes == "none":
+        return None
+    default = find_label_file(args.data_dir or config["DATA_DIR"], args.csv or config["CSV"]).parent
+    boxes_path = Path(args.boxes) if args.boxes else default / "BBox_List_2017.csv"
+    if not boxes_path.is_file():
+        if args.boxes:
+            raise DataError(f"box file not found: {boxes_path}")
+        return None
+    return read_boxes(boxes_path).assign(source=str(boxes_path))
 
 
 def evaluate_external(args, model, about):
@@ -335,52 +325,73 @@ def evaluate_external(args, model, about):
     (evaluation/thresholds.json beside the checkpoint), where a finding maps to one of ours."""
     if not args.data_dir:
         raise DataError(f"--dataset {args.dataset} needs --data_dir: the dataset's folder")
-    data = read_external(args.dataset, args.data_dir, args.csv, args.uncertain)
+    data = read_external(
+        args.dataset, args.data_dir, args.csv, args.uncertain, args.drop_missing_images, args.min_age, args.vindr_rule
+    )
     names = list(data.mapping)
+    skipped = {"missing": data.skipped["missing"], "unreadable": []}
     print(
         f"checkpoint {args.checkpoint} (epoch {model.checkpoint['epoch']}); {args.dataset} ({data.source}): "
         f"{len(data.rows):,} frontal films of {data.rows.patient_id.nunique():,} patients; left out "
-        f"{data.laterals:,} lateral and {data.other_views:,} other films; uncertain labels: {args.uncertain}"
+        f"{data.laterals:,} lateral and {data.other_views:,} other films"
+        + "".join(f", {count:,} {reason}" for reason, count in data.left_out.items())
+        + f"; uncertain labels: {args.uncertain}"
     )
-    probabilities = model_scores(predict_probabilities(model, data.rows, args), data.mapping, FINDINGS)
+    rows, probabilities = readable_only(data.rows, *predict_probabilities(model, data.rows, args), args, skipped)
     nih = read_thresholds(thresholds_path(args.checkpoint))
     thresholds = np.array(
         [nih.get(mapped[0], np.nan) if len(mapped) == 1 else np.nan for mapped in data.mapping.values()]
     )
     about |= {
         "source": data.source,
-        "images": len(data.rows),
-        "patients": int(data.rows.patient_id.nunique()),
+        "images": len(rows),
+        "patients": int(rows.patient_id.nunique()),
         "laterals_left_out": data.laterals,
         "other_views_left_out": data.other_views,
+        "left_out": data.left_out,
+        "skipped": skipped,
         "uncertain": args.uncertain,
         "mapping": {name: list(mapped) for name, mapped in data.mapping.items()},
         "threshold_source": "NIH validation split (thresholds.json beside the checkpoint)",
     }
-    targets = data.rows[names].to_numpy(dtype=float)
-    return about, names, targets, probabilities, data.rows.patient_id.to_numpy(), thresholds, None
-
-
-def localisation_section(args, model, rows, table, report, out):
-    """Heat-map localisation against NIH-format boxes, when there are boxes: report entries, table columns, plot."""
-    config = model.config
-    default = (
-        find_label_file(args.data_dir or config["DATA_DIR"], args.csv or config["CSV"]).parent / "BBox_List_2017.csv"
-    )
-    boxes_path = Path(args.boxes) if args.boxes and args.boxes != "none" else default
-    if args.boxes == "none" or not boxes_path.is_file():
-        if args.boxes not in (None, "none"):
-            raise DataError(f"box file not found: {boxes_path}")
-        return table
-    results, examples, outside = localise(model, read_boxes(boxes_path), rows, args.box_threshold)
-    print(f"localisation against {boxes_path} ({outside} boxed films outside the {args.split} split left out):")
-    print(format_localisation(results))
-    report["localisation"] = results
-    report["localisation_settings"] = {
-        "boxes": str(boxes_path),
-        "box_threshold": args.box_threshold,
-        "left_out": outside,
+    if args.dataset == "vindr":
+        about["vindr_rule"] = args.vindr_rule
+    return {
+        "names": names,
+        "targets": rows[names].to_numpy(dtype=float),
+        "probabilities": model_scores(probabilities, data.mapping, FINDINGS),
+        "rows": rows,
+        "thresholds": thresholds,
+        "ref": None,
+        "boxes": None if args.boxes == "none" else external_boxes(data, rows, probabilities),
     }
+
+
+def external_boxes(data, rows, probabilities):
+    """A dataset's boxes (VinDr, RSNA) as localise takes them: each box's finding is the model's finding that scores
+    its reported name on that film (the most probable of those mapped to it, e.g. Mass or Nodule)."""
+    if data.boxes is None or data.boxes.empty:
+        return None
+    row_of = pd.Series(np.arange(len(rows)), index=rows.image_name)
+    boxes = data.boxes[data.boxes.image_name.isin(row_of.index)].reset_index(drop=True)
+    chosen = []
+    for box in boxes.itertuples():
+        mapped = data.mapping[box.name]
+        row = probabilities[row_of[box.image_name]]
+        chosen.append(max(mapped, key=lambda finding: row[FINDINGS.index(finding)]))
+    return boxes.assign(finding=chosen, source=data.source)
+
+
+def localisation_section(args, model, rows, boxes, table, report, out):
+    """Heat-map localisation against boxes (NIH's, VinDr's, RSNA's): report entries, table columns, plot."""
+    source = boxes.source.iloc[0] if len(boxes) else ""
+    results, examples, outside = localise(model, boxes, rows, args.box_threshold)
+    if not results:
+        return table
+    print(f"localisation against {source} ({outside} boxed films outside the evaluated films left out):")
+    print(format_localisation(results, WANG_IOBB_01 if args.dataset == "nih" else {}))
+    report["localisation"] = results
+    report["localisation_settings"] = {"boxes": source, "box_threshold": args.box_threshold, "left_out": outside}
     columns = {
         "loc_boxes": lambda r: r["boxes"],
         **{f"loc_iobb_{t}": lambda r, t=t: r["iobb"][str(t)] for t in IOBB_THRESHOLDS},
@@ -389,9 +400,40 @@ def localisation_section(args, model, rows, table, report, out):
     }
     for column, value in columns.items():
         table[column] = [value(results[f]) if f in results else np.nan for f in table.finding]
-    table["wang_iobb_0.1"] = [WANG_IOBB_01.get(f, np.nan) for f in table.finding]
+    if args.dataset == "nih":
+        table["wang_iobb_0.1"] = [WANG_IOBB_01.get(f, np.nan) for f in table.finding]
     plot_examples(examples, out / "localisation.png")
     return table
+
+
+def expert_section(args, rows, probabilities, out):
+    """Google's expert labels on the films of the evaluated split: each finding's AUROC against NIH's labels and
+    against the experts' on the same films; expert_labels.csv and the report.json entry."""
+    experts = read_expert_labels(args.expert_labels).set_index("image_name")
+    inside = rows.image_name.isin(experts.index).to_numpy()
+    if not inside.any():
+        raise DataError(f"none of the {len(experts):,} films of {args.expert_labels} is in the {args.split} split")
+    names = list(EXPERT_MAPPING)
+    films = rows[inside].reset_index(drop=True)
+    nih = np.stack([films[list(mapped)].max(axis=1).to_numpy(dtype=float) for mapped in EXPERT_MAPPING.values()], 1)
+    expert = experts.loc[films.image_name, names].to_numpy(dtype=float)
+    scores = model_scores(probabilities[inside], EXPERT_MAPPING, FINDINGS)
+    table = two_label_table(names, nih, expert, scores, films.patient_id.to_numpy(), args.bootstrap)
+    print(
+        f"expert labels ({args.expert_labels}): {inside.sum():,} of its {len(experts):,} films are in the "
+        f"{args.split} split; the same films against NIH's labels and the experts':"
+    )
+    print(format_two_label_table(table))
+    print(f"not scored (no NIH finding): {', '.join(EXPERT_UNSCORED)}")
+    pd.DataFrame(table).to_csv(out / "expert_labels.csv", index=False)
+    return {
+        "file": str(args.expert_labels),
+        "films_in_file": len(experts),
+        "films_in_split": int(inside.sum()),
+        "mapping": {name: list(mapped) for name, mapped in EXPERT_MAPPING.items()},
+        "findings": table,
+        "unscored": list(EXPERT_UNSCORED),
+    }
 
 
 def main(argv=None):

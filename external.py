@@ -1,27 +1,42 @@
-"""Other hospitals' chest X-ray datasets, read into what evaluate.py scores: CheXpert, MIMIC-CXR-JPG and PadChest.
+"""Other hospitals' chest X-ray datasets, read by their own conventions into what evaluate.py scores: CheXpert,
+MIMIC-CXR-JPG, PadChest, VinDr-CXR and RSNA Pneumonia Detection; and Google's expert labels of NIH's own films.
 
 Each reader keeps frontal films only (PA and AP; laterals and other views are counted and left out) and maps the
-dataset's labels onto the findings the NIH-trained model outputs (MAPPINGS: a reported name, the dataset's labels
-that make it positive, and the model's findings whose highest probability scores it). Uncertain labels (CheXpert and
-MIMIC: -1) and unmentioned ones (blank) follow --uncertain: "ignore" leaves those films out of that finding's figures,
-"zeros" counts them negative, "ones" counts -1 positive and blank negative.
+dataset's labels onto the findings the NIH-trained model outputs (MAPPINGS: a reported name, the dataset's labels that
+make it positive, and the model's findings whose highest probability scores it). A film's label for a name is 1, 0, or
+NaN (left out of that name's figures).
+
+- CheXpert and MIMIC-CXR (the CheXpert labeler): 1 positive, 0 negative, -1 uncertain, blank "not mentioned". The
+  datasets' authors read blank as negative, and so does this reader under every --uncertain policy; the policy acts
+  on -1 alone: "ignore" leaves the film out of that finding, "zeros" counts it negative, "ones" positive.
+- PadChest: a list of labels per film, matched exactly (never by substring: "pericardial effusion" is no Effusion,
+  "pseudonodule" no Nodule, "subcutaneous emphysema" no Emphysema). Films whose only sign of Infiltration is an
+  alveolar, interstitial, reticular, reticulonodular or ground glass pattern are left out of Infiltration (PADCHEST_
+  UNCLEAR). Films labelled "exclude" and films with an empty list are left out and counted; "suboptimal study" films
+  are kept. --min_age leaves out younger films and those of unknown age.
+- VinDr-CXR: three radiologists a film; a film is positive for a finding when any of them marked it (--vindr_rule
+  majority: at least two), and every radiologist's box of a positive finding is kept for the localisation report.
+- RSNA Pneumonia Detection: Target is Pneumonia; each of a film's rows with Target 1 is a box.
 """
 
 import ast
 import re
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from dataset import find_file
 from errors import DataError
 from films import FRONTAL_VIEWS, LATERAL_VIEWS
 from images import index_images
 
-DATASETS = ("chexpert", "mimic", "padchest")
+DATASETS = ("chexpert", "mimic", "padchest", "vindr", "rsna")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
+VINDR_RULES = ("any", "majority")  # a VinDr finding is positive when any radiologist marked it, or at least two
 CHEXPERT_MAPPING = {  # reported name: (CheXpert labeler columns, the model's findings whose maximum scores it)
     "Atelectasis": (("Atelectasis",), ("Atelectasis",)),
     "Cardiomegaly": (("Cardiomegaly",), ("Cardiomegaly",)),
@@ -32,38 +47,87 @@ CHEXPERT_MAPPING = {  # reported name: (CheXpert labeler columns, the model's fi
     "Pneumothorax": (("Pneumothorax",), ("Pneumothorax",)),
     "Mass/Nodule": (("Lung Lesion",), ("Mass", "Nodule")),  # one lesion label for both of NIH's
 }
-PADCHEST_MAPPING = {  # reported name: (PadChest label strings, the model's findings)
+PADCHEST_MAPPING = {  # reported name: (PadChest labels, as PadChest spells them, the model's findings)
     "Atelectasis": (
-        ("atelectasis", "laminar atelectasis", "lobar atelectasis", "segmental atelectasis", "total atelectasis"),
+        (
+            "atelectasis",
+            "laminar atelectasis",
+            "lobar atelectasis",
+            "segmental atelectasis",
+            "total atelectasis",
+            "atelectasis basal",
+            "round atelectasis",
+        ),
         ("Atelectasis",),
     ),
     "Cardiomegaly": (("cardiomegaly",), ("Cardiomegaly",)),
-    "Effusion": (("pleural effusion",), ("Effusion",)),
+    "Effusion": (("pleural effusion", "loculated pleural effusion", "loculated fissural effusion"), ("Effusion",)),
     "Infiltration": (("infiltrates",), ("Infiltration",)),
     "Mass": (("mass", "pulmonary mass"), ("Mass",)),
     "Nodule": (("nodule", "multiple nodules"), ("Nodule",)),
-    "Pneumonia": (("pneumonia",), ("Pneumonia",)),
-    "Pneumothorax": (("pneumothorax",), ("Pneumothorax",)),
-    "Consolidation": (("consolidation",), ("Consolidation",)),
+    "Pneumonia": (("pneumonia", "atypical pneumonia"), ("Pneumonia",)),
+    "Pneumothorax": (("pneumothorax", "hydropneumothorax"), ("Pneumothorax",)),
+    "Consolidation": (("consolidation", "air bronchogram"), ("Consolidation",)),
     "Edema": (("pulmonary edema",), ("Edema",)),
     "Emphysema": (("emphysema",), ("Emphysema",)),
     "Fibrosis": (("pulmonary fibrosis",), ("Fibrosis",)),
-    "Pleural_Thickening": (("pleural thickening", "apical pleural thickening"), ("Pleural_Thickening",)),
+    "Pleural_Thickening": (
+        ("pleural thickening", "apical pleural thickening", "calcified pleural thickening"),
+        ("Pleural_Thickening",),
+    ),
     "Hernia": (("hiatal hernia",), ("Hernia",)),
 }
-MAPPINGS = {"chexpert": CHEXPERT_MAPPING, "mimic": CHEXPERT_MAPPING, "padchest": PADCHEST_MAPPING}
+PADCHEST_UNCLEAR = {  # labels that may or may not be NIH's finding: such films are left out of it (NaN)
+    "Infiltration": (
+        "alveolar pattern",
+        "interstitial pattern",
+        "reticular interstitial pattern",
+        "reticulonodular interstitial pattern",
+        "ground glass pattern",
+    ),
+}
+PADCHEST_EXCLUDED = "exclude"  # PadChest's own mark for films not to be used
+VINDR_MAPPING = {  # reported name: (VinDr class names, the model's findings)
+    "Atelectasis": (("Atelectasis",), ("Atelectasis",)),
+    "Cardiomegaly": (("Cardiomegaly",), ("Cardiomegaly",)),
+    "Consolidation": (("Consolidation",), ("Consolidation",)),
+    "Infiltration": (("Infiltration",), ("Infiltration",)),
+    "Mass/Nodule": (("Nodule/Mass",), ("Mass", "Nodule")),
+    "Effusion": (("Pleural effusion",), ("Effusion",)),
+    "Pleural_Thickening": (("Pleural thickening",), ("Pleural_Thickening",)),
+    "Pneumothorax": (("Pneumothorax",), ("Pneumothorax",)),
+    "Fibrosis": (("Pulmonary fibrosis",), ("Fibrosis",)),
+}
+RSNA_MAPPING = {"Pneumonia": (("Target",), ("Pneumonia",))}
+MAPPINGS = {
+    "chexpert": CHEXPERT_MAPPING,
+    "mimic": CHEXPERT_MAPPING,
+    "padchest": PADCHEST_MAPPING,
+    "vindr": VINDR_MAPPING,
+    "rsna": RSNA_MAPPING,
+}
+EXPERT_MAPPING = {  # Google's expert labels of NIH films: name -> the NIH findings (labels and model) behind it
+    "Pneumothorax": ("Pneumothorax",),
+    "Nodule or mass": ("Mass", "Nodule"),
+    "Airspace opacity": ("Consolidation", "Pneumonia", "Infiltration"),
+}
+EXPERT_UNSCORED = ("Fracture",)  # labelled by the experts, with no NIH finding to score it
+EXPERT_COLUMNS = ("Image Index", *EXPERT_UNSCORED, *EXPERT_MAPPING, "Set Id")
 
 
 class External(NamedTuple):
-    rows: pd.DataFrame  # path, patient_id, one column per reported name (1, 0, or NaN: left out)
+    rows: pd.DataFrame  # image_name, path, patient_id, one column per reported name (1, 0, or NaN: left out)
     mapping: dict  # reported name: the model's findings whose maximum scores it
     laterals: int  # lateral films left out
     other_views: int  # films neither frontal nor lateral (or of unknown view) left out
     source: str  # the label file read
+    left_out: dict  # other films left out, and why: {reason: count}
+    skipped: dict  # {"missing": [paths]}: films of the label file absent on disk (--drop_missing_images)
+    boxes: pd.DataFrame = None  # VinDr and RSNA: image_name, name (reported), x, y, w, h in the film's pixels
 
 
-def read_external(dataset, data_dir, csv_path="", uncertain="ignore"):
-    """The frontal films of a dataset with their mapped labels."""
+def read_external(dataset, data_dir, csv_path="", uncertain="ignore", drop_missing=False, min_age=None, rule="any"):
+    """The frontal films of a dataset with their mapped labels (see the module's notes for each dataset)."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
     if uncertain not in UNCERTAIN_POLICIES:
@@ -71,37 +135,52 @@ def read_external(dataset, data_dir, csv_path="", uncertain="ignore"):
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{dataset} data folder not found: {data_dir}")
-    reader = {"chexpert": _read_chexpert, "mimic": _read_mimic, "padchest": _read_padchest}[dataset]
-    table, views, source = reader(data_dir, csv_path, uncertain)
-    views = views.fillna("").astype(str).str.strip().str.upper()
+    options = {"uncertain": uncertain, "min_age": min_age, "rule": rule}
+    reader = {
+        "chexpert": _read_chexpert,
+        "mimic": _read_mimic,
+        "padchest": _read_padchest,
+        "vindr": _read_vindr,
+        "rsna": _read_rsna,
+    }[dataset]
+    read = reader(data_dir, csv_path, options)
+    views = read["views"].fillna("").astype(str).str.strip().str.upper()
     frontal = views.isin(FRONTAL_VIEWS).to_numpy()
     laterals = int(views.isin(LATERAL_VIEWS).sum())
-    rows = table[frontal].reset_index(drop=True)
-    missing = rows.path.map(lambda path: not Path(path).is_file())
-    if missing.any():
+    rows = read["rows"][frontal].reset_index(drop=True)
+    rows.insert(0, "image_name", rows.path)
+    rows, skipped = _missing_films(rows, read["source"], drop_missing)
+    if rows.empty:
+        raise DataError(f"no frontal (PA/AP) film in {read['source']}")
+    boxes = read.get("boxes")
+    if boxes is not None:
+        boxes = boxes[boxes.image_name.isin(rows.image_name)].reset_index(drop=True)
+    mapping = {name: findings for name, (_, findings) in MAPPINGS[dataset].items()}
+    other_views = len(views) - int(frontal.sum()) - laterals
+    return External(rows, mapping, laterals, other_views, str(read["source"]), read.get("left_out", {}), skipped, boxes)
+
+
+def _missing_films(rows, source, drop_missing):
+    """Rows whose film is on disk; the others an error naming the first few, or left out and named when asked."""
+    missing = rows.path.map(lambda path: not Path(path).is_file()).to_numpy()
+    if not missing.any():
+        return rows, {"missing": []}
+    named = list(rows.path[missing])
+    if not drop_missing:
         raise DataError(
             f"{missing.sum()} of {len(rows)} frontal films in {source} are not where it says (first: "
-            f"{rows.path[missing].iloc[0]}). Point --data_dir at the dataset's folder."
+            f"{', '.join(named[:3])}). Point --data_dir at the dataset's folder, or evaluate the films present with "
+            "--drop_missing_images (the report names the films left out)."
         )
-    if rows.empty:
-        raise DataError(f"no frontal (PA/AP) film in {source}")
-    mapping = {name: findings for name, (_, findings) in MAPPINGS[dataset].items()}
-    return External(rows, mapping, laterals, len(views) - int(frontal.sum()) - laterals, str(source))
-
-
-def _label_file(data_dir, csv_path, default):
-    path = Path(csv_path) if csv_path else data_dir / default
-    if not path.is_file():
-        raise DataError(f"label file not found: {path}")
-    return path
+    warnings.warn(f"{len(named)} film(s) of {source} are missing and left out (first: {named[0]})", stacklevel=3)
+    return rows[~missing].reset_index(drop=True), {"missing": named}
 
 
 def _uncertain(values, uncertain):
-    """CheXpert-style values (1, 0, -1, blank) as 1 / 0 / NaN (left out) under the policy."""
-    values = pd.to_numeric(values, errors="coerce")
-    if uncertain == "ignore":
-        return values.where(values.isin([0, 1]))
-    return values.replace(-1, 1 if uncertain == "ones" else 0).fillna(0)
+    """CheXpert-labeler values (1, 0, -1, blank) as 1 / 0 / NaN (left out): blank is "not mentioned", a negative
+    under every policy; -1 (uncertain) follows the policy: ignore -> NaN, zeros -> 0, ones -> 1."""
+    values = pd.to_numeric(values, errors="coerce").fillna(0)
+    return values.replace(-1, {"ignore": np.nan, "zeros": 0, "ones": 1}[uncertain])
 
 
 def _labelled(table, mapping, uncertain):
@@ -113,9 +192,9 @@ def _labelled(table, mapping, uncertain):
     return pd.DataFrame({name: _uncertain(table[columns[0]], uncertain) for name, (columns, _) in mapping.items()})
 
 
-def _read_chexpert(data_dir, csv_path, uncertain):
+def _read_chexpert(data_dir, csv_path, options):
     """CheXpert-v1.0(-small): valid.csv (or train.csv) with Path relative to the dataset folder's parent."""
-    path = _label_file(data_dir, csv_path, "valid.csv")
+    path = find_file(csv_path or "valid.csv", data_dir, "label file")
     table = pd.read_csv(path)
     for column in ("Path", "Frontal/Lateral"):
         if column not in table.columns:
@@ -133,15 +212,29 @@ def _read_chexpert(data_dir, csv_path, uncertain):
             "patients, so each film's patient must be known. Use CheXpert's valid.csv or train.csv unchanged."
         )
     rows = pd.DataFrame({"path": table.Path.map(locate), "patient_id": pd.to_numeric(patient, errors="coerce")})
-    rows = pd.concat([rows, _labelled(table, CHEXPERT_MAPPING, uncertain)], axis=1)
+    rows = rows.assign(**_demographics(table.get("Sex"), table.get("Age"), table.get("AP/PA")))
+    rows = pd.concat([rows, _labelled(table, CHEXPERT_MAPPING, options["uncertain"])], axis=1)
     frontal = table["Frontal/Lateral"].astype(str).str.lower() == "frontal"
-    return rows, pd.Series(np.where(frontal, "FRONTAL", "LATERAL")), path
+    return {"rows": rows, "views": pd.Series(np.where(frontal, "FRONTAL", "LATERAL")), "source": path}
 
 
-def _read_mimic(data_dir, csv_path, uncertain):
+def _demographics(sex, age, view):
+    """sex (F/M), age (years) and view (PA/AP) columns where a dataset has them, for the subgroup report."""
+    columns = {}
+    if sex is not None:
+        columns["sex"] = sex.astype(str).str.strip().str.upper().str[:1].where(lambda s: s.isin(["F", "M"]))
+    if age is not None:
+        columns["age"] = pd.to_numeric(age, errors="coerce")
+    if view is not None:
+        text = view.astype(str).str.strip().str.upper()
+        columns["view"] = text.where(text.isin(["PA", "AP"]), np.where(text.str.startswith("AP"), "AP", None))
+    return columns
+
+
+def _read_mimic(data_dir, csv_path, options):
     """MIMIC-CXR-JPG: the CheXpert labels per study, the views per image, files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg."""
-    labels_path = _label_file(data_dir, csv_path, "mimic-cxr-2.0.0-chexpert.csv")
-    metadata_path = _label_file(data_dir, "", "mimic-cxr-2.0.0-metadata.csv")
+    labels_path = find_file(csv_path or "mimic-cxr-2.0.0-chexpert.csv", data_dir, "label file")
+    metadata_path = find_file("mimic-cxr-2.0.0-metadata.csv", data_dir, "label file")
     labels = pd.read_csv(labels_path)
     metadata = pd.read_csv(metadata_path, usecols=["dicom_id", "subject_id", "study_id", "ViewPosition"])
     table = metadata.merge(labels, on=["subject_id", "study_id"], how="inner")
@@ -150,15 +243,17 @@ def _read_mimic(data_dir, csv_path, uncertain):
         str(data_dir / "files" / f"p{s[:2]}" / f"p{s}" / f"s{t}" / f"{d}.jpg")
         for s, t, d in zip(subject, study, table.dicom_id)
     ]
-    rows = pd.DataFrame({"path": paths, "patient_id": table.subject_id})
-    rows = pd.concat([rows, _labelled(table, CHEXPERT_MAPPING, uncertain)], axis=1)
-    return rows, table.ViewPosition, labels_path
+    rows = pd.DataFrame(
+        {"path": paths, "patient_id": table.subject_id, **_demographics(None, None, table.ViewPosition)}
+    )
+    rows = pd.concat([rows, _labelled(table, CHEXPERT_MAPPING, options["uncertain"])], axis=1)
+    return {"rows": rows, "views": table.ViewPosition, "source": labels_path}
 
 
-def _read_padchest(data_dir, csv_path, uncertain):
+def _read_padchest(data_dir, csv_path, options):
     """PadChest: its label CSV (Labels as a list of strings per film, Projection), the PNGs anywhere below."""
     if csv_path:
-        path = _label_file(data_dir, csv_path, "")
+        path = find_file(csv_path, data_dir, "label file")
     else:
         found = sorted(data_dir.glob("PADCHEST*.csv"))
         if not found:
@@ -176,17 +271,46 @@ def _read_padchest(data_dir, csv_path, uncertain):
             f"{table.ImageID[row]}: {table.Labels[row]!r})",
             stacklevel=2,
         )
-    table, labelled = table[labelled.notna()].reset_index(drop=True), labelled[labelled.notna()].reset_index(drop=True)
+    reasons = {
+        "without a readable Labels list": labelled.isna(),
+        f"labelled {PADCHEST_EXCLUDED!r} by PadChest": labelled.map(lambda found: PADCHEST_EXCLUDED in (found or ())),
+        "with an empty label list": labelled.map(lambda found: found == set()),
+    }
+    age = _padchest_age(table)
+    if options["min_age"] is not None:
+        reasons[f"younger than {options['min_age']} or of unknown age"] = ~(age >= options["min_age"])
+    keep = ~np.logical_or.reduce([mask.to_numpy(dtype=bool) for mask in reasons.values()])
+    left_out, seen = {}, np.zeros(len(table), dtype=bool)
+    for reason, mask in reasons.items():  # each film counted once, under its first reason
+        mask = mask.to_numpy(dtype=bool) & ~seen
+        left_out[reason], seen = int(mask.sum()), seen | mask
+    table, labelled, age = (part[keep].reset_index(drop=True) for part in (table, labelled, age))
     images = index_images(data_dir)
     rows = pd.DataFrame(
         {
             "path": [str(images.get(name, data_dir / name)) for name in table.ImageID],
             "patient_id": pd.factorize(table.PatientID)[0],
+            **_demographics(table.get("PatientSex_DICOM"), age, table.Projection),
         }
     )
     for name, (labels, _) in PADCHEST_MAPPING.items():
-        rows[name] = labelled.map(lambda found, labels=labels: float(bool(found & set(labels))))
-    return rows, table.Projection, path
+        rows[name] = labelled.map(partial(_padchest_value, set(labels), set(PADCHEST_UNCLEAR.get(name, ()))))
+    return {"rows": rows, "views": table.Projection, "source": path, "left_out": left_out}
+
+
+def _padchest_value(positive, unclear, found):
+    """1 when a film's labels name the finding, NaN (left out) when they name only an unclear sign of it, else 0."""
+    if found & positive:
+        return 1.0
+    return np.nan if found & unclear else 0.0
+
+
+def _padchest_age(table):
+    """Age in years at the study (StudyDate_DICOM's year less PatientBirth), NaN where either is unknown."""
+    if "PatientBirth" not in table.columns or "StudyDate_DICOM" not in table.columns:
+        return pd.Series(np.nan, index=table.index)
+    study_year = pd.to_numeric(table.StudyDate_DICOM.astype(str).str[:4], errors="coerce")
+    return study_year - pd.to_numeric(table.PatientBirth, errors="coerce")
 
 
 def _padchest_labels(text):
@@ -198,6 +322,92 @@ def _padchest_labels(text):
     except (ValueError, SyntaxError):
         values = re.findall(r"'([^']*)'", text)
     return {str(value).strip().lower() for value in values if str(value).strip()}
+
+
+def _read_vindr(data_dir, csv_path, options):
+    """VinDr-CXR: DIR/train.csv (image_id, class_name, rad_id, x_min, y_min, x_max, y_max: a row per radiologist and
+    finding, "No finding" rows without a box) and DIR/train/IMAGE_ID.dicom."""
+    path = find_file(csv_path or "train.csv", data_dir, "label file")
+    table = pd.read_csv(path)
+    needed = ("image_id", "class_name", "rad_id", "x_min", "y_min", "x_max", "y_max")
+    absent = [column for column in needed if column not in table.columns]
+    if absent:
+        raise DataError(f"{path}: missing column(s) {absent}; is this VinDr-CXR's train.csv?")
+    films = pd.Index(table.image_id.drop_duplicates())
+    readers = table.groupby("image_id").rad_id.nunique()
+    rows = pd.DataFrame({"path": [str(data_dir / "train" / f"{image}.dicom") for image in films]})
+    rows["patient_id"] = np.arange(len(films))  # VinDr names no patients: each film counts as its own
+    needed_readers = 1 if options["rule"] == "any" else 2
+    boxes = []
+    for name, (classes, _) in VINDR_MAPPING.items():
+        marked = table[table.class_name.isin(classes)]
+        votes = marked.groupby("image_id").rad_id.nunique().reindex(films, fill_value=0)
+        positive = votes >= np.minimum(needed_readers, readers.reindex(films).to_numpy())
+        rows[name] = (positive & (votes > 0)).to_numpy(dtype=float)
+        on_positive = marked[marked.image_id.isin(films[rows[name].to_numpy() == 1])].dropna(subset=["x_min"])
+        boxes.append(
+            pd.DataFrame(
+                {
+                    "image_name": [str(data_dir / "train" / f"{image}.dicom") for image in on_positive.image_id],
+                    "name": name,
+                    "x": on_positive.x_min.to_numpy(),
+                    "y": on_positive.y_min.to_numpy(),
+                    "w": (on_positive.x_max - on_positive.x_min).to_numpy(),
+                    "h": (on_positive.y_max - on_positive.y_min).to_numpy(),
+                }
+            )
+        )
+    views = pd.Series("FRONTAL", index=rows.index)  # VinDr-CXR holds frontal films only
+    return {"rows": rows, "views": views, "source": path, "boxes": pd.concat(boxes, ignore_index=True)}
+
+
+def _read_rsna(data_dir, csv_path, options):
+    """RSNA Pneumonia Detection: DIR/stage_2_train_labels.csv (patientId, x, y, width, height, Target; a row per box
+    of a film with Target 1) and DIR/stage_2_train_images/PATIENT_ID.dcm."""
+    path = find_file(csv_path or "stage_2_train_labels.csv", data_dir, "label file")
+    table = pd.read_csv(path)
+    absent = [column for column in ("patientId", "x", "y", "width", "height", "Target") if column not in table.columns]
+    if absent:
+        raise DataError(f"{path}: missing column(s) {absent}; is this RSNA's stage_2_train_labels.csv?")
+    films = table.groupby("patientId", sort=False).Target.max()
+    images = data_dir / "stage_2_train_images"
+    rows = pd.DataFrame({"path": [str(images / f"{film}.dcm") for film in films.index]})
+    rows["patient_id"] = np.arange(len(films))  # one film per patientId
+    rows["Pneumonia"] = films.to_numpy(dtype=float)
+    marked = table[table.Target == 1].dropna(subset=["x"])
+    boxes = pd.DataFrame(
+        {
+            "image_name": [str(images / f"{film}.dcm") for film in marked.patientId],
+            "name": "Pneumonia",
+            "x": marked.x.to_numpy(),
+            "y": marked.y.to_numpy(),
+            "w": marked.width.to_numpy(),
+            "h": marked.height.to_numpy(),
+        }
+    )
+    return {"rows": rows, "views": pd.Series("FRONTAL", index=rows.index), "source": path, "boxes": boxes}
+
+
+def read_expert_labels(path):
+    """Google's expert labels of NIH films (google2019_nih-chest-xray-labels.csv: Image Index, Fracture,
+    Pneumothorax, Airspace opacity, Nodule or mass as YES/NO, Set Id) as 1/0 columns; a blank stays NaN."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"expert label file not found: {path}")
+    table = pd.read_csv(path, dtype=str)
+    table.columns = [str(column).strip() for column in table.columns]
+    absent = [column for column in EXPERT_COLUMNS if column not in table.columns]
+    if absent:
+        raise DataError(f"{path}: missing column(s) {absent}; is this google2019_nih-chest-xray-labels.csv?")
+    labels = pd.DataFrame({"image_name": table["Image Index"].str.strip(), "set_id": table["Set Id"].str.strip()})
+    for name in (*EXPERT_UNSCORED, *EXPERT_MAPPING):
+        answer = table[name].str.strip().str.upper()
+        unknown = answer.notna() & ~answer.isin(["YES", "NO"])
+        if unknown.any():
+            row = int(np.flatnonzero(unknown)[0])
+            raise DataError(f"{path}, row {row + 2}: {name} is {table[name][row]!r}, not YES or NO")
+        labels[name] = answer.map({"YES": 1.0, "NO": 0.0})
+    return labels
 
 
 def model_scores(probabilities, mapping, findings):

@@ -143,6 +143,27 @@ class ChestXrayDataset(torch.utils.data.Dataset):
         return (image, targets) if seed is None else (image, targets, seed)
 
 
+class ReadableFilms(torch.utils.data.Dataset):
+    """Evaluation films with whether each could be read: (uint8 view, 1.0), or (zeros, 0.0) for a file that cannot
+    be (a truncated PNG, say), so that one broken file does not stop a report of thousands; the caller names them."""
+
+    def __init__(self, images, view):
+        self.images, self.view = images, view
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        try:
+            pixels, readable = self.view(self.images[index]), 1.0
+        except DataError:
+            pixels, readable = None, 0.0
+        if pixels is None:
+            size = getattr(self.images, "size", 32)
+            pixels = np.zeros_like(self.view(np.zeros((size, size), np.uint8)))
+        return torch.from_numpy(pixels).unsqueeze(-3), torch.tensor(readable)
+
+
 class SeededSampler(torch.utils.data.Sampler):
     """Wraps a sampler with set_epoch (DistributedSampler) and yields (index, seed) items for ChestXrayDataset.
 

@@ -111,6 +111,8 @@ def localise(model, boxes, rows, threshold=BOX_THRESHOLD):
     outside = int((~boxes.image_name.isin(paths)).sum())
     boxes = boxes[boxes.image_name.isin(paths)]
     records, examples = defaultdict(list), []
+    if "name" not in boxes:  # what the results are reported under: the finding, or another dataset's own name
+        boxes = boxes.assign(name=boxes.finding)
     with grad_cam(model.net) as cam:
         for image_name, group in tqdm(boxes.groupby("image_name", sort=True), desc="localisation", unit="film"):
             film = prepare(paths[image_name], model.load_size, model.image_size)
@@ -120,22 +122,23 @@ def localise(model, boxes, rows, threshold=BOX_THRESHOLD):
                 truth = (box.x, box.y, box.x + box.w, box.y + box.h)
                 predicted = [to_original(found, geometry) for found in boxes_from_map(mask, threshold)]
                 x, y = peak(mask) if mask.max() > 0 else (-1.0, -1.0)
-                records[box.finding].append((truth, predicted, to_original((x, y, x, y), geometry)[:2]))
-                if len(examples) < EXAMPLES and sum(example[1] == box.finding for example in examples) < 2:
-                    examples.append((film, box.finding, mask, geometry, truth, predicted))
-    return {finding: accuracy(records[finding]) for finding in FINDINGS if records[finding]}, examples, outside
+                records[box.name].append((truth, predicted, to_original((x, y, x, y), geometry)[:2]))
+                if len(examples) < EXAMPLES and sum(example[1] == box.name for example in examples) < 2:
+                    examples.append((film, box.name, mask, geometry, truth, predicted))
+    order = sorted(records, key=lambda name: FINDINGS.index(name) if name in FINDINGS else len(FINDINGS))
+    return {name: accuracy(records[name]) for name in order}, examples, outside
 
 
-def format_localisation(results):
+def format_localisation(results, reference=WANG_IOBB_01):
     header = "".join(f"{f'IoBB>{t}':>10}" for t in IOBB_THRESHOLDS) + "".join(
         f"{f'IoU>{t}':>9}" for t in (0.1, 0.3, 0.5)
     )
-    lines = [f"{'finding':<20}{'boxes':>6}{header}{'pointing':>10}{'Wang IoBB>0.1':>15}"]
+    lines = [f"{'finding':<20}{'boxes':>6}{header}{'pointing':>10}{'Wang IoBB>0.1' if reference else '':>15}"]
     for finding, result in results.items():
         values = "".join(f"{result['iobb'][str(t)]:>10.3f}" for t in IOBB_THRESHOLDS)
         values += "".join(f"{result['iou'][str(t)]:>9.3f}" for t in (0.1, 0.3, 0.5))
-        reference = f"{WANG_IOBB_01[finding]:>15.3f}" if finding in WANG_IOBB_01 else f"{'':>15}"
-        lines.append(f"{finding:<20}{result['boxes']:>6}{values}{result['pointing']:>10.3f}{reference}")
+        published = f"{reference[finding]:>15.3f}" if finding in reference else f"{'':>15}"
+        lines.append(f"{finding:<20}{result['boxes']:>6}{values}{result['pointing']:>10.3f}{published}")
     return "\n".join(lines)
 
 

@@ -202,3 +202,259 @@ def test_unusable_rows_are_named(tmp_path):
     pd.DataFrame({**table, "Labels": ["['normal']", np.nan]}).to_csv(padchest / "PADCHEST_labels.csv", index=False)
     with pytest.warns(UserWarning, match="1 film.* without a readable Labels list left out .*row 3, b.png"):
         assert len(read_external("padchest", padchest).rows) == 1
+
+
+def chexpert_layout(tmp_path, values):
+    """A CheXpert valid.csv of one frontal film per row of `values` (its mapped columns), the films blank."""
+    data = tmp_path / "CheXpert-v1.0-small"
+    rows = []
+    for k in range(len(values)):
+        relative = f"CheXpert-v1.0-small/valid/patient{k:05d}/study1/view1_frontal.jpg"
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / relative)
+        rows.append({"Path": relative, "Frontal/Lateral": "Frontal", "AP/PA": "PA", "Sex": "Female", "Age": 50})
+    table = pd.concat([pd.DataFrame(rows), values], axis=1)
+    for column in CHEXPERT_COLUMNS:
+        table[column] = table.get(column, np.nan)
+    table.to_csv(data / "valid.csv", index=False)
+    return data
+
+
+def test_a_blank_chexpert_label_is_negative_under_every_policy_and_only_minus_one_follows_it(tmp_path):
+    """Blank is "not mentioned": the labeler's authors read it as negative. Dropping blanks, as before, counted a
+    "No Finding" film for no finding at all and shrank the negatives many fold."""
+    from external import read_external
+
+    cardiomegaly = [1.0, 0.0, -1.0, np.nan, np.nan, np.nan]  # a positive, a negative, an uncertain, three blanks
+    data = chexpert_layout(tmp_path, pd.DataFrame({"Cardiomegaly": cardiomegaly}))
+    expected = {"ignore": [1, 0, np.nan, 0, 0, 0], "zeros": [1, 0, 0, 0, 0, 0], "ones": [1, 0, 1, 0, 0, 0]}
+    for policy, values in expected.items():
+        rows = read_external("chexpert", data, uncertain=policy).rows
+        np.testing.assert_array_equal(rows["Cardiomegaly"].to_numpy(), values)
+        assert (rows["Edema"] == 0).all()  # a column blank for every film: all negative
+    assert set(read_external("chexpert", data).rows.sex) == {"F"}  # kept for the subgroup report
+
+
+def padchest_layout(tmp_path, label_lists, **columns):
+    data = tmp_path / "padchest"
+    data.mkdir(exist_ok=True)
+    names = [f"{k:04d}.png" for k in range(len(label_lists))]
+    for name in names:
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(data / name)
+    table = {"ImageID": names, "PatientID": [f"p{k}" for k in range(len(names))], "Projection": "PA"}
+    table |= {"Labels": [str(labels) for labels in label_lists], **columns}
+    pd.DataFrame(table).to_csv(data / "PADCHEST_labels.csv", index=False)
+    return data
+
+
+@pytest.mark.parametrize(
+    "label, finding",
+    [
+        ("atelectasis basal", "Atelectasis"),
+        ("round atelectasis", "Atelectasis"),
+        ("loculated pleural effusion", "Effusion"),
+        ("loculated fissural effusion", "Effusion"),
+        ("atypical pneumonia", "Pneumonia"),
+        ("hydropneumothorax", "Pneumothorax"),
+        ("calcified pleural thickening", "Pleural_Thickening"),
+        ("air bronchogram", "Consolidation"),
+    ],
+)
+def test_padchest_synonyms_are_positives_of_their_finding(tmp_path, label, finding):
+    from external import read_external
+
+    rows = read_external("padchest", padchest_layout(tmp_path, [[label], ["normal"]])).rows
+    assert rows[finding].tolist() == [1.0, 0.0]
+    others = [name for name in PADCHEST_NAMES if name not in (finding, "Infiltration")]
+    assert (rows.loc[0, others] == 0).all()  # and nothing else
+
+
+def test_padchest_lookalikes_exclusions_patterns_and_ages(tmp_path):
+    """Exact labels, never substrings; films marked exclude or labelled with nothing left out and counted;
+    suboptimal studies kept; an alveolar or interstitial pattern is neither an Infiltration nor its absence."""
+    from external import read_external
+
+    lists = [
+        ["pericardial effusion"],
+        ["pseudonodule"],
+        ["subcutaneous emphysema"],
+        ["mediastinal mass"],
+        ["soft tissue mass"],
+        ["interstitial pattern"],
+        ["alveolar pattern", "infiltrates"],
+        ["exclude"],
+        [],
+        ["suboptimal study", "cardiomegaly"],
+        ["normal"],
+    ]
+    births, studies = [1950] * 10 + [2012], [20150101] * 11  # the last film: a 3-year-old
+    data = padchest_layout(tmp_path, lists, PatientBirth=births, StudyDate_DICOM=studies)
+    external = read_external("padchest", data)
+    rows = external.rows
+    assert len(rows) == 9 and external.left_out["labelled 'exclude' by PadChest"] == 1
+    assert external.left_out["with an empty label list"] == 1
+    assert rows.Effusion[0] == rows.Nodule[1] == rows.Emphysema[2] == rows.Mass[3] == rows.Mass[4] == 0
+    assert np.isnan(rows.Infiltration[5]) and rows.Infiltration[6] == 1 and rows.Infiltration[8] == 0
+    assert rows.Cardiomegaly[7] == 1 and rows.age[8] == 3
+    older = read_external("padchest", data, min_age=11)
+    assert len(older.rows) == 8 and older.left_out["younger than 11 or of unknown age"] == 1
+
+
+def test_missing_and_broken_films_are_skipped_and_named_with_the_flag_and_an_error_without(
+    trained_run, films, tmp_path
+):
+    from errors import DataError
+
+    labels, images = films
+    data = write_chexpert(tmp_path, labels.iloc[:24].reset_index(drop=True), images[:24])
+    frontal = sorted(data.rglob("view1_frontal.jpg"))
+    frontal[0].unlink()
+    frontal[1].write_bytes(frontal[1].read_bytes()[:200])  # a truncated download
+    with pytest.raises(DataError, match="--drop_missing_images"):
+        run(trained_run, tmp_path, "chexpert", data)
+    with pytest.warns(UserWarning, match="missing"):
+        report = run(trained_run, tmp_path, "chexpert", data, "--drop_missing_images")
+    assert report["skipped"]["missing"] == [str(frontal[0])] and report["skipped"]["unreadable"] == [str(frontal[1])]
+    assert report["images"] == 22
+    frontal[0].write_bytes(frontal[2].read_bytes())  # only the broken film now: still an error without the flag
+    with pytest.raises(DataError, match=r"1 film\(s\) cannot be read .*" + frontal[1].name):
+        run(trained_run, tmp_path, "chexpert", data)
+
+
+VINDR_CLASSES = {
+    "Atelectasis": "Atelectasis",
+    "Cardiomegaly": "Cardiomegaly",
+    "Consolidation": "Consolidation",
+    "Infiltration": "Infiltration",
+    "Mass": "Nodule/Mass",
+    "Nodule": "Nodule/Mass",
+    "Effusion": "Pleural effusion",
+    "Pleural_Thickening": "Pleural thickening",
+    "Pneumothorax": "Pneumothorax",
+    "Fibrosis": "Pulmonary fibrosis",
+}
+
+
+@pytest.fixture(scope="module")
+def boxed_films(learn_dir, films):
+    """The test films' boxes, in NIH's format (the demo draws them)."""
+    from localisation import read_boxes
+
+    labels, _ = films
+    boxes = read_boxes(learn_dir / "BBox_List_2017.csv")
+    return boxes[boxes.image_name.isin(labels.image_name)]
+
+
+def test_vindr_dicoms_three_readers_and_their_boxes(trained_run, films, boxed_films, tmp_path):
+    """VinDr-CXR's layout, DICOM films (some MONOCHROME1), a row per radiologist and finding: any reader makes a
+    finding positive (a majority rule is an option), and every reader's box feeds the localisation report."""
+    from conftest import write_dicom
+
+    labels, images = films
+    labels, images = labels.iloc[:150], images[:150]  # enough for the figures; localisation costs per film
+    data = tmp_path / "vindr"
+    (data / "train").mkdir(parents=True)
+    rows = []
+    for k, pixels in enumerate(images):
+        image_id = f"{k:032x}"
+        inverted = k % 4 == 0  # MONOCHROME1: bright air, as some of VinDr's films
+        values = (255 - pixels if inverted else pixels).astype(np.uint16) * 16
+        write_dicom(
+            data / "train" / f"{image_id}.dicom",
+            values,
+            PhotometricInterpretation="MONOCHROME1" if inverted else "MONOCHROME2",
+        )
+        marked = [finding for finding in VINDR_CLASSES if labels.loc[k, finding]]
+        readers = ["R1", "R2"] if k % 2 else ["R1"]  # odd films: two readers agree; even films: one alone
+        for finding in marked:
+            box = boxed_films[(boxed_films.image_name == labels.image_name[k]) & (boxed_films.finding == finding)]
+            corners = [np.nan] * 4  # NIH boxed 8 findings; the others are marked without a box here
+            if len(box):
+                b = box.iloc[0]
+                corners = [b.x, b.y, b.x + b.w, b.y + b.h]
+            for reader in readers:
+                rows.append([image_id, VINDR_CLASSES[finding], 0, reader, *corners])
+        for reader in ("R1", "R2", "R3"):  # a reader who marked nothing on a film says so
+            if not marked or reader not in readers:
+                rows.append([image_id, "No finding", 14, reader, np.nan, np.nan, np.nan, np.nan])
+    columns = ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]
+    table = pd.DataFrame(rows, columns=columns)
+    table.to_csv(data / "train.csv", index=False)
+    report = run(trained_run, tmp_path, "vindr", data)
+    assert report["images"] == len(labels) and report["vindr_rule"] == "any"
+    assert auroc(report, "Cardiomegaly") > 0.75 and auroc(report, "Effusion") > 0.75
+    positives = {row["finding"]: row["positives"] for row in report["findings"]}
+    assert positives["Effusion"] == labels.Effusion.sum()
+    boxes_written = table.dropna(subset=["x_min"]).groupby("class_name").size()
+    assert report["localisation"]["Cardiomegaly"]["boxes"] == boxes_written["Cardiomegaly"]
+    assert report["localisation"]["Mass/Nodule"]["boxes"] == boxes_written["Nodule/Mass"]
+    majority = run(trained_run, tmp_path, "vindr", data, "--vindr_rule", "majority", "--boxes", "none")
+    odd = labels.Effusion[1::2].sum()  # only the odd films had two readers
+    assert next(r["positives"] for r in majority["findings"] if r["finding"] == "Effusion") == odd
+
+
+def test_rsna_pneumonia_dicoms_and_boxes(trained_run, films, boxed_films, tmp_path):
+    from conftest import write_dicom
+
+    labels, images = films
+    labels, images = labels.iloc[:150], images[:150]
+    data = tmp_path / "rsna"
+    (data / "stage_2_train_images").mkdir(parents=True)
+    rows = []
+    for k, pixels in enumerate(images):
+        patient = f"{k:08x}-0000-4000-8000-{k:012x}"
+        write_dicom(data / "stage_2_train_images" / f"{patient}.dcm", pixels.astype(np.uint16) * 16)
+        box = boxed_films[(boxed_films.image_name == labels.image_name[k]) & (boxed_films.finding == "Pneumonia")]
+        if labels.Pneumonia[k] and len(box):
+            rows += [[patient, b.x, b.y, b.w, b.h, 1] for b in box.itertuples()]
+        else:
+            rows.append([patient, np.nan, np.nan, np.nan, np.nan, int(labels.Pneumonia[k])])
+    table = pd.DataFrame(rows, columns=["patientId", "x", "y", "width", "height", "Target"])
+    table.to_csv(data / "stage_2_train_labels.csv", index=False)
+    report = run(trained_run, tmp_path, "rsna", data)
+    assert report["images"] == len(labels) and [row["finding"] for row in report["findings"]] == ["Pneumonia"]
+    assert auroc(report, "Pneumonia") > 0.75
+    assert report["localisation"]["Pneumonia"]["boxes"] == int(table.x.notna().sum()) > 10
+
+
+def test_expert_labels_score_the_same_test_films_against_nih_and_the_experts(trained_run, learn_dir, tmp_path):
+    from conftest import predict_split
+    from sklearn.metrics import roc_auc_score
+
+    split = pd.read_csv(trained_run / "split.csv")
+    labels = read_labels(learn_dir / "Data_Entry_2017_v2020.csv").set_index("image_name")
+    test, train = split.image_name[split.split == "test"], split.image_name[split.split == "train"]
+    chosen = list(test[::2]) + list(train[:20])  # the experts also read films the model trained on
+    rng = np.random.default_rng(0)
+    answer = lambda values: np.where(values > 0, "YES", "NO")  # noqa: E731
+    opacity = labels.loc[chosen, ["Consolidation", "Pneumonia", "Infiltration"]].max(axis=1).to_numpy()
+    flipped = opacity.copy()
+    flipped[rng.choice(len(chosen), 15, replace=False)] ^= 1  # the experts disagree with NIH on some films
+    table = pd.DataFrame(
+        {
+            "Image Index": chosen,
+            "Patient ID": labels.loc[chosen, "patient_id"].to_numpy(),
+            "Fracture": answer(rng.random(len(chosen)) < 0.05),
+            "Pneumothorax": answer(labels.loc[chosen, "Pneumothorax"].to_numpy()),
+            "Airspace opacity": answer(flipped),
+            "Nodule or mass": answer(labels.loc[chosen, ["Mass", "Nodule"]].max(axis=1).to_numpy()),
+            "Set Id": "test",
+        }
+    )
+    table.to_csv(tmp_path / "google2019_nih-chest-xray-labels.csv", index=False)
+    arguments = ["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "30", "--num_workers", "0"]
+    arguments += ["--boxes", "none", "--out", str(tmp_path / "report")]
+    arguments += ["--expert_labels", str(tmp_path / "google2019_nih-chest-xray-labels.csv")]
+    report = evaluate.evaluate(evaluate.parse_args(arguments))
+    experts = report["expert_labels"]
+    assert experts["films_in_file"] == len(chosen) and experts["films_in_split"] == len(test[::2])
+    assert experts["unscored"] == ["Fracture"]
+    rows = {row["finding"]: row for row in experts["findings"]}
+    logits, targets = predict_split(trained_run / "best.pth", learn_dir, "test")
+    inside = np.isin(test.to_numpy(), chosen)
+    k = FINDINGS.index("Pneumothorax")
+    expected = roc_auc_score(targets[inside, k].numpy(), logits[inside, k].numpy())
+    assert rows["Pneumothorax"]["nih_auroc"] == pytest.approx(expected, abs=1e-6)  # NIH labels, same films
+    assert rows["Pneumothorax"]["expert_auroc"] == pytest.approx(expected, abs=1e-6)  # experts agree here
+    assert rows["Airspace opacity"]["expert_auroc"] != rows["Airspace opacity"]["nih_auroc"]  # ... and not here
+    assert (tmp_path / "report" / "expert_labels.csv").is_file()
