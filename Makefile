@@ -25,12 +25,14 @@ DEMO_IMAGES := data/demo/images_001/images/00000100_000.png data/demo/images_002
 demo: install
 	$(PY) demo_data.py --out data/demo
 	$(PY) cache.py --data_dir data/demo --size 73
+	@echo "Deleting checkpoints/demo (the previous demo run, if any): the demo trains afresh."
 	$(PY) -c "import shutil; shutil.rmtree('checkpoints/demo', ignore_errors=True)"
 	$(PY) train.py config/demo.py
 	$(PY) evaluate.py --checkpoint checkpoints/demo/best.pth
 	$(PY) predict.py --checkpoint checkpoints/demo/best.pth $(DEMO_IMAGES) --cam --out checkpoints/demo/predictions
 	@echo "Look at: checkpoints/demo/training_curves.png (loss, AUROC and learning rate by epoch),"
-	@echo "         checkpoints/demo/evaluation/ (report.csv, roc_curves.png, localisation.png: the test split),"
+	@echo "         checkpoints/demo/evaluation/ (report.csv, roc_curves.png, reliability.png, subgroups.png,"
+	@echo "                                       localisation.png: the test split),"
 	@echo "         checkpoints/demo/predictions/ (*_sheet.png: each film beside its heat maps)"
 
 bench: install
@@ -39,7 +41,7 @@ bench: install
 test: install
 	$(PY) -m pytest
 
-# The tests that train a model for minutes (heat-map localisation at 128 px: about 7 min on 2 CPU cores).
+# The tests that train a model for minutes (heat-map localisation at 128 px: about 3 min on 2 CPU cores).
 test-slow: install
 	$(PY) -m pytest -m slow -s
 

@@ -1,18 +1,29 @@
 """A local web page for a trained model: drop a chest film (PNG, JPEG or DICOM), see its 14 findings and heat maps.
 
-    python app.py --checkpoint checkpoints/resnet50/best.pth [--port 7860] [--host 127.0.0.1]
+    python app.py --checkpoint checkpoints/resnet50/best.pth [--port 7860] [--host 127.0.0.1] [--max_file_size 200]
 
-The page shows the findings as bars sorted by probability with each finding's operating threshold marked
-(evaluation/thresholds.json beside the checkpoint), the same numbers as a table, the Grad-CAM maps of the top
-findings drawn on the film, and any warning about the input (a DICOM header that says it is not a frontal chest
-film). Its API endpoint is /predict (gradio_client: Client(url).predict(handle_file(path), api_name="/predict")).
-The same preprocessing (films.prepare), probabilities (inference.py) and heat maps (heatmaps.py) as predict.py.
-It listens on 127.0.0.1 (this computer only) unless --host says otherwise. A research tool, not a medical device.
+The page shows any warning about the film in a banner above everything else (a DICOM header that says it is not a
+frontal chest film; a film unlike the training films), the film itself, the findings as bars sorted by their
+calibrated probability with each finding's operating threshold marked, the same numbers as a table, and the Grad-CAM
+maps of the top findings drawn on the film. A file it cannot read gets its reason, naming the file, in the banner.
+Its API endpoint is /predict (gradio_client: Client(url).predict(handle_file(path), api_name="/predict")), whose first
+output is a label: {finding: calibrated probability}. The same preprocessing (films.prepare), predictions
+(inference.py) and heat maps (heatmaps.py) as predict.py.
+
+Uploaded films are patients' films: they go to a temporary folder of the page's own (GRADIO_TEMP_DIR), each deleted
+once read, what the page sends back deleted a minute later, and the folder removed when the page stops. It listens
+on 127.0.0.1 (this computer only) unless --host says otherwise. A research tool, not a medical device.
 """
 
 import argparse
+import atexit
+import html
 import os
+import shutil
+import signal
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -20,12 +31,17 @@ from configurator import add_device_flags
 from errors import DataError, UserError
 from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 from heatmaps import film_overlays
-from inference import TorchModel
+from inference import TorchModel, with_ood_warnings
 
 CAM_FINDINGS = 3  # heat maps of this many top findings per film (--top)
+MAX_FILE_MB = 200  # the largest upload the page accepts, in MB (--max_file_size)
+KEEP_SECONDS = 60  # what the page sent back (chart, film, maps) is deleted this long after
 
+UPLOADS = Path(tempfile.mkdtemp(prefix="cxr14-page-", dir=os.environ.get("GRADIO_TEMP_DIR")))
+atexit.register(shutil.rmtree, UPLOADS, ignore_errors=True)
+os.environ["GRADIO_TEMP_DIR"] = str(UPLOADS)  # read by gradio on import
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a page showing patients' films
-import gradio as gr  # noqa: E402  (after the variable above, which gradio reads on import)
+import gradio as gr  # noqa: E402  (after the variables above, which gradio reads on import)
 
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the page works offline
 
@@ -47,7 +63,7 @@ def probability_chart(probabilities, findings, thresholds):
             axes.plot([threshold, threshold], [row - 0.4, row + 0.4], color="black", linewidth=2)
     explained = "black tick: threshold; red: at or above it" if thresholds else "no thresholds: run evaluate.py"
     axes.set(yticks=range(len(order)), yticklabels=[findings[k] for k in order], xlim=(0, 1))
-    axes.set_xlabel(f"probability ({explained})")
+    axes.set_xlabel(f"calibrated probability ({explained})")
     figure.tight_layout()
     figure.canvas.draw()
     image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
@@ -55,15 +71,41 @@ def probability_chart(probabilities, findings, thresholds):
     return image
 
 
+def banner(messages, kind):
+    """An HTML banner above the findings that cannot be missed: red for a film that could not be read, amber for
+    warnings, a plain line otherwise."""
+    if not messages:
+        return '<div id="banner-ok">No warning about this file.</div>'
+    colour, border = {"error": ("#fde2e1", "#c0392b"), "warning": ("#fff3cd", "#d68910")}[kind]
+    items = "".join(f"<li>{html.escape(message)}</li>" for message in messages)
+    title = "This file could not be read" if kind == "error" else "Warning: read these before the findings"
+    return (
+        f'<div id="banner-{kind}" style="background:{colour};border:3px solid {border};border-radius:8px;'
+        f'padding:12px 16px;font-size:1.1em"><strong>{title}</strong><ul>{items}</ul></div>'
+    )
+
+
+def forget(path):
+    """Delete an uploaded film once it has been read (and its folder, gradio's one per upload)."""
+    path = Path(path)
+    if UPLOADS in path.resolve().parents:
+        shutil.rmtree(path.parent if path.parent != UPLOADS else path, ignore_errors=True)
+
+
 def analyse(model, path, top):
-    """The page's and the API's one function: (label, chart, table, notes, heat maps) for one film."""
+    """The page's and the API's one function: (label, chart, table, banner, film, heat maps) for one film."""
     if path is None:
-        raise gr.Error("Drop a film first (PNG, JPEG or DICOM).")
+        return {}, None, [], banner(["Drop a film first (PNG, JPEG or DICOM)."], "error"), None, []
+    name = Path(path).name  # the user's own file name (gradio keeps it under a folder of its own)
     try:
         film = prepare(path, model.load_size, model.image_size)
     except DataError as error:
-        raise gr.Error(str(error), print_exception=False) from error
-    probabilities = model.probabilities(film.crop[None])[0]
+        return {}, None, [], banner([str(error).replace(str(path), name)], "error"), None, []
+    finally:
+        forget(path)
+    predictions = model.predict(film.crop[None])
+    (film,) = with_ood_warnings([film], predictions)
+    probabilities = predictions.probabilities[0]
     findings, thresholds = model.findings, model.thresholds
     label = {finding: float(probability) for finding, probability in zip(findings, probabilities)}
     table = [
@@ -75,21 +117,24 @@ def analyse(model, path, top):
         ]
         for k in np.argsort(-probabilities)
     ]
-    notes = "\n".join(f"- **Warning:** {warning}" for warning in film.warnings) or "No warning about this file."
     maps = [(np.asarray(image), finding) for finding, image in film_overlays(model, film, probabilities, top)]
-    return label, probability_chart(probabilities, findings, thresholds), table, notes, maps
+    chart = probability_chart(probabilities, findings, thresholds)
+    return label, chart, table, banner(list(film.warnings), "warning"), film.original, maps
 
 
 def build_page(model, checkpoint, top=CAM_FINDINGS):
-    with gr.Blocks(title="cxr14: chest X-ray findings", analytics_enabled=False) as page:
+    with gr.Blocks(
+        title="cxr14: chest X-ray findings", analytics_enabled=False, delete_cache=(KEEP_SECONDS, KEEP_SECONDS)
+    ) as page:
         gr.Markdown(
             f"## cxr14: chest X-ray findings\nModel: `{checkpoint}`. Drop a frontal chest film (PNG, JPEG or DICOM). "
-            "A research tool, not a medical device."
+            "Probabilities are calibrated on the model's validation split. A research tool, not a medical device."
         )
+        notes = gr.HTML(elem_id="notes")
         with gr.Row():
             with gr.Column(scale=1):
                 film = gr.File(label="Film", file_types=list(IMAGE_SUFFIXES + DICOM_SUFFIXES), type="filepath")
-                notes = gr.Markdown(elem_id="notes")
+                shown = gr.Image(label="The film", elem_id="film", height=360)
                 label = gr.Label(num_top_classes=len(model.findings), label="Findings", elem_id="findings")
             with gr.Column(scale=1):
                 chart = gr.Image(label="Probabilities and thresholds", elem_id="chart", show_label=True)
@@ -106,7 +151,7 @@ def build_page(model, checkpoint, top=CAM_FINDINGS):
         film.upload(
             lambda path: analyse(model, path, top),
             inputs=film,
-            outputs=[label, chart, table, notes, maps],
+            outputs=[label, chart, table, notes, shown, maps],
             api_name="predict",
         )
     return page
@@ -120,6 +165,9 @@ def main(argv=None):
         "--host", default="127.0.0.1", help="127.0.0.1 (default): this computer only; 0.0.0.0: every network it is on"
     )
     parser.add_argument("--top", type=int, default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)")
+    parser.add_argument(
+        "--max_file_size", type=float, default=MAX_FILE_MB, help="largest upload, in MB (default: %(default)s)"
+    )
     add_device_flags(parser)
     args = parser.parse_args(argv)
     try:
@@ -127,10 +175,31 @@ def main(argv=None):
     except UserError as error:
         sys.exit(f"error: {error}")
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"])
-    build_page(model, args.checkpoint, args.top).launch(
-        server_name=args.host, server_port=args.port, share=False, theme=theme
-    )
+    if hasattr(signal, "SIGTERM"):  # stopped by a service manager: close as on Ctrl-C, so the films are removed
+        signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt())
+    try:
+        build_page(model, args.checkpoint, args.top).launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            theme=theme,
+            max_file_size=int(args.max_file_size * 1e6),
+        )
+    except OSError as error:
+        if "port" not in str(error).lower():
+            raise
+        sys.exit(
+            f"error: port {args.port} on {args.host} is taken (another page or program uses it): choose another "
+            f"with --port, e.g. --port {args.port + 1}"
+        )
+
+
+def _interrupt():
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutil.rmtree(UPLOADS, ignore_errors=True)

@@ -37,6 +37,7 @@ NO_FINDING = "No Finding"  # the label NIH uses for "all 14 negative"
 IMAGE_COLUMN = "Image Index"
 LABELS_COLUMN = "Finding Labels"
 PATIENT_COLUMN = "Patient ID"
+DEMOGRAPHICS = {"Patient Gender": "sex", "Patient Age": "age", "View Position": "view", "Follow-up #": "follow_up"}
 OFFICIAL_LISTS = ("train_val_list.txt", "test_list.txt")  # NIH's patient-disjoint split, beside the CSV
 SPLITS = ("train", "val", "test")
 POS_WEIGHT_POLICIES = ("ratio", "sqrt", "none")
@@ -46,12 +47,16 @@ POS_WEIGHT_POLICIES = ("ratio", "sqrt", "none")
 
 
 def read_labels(csv_path):
-    """Read Data_Entry_2017.csv (2017 or 2020 form) into image_name, patient_id and one 0/1 column per finding."""
+    """Read Data_Entry_2017.csv (2017 or 2020 form) into image_name, patient_id, one 0/1 column per finding, and the
+    sex (F/M), age, view (PA/AP) and follow_up number where the file has them."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"label file not found: {csv_path}")
     # dtype=str: no silent float conversion of ids; the 2017 header's trailing comma only adds an unused column.
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path} is empty (0 bytes): download NIH's Data_Entry_2017_v2020.csv again") from None
     table.columns = [str(column).strip() for column in table.columns]
     missing = [c for c in (IMAGE_COLUMN, LABELS_COLUMN, PATIENT_COLUMN) if c not in table.columns]
     if missing:
@@ -59,9 +64,20 @@ def read_labels(csv_path):
             f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}. "
             "Use the NIH file Data_Entry_2017.csv (or Data_Entry_2017_v2020.csv) unchanged."
         )
+    if table.empty:
+        raise DataError(f"{csv_path} has its header but no rows: download NIH's Data_Entry_2017_v2020.csv again")
     labels = pd.DataFrame({"image_name": table[IMAGE_COLUMN].str.strip()})
     labels["patient_id"] = _parse_patient_ids(table[PATIENT_COLUMN], labels["image_name"], csv_path)
     labels[list(FINDINGS)] = _parse_findings(table[LABELS_COLUMN], labels["image_name"], csv_path)
+    for column, name in DEMOGRAPHICS.items():  # for the subgroup report; absent columns are left out
+        if column in table.columns:
+            labels[name] = table[column].str.strip()
+    if "age" in labels:
+        labels["age"] = pd.to_numeric(labels["age"], errors="coerce")
+    if "follow_up" in labels:
+        labels["follow_up"] = pd.to_numeric(labels["follow_up"], errors="coerce")
+    if "sex" in labels:
+        labels["sex"] = labels["sex"].str.upper().str[:1].where(lambda sex: sex.isin(["F", "M"]))
     duplicated = labels["image_name"].duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0])

@@ -21,16 +21,15 @@ import argparse
 import json
 import sys
 import warnings
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import calibration
+import ood
+import subgroups
 from configurator import add_device_flags, add_out_flag
 from dataset import FINDINGS, attach_image_paths, find_label_file, read_labels, saved_split
 from devices import worker_count
@@ -45,10 +44,16 @@ from external import (
     read_expert_labels,
     read_external,
 )
-from films import eval_view, five_views
-from images import CachedImages, PngImages, find_cache
-from inference import TorchModel, predict_logits, read_thresholds, thresholds_path, write_thresholds
-from loaders import ReadableFilms
+from images import PngImages, evaluation_images
+from inference import (
+    Statistics,
+    TorchModel,
+    calibrated_thresholds,
+    outputs_over,
+    statistics_record,
+    write_thresholds,
+)
+from loaders import evaluation_loader
 from localisation import (
     BOX_THRESHOLD,
     IOBB_THRESHOLDS,
@@ -60,21 +65,10 @@ from localisation import (
     read_boxes,
 )
 from metrics import choose_thresholds
+from model import add_to_checkpoint
 from report import CHEXNET_AUROC, build_report, format_report, format_two_label_table, plot_roc_curves, two_label_table
-from transforms import normalize
 
 TTA_CROPS = 5  # films.five_views: four corners and the centre
-
-
-class AverageOverCrops(nn.Module):
-    """Runs the model on every crop of an image and averages the logits."""
-
-    def __init__(self, model, crops):
-        super().__init__()
-        self.model, self.crops = model, crops
-
-    def forward(self, images):
-        return self.model(images).view(-1, self.crops, len(FINDINGS)).mean(dim=1)
 
 
 def run_split(checkpoint, checkpoint_path, test_list=None):
@@ -117,50 +111,29 @@ def split_rows(split, source, data_dir, csv_path, parts, drop_missing=False):
     return (parts, missing) if drop_missing else parts
 
 
-def evaluation_images(rows, data_dir, load_size):
-    """The rows' images from the dataset's cache when one holds them all at this size (no PNG decoding), else PNGs."""
-    folder = find_cache(data_dir, load_size)
-    if folder is not None:
-        try:
-            images = CachedImages(folder, rows["image_name"])
-            if images.size == load_size:
-                return images
-        except DataError:  # incomplete, or without some of these images: the PNGs then
-            pass
-    return PngImages(rows["path"], load_size)
-
-
-def predict_probabilities(model, rows, args):
-    """(sigmoid outputs [images, findings], whether each film could be read) of an inference.TorchModel for the rows
-    (a path column, and image_name for NIH's cache), batched under inference_mode (AMP as in training)."""
-    config, device = model.config, model.device
-    view = partial(five_views if args.tta else eval_view, image_size=config["IMAGE_SIZE"])
+def outputs_of(model, rows, args):
+    """(logits, readable, pooled features) of an inference.TorchModel for the rows' films (a path column, and
+    image_name for NIH's cache), batched under inference_mode (AMP as in training), five crops each with --tta."""
+    config = model.config
     if args.dataset == "nih":
         images = evaluation_images(rows, args.data_dir or config["DATA_DIR"], config["LOAD_SIZE"])
     else:
         images = PngImages(rows["path"], config["LOAD_SIZE"])
     workers = worker_count(args.num_workers)
-    loader = DataLoader(
-        ReadableFilms(images, view), batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda"
-    )
-    net = AverageOverCrops(model.net, TTA_CROPS) if args.tta else model.net
-
-    def prepare(batch):  # with TTA a batch is [N, crops, 1, S, S]: the crops become a larger batch
-        batch = batch.flatten(0, 1) if args.tta else batch
-        return normalize(batch.to(device, non_blocking=True), model.channels_last)
+    loader = evaluation_loader(images, config["IMAGE_SIZE"], args.batch_size, workers, model.device, five=args.tta)
 
     def progress(batches):
         return tqdm(batches, desc=f"predicting {len(rows):,} images")
 
-    logits, readable = predict_logits(net, loader, prepare, model.dtype, progress)
-    return torch.sigmoid(logits).numpy(), readable.numpy() == 1
+    return outputs_over(model, loader, TTA_CROPS if args.tta else 1, progress)
 
 
-def readable_only(rows, probabilities, readable, args, skipped):
-    """The rows and probabilities of the films that could be read; the others an error naming the first few, or
-    (with --drop_missing_images) left out and added to skipped["unreadable"]."""
+def readable_only(rows, outputs, args, skipped):
+    """(rows, logits, features) of the films that could be read; the others an error naming the first few, or (with
+    --drop_missing_images) left out and added to skipped["unreadable"]."""
+    logits, readable, features = outputs
     if readable.all():
-        return rows, probabilities
+        return rows, logits, features
     names = list(rows.path[~readable])
     if not args.drop_missing_images:
         raise DataError(
@@ -169,7 +142,11 @@ def readable_only(rows, probabilities, readable, args, skipped):
         )
     print(f"warning: {len(names)} unreadable film(s) left out (first: {names[0]})")
     skipped["unreadable"] += names
-    return rows[readable].reset_index(drop=True), probabilities[readable]
+    return rows[readable].reset_index(drop=True), logits[readable], features[readable]
+
+
+def sigmoid(logits):
+    return 1 / (1 + np.exp(-logits))
 
 
 def parse_args(argv):
@@ -203,8 +180,9 @@ def parse_args(argv):
         "--expert_labels", help="Google's expert labels of NIH films (google2019_nih-chest-xray-labels.csv)"
     )
     parser.add_argument(
-        "--boxes", help="NIH-format box file (default: BBox_List_2017.csv beside the labels; VinDr's and RSNA's own "
-        "boxes; none: no localisation)"
+        "--boxes",
+        help="NIH-format box file (default: BBox_List_2017.csv beside the labels; VinDr's and RSNA's own "
+        "boxes; none: no localisation)",
     )
     parser.add_argument(
         "--box_threshold",
@@ -235,19 +213,35 @@ def evaluate(args):
     about = {"checkpoint": str(args.checkpoint), "epoch": model.checkpoint["epoch"], "dataset": args.dataset}
     run = evaluate_nih if args.dataset == "nih" else evaluate_external
     result = run(args, model, about)
-    names, targets, probabilities, rows = result["names"], result["targets"], result["probabilities"], result["rows"]
+    names, targets, probabilities, rows = result["names"], result["targets"], result["raw"], result["rows"]
+    thresholds = result["thresholds"]
     table, summary = build_report(
-        names, targets, probabilities, rows.patient_id.to_numpy(), result["thresholds"], args.bootstrap, result["ref"]
+        names, targets, probabilities, rows.patient_id.to_numpy(), thresholds, args.bootstrap, result["ref"]
     )
     print(format_report(table, summary, "CheXNet" if args.dataset == "nih" else "-"))
     report = {**about, "tta": args.tta, "bootstrap_replicates": args.bootstrap, **summary}
     out.mkdir(parents=True, exist_ok=True)
     written = ["report.json", "report.csv", "roc_curves.png"]
+    if result["fitted"] is not None:
+        table["threshold_calibrated"] = calibrated_thresholds(thresholds, result["fitted"])
+    if result["after"] is not None:
+        report["calibration"], said = calibration.report_section(names, targets, probabilities, result["after"], out)
+        print(said)
+        written.append("reliability.png")
     if args.dataset == "nih":
         policy = f"sensitivity {args.sensitivity}" if args.sensitivity else "youden"
-        write_thresholds(out / "thresholds.json", policy, dict(zip(FINDINGS, result["thresholds"])))
+        write_thresholds(out / "thresholds.json", policy, thresholds, FINDINGS, result["fitted"])
         report["threshold_policy"] = policy
         written.append("thresholds.json")
+    if model.statistics.ood is not None:
+        what = f"the {args.split} split" if args.dataset == "nih" else f"{args.dataset}'s films"
+        report["ood"], said = ood.report_section(model.statistics.ood, result["features"], what)
+        print(said)
+    report["subgroups"], said = subgroups.report_section(
+        rows, names, targets, probabilities, thresholds, args.bootstrap, out
+    )
+    print(said)
+    written += ["subgroups.csv", "subgroups.png"] if report["subgroups"] else []
     if result.get("boxes") is not None:
         table = localisation_section(args, model, rows, result["boxes"], table, report, out)
         written += ["localisation.png"] if "localisation" in report else []
@@ -263,11 +257,13 @@ def evaluate(args):
 
 
 def evaluate_nih(args, model, about):
-    """The run's test (or validation) split; thresholds chosen on its validation split."""
+    """The run's test (or validation) split; thresholds and a calibration fitted on its validation split (and the
+    out-of-distribution statistics, for a checkpoint that lacks them, on its training films)."""
     checkpoint, config = model.checkpoint, model.config
     split, source = run_split(checkpoint, args.checkpoint, args.test_list)
-    has_validation = (split.split == "val").any()
-    wanted = [args.split, "val"] if has_validation else [args.split]
+    has_validation = bool((split.split == "val").any())
+    needs_ood = model.statistics.ood is None and has_validation and bool((split.split == "train").any())
+    wanted = [args.split] + (["val"] if has_validation else []) + (["train"] if needs_ood else [])
     data_dir = args.data_dir or config["DATA_DIR"]
     parts = split_rows(split, source, data_dir, args.csv or config["CSV"], wanted, args.drop_missing_images)
     skipped = {"missing": [], "unreadable": []}
@@ -280,15 +276,19 @@ def evaluate_nih(args, model, about):
         f"checkpoint {args.checkpoint} (epoch {checkpoint['epoch']}); the {args.split} split: {len(rows):,} images, "
         f"{rows.patient_id.nunique():,} patients{'; five-crop TTA' if args.tta else ''}"
     )
+    thresholds, fitted = np.full(len(FINDINGS), np.nan), None
     if has_validation:
-        validation, val_probabilities = readable_only(
-            parts["val"], *predict_probabilities(model, parts["val"], args), args, skipped
+        validation, val_logits, val_features = readable_only(
+            parts["val"], outputs_of(model, parts["val"], args), args, skipped
         )
-        thresholds = choose_thresholds(validation[list(FINDINGS)].to_numpy(), val_probabilities, args.sensitivity)
+        val_targets = validation[list(FINDINGS)].to_numpy(dtype=float)
+        thresholds = choose_thresholds(val_targets, sigmoid(val_logits), args.sensitivity)
+        fitted = calibration.fit_platt(val_logits, val_targets)
+        if needs_ood:
+            add_ood_statistics(model, parts["train"], val_features, thresholds, fitted, args)
     else:
-        print("no validation split: no operating thresholds (thresholds.json will hold none)")
-        thresholds = np.full(len(FINDINGS), np.nan)
-    rows, probabilities = readable_only(rows, *predict_probabilities(model, rows, args), args, skipped)
+        print("no validation split: no operating thresholds and no calibration (thresholds.json will hold none)")
+    rows, logits, features = readable_only(rows, outputs_of(model, rows, args), args, skipped)
     about |= {
         "split": args.split,
         "split_source": source,
@@ -299,12 +299,27 @@ def evaluate_nih(args, model, about):
     return {
         "names": list(FINDINGS),
         "targets": rows[list(FINDINGS)].to_numpy(dtype=float),
-        "probabilities": probabilities,
+        "raw": sigmoid(logits),
+        "after": calibration.calibrated(logits, *fitted) if fitted is not None else None,
+        "fitted": fitted,
+        "features": features,
         "rows": rows,
         "thresholds": thresholds,
         "ref": CHEXNET_AUROC,
         "boxes": nih_boxes(args, config),
     }
+
+
+def add_ood_statistics(model, train_rows, val_features, thresholds, fitted, args):
+    """Fit the out-of-distribution statistics a checkpoint lacks (written before they were kept) on a sample of its
+    training films, and store them in it with the thresholds and calibration, as train.py does at a run's end."""
+    sample = train_rows.sample(n=min(ood.FIT_FILMS, len(train_rows)), random_state=0)
+    _, _, train_features = outputs_of(model, sample, args)
+    fitted_ood = ood.fit(train_features, val_features, sample.patient_id.to_numpy())
+    statistics = Statistics(dict(zip(FINDINGS, thresholds)), fitted, fitted_ood)
+    add_to_checkpoint(model.path, inference=statistics_record(statistics))
+    model.statistics = model.statistics._replace(ood=statistics.ood)
+    print(f"{model.path} had no out-of-distribution statistics: fitted on {len(sample):,} training films, added to it")
 
 
 def nih_boxes(args, config):
@@ -337,11 +352,12 @@ def evaluate_external(args, model, about):
         + "".join(f", {count:,} {reason}" for reason, count in data.left_out.items())
         + f"; uncertain labels: {args.uncertain}"
     )
-    rows, probabilities = readable_only(data.rows, *predict_probabilities(model, data.rows, args), args, skipped)
-    nih = read_thresholds(thresholds_path(args.checkpoint))
-    thresholds = np.array(
-        [nih.get(mapped[0], np.nan) if len(mapped) == 1 else np.nan for mapped in data.mapping.values()]
-    )
+    rows, logits, features = readable_only(data.rows, outputs_of(model, data.rows, args), args, skipped)
+    probabilities = sigmoid(logits)
+    nih = model.statistics.thresholds
+    thresholds = np.array([nih.get(found[0], np.nan) if len(found) == 1 else np.nan for found in data.mapping.values()])
+    fitted = model.statistics.calibration
+    after = None if fitted is None else model_scores(calibration.calibrated(logits, *fitted), data.mapping, FINDINGS)
     about |= {
         "source": data.source,
         "images": len(rows),
@@ -352,14 +368,17 @@ def evaluate_external(args, model, about):
         "skipped": skipped,
         "uncertain": args.uncertain,
         "mapping": {name: list(mapped) for name, mapped in data.mapping.items()},
-        "threshold_source": "NIH validation split (thresholds.json beside the checkpoint)",
+        "threshold_source": "NIH's validation split (thresholds.json beside the checkpoint, else the checkpoint's)",
     }
     if args.dataset == "vindr":
         about["vindr_rule"] = args.vindr_rule
     return {
         "names": names,
         "targets": rows[names].to_numpy(dtype=float),
-        "probabilities": model_scores(probabilities, data.mapping, FINDINGS),
+        "raw": model_scores(probabilities, data.mapping, FINDINGS),
+        "after": after,  # NIH's calibration, applied as it is: no new fit on another hospital's films
+        "fitted": None,
+        "features": features,
         "rows": rows,
         "thresholds": thresholds,
         "ref": None,

@@ -6,9 +6,13 @@ The input contract (also in the file's metadata, "input"): input "image", uint8 
 8-bit grayscale (DICOM windowed), letterboxed to LOAD_SIZE x LOAD_SIZE (longer side resized, centred on black),
 resized to round(S / 0.875) when that differs from LOAD_SIZE, and centre-cropped to S = IMAGE_SIZE: what
 films.eval_view gives. The graph itself scales to [0, 1], makes the three ImageNet-normalised channels, runs the
-ResNet-50 and a sigmoid: output "probabilities", float32 [N, 14], in the order of the metadata's "findings".
-Metadata: findings, image_size, load_size, eval_crop_fraction, normalisation, thresholds (evaluation/thresholds.json
-beside the checkpoint, when there), the training run's config and its SHA-256, the checkpoint's epoch.
+network and its outputs: "probabilities", float32 [N, 14] in the order of the metadata's "findings", calibrated
+(inference.py, calibration.py); "ood_distance", float32 [N], how far the film lies from the training films (ood.py);
+"raw_probabilities", the network's own sigmoid outputs. (A checkpoint without those statistics exports
+"probabilities" alone, raw.) Metadata: findings, image_size, load_size, eval_crop_fraction, normalisation, whether
+the probabilities are calibrated, the thresholds on their scale (and on the raw scale), the calibration, the OOD
+threshold and the validation films' distances (for percentiles), the training run's config and its SHA-256, the
+checkpoint's epoch.
 """
 
 import argparse
@@ -17,15 +21,15 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from configurator import add_out_flag
-from dataset import FINDINGS
 from errors import UserError
 from films import EVAL_CROP_FRACTION
-from inference import probability_graph, read_thresholds, thresholds_path
-from model import load_checkpoint, model_from_checkpoint
+from inference import TorchModel, probability_graph
+from ood import FLAG_PERCENTILE
 from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 OPSET = 18  # ONNX Runtime 1.16 and later run it
@@ -37,60 +41,92 @@ INPUT_CONTRACT = (
 
 
 class Deployable(nn.Module):
-    """uint8 evaluation crops -> probabilities (inference.probability_graph): the normalisation and the sigmoid
-    inside, so a consumer cannot get them wrong."""
+    """uint8 evaluation crops -> the outputs of inference.probability_graph: normalisation, network, calibration and
+    the out-of-distribution distance inside the graph, so a consumer cannot get them wrong."""
 
-    def __init__(self, model):
+    def __init__(self, model, statistics=None):
         super().__init__()
-        self.model = model
+        self.model, self.statistics = model, statistics
 
     def forward(self, image):
-        return probability_graph(self.model, image)
+        return probability_graph(self.model, image, self.statistics)
 
 
-def metadata(checkpoint, thresholds):
-    config = checkpoint["config"]
+def output_names(statistics):
+    if statistics is None:
+        return ["probabilities"]
+    return ["probabilities", "raw_probabilities"] if statistics.ood is None else [*OUTPUTS]
+
+
+OUTPUTS = {
+    "probabilities": "float32 [N, findings]: calibrated probabilities (Platt scaling fitted on the validation split) "
+    "in the order of 'findings'; the raw sigmoid outputs where 'calibrated' is false",
+    "ood_distance": "float32 [N]: the Mahalanobis distance of the film's features to the training films'; above "
+    "'ood' threshold it is unlike them, and its findings may mean nothing",
+    "raw_probabilities": "float32 [N, findings]: the network's own sigmoid outputs (inflated by the training's "
+    "pos_weight)",
+}
+
+
+def metadata(model, outputs):
+    """What a consumer needs, as text: findings, sizes, normalisation, thresholds on the scale of 'probabilities',
+    calibration, the OOD statistics' percentiles, and the training run's config."""
+    config, checkpoint, statistics = model.config, model.checkpoint, model.statistics
     config_json = json.dumps(config, sort_keys=True)
-    return {
-        "findings": json.dumps(list(checkpoint["findings"])),
+    properties = {
+        "findings": json.dumps(model.findings),
         "image_size": str(config["IMAGE_SIZE"]),
         "load_size": str(config["LOAD_SIZE"]),
         "eval_crop_fraction": str(EVAL_CROP_FRACTION),
         "normalisation": json.dumps({"scale": "1/255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "in_graph": True}),
         "input": INPUT_CONTRACT,
-        "output": "probabilities: float32 [N, findings], sigmoid outputs in the order of 'findings'",
-        "thresholds": json.dumps(thresholds),
+        "output": "; ".join(f"{name}: {OUTPUTS[name]}" for name in outputs),
+        "calibrated": json.dumps(model.calibrated),
+        "thresholds": json.dumps(model.thresholds),
+        "raw_thresholds": json.dumps(statistics.thresholds),
         "architecture": checkpoint["architecture"],
         "epoch": str(checkpoint["epoch"]),
         "config": config_json,
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
     }
+    if statistics.calibration is not None:
+        fitted = dict(zip(model.findings, zip(*(part.tolist() for part in statistics.calibration))))
+        properties["calibration"] = json.dumps({"method": "platt: sigmoid(a * logit + b)", "a_b": fitted})
+    if statistics.ood is not None:
+        properties["ood"] = json.dumps(
+            {
+                "threshold": statistics.ood["threshold"],
+                "flag_percentile": FLAG_PERCENTILE,
+                "validation": np.asarray(statistics.ood["validation"]).round(5).tolist(),
+            }
+        )
+    return properties
 
 
 def export(checkpoint_path, out, thresholds_file=None):
     """Write the ONNX file; returns its metadata."""
     import onnx
 
-    checkpoint = load_checkpoint(checkpoint_path, FINDINGS)
-    size = checkpoint["config"]["IMAGE_SIZE"]
-    net = Deployable(model_from_checkpoint(checkpoint)).eval()
-    example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
+    model = TorchModel(checkpoint_path, device="cpu", amp=False, thresholds=thresholds_file)
+    statistics = model.statistics if model.calibrated else None
+    net = Deployable(model.net, statistics).eval()
+    example = torch.zeros(2, 1, model.image_size, model.image_size, dtype=torch.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    outputs = output_names(statistics)
     torch.onnx.export(
         net,
         (example,),
         str(out),
         input_names=["image"],
-        output_names=["probabilities"],
+        output_names=outputs,
         dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
         opset_version=OPSET,
         dynamo=True,
         external_data=False,
         verbose=False,
     )
-    thresholds = read_thresholds(thresholds_file or thresholds_path(checkpoint_path))
-    properties = metadata(checkpoint, thresholds)
+    properties = metadata(model, outputs)
     proto = onnx.load(str(out))
     for key, value in properties.items():
         entry = proto.metadata_props.add()
@@ -111,7 +147,9 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     except ImportError as error:
         sys.exit(f"error: {error}. Install the extras: pip install -r requirements-extras.txt")
-    print(f"wrote {args.out}: {properties['input']}")
+    size = properties["image_size"]
+    print(f"wrote {args.out}: input uint8 [N, 1, {size}, {size}] (S = image_size = {size}); {properties['input']}")
+    print(f"outputs: {properties['output']}")
     print(f"thresholds in its metadata: {len(json.loads(properties['thresholds']))} findings")
 
 

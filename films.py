@@ -23,6 +23,8 @@ EVAL_CROP_FRACTION = 0.875  # evaluation: resize to IMAGE_SIZE / this, then cent
 FRONTAL_MODALITIES = ("CR", "DX")  # computed and digital radiography: what NIH's films are
 FRONTAL_VIEWS = {"PA", "AP", "AP_HORIZONTAL", "FRONTAL"}  # projections of frontal films (AP_horizontal: PadChest's
 # supine AP films)
+PNG_BIT_DEPTHS = (8, 10, 12, 14, 16)  # a 16-bit file is scaled by the smallest of these that holds its brightest
+# pixel: 12-bit films saved as 16-bit PNGs (max 4095) stay as bright as the scanner made them
 LATERAL_VIEWS = {"L", "LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}  # side views: DICOM ViewPosition and datasets' own
 DECODER_PACKAGES = {  # transfer syntax UID prefix -> the pydicom plugin that decodes it
     "1.2.840.10008.1.2.4.5": "pylibjpeg-libjpeg",  # JPEG baseline / extended
@@ -59,15 +61,23 @@ def open_film(path, strict=False):
             return Film(_to_gray8(image), ())
     except DataError:
         raise
+    except Image.DecompressionBombError as error:
+        raise DataError(
+            f"{path} is not a chest film: {error} (a chest film has at most about 20 million pixels). Remove it "
+            "from the images folder."
+        ) from error
     except Exception as error:  # decoders raise many kinds (OSError, ValueError, SyntaxError, pydicom's own)
         raise DataError(f"cannot read image {path}: {error}. Re-extract or re-download this file.") from error
 
 
 def _to_gray8(image):
-    """16-bit images are scaled by their full range (65535 -> 255) rather than clipped; RGB/RGBA files (NIH has
-    a few) drop colour and alpha."""
+    """16-bit images are scaled by the bit depth their pixels use (PNG_BIT_DEPTHS), rather than clipped or divided
+    by 257; RGB/RGBA files (NIH has a few) drop colour and alpha."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return np.clip(np.round(np.asarray(image, dtype=np.float32) / 257.0), 0, 255).astype(np.uint8)
+        pixels = np.asarray(image, dtype=np.float32)
+        brightest = float(pixels.max(initial=0))
+        bits = next((bits for bits in PNG_BIT_DEPTHS if brightest < 2**bits), PNG_BIT_DEPTHS[-1])
+        return np.clip(np.round(pixels * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
     return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
 
 
@@ -157,10 +167,17 @@ def crop_to_original(original_size, load_size, image_size):
 def _open_dicom(path, strict):
     try:
         import pydicom
+        from pydicom.errors import InvalidDicomError
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:
         raise DataError(f"{path} is DICOM: install pydicom (pip install -r requirements-extras.txt)") from error
-    dataset = pydicom.dcmread(path)
+    try:
+        dataset = pydicom.dcmread(path)
+    except InvalidDicomError as error:
+        raise DataError(
+            f"{path} is not a DICOM file (no 'DICM' marker in its first 132 bytes): another kind of file named "
+            f"{path.suffix}. Export the film from the PACS as DICOM, or give it as PNG/JPEG."
+        ) from error
     _refuse_unusable(dataset, path)
     warnings = header_warnings(dataset)
     if strict and warnings:

@@ -94,9 +94,14 @@ def check_train_amp(data, work, device):
     printed = train(data, work / "amp", "--epochs=2", f"--device={device}")
     losses = history(work / "amp").val_loss.tolist()
     held = f"held in {device.type}" in printed
-    ok = np.all(np.isfinite(losses)) and losses[1] < losses[0] and held
+    fitted = load_checkpoint(work / "amp" / "best.pth", FINDINGS).get("inference", {})
+    statistics = all(key in fitted for key in ("thresholds", "calibration", "ood"))  # fitted as the run ended
+    ok = np.all(np.isfinite(losses)) and losses[1] < losses[0] and held and statistics
     autocast = next(line for line in printed.splitlines() if line.startswith("device:"))
-    detail = f"val loss {losses[0]:.3f} -> {losses[1]:.3f}; images held in {device.type} memory: {held}; {autocast}"
+    detail = (
+        f"val loss {losses[0]:.3f} -> {losses[1]:.3f}; images held in {device.type} memory: {held}; thresholds, "
+        f"calibration and OOD statistics in best.pth: {statistics}; {autocast}"
+    )
     return ("PASS" if ok else "FAIL"), detail
 
 
@@ -167,8 +172,14 @@ def check_torchrun(data, work):
 def check_evaluate(work, device):
     command("evaluate.py", "--checkpoint", work / "amp" / "best.pth", "--bootstrap", "200", "--device", device)
     report = json.loads((work / "amp" / "evaluation" / "report.json").read_text())
-    return ("PASS" if report["mean_auroc"] > 0.6 else "FAIL"), (
-        f"test mean AUROC {report['mean_auroc']:.3f} on {report['images']} films after 2 epochs"
+    calibrated, ood, subgroups = report.get("calibration"), report.get("ood"), report.get("subgroups")
+    ok = report["mean_auroc"] > 0.6 and calibrated and ood and subgroups
+    trust = "no calibration, OOD or subgroup report"
+    if ok:
+        ece = calibrated["mean"]
+        trust = f"mean ECE {ece['ece_raw']:.3f} -> {ece['ece_calibrated']:.3f}; {ood['flagged_share']:.1%} flagged OOD"
+    return ("PASS" if ok else "FAIL"), (
+        f"test mean AUROC {report['mean_auroc']:.3f} on {report['images']} films after 2 epochs; {trust}"
     )
 
 
@@ -183,9 +194,11 @@ def check_predict(work, device):
     out = work / "predicted"
     command("predict.py", "--checkpoint", work / "amp" / "best.pth", *films, "--cam", "--out", out, "--device", device)
     sheets = list(out.glob("*_sheet.png"))
-    rows = len(pd.read_csv(out / "predictions.csv"))
-    ok = rows == len(films) and len(sheets) == len(films)
-    return ("PASS" if ok else "FAIL"), f"{rows} films predicted, {len(sheets)} heat-map sheets"
+    table = pd.read_csv(out / "predictions.csv")
+    ok = len(table) == len(films) and len(sheets) == len(films) and table.ood_percentile.between(0, 100).all()
+    return ("PASS" if ok else "FAIL"), (
+        f"{len(table)} films predicted, {len(sheets)} heat-map sheets; OOD percentiles {table.ood_percentile.tolist()}"
+    )
 
 
 def check_onnx(work, device):

@@ -22,11 +22,18 @@ UPLOAD_CHUNK = 4096  # images read from the cache and copied to the device at a 
 
 
 def index_images(data_dir):
-    """Map image name -> path for every image below data_dir, flat or in NIH's images_0NN/images/ folders."""
+    """Map image name -> path for every image below data_dir, flat or in NIH's images_0NN/images/ folders. Folders
+    linked in (images on another disk) are followed; a folder reached twice through links is read once."""
     data_dir = Path(data_dir)
     found = {}
     duplicates = 0
-    for folder, _, files in os.walk(data_dir):
+    seen = set()
+    for folder, subfolders, files in os.walk(data_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            subfolders[:] = []
+            continue
+        seen.add(real)
         for name in files:
             if name.lower().endswith(IMAGE_SUFFIXES):
                 duplicates += name in found
@@ -93,6 +100,20 @@ class CachedImages:
 
     def __getstate__(self):
         return {**self.__dict__, "_images": None}
+
+
+def evaluation_images(rows, data_dir, load_size, setting="auto"):
+    """The rows' images from the dataset's cache when one holds them all at this size (no PNG decoding), else the
+    image files (rows: image_name and path columns)."""
+    folder = find_cache(data_dir, load_size, setting)
+    if folder is not None:
+        try:
+            images = CachedImages(folder, rows["image_name"])
+            if images.size == load_size:
+                return images
+        except DataError:  # incomplete, or without some of these images: the files then
+            pass
+    return PngImages(rows["path"], load_size)
 
 
 def memory_for_images(device, processes=None):

@@ -1,21 +1,47 @@
 """A trained model and what it says about films: loaded from a checkpoint (PyTorch) or from export.py's ONNX file
-(ONNX Runtime), its probabilities from evaluation crops, and what inference needs beside the weights: the operating
-thresholds (evaluation/thresholds.json beside the checkpoint), read and written here only.
+(ONNX Runtime), its probabilities from evaluation crops, and what inference needs beside the weights, read and
+written here only: the operating thresholds, the calibration (calibration.py) and the out-of-distribution statistics
+(ood.py).
+
+Where they are kept: train.py fits all three on the validation split (the OOD statistics on a sample of the training
+films) when a run ends, and stores them in the run's best checkpoints ("inference"); evaluate.py writes its own
+thresholds and calibration to evaluation/thresholds.json beside the checkpoint (its --sensitivity policy, for older
+checkpoints too), which then take precedence; and it adds the OOD statistics to a checkpoint that lacks them.
+Probabilities are calibrated unless asked otherwise; thresholds are then re-expressed on the calibrated scale, so the
+decision at each operating point does not change.
 
 No torch import at the top: the ONNX path (predict.py --onnx) runs where PyTorch is not installed.
 """
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+import calibration
+import ood
 from errors import DataError
 
 BATCH_SIZE = 32  # films per forward pass when predicting
 
 
-# ----------------------------------------------------------------------------- thresholds
+class Statistics(NamedTuple):
+    """What inference needs beside the weights."""
+
+    thresholds: dict  # finding: threshold on the raw (uncalibrated) probability
+    calibration: tuple = None  # (slopes, intercepts) per finding (calibration.fit_platt), or None
+    ood: dict = None  # ood.fit's statistics, or None
+
+
+class Predictions(NamedTuple):
+    probabilities: np.ndarray  # [films, findings]: calibrated (or raw, when asked)
+    raw: np.ndarray  # [films, findings]: the network's sigmoid outputs
+    ood_percentile: np.ndarray  # [films]: NaN without OOD statistics
+    ood_flagged: np.ndarray  # [films] bool
+
+
+# ----------------------------------------------------------------------------- thresholds and statistics
 
 
 def thresholds_path(checkpoint_path):
@@ -23,39 +49,109 @@ def thresholds_path(checkpoint_path):
     return Path(checkpoint_path).parent / "evaluation" / "thresholds.json"
 
 
-def read_thresholds(path):
-    """{finding: threshold} from a thresholds.json, or {} when there is none (NaN entries left out)."""
+def read_thresholds_file(path):
+    """(raw thresholds {finding: value}, calibration or None) from a thresholds.json, or ({}, None) when there is
+    none (NaN entries left out)."""
     if path is None or not Path(path).is_file():
-        return {}
+        return {}, None
     try:
-        thresholds = json.loads(Path(path).read_text())["thresholds"]
-        return {name: float(value) for name, value in thresholds.items() if value is not None and np.isfinite(value)}
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        content = json.loads(Path(path).read_text())
+        thresholds = {name: float(value) for name, value in content["thresholds"].items() if _finite(value)}
+        platt = content.get("calibration")
+        fitted = None if not platt else tuple(np.array([platt[name][k] for name in platt]) for k in (0, 1))
+        return thresholds, fitted
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
         raise DataError(
             f"{path} is not a thresholds file of evaluate.py (a JSON object with a 'thresholds' object of finding: "
             f"number): {error}. Rewrite it with evaluate.py, or leave --thresholds out."
         ) from None
 
 
-def write_thresholds(path, policy, thresholds):
-    """thresholds.json: the policy that chose them and {finding: threshold (None where none could be chosen)}."""
-    entries = {finding: (float(value) if np.isfinite(value) else None) for finding, value in thresholds.items()}
-    Path(path).write_text(json.dumps({"policy": policy, "thresholds": entries}, indent=2) + "\n")
+def _finite(value):
+    return value is not None and np.isfinite(value)
+
+
+def read_thresholds(path):
+    """{finding: threshold} (on the raw probability) from a thresholds.json, or {}."""
+    return read_thresholds_file(path)[0]
+
+
+def write_thresholds(path, policy, thresholds, findings, fitted=None):
+    """thresholds.json: the policy that chose them, {finding: threshold on the raw probability (None where none could
+    be chosen)}, and with a calibration its (a, b) per finding and the same thresholds on the calibrated scale."""
+    content = {"policy": policy, "thresholds": _numbers(findings, thresholds)}
+    if fitted is not None:
+        content["calibration"] = {name: [float(a), float(b)] for name, a, b in zip(findings, *fitted)}
+        content["calibrated_thresholds"] = _numbers(findings, calibrated_thresholds(thresholds, fitted))
+    Path(path).write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _numbers(findings, values):
+    return {name: (float(value) if np.isfinite(value) else None) for name, value in zip(findings, values)}
+
+
+def calibrated_thresholds(thresholds, fitted):
+    """Raw-probability thresholds on the calibrated scale: calibration is monotone, so p >= t exactly when
+    calibrated(p) >= calibrated(t)."""
+    values = np.asarray(thresholds, dtype=np.float64)
+    inside = np.isfinite(values) & (values > 0) & (values < 1)  # 0 marks every film and 1 or more none, either way
+    shown = calibration.calibrated(calibration.logit(np.where(inside, values, 0.5)), *fitted)
+    return np.where(inside, shown, values)
+
+
+def fit_statistics(findings, val_logits, val_targets, val_features, train_features, train_patients, sensitivity=None):
+    """Statistics fitted on the validation split (thresholds: Youden's J or a sensitivity; a Platt scaling) and on the
+    training films' features (the OOD distribution, its percentiles from the validation films)."""
+    from metrics import choose_thresholds
+
+    raw = 1 / (1 + np.exp(-np.asarray(val_logits, dtype=np.float64)))
+    thresholds = choose_thresholds(val_targets, raw, sensitivity)
+    fitted = calibration.fit_platt(val_logits, val_targets)
+    fitted_ood = ood.fit(train_features, val_features, train_patients) if train_features is not None else None
+    return Statistics(dict(zip(findings, thresholds)), fitted, fitted_ood)
+
+
+def statistics_record(statistics):
+    """A Statistics as a checkpoint keeps it (tensors and plain numbers: weights_only loading accepts them)."""
+    import torch
+
+    record = {"thresholds": {name: float(value) for name, value in statistics.thresholds.items()}}
+    if statistics.calibration is not None:
+        record["calibration"] = [torch.tensor(part, dtype=torch.float64) for part in statistics.calibration]
+    if statistics.ood is not None:
+        record["ood"] = {
+            key: torch.tensor(value, dtype=torch.float64) if isinstance(value, np.ndarray) else float(value)
+            for key, value in statistics.ood.items()
+        }
+    return record
+
+
+def statistics_of(checkpoint):
+    """The Statistics a checkpoint carries (empty for one from before they were kept)."""
+    record = checkpoint.get("inference") or {}
+    thresholds = {name: value for name, value in record.get("thresholds", {}).items() if np.isfinite(value)}
+    fitted = tuple(part.numpy() for part in record["calibration"]) if "calibration" in record else None
+    fitted_ood = None
+    if "ood" in record:
+        fitted_ood = {key: value.numpy() if hasattr(value, "numpy") else value for key, value in record["ood"].items()}
+    return Statistics(thresholds, fitted, fitted_ood)
 
 
 # ----------------------------------------------------------------------------- PyTorch
 
 
 class TorchModel:
-    """A checkpoint's model on a device, in evaluation mode, with the precision and layout training used there."""
+    """A checkpoint's model on a device, in evaluation mode, with the precision and layout training used there, and
+    its statistics (thresholds.json beside it first, for the thresholds and the calibration)."""
 
-    def __init__(self, checkpoint_path, device="auto", amp=True):
+    def __init__(self, checkpoint_path, device="auto", amp=True, thresholds=None, calibrated=True):
         import torch
 
         from dataset import FINDINGS
         from devices import autocast_dtype, select_device, use_channels_last
         from model import load_checkpoint, model_from_checkpoint
 
+        self.path = Path(checkpoint_path)
         self.checkpoint = load_checkpoint(checkpoint_path, FINDINGS)
         self.config = self.checkpoint["config"]
         self.device = select_device(device)
@@ -64,60 +160,155 @@ class TorchModel:
         self.net = model_from_checkpoint(self.checkpoint).to(self.device, memory_format=layout).eval()
         self.findings = list(self.checkpoint["findings"])
         self.image_size, self.load_size = self.config["IMAGE_SIZE"], self.config["LOAD_SIZE"]
-        self.thresholds = read_thresholds(thresholds_path(checkpoint_path))
+        self.statistics = statistics_of(self.checkpoint)
+        if thresholds and not Path(thresholds).is_file():
+            raise DataError(
+                f"thresholds file not found: {thresholds}. evaluate.py writes one (evaluation/thresholds.json beside "
+                "the checkpoint, read without --thresholds); leave --thresholds out to use the checkpoint's own."
+            )
+        raw, fitted = read_thresholds_file(thresholds or thresholds_path(checkpoint_path))
+        if raw:  # evaluate.py's (or the user's) thresholds and calibration first
+            fitted = fitted or self.statistics.calibration
+            self.statistics = self.statistics._replace(thresholds=raw, calibration=fitted)
+        self.calibrated = calibrated and self.statistics.calibration is not None
+        self.thresholds = shown_thresholds(self.statistics, self.findings, self.calibrated)
+
+    def predict(self, crops):
+        """Predictions for uint8 [N, S, S] evaluation crops."""
+        logits, features = crop_outputs(self.net, crops, self.device, self.dtype, self.channels_last)
+        return predictions(logits, features, self.statistics, self.calibrated)
 
     def probabilities(self, crops):
-        """uint8 [N, S, S] evaluation crops -> float [N, findings]."""
-        return crop_probabilities(self.net, crops, self.device, self.dtype, self.channels_last)
+        """uint8 [N, S, S] evaluation crops -> float [N, findings] (calibrated unless the model was asked not to)."""
+        return self.predict(crops).probabilities
 
 
-def crop_probabilities(net, crops, device, dtype=None, channels_last=False):
-    """uint8 [N, S, S] evaluation crops -> numpy float32 [N, findings], in batches under inference_mode and autocast."""
+def shown_thresholds(statistics, findings, calibrated):
+    """{finding: threshold} on the scale of the probabilities shown (calibrated or raw)."""
+    if not calibrated or not statistics.thresholds:
+        return dict(statistics.thresholds)
+    raw = np.array([statistics.thresholds.get(name, np.nan) for name in findings])
+    shown = calibrated_thresholds(raw, statistics.calibration)
+    return {name: float(value) for name, value in zip(findings, shown) if np.isfinite(value)}
+
+
+def predictions(logits, features, statistics, calibrated=True):
+    """Predictions from the network's logits and pooled features, with a model's statistics."""
+    raw = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    shown = calibration.calibrated(logits, *statistics.calibration) if calibrated else raw
+    if statistics.ood is None or features is None:
+        return Predictions(shown, raw, np.full(len(raw), np.nan), np.zeros(len(raw), dtype=bool))
+    distances = ood.distances(statistics.ood, features)
+    return Predictions(shown, raw, ood.percentiles(statistics.ood, distances), ood.flagged(statistics.ood, distances))
+
+
+def crop_outputs(net, crops, device, dtype=None, channels_last=False):
+    """uint8 [N, S, S] evaluation crops -> (float64 logits [N, findings], pooled features [N, F]), numpy: in batches,
+    under inference_mode and autocast, one forward pass each."""
     import torch
 
-    batches = []
+    from model import pooled_features_and_logits
+    from transforms import normalize
+
+    logits, features = [], []
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, len(crops), BATCH_SIZE):
             images = torch.from_numpy(np.asarray(crops[start : start + BATCH_SIZE])).unsqueeze(1).to(device)
-            batches.append(probability_graph(net, images, channels_last).float().cpu().numpy())
-    return np.concatenate(batches)
+            pooled, outputs = pooled_features_and_logits(net, normalize(images, channels_last))
+            logits.append(outputs.double().cpu().numpy())
+            features.append(pooled.double().cpu().numpy())
+    return np.concatenate(logits), np.concatenate(features)
 
 
-def probability_graph(net, images, channels_last=False):
-    """uint8 crops [N, 1, S, S] -> probabilities: normalisation, the network and the sigmoid. The one computation of
-    predictions, the page and the ONNX graph (export.py exports exactly this)."""
+def crop_probabilities(net, crops, device, dtype=None, channels_last=False):
+    """uint8 [N, S, S] evaluation crops -> raw probabilities [N, findings] of a bare network (no statistics)."""
+    logits, _ = crop_outputs(net, crops, device, dtype, channels_last)
+    return 1 / (1 + np.exp(-logits))
+
+
+def probability_graph(net, images, statistics=None, channels_last=False):
+    """uint8 crops [N, 1, S, S] -> probabilities (calibrated, with a Statistics that has a calibration), and with
+    OOD statistics also the Mahalanobis distance and the raw probabilities: normalisation, the network, the
+    calibration and the distance in one graph, what export.py exports."""
     import torch
 
+    from model import pooled_features_and_logits
     from transforms import normalize
 
-    return torch.sigmoid(net(normalize(images, channels_last)).float())
+    features, logits = pooled_features_and_logits(net, normalize(images, channels_last))
+    logits = logits.float()
+    raw = torch.sigmoid(logits)
+    if statistics is None:
+        return raw
+    fitted = statistics.calibration or (np.ones(logits.shape[1]), np.zeros(logits.shape[1]))
+    slopes, intercepts = (torch.as_tensor(part, dtype=torch.float32) for part in fitted)
+    shown = torch.sigmoid(logits * slopes + intercepts)
+    if statistics.ood is None:
+        return shown, raw
+    parts = {key: torch.as_tensor(statistics.ood[key], dtype=torch.float32) for key in ood.GRAPH_KEYS}
+    unit = features.float() / features.float().norm(dim=1, keepdim=True).clamp(min=1e-12)
+    centred = (unit - parts["mean"]) @ parts["components"].T - parts["location"]
+    distance = torch.sqrt(torch.clamp(((centred @ parts["precision"]) * centred).sum(dim=1), min=0))
+    return shown, distance, raw
 
 
-def predict_logits(net, loader, prepare, dtype=None, progress=None):
-    """Run a network over a loader of (uint8 images, targets); float32 logits and targets, on the CPU.
+def predict_logits(net, loader, prepare, dtype=None, progress=None, features=False):
+    """Run a network over a loader of (uint8 images, second items); float32 logits and the second items (targets,
+    or whether each film was readable), on the CPU; with features=True also the pooled features, from the same pass.
 
     prepare: turns a uint8 batch into the network's input on its device (normalised, in its layout)."""
     import torch
 
+    from model import pooled_features_and_logits
+
     net.eval()
-    all_logits, all_targets = [], []
+    all_logits, all_seconds, all_features = [], [], []
     with torch.inference_mode():
-        for images, targets in progress(loader) if progress else loader:
+        for images, seconds in progress(loader) if progress else loader:
             images = prepare(images)
             with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-                logits = net(images)
+                if features:
+                    pooled, logits = pooled_features_and_logits(net, images)
+                    all_features.append(pooled.float())
+                else:
+                    logits = net(images)
             all_logits.append(logits.float())
-            all_targets.append(targets)
-    return torch.cat(all_logits).cpu(), torch.cat(all_targets).cpu()
+            all_seconds.append(seconds)
+    result = (torch.cat(all_logits).cpu(), torch.cat(all_seconds).cpu())
+    return (*result, torch.cat(all_features).cpu()) if features else result
+
+
+def with_ood_warnings(films, predictions):
+    """films.prepare's films with a warning added where the model's features say a film is unlike its training
+    films (predictions.ood_flagged)."""
+    return [
+        film._replace(warnings=(*film.warnings, ood.WARNING.format(percentile=percentile))) if flagged else film
+        for film, flagged, percentile in zip(films, predictions.ood_flagged, predictions.ood_percentile)
+    ]
+
+
+def outputs_over(model, loader, crops=1, progress=None):
+    """(logits [N, findings], readable [N] bool, pooled features [N, F]), float64 numpy, of a TorchModel over an
+    evaluation loader (loaders.evaluation_loader); with crops > 1 (five views a film) each the mean of a film's."""
+    from transforms import normalize
+
+    def prepare(batch):  # five views a film: the crops become a larger batch
+        batch = batch.flatten(0, 1) if crops > 1 else batch
+        return normalize(batch.to(model.device, non_blocking=True), model.channels_last)
+
+    logits, readable, features = predict_logits(model.net, loader, prepare, model.dtype, progress, features=True)
+    if crops > 1:
+        logits, features = (part.view(-1, crops, part.shape[-1]).mean(dim=1) for part in (logits, features))
+    return logits.double().numpy(), readable.numpy() == 1, features.double().numpy()
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime
 
 
 class OnnxModel:
-    """An export.py ONNX file in ONNX Runtime: the same probabilities as TorchModel, without PyTorch."""
+    """An export.py ONNX file in ONNX Runtime: the same predictions as TorchModel, without PyTorch."""
 
-    def __init__(self, path):
+    def __init__(self, path, calibrated=True):
         try:
             import onnxruntime
         except ImportError as error:
@@ -135,19 +326,32 @@ class OnnxModel:
             raise DataError(f"{path} has no cxr14 metadata (findings, image_size): export it with export.py")
         self.findings = json.loads(metadata["findings"])
         self.image_size, self.load_size = int(metadata["image_size"]), int(metadata["load_size"])
-        thresholds = json.loads(metadata.get("thresholds", "{}"))
+        self.outputs = [output.name for output in self.session.get_outputs()]
+        self.calibrated = calibrated and "raw_probabilities" in self.outputs
+        key = "thresholds" if self.calibrated else "raw_thresholds"
+        thresholds = json.loads(metadata.get(key, metadata.get("thresholds", "{}")))
         self.thresholds = {finding: value for finding, value in thresholds.items() if value is not None}
+        self.ood = json.loads(metadata["ood"]) if "ood" in metadata else None
+
+    def predict(self, crops):
+        images = np.asarray(crops, dtype=np.uint8)[:, None]
+        starts = range(0, len(images), BATCH_SIZE)
+        batches = [self.session.run(None, {"image": images[start : start + BATCH_SIZE]}) for start in starts]
+        named = {name: np.concatenate([batch[k] for batch in batches]) for k, name in enumerate(self.outputs)}
+        raw = named.get("raw_probabilities", named["probabilities"])
+        shown = named["probabilities"] if self.calibrated else raw
+        if self.ood is None:
+            return Predictions(shown, raw, np.full(len(raw), np.nan), np.zeros(len(raw), dtype=bool))
+        distances = named["ood_distance"]
+        statistics = {"validation": np.asarray(self.ood["validation"]), "threshold": self.ood["threshold"]}
+        return Predictions(shown, raw, ood.percentiles(statistics, distances), ood.flagged(statistics, distances))
 
     def probabilities(self, crops):
-        images = np.asarray(crops, dtype=np.uint8)[:, None]
-        return np.concatenate(
-            [
-                self.session.run(None, {"image": images[i : i + BATCH_SIZE]})[0]
-                for i in range(0, len(images), BATCH_SIZE)
-            ]
-        )
+        return self.predict(crops).probabilities
 
 
-def load_model(checkpoint=None, onnx=None, device="auto", amp=True):
+def load_model(checkpoint=None, onnx=None, device="auto", amp=True, thresholds=None, calibrated=True):
     """A TorchModel of a checkpoint, or an OnnxModel of an export."""
-    return OnnxModel(onnx) if onnx else TorchModel(checkpoint, device, amp)
+    if onnx:
+        return OnnxModel(onnx, calibrated)
+    return TorchModel(checkpoint, device, amp, thresholds, calibrated)

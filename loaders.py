@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dataset import FINDINGS
 from devices import worker_count
 from errors import DataError
-from films import eval_view
+from films import eval_view, five_views
 from images import CachedImages, PngImages, find_cache, images_on_device, memory_for_images
 from transforms import WorkerAugment, mix_seed
 
@@ -141,6 +141,19 @@ class ChestXrayDataset(torch.utils.data.Dataset):
             pixels = self.transform(pixels) if seed is None else self.transform(pixels, seed)
         image = torch.from_numpy(pixels).unsqueeze(-3)  # [1, S, S], or [crops, 1, S, S]
         return (image, targets) if seed is None else (image, targets, seed)
+
+
+def evaluation_loader(images, image_size, batch_size, workers, device, five=False):
+    """Batches of (evaluation views, readable): the films' centre crops (films.eval_view), or their five crops
+    (films.five_views, test-time augmentation), in order, for inference.outputs_over."""
+    view = partial(five_views if five else eval_view, image_size=image_size)
+    return DataLoader(
+        ReadableFilms(images, view),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=leave_stop_signals_to_the_main_process,
+    )
 
 
 class ReadableFilms(torch.utils.data.Dataset):

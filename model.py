@@ -146,15 +146,15 @@ def cam_layer(model):
     return unwrap(model).get_submodule(BACKBONES[unwrap(model).backbone].cam_layer)
 
 
-def pooled_features(model, images):
-    """The pooled features the head reads, float32 [N, features], from one forward pass (a hook on the head)."""
+def pooled_features_and_logits(model, images):
+    """(the pooled features the head reads [N, features], the logits [N, findings]) from one forward pass."""
     captured = []
-    handle = head(model).register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].float()))
+    handle = head(model).register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
     try:
-        model(images)
+        logits = model(images)
     finally:
         handle.remove()
-    return captured[0]
+    return captured[0], logits
 
 
 def init_head_bias(model, positives, negatives, pos_weight):
@@ -257,6 +257,13 @@ def copy_checkpoint(source, destination):
             shutil.copyfile(source, temporary)
 
     _write_atomically(destination, link_or_copy)
+
+
+def add_to_checkpoint(path, drop=(), **entries):
+    """Rewrite a checkpoint (atomically) with entries added, e.g. the statistics inference needs, and those named in
+    drop left out."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    save_checkpoint({**{key: value for key, value in checkpoint.items() if key not in drop}, **entries}, path)
 
 
 def load_checkpoint(path, findings):

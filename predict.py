@@ -3,13 +3,16 @@
     python predict.py --checkpoint checkpoints/resnet50/best.pth FILM_OR_DIR... [--cam] [--top K] [--out DIR]
     python predict.py --onnx model.onnx FILM_OR_DIR...            # ONNX Runtime, no PyTorch needed
 
-Accepts PNG, JPEG and DICOM files and folders. Prints each film's 14 findings sorted by probability; with
-thresholds (evaluation/thresholds.json beside the checkpoint, the ONNX file's metadata, or --thresholds) the
-findings at or above their operating threshold are marked '*'. Writes predictions.csv, with a warnings column for
-DICOM headers that say the film is not a frontal chest radiograph (--strict refuses such files). With --cam
-(PyTorch only): per finding shown, the Grad-CAM map drawn on the film at 512 px or more, captioned with the
-finding, its probability and its threshold, and one sheet per film beside its top maps.
-An unreadable file is reported by name and skipped.
+Accepts PNG, JPEG and DICOM files and folders. Prints each film's 14 findings sorted by probability, calibrated (a
+Platt scaling fitted on the validation split: 0.80 means about 80%; --uncalibrated prints the network's raw outputs);
+with thresholds (evaluation/thresholds.json beside the checkpoint, the checkpoint's own, the ONNX file's metadata,
+or --thresholds) the findings at or above their operating threshold are marked '*'. Writes predictions.csv: a row
+per input path, the calibrated probabilities, the raw ones (raw_ columns), the film's out-of-distribution percentile
+and a warnings column: a DICOM header that says the film is not a frontal chest radiograph, or a film unlike the
+training films (--strict refuses both). With --cam (PyTorch only): per finding shown, the Grad-CAM map drawn on the
+film at 512 px or more, captioned with the finding, its probability and its threshold, and one sheet per film beside
+its top maps, named after the film's path (never one film's over another's). An unreadable file is reported by name
+and skipped.
 """
 
 import argparse
@@ -22,24 +25,52 @@ import pandas as pd
 from configurator import add_device_flags, add_out_flag
 from errors import DataError, UserError
 from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
-from inference import load_model, read_thresholds
+from inference import load_model, with_ood_warnings
 
 # No torch import up here, nor in inference.py: predict.py --onnx runs where only onnxruntime is installed.
 CAM_FINDINGS = 3  # heat maps for this many top findings per film (--top)
 
 
 def collect_images(inputs):
-    """Files as given, and every film below each folder, in a stable order; a missing path is reported."""
-    found = []
+    """[(path, name)]: files as given and every film below each folder, in a stable order, each path once; a film's
+    name is its path as given, or from the folder given, and unique; a missing path is reported."""
+    found, seen = [], set()
     for item in map(Path, inputs):
         if item.is_dir():
             suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES
-            found += sorted(path for path in item.rglob("*") if path.suffix.lower() in suffixes)
+            films = sorted(path for path in item.rglob("*") if path.suffix.lower() in suffixes)
+            found += [(path, str(Path(item.name) / path.relative_to(item))) for path in films]
         elif item.is_file():
-            found.append(item)
+            found.append((item, str(item)))
         else:
             print(f"skipped {item}: no such file or folder")
-    return found
+    unique = []
+    for path, name in found:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append((path, name))
+    return unique
+
+
+def file_stems(names):
+    """A file-name stem per film name, unique: the file's own stem where that is unique, else with as many of its
+    folders as tell it apart (a/00000002_000.png and a/sub/00000002_000.png: a__00000002_000, sub__00000002_000),
+    numbered when two are still alike (the same name given twice)."""
+    skip = ("/", "\\", ".", "..")
+    parts = [[part for part in Path(name).with_suffix("").parts if part not in skip] for name in names]
+    depth = [1] * len(names)
+    while True:
+        stems = ["__".join(part[-level:]).replace(":", "") for part, level in zip(parts, depth)]
+        clashing = [k for k, stem in enumerate(stems) if stems.count(stem) > 1 and depth[k] < len(parts[k])]
+        if not clashing:
+            break
+        for k in clashing:
+            depth[k] += 1
+    seen = {}
+    for k, stem in enumerate(stems):
+        seen[stem] = seen.get(stem, 0) + 1
+        stems[k] = stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
+    return stems
 
 
 def format_prediction(name, probabilities, findings, thresholds, warnings=()):
@@ -52,27 +83,31 @@ def format_prediction(name, probabilities, findings, thresholds, warnings=()):
     return "\n".join(lines)
 
 
-def predictions_table(films, probabilities, findings, thresholds):
-    """predictions.csv: a row per film, its probabilities, the findings above threshold, and warnings."""
+def predictions_table(films, predictions, findings, thresholds):
+    """predictions.csv: a row per film, its probabilities (and the raw ones), the findings above threshold, its
+    out-of-distribution percentile and warnings."""
+    probabilities = predictions.probabilities
     table = pd.DataFrame(probabilities, columns=findings)
     table.insert(0, "image", [film.name for film in films])
     table["above_threshold"] = [
         "|".join(f for f, p in zip(findings, row) if f in thresholds and p >= thresholds[f]) for row in probabilities
     ]
+    for k, finding in enumerate(findings):
+        table[f"raw_{finding}"] = predictions.raw[:, k]
+    table["ood_percentile"] = predictions.ood_percentile
     table["warnings"] = ["; ".join(film.warnings) for film in films]
     return table
 
 
-def write_heat_maps(model, film, probabilities, top, out):
-    """The top findings' overlays of one film (FILM_FINDING_P.png) and its sheet (FILM_sheet.png)."""
+def write_heat_maps(model, film, stem, probabilities, top, out):
+    """The top findings' overlays of one film (STEM_FINDING_P.png) and its sheet (STEM_sheet.png)."""
     from heatmaps import film_overlays, sheet  # grad-cam and matplotlib: the PyTorch path only
 
     drawn = film_overlays(model, film, probabilities, top)
-    stem = Path(film.name).stem
     for finding, image in drawn:
         probability = probabilities[model.findings.index(finding)]
         image.save(out / f"{stem}_{finding}_{probability:.2f}.png", pnginfo=image.info["pnginfo"])
-    sheet(film.original, Path(film.name).name, [image for _, image in drawn]).save(out / f"{stem}_sheet.png")
+    sheet(film.original, film.name, [image for _, image in drawn]).save(out / f"{stem}_sheet.png")
 
 
 def parse_args(argv):
@@ -84,39 +119,65 @@ def parse_args(argv):
     parser.add_argument("--cam", action="store_true", help="write Grad-CAM heat maps of the top findings")
     parser.add_argument("--top", type=int, default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)")
     add_out_flag(parser, "predictions", "output folder")
-    parser.add_argument("--thresholds", help="thresholds.json (default: evaluation/thresholds.json by the checkpoint)")
-    parser.add_argument("--strict", action="store_true", help="refuse DICOM files that are not frontal chest films")
+    parser.add_argument(
+        "--thresholds", help="thresholds.json (default: evaluation/thresholds.json by the checkpoint, else its own)"
+    )
+    parser.add_argument(
+        "--uncalibrated", action="store_true", help="print the network's raw outputs and thresholds, not calibrated"
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse DICOM files that are not frontal chest films, and films unlike the training films",
+    )
     add_device_flags(parser)
     args = parser.parse_args(argv)
     if args.cam and args.onnx:
         parser.error("--cam needs --checkpoint: heat maps are computed in PyTorch (Grad-CAM)")
+    if args.thresholds and args.onnx:
+        parser.error("--thresholds needs --checkpoint: an ONNX export carries its own (export.py --thresholds)")
+    if args.top < 1:
+        parser.error(f"--top {args.top}: heat maps of at least 1 finding per film")
     return args
 
 
 def predict(args):
-    model = load_model(args.checkpoint, args.onnx, args.device, args.amp)
-    if args.thresholds:
-        model.thresholds = read_thresholds(args.thresholds)
+    model = load_model(args.checkpoint, args.onnx, args.device, args.amp, args.thresholds, not args.uncalibrated)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     films = []
-    for path in collect_images(args.images):
+    for path, name in collect_images(args.images):
         try:
-            films.append(prepare(path, model.load_size, model.image_size, args.strict))
+            films.append(prepare(path, model.load_size, model.image_size, args.strict)._replace(name=name))
         except DataError as error:
-            print(f"skipped {path}: {error}")
+            print(f"skipped {name}: {error}")
     if not films:
         raise DataError("no readable image among the inputs")
-    probabilities = model.probabilities(np.stack([film.crop for film in films]))
-    for film, row in zip(films, probabilities):
+    predictions = model.predict(np.stack([film.crop for film in films]))
+    films = with_ood_warnings(films, predictions)
+    if args.strict and predictions.ood_flagged.any():
+        for film, flagged in zip(films, predictions.ood_flagged):
+            if flagged:
+                print(f"skipped {film.name}: {film.warnings[-1]} (--strict refuses such films)")
+        kept = ~predictions.ood_flagged
+        films = [film for film, keep in zip(films, kept) if keep]
+        predictions = type(predictions)(*(part[kept] for part in predictions))
+        if not films:
+            raise DataError("no film among the inputs is like the training films (--strict)")
+    scale = "calibrated" if model.calibrated else "raw, uncalibrated"
+    print(f"probabilities: {scale}; '*': at or above the finding's threshold")
+    for film, row in zip(films, predictions.probabilities):
         print(format_prediction(film.name, row, model.findings, model.thresholds, film.warnings))
-    table = predictions_table(films, probabilities, model.findings, model.thresholds)
+    out.mkdir(parents=True, exist_ok=True)
+    table = predictions_table(films, predictions, model.findings, model.thresholds)
     table.to_csv(out / "predictions.csv", index=False, float_format="%.5f")
     print(f"wrote {out / 'predictions.csv'} ({len(films)} films)")
     if args.cam:
-        for film, row in zip(films, probabilities):
-            write_heat_maps(model, film, row, args.top, out)
-        print(f"wrote heat maps of the top {args.top} findings per film, and a sheet per film, to {out}")
+        top = min(args.top, len(model.findings))
+        if top < args.top:
+            print(f"--top {args.top}: the model has {top} findings; drawing {top} per film")
+        for film, stem, row in zip(films, file_stems([film.name for film in films]), predictions.probabilities):
+            write_heat_maps(model, film, stem, row, top, out)
+        print(f"wrote heat maps of the top {top} findings per film, and a sheet per film, to {out}")
     return table
 
 

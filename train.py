@@ -63,6 +63,7 @@ if __name__ == "__main__":
     configurator.exit_after_help(sys.modules[__name__])  # --help needs no torch: it answers before the imports below
 
 import math  # the imports follow the settings, so that --help answers without them (pyproject: E402 here)
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -439,6 +440,7 @@ def train(config):
     )
 
     csv_path, labels, split = load_split_labels(config, checkpoint, resume_path)
+    log(f"labels: {csv_path} ({len(labels):,} images)")
     counts = count_positives(labels[split == "train"][list(FINDINGS)].to_numpy())
     pos_weight = pos_weight_from_counts(*counts, config["POS_WEIGHT"], config["POS_WEIGHT_CAP"])
     for part in ("train", "val", "test"):
@@ -533,7 +535,64 @@ def train(config):
         tensorboard.close(config, history, dtype)
     if history:
         log(summary(history, run_dir))
+        if is_main:
+            fit_inference_statistics(run_dir, config, labels, split, device, log)
     return 0
+
+
+def fit_inference_statistics(run_dir, config, labels, split, device, log):
+    """What inference needs beside the weights, fitted for best.pth and best_auroc.pth and stored in them: thresholds
+    and a calibration on the validation split, the out-of-distribution statistics on a sample of the training films
+    (inference.py, calibration.py, ood.py). They are rewritten with the model alone (resume from epoch_NN.pth) unless
+    KEEP_TRAINING_STATE = "all"; best_auroc.pth stays a link to best.pth when both are the same epoch's."""
+    from images import evaluation_images
+    from inference import TorchModel, fit_statistics, outputs_over, statistics_record
+    from loaders import evaluation_loader
+    from model import add_to_checkpoint, copy_checkpoint
+    from ood import FIT_FILMS
+    from run_folder import TRAINING_STATE
+
+    train_rows = labels[split == "train"]
+    parts = {
+        "val": labels[split == "val"],
+        "train": train_rows.sample(n=min(FIT_FILMS, len(train_rows)), random_state=config["SEED"]),
+    }
+    best, best_auroc = run_dir / "best.pth", run_dir / "best_auroc.pth"
+    linked = best.is_file() and best_auroc.is_file() and os.path.samefile(best, best_auroc)
+    drop = () if config["KEEP_TRAINING_STATE"] == "all" else TRAINING_STATE
+    fitted, written = {}, []
+    for name in ("best.pth", "best_auroc.pth"):
+        if not (run_dir / name).is_file():
+            continue
+        if name == "best_auroc.pth" and linked:
+            copy_checkpoint(best, best_auroc)
+            written.append(name)
+            continue
+        model = TorchModel(run_dir / name, str(device), config["AMP"])
+        epoch = model.checkpoint["epoch"]
+        if epoch not in fitted:
+            outputs = {}
+            for part, rows in parts.items():
+                images = evaluation_images(rows, config["DATA_DIR"], config["LOAD_SIZE"], config["CACHE"])
+                loader = evaluation_loader(images, config["IMAGE_SIZE"], config["BATCH_SIZE"], 0, device)
+                outputs[part] = outputs_over(model, loader)
+            targets = parts["val"][list(FINDINGS)].to_numpy(dtype=float)
+            statistics = fit_statistics(
+                FINDINGS,
+                outputs["val"][0],
+                targets,
+                outputs["val"][2],
+                outputs["train"][2],
+                parts["train"].patient_id.to_numpy(),
+            )
+            fitted[epoch] = statistics_record(statistics)
+        add_to_checkpoint(run_dir / name, drop, inference=fitted[epoch])
+        written.append(name)
+    if written:
+        log(
+            f"fitted on the validation split, and on {len(parts['train']):,} training films, and stored in "
+            f"{' and '.join(written)}: thresholds, calibration, out-of-distribution statistics (inference.py)"
+        )
 
 
 def main(argv=None):

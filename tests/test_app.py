@@ -27,11 +27,17 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def page(trained_run, tmp_path_factory):
+def uploads(tmp_path_factory):
+    """The folder in which the page makes its own temporary folder."""
+    return tmp_path_factory.mktemp("gradio")
+
+
+@pytest.fixture(scope="module")
+def page(trained_run, uploads):
     """app.py on a free loopback port, for the module's tests; stopped afterwards. Its uploads go to a test folder."""
     port = free_port()
     command = [sys.executable, "app.py", "--checkpoint", str(trained_run / "best.pth"), "--port", str(port)]
-    environment = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    environment = {**os.environ, "GRADIO_TEMP_DIR": str(uploads)}
     server = subprocess.Popen(
         command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -49,6 +55,7 @@ def page(trained_run, tmp_path_factory):
     yield url
     server.terminate()
     server.wait(timeout=30)
+    assert not list(uploads.glob("cxr14-page-*")), "the page left its temporary folder behind"
 
 
 def expected(trained_run, film, tmp_path):
@@ -59,19 +66,43 @@ def expected(trained_run, film, tmp_path):
     return {finding: table[finding][0] for finding in FINDINGS}
 
 
+@pytest.fixture(autouse=True)
+def client_files_in_tmp_path(tmp_path, monkeypatch):
+    """gradio_client makes folders in the temporary directory: the test's own, not /tmp."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 def test_the_predict_api_gives_predict_pys_probabilities(page, trained_run, learn_dir, tmp_path):
     from gradio_client import Client, handle_file
 
     film = next(learn_dir.rglob(FILM))
     client = Client(page, verbose=False, download_files=str(tmp_path / "downloads"))
-    label, _, table, notes, maps = client.predict(handle_file(str(film)), api_name="/predict")
+    label, _, table, notes, shown, maps = client.predict(handle_file(str(film)), api_name="/predict")
     confidences = {row["label"]: row["confidence"] for row in label["confidences"]}
     assert set(confidences) == set(FINDINGS)
     reference = expected(trained_run, film, tmp_path)
     for finding in FINDINGS:
         assert confidences[finding] == pytest.approx(reference[finding], abs=1e-6), finding
     assert [row[0] for row in table["data"]] == sorted(FINDINGS, key=lambda f: -confidences[f])
-    assert len(maps) == predict.CAM_FINDINGS and "No warning" in notes
+    assert len(maps) == predict.CAM_FINDINGS and "No warning" in notes and shown  # and the film itself
+
+
+def test_the_page_keeps_no_film_and_shows_an_ood_warning_in_its_banner(page, uploads, tmp_path):
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    noise = tmp_path / "holiday_photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (96, 128), dtype=np.uint8)).save(noise)
+    client = Client(page, verbose=False, download_files=str(tmp_path / "downloads"))
+    _, _, _, notes, _, _ = client.predict(handle_file(str(noise)), api_name="/predict")
+    assert "banner-warning" in notes and "unlike the films this model was trained on" in notes
+    assert not list(uploads.rglob("holiday_photo.png"))  # the upload was deleted once read
+    broken = tmp_path / "scan_of_mrs_x.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a film")
+    _, _, _, notes, _, _ = client.predict(handle_file(str(broken)), api_name="/predict")
+    assert "banner-error" in notes and "scan_of_mrs_x.png" in notes and str(uploads) not in notes
 
 
 def browser():
@@ -137,7 +168,9 @@ def test_the_page_in_a_real_browser(page, trained_run, learn_dir, tmp_path):
         wait.until(lambda d: "ViewPosition is 'LL'" in d.find_element(By.ID, "notes").text)
 
         wait = upload(driver, page, broken)
-        wait.until(lambda d: "cannot read image" in d.find_element(By.TAG_NAME, "body").text)
-        assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+        wait.until(lambda d: "cannot read image" in d.find_element(By.ID, "notes").text)
+        time.sleep(6)  # a toast would be gone by now; the banner stays
+        notes = driver.find_element(By.ID, "notes").text
+        assert "broken.png" in notes and "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
     finally:
         driver.quit()

@@ -1,4 +1,6 @@
 import csv
+import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -70,6 +72,18 @@ def test_unknown_label_names_row_image_and_label(tmp_path):
         read_labels(path)
     image = lines[5].split(",")[0]
     assert "row 6" in str(error.value) and image in str(error.value) and "'Pneumonitis'" in str(error.value)
+
+
+@pytest.mark.parametrize("labels", ["No Finding|Effusion", "Cardiomegaly|No Finding|Edema", ""])
+def test_no_finding_with_a_finding_and_an_empty_label_are_refused_by_row(labels, tmp_path):
+    lines = SAMPLE_CSV.read_text().splitlines()
+    lines[7] = lines[7].replace(lines[7].split(",")[1], labels, 1)
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as error:
+        read_labels(path)
+    said = "mixes 'No Finding' with findings" if labels else "has no label"
+    assert "row 8" in str(error.value) and lines[7].split(",")[0] in str(error.value) and said in str(error.value)
 
 
 def test_missing_column_is_named(tmp_path):
@@ -166,6 +180,32 @@ def test_grayscale_rgba_and_16_bit_images_load_as_8_bit_gray(tmp_path):
     assert np.abs(loaded.astype(int) - gray).max() <= 1  # scaled over the full range, not clipped at 255
 
 
+def test_a_16_bit_png_holding_12_bit_pixels_keeps_its_brightness(tmp_path):
+    """A 12-bit detector's film saved as a 16-bit PNG (max 4080): scaled by 4095, not 65535 (which made the
+    brightest pixel gray 16)."""
+    gray = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+    twelve_bit = gray.astype(np.uint16) * 16  # 0 ... 4080
+    loaded = load_image(save(tmp_path / "twelve.png", twelve_bit))
+    assert loaded.max() == 254 and np.abs(loaded.astype(int) - gray).max() <= 1
+    eight_in_sixteen = load_image(save(tmp_path / "eight.png", gray.astype(np.uint16)))
+    assert (eight_in_sixteen == gray).all()  # 8-bit values in a 16-bit file: as they are
+
+
+def test_a_decompression_bomb_and_a_text_file_named_dcm_get_their_true_cause(tmp_path):
+    from films import open_film
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (15000, 15000)).save(bomb)  # 225 million pixels in a few kB
+    with pytest.raises(DataError, match="bomb.png is not a chest film") as refused:
+        open_film(bomb)
+    assert "Re-extract" not in str(refused.value) and "Remove it" in str(refused.value)
+    text = tmp_path / "IM0001.dcm"
+    text.write_text("patient list, not a film")
+    with pytest.raises(DataError, match="IM0001.dcm is not a DICOM file") as refused:
+        open_film(text)
+    assert "force" not in str(refused.value)
+
+
 def test_load_image_letterboxes_to_a_square(tmp_path):
     portrait = np.full((200, 100), 200, np.uint8)
     loaded = load_image(save(tmp_path / "portrait.png", portrait), size=64)
@@ -195,6 +235,39 @@ def test_nested_nih_layout_is_indexed_and_missing_images_are_one_clear_error(tmp
         kept = attach_image_paths(labels, tmp_path, drop_missing=True)
     assert kept.image_name.tolist() == labels.image_name[:4].tolist()
     assert all("images_00" in path for path in kept.path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symbolic links need extra rights on Windows")
+def test_linked_image_folders_are_followed_and_a_link_cycle_ends(tmp_path):
+    labels = read_labels(SAMPLE_CSV).head(4)
+    elsewhere, data = tmp_path / "other_disk", tmp_path / "data"
+    for name in labels.image_name:
+        save(elsewhere / "images" / name, np.zeros((8, 8), np.uint8))
+    data.mkdir()
+    (data / "images_001").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(data, target_is_directory=True)  # data -> other_disk -> data -> ...
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no image is counted twice
+        found = index_images(data)
+    assert sorted(found) == sorted(labels.image_name)
+    assert attach_image_paths(labels, data).path.str.contains("images_001").all()
+
+
+def test_an_images_augmentation_changes_every_epoch_and_replays_within_one():
+    from torch.utils.data import DistributedSampler
+
+    from transforms import augmentation_params
+
+    sampler = SeededSampler(DistributedSampler(range(50), 1, 0, seed=3), seed=3)  # as loaders.make_loaders builds it
+
+    def parameters(epoch):
+        sampler.set_epoch(epoch)
+        seeds = dict(iter(sampler))  # image index -> its augmentation seed
+        return augmentation_params(np.array([seeds[index] for index in range(50)]), 256)
+
+    first, replayed, second = parameters(1), parameters(1), parameters(2)
+    assert np.array_equal(first, replayed)  # a resumed epoch redraws what it drew
+    assert (np.abs(first - second).max(axis=1) > 0).all()  # every image: another crop, angle and jitter
 
 
 def test_dataset_items_and_seeded_augmentation(demo_dir):
@@ -314,3 +387,24 @@ def test_demo_boxes_are_nih_format_for_labelled_findings(demo_dir):
     for row in boxes.itertuples():
         assert labels.loc[row.image_name, "Infiltration" if row.finding == "Infiltrate" else row.finding] == 1
         assert 0 <= row.x and 0 <= row.y and row.x + row.w <= 64.5 and row.y + row.h <= 64.5 and row.w > 0
+
+
+@pytest.mark.parametrize("content, said", [("", "is empty (0 bytes)"), ("header", "has its header but no rows")])
+@pytest.mark.parametrize("command", ["train", "cache", "compute_pos_weight"])
+def test_an_empty_or_header_only_label_file_is_one_line_from_every_command(command, content, said, tmp_path):
+    import importlib
+
+    csv_file = tmp_path / "Data_Entry_2017_v2020.csv"
+    header = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Sex,View Position\n"
+    csv_file.write_text(header if content == "header" else "")
+    argv = {
+        "train": [f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'run'}", "--device=cpu", "--pretrained=none"],
+        "cache": ["--data_dir", str(tmp_path), "--size", "32"],
+        "compute_pos_weight": ["--csv", str(csv_file)],
+    }[command]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw pandas or numpy warnings before the message
+        with pytest.raises(SystemExit) as stopped:
+            importlib.import_module(command).main(argv)
+    assert str(stopped.value.code) == f"error: {csv_file} {said}: download NIH's Data_Entry_2017_v2020.csv again"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache_32").exists()  # nothing written

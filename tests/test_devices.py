@@ -51,6 +51,7 @@ def resume_onto(device, demo_dir, out, dtype=None):
     return checkpoint, parts, position
 
 
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")  # meta tensors hold no values
 def test_resuming_onto_a_gpu_reads_the_checkpoint_on_the_cpu(one_epoch, demo_dir):
     """Resuming on CUDA or MPS crashed: the checkpoint was loaded onto the device, and the split's codes went to
     numpy from there. Loaded onto the CPU, only what the device needs moves there."""

@@ -69,14 +69,26 @@ def test_report_files_are_written_and_well_formed(report, trained_run):
     assert (out / "roc_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_thresholds_come_from_the_validation_split(trained_run, learn_dir, tmp_path):
-    run_quick(trained_run / "best.pth", "--sensitivity", "0.9", "--out", tmp_path)
-    thresholds = json.loads((tmp_path / "thresholds.json").read_text())["thresholds"]
+@pytest.mark.parametrize("sensitivity", [None, 0.9])  # Youden's J, and a sensitivity
+def test_thresholds_json_holds_the_thresholds_of_the_validation_splits_own_predictions(
+    sensitivity, trained_run, learn_dir, tmp_path
+):
+    from metrics import choose_thresholds
+
+    run_quick(trained_run / "best.pth", *(["--sensitivity", sensitivity] if sensitivity else []), "--out", tmp_path)
+    saved = json.loads((tmp_path / "thresholds.json").read_text())
+    assert saved["policy"] == (f"sensitivity {sensitivity}" if sensitivity else "youden")
     logits, targets = predict_split(trained_run / "best.pth", learn_dir, "val")
-    k = FINDINGS.index("Cardiomegaly")
-    predicted = torch.sigmoid(logits[:, k]).numpy() >= thresholds["Cardiomegaly"] - 1e-6
-    positives = targets[:, k].numpy() == 1
-    assert predicted[positives].mean() >= 0.9  # on validation, the chosen threshold reaches the sensitivity
+    expected = choose_thresholds(targets.numpy(), torch.sigmoid(logits).numpy(), sensitivity)
+    written = np.array([np.nan if saved["thresholds"][f] is None else saved["thresholds"][f] for f in FINDINGS])
+    np.testing.assert_allclose(written, expected, rtol=1e-5)  # every finding, from validation (never the test split)
+    test_logits, test_targets = predict_split(trained_run / "best.pth", learn_dir, "test")
+    on_test = choose_thresholds(test_targets.numpy(), torch.sigmoid(test_logits).numpy(), sensitivity)
+    assert not np.allclose(written, on_test, rtol=1e-3, equal_nan=True)  # the test's own would differ
+    if sensitivity:
+        k = FINDINGS.index("Cardiomegaly")
+        predicted = torch.sigmoid(logits[:, k]).numpy() >= written[k] - 1e-6
+        assert predicted[targets[:, k].numpy() == 1].mean() >= sensitivity
 
 
 def test_tta_averages_five_crops(trained_run, tmp_path):

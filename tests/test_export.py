@@ -1,5 +1,7 @@
 """ONNX export: the graph, its metadata, parity with PyTorch, and predict.py --onnx without PyTorch."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -12,18 +14,24 @@ from conftest import ROOT
 import export
 import predict
 from dataset import FINDINGS
+from inference import calibrated_thresholds
+from model import load_checkpoint
 
 THRESHOLDS = {finding: 0.3 + 0.02 * k for k, finding in enumerate(FINDINGS)}
 
 
 @pytest.fixture(scope="module")
 def onnx_file(trained_run, tmp_path_factory):
+    """The export of the trained run, and what export.py printed."""
     folder = tmp_path_factory.mktemp("onnx")
     (folder / "thresholds.json").write_text(json.dumps({"policy": "youden", "thresholds": THRESHOLDS}))
-    export.main(
-        ["--checkpoint", str(trained_run / "best.pth"), "--out", str(folder / "model.onnx")]
-        + ["--thresholds", str(folder / "thresholds.json")]
-    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        export.main(
+            ["--checkpoint", str(trained_run / "best.pth"), "--out", str(folder / "model.onnx")]
+            + ["--thresholds", str(folder / "thresholds.json")]
+        )
+    (folder / "printed.txt").write_text(printed.getvalue())
     return folder / "model.onnx"
 
 
@@ -36,12 +44,20 @@ def test_the_onnx_file_carries_what_a_consumer_needs(onnx_file, trained_run):
     assert json.loads(metadata["findings"]) == list(FINDINGS)
     assert int(metadata["image_size"]) == config["IMAGE_SIZE"] and int(metadata["load_size"]) == config["LOAD_SIZE"]
     assert json.loads(metadata["normalisation"])["mean"] == [0.485, 0.456, 0.406]
-    assert json.loads(metadata["thresholds"]) == pytest.approx(THRESHOLDS)
+    assert json.loads(metadata["raw_thresholds"]) == pytest.approx(THRESHOLDS)  # --thresholds, as given
+    fitted = [part.numpy() for part in load_checkpoint(trained_run / "best.pth", FINDINGS)["inference"]["calibration"]]
+    calibrated = calibrated_thresholds([THRESHOLDS[finding] for finding in FINDINGS], fitted)
+    assert json.loads(metadata["calibrated"]) is True  # the probabilities are calibrated, and the thresholds with them
+    assert json.loads(metadata["thresholds"]) == pytest.approx(dict(zip(FINDINGS, calibrated)))
+    assert [output.name for output in proto.graph.output] == ["probabilities", "ood_distance", "raw_probabilities"]
+    assert json.loads(metadata["ood"])["threshold"] > 0
     assert len(metadata["config_sha256"]) == 64 and json.loads(metadata["config"])["SEED"] == config["SEED"]
     (image,) = proto.graph.input
     dims = image.type.tensor_type.shape.dim
     assert image.name == "image" and image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert dims[0].dim_param and [dim.dim_value for dim in dims[1:]] == [1, config["IMAGE_SIZE"], config["IMAGE_SIZE"]]
+    size = config["IMAGE_SIZE"]
+    assert f"[N, 1, {size}, {size}] (S = image_size = {size})" in (onnx_file.parent / "printed.txt").read_text()
 
 
 def test_onnx_runtime_gives_pytorchs_probabilities(onnx_file, trained_run, learn_dir, tmp_path):
@@ -54,8 +70,9 @@ def test_onnx_runtime_gives_pytorchs_probabilities(onnx_file, trained_run, learn
     torch_table = predict.predict(
         predict.parse_args([*map(str, films), *torch_arguments, "--out", str(tmp_path / "t")])
     )
-    difference = np.abs(onnx_table[list(FINDINGS)].to_numpy() - torch_table[list(FINDINGS)].to_numpy())
-    assert difference.max() < 1e-4, difference.max()
+    for columns in (list(FINDINGS), [f"raw_{finding}" for finding in FINDINGS], ["ood_percentile"]):
+        difference = np.abs(onnx_table[columns].to_numpy() - torch_table[columns].to_numpy())
+        assert difference.max() < 1e-4 * (100 if columns == ["ood_percentile"] else 1), (columns, difference.max())
     assert (onnx_table.above_threshold == torch_table.above_threshold).all()  # thresholds from the metadata
     assert (
         pd.read_csv(tmp_path / "o" / "predictions.csv").columns.tolist()

@@ -458,3 +458,18 @@ def test_expert_labels_score_the_same_test_films_against_nih_and_the_experts(tra
     assert rows["Pneumothorax"]["expert_auroc"] == pytest.approx(expected, abs=1e-6)  # experts agree here
     assert rows["Airspace opacity"]["expert_auroc"] != rows["Airspace opacity"]["nih_auroc"]  # ... and not here
     assert (tmp_path / "report" / "expert_labels.csv").is_file()
+
+
+def test_a_label_covering_two_findings_is_scored_by_the_higher_probability():
+    from external import EXPERT_MAPPING, MAPPINGS, model_scores
+
+    mapping = {name: findings for name, (_, findings) in MAPPINGS["chexpert"].items()}  # as read_external gives it
+    probabilities = np.full((3, len(FINDINGS)), 0.1)
+    mass, nodule, edema = (FINDINGS.index(name) for name in ("Mass", "Nodule", "Edema"))
+    probabilities[0, mass], probabilities[1, nodule], probabilities[2, edema] = 0.9, 0.7, 0.4
+    scores = model_scores(probabilities, mapping, list(FINDINGS))
+    lesion, oedema = list(mapping).index("Mass/Nodule"), list(mapping).index("Edema")
+    np.testing.assert_allclose(scores[:, lesion], [0.9, 0.7, 0.1])  # the max, not the mean (0.5, 0.4, 0.1)
+    np.testing.assert_allclose(scores[:, oedema], [0.1, 0.1, 0.4])
+    expert = model_scores(probabilities, EXPERT_MAPPING, list(FINDINGS))
+    np.testing.assert_allclose(expert[:, list(EXPERT_MAPPING).index("Nodule or mass")], [0.9, 0.7, 0.1])

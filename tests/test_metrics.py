@@ -48,6 +48,24 @@ def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_data():
     assert widths[1] < widths[0] / 2  # ten times the data: roughly a third of the width
 
 
+def test_bootstrap_interval_is_the_central_95_percent_of_replicates_rebuilt_by_hand():
+    """The replicates redrawn here from the same seed, each resample written out row by row for scikit-learn: the
+    interval is their 2.5th and 97.5th percentiles per finding, and the mean's those of each replicate's mean."""
+    targets, scores, patients = fixture_data(120, seed=6)
+    low, high, mean_interval = bootstrap_auroc_ci(targets, scores, patients, replicates=60, seed=11)
+    _, image_patient = np.unique(patients, return_inverse=True)
+    rng = np.random.default_rng(11)
+    draws = [rng.integers(0, image_patient.max() + 1, image_patient.max() + 1) for _ in range(60)]
+    replicates = []
+    for draw in draws:
+        rows = np.concatenate([np.flatnonzero(image_patient == patient) for patient in draw])
+        replicates.append([roc_auc_score(targets[rows, k], scores[rows, k]) for k in range(targets.shape[1])])
+    replicates = np.array(replicates)
+    np.testing.assert_allclose(low, np.percentile(replicates, 2.5, axis=0), rtol=1e-9)
+    np.testing.assert_allclose(high, np.percentile(replicates, 97.5, axis=0), rtol=1e-9)
+    np.testing.assert_allclose(mean_interval, np.percentile(replicates.mean(axis=1), [2.5, 97.5]), rtol=1e-9)
+
+
 def test_bootstrap_resamples_patients_not_images():
     """Ten identical films per patient carry the information of one: the interval must stay as wide."""
     targets, scores, _ = fixture_data(150, seed=2)

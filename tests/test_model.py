@@ -178,7 +178,8 @@ def test_every_backbone_has_its_blocks_head_features_and_heat_map_layer(backbone
     assert all(p.requires_grad for path in spec.blocks["layer4"] for p in net.get_submodule(path).parameters())
     assert not [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad]
     images = torch.randn(2, 3, 64, 64)
-    assert net(images).shape == (2, 14) and model_module.pooled_features(net, images).shape == (2, spec.features)
+    features, logits = model_module.pooled_features_and_logits(net, images)
+    assert logits.shape == (2, 14) and features.shape == (2, spec.features) and torch.equal(logits, net(images))
     assert model_module.cam_layer(net) is net.get_submodule(spec.cam_layer)
 
 

@@ -89,6 +89,7 @@ def test_unknown_or_mistyped_settings_are_errors(argv, offending, capsys):
 def test_missing_dataset_says_how_to_get_one(tmp_path):
     message = run(tiny(tmp_path / "nothing", tmp_path / "out"))
     assert "Data_Entry_2017" in message and "demo_data.py" in message and "README" in message
+    assert not (tmp_path / "out").exists()  # a failed start leaves no run folder behind
 
 
 def test_run_writes_checkpoints_metrics_split_and_plot(straight_run, demo_dir, capsys):
@@ -109,6 +110,8 @@ def test_run_writes_checkpoints_metrics_split_and_plot(straight_run, demo_dir, c
     assert metrics["epoch"].tolist() == [1, 2] and {f"auroc_{f}" for f in FINDINGS} <= set(metrics.columns)
     best = load_checkpoint(straight_run / "best.pth", FINDINGS)
     assert best["epoch"] == metrics["epoch"][metrics["val_loss"].idxmin()]
+    best_auroc = load_checkpoint(straight_run / "best_auroc.pth", FINDINGS)
+    assert best_auroc["epoch"] == metrics["epoch"][metrics["val_mean_auroc"].idxmax()]
     split = pd.read_csv(straight_run / "split.csv")
     assert split.groupby("patient_id")["split"].nunique().max() == 1
     train_rows = split.image_name[split.split == "train"]
@@ -130,6 +133,66 @@ def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(straight_run, d
     assert "image_size 32 -> 48" in message and "config.json" in message
     straight, resumed = pd.read_csv(straight_run / "metrics.csv"), pd.read_csv(tmp_path / "metrics.csv")
     np.testing.assert_allclose(straight["val_loss"], resumed["val_loss"], rtol=1e-5)
+
+
+def test_older_epochs_keep_the_model_alone_and_a_resume_from_one_says_which_file_to_use(
+    straight_run, demo_dir, tmp_path
+):
+    from run_folder import TRAINING_STATE
+
+    older, newest = (load_checkpoint(straight_run / f"epoch_0{n}.pth", FINDINGS) for n in (1, 2))
+    assert not any(name in older for name in TRAINING_STATE) and all(name in newest for name in TRAINING_STATE)
+    assert (straight_run / "epoch_01.pth").stat().st_size < 0.7 * (straight_run / "epoch_02.pth").stat().st_size
+    best = load_checkpoint(straight_run / "best.pth", FINDINGS)  # for inference: the model and its statistics
+    assert "inference" in best and not any(name in best for name in TRAINING_STATE)
+    if best["epoch"] == load_checkpoint(straight_run / "best_auroc.pth", FINDINGS)["epoch"]:
+        assert (straight_run / "best.pth").samefile(straight_run / "best_auroc.pth")  # one file, two names
+    message = run(tiny(demo_dir, tmp_path / "branch", epochs=3, resume=straight_run / "epoch_01.pth"))
+    assert "keeps the model alone" in message and str(straight_run / "epoch_02.pth") in message
+    assert "KEEP_TRAINING_STATE" in message and not (tmp_path / "branch").exists()
+
+
+def test_keep_training_state_all_leaves_every_epoch_resumable(tmp_path, monkeypatch):
+    import run_folder
+
+    monkeypatch.setattr(run_folder, "write_metrics", lambda *args: None)  # these rows carry no metrics to plot
+    history = []
+    for epoch in (1, 2, 3):
+        history.append({"epoch": epoch, "val_loss": 1.0 / epoch, "val_mean_auroc": 0.5 + epoch / 10})
+        state = {
+            "epoch": epoch,
+            "model": {"w": torch.ones(3)},
+            **{name: {"x": 1} for name in run_folder.TRAINING_STATE},
+        }
+        run_folder.save_epoch(tmp_path, history, state, keep_training_state="all")
+    for epoch in (1, 2, 3):
+        kept = torch.load(tmp_path / f"epoch_0{epoch}.pth", weights_only=True)
+        assert all(name in kept for name in run_folder.TRAINING_STATE), epoch
+
+
+RUN_DEFINING_CHANGES = {  # another valid value of each setting that defines a run (tiny() gives the first)
+    "BACKBONE": "densenet121",
+    "IMAGE_SIZE": 36,
+    "LOAD_SIZE": 48,
+    "BATCH_SIZE": 8,
+    "TRAINABLE_LAYERS": "all",
+    "DROPOUT": 0.25,
+    "POS_WEIGHT": "sqrt",
+    "POS_WEIGHT_CAP": 5.0,
+    "SEED": 7,
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUN_DEFINING_CHANGES))
+def test_a_resume_with_another_run_defining_setting_is_refused_before_writing(name, straight_run, demo_dir, tmp_path):
+    from run_folder import RUN_DEFINING
+
+    assert set(RUN_DEFINING_CHANGES) == set(RUN_DEFINING)  # a setting added there is tested here
+    branch = tmp_path / "branch"
+    changed = {name.lower(): RUN_DEFINING_CHANGES[name]}
+    message = run(tiny(demo_dir, branch, epochs=3, resume=straight_run / "epoch_02.pth", **changed))
+    assert f"{name.lower()} " in message and "other settings" in message and "config.json" in message
+    assert not branch.exists()
 
 
 def test_sigterm_mid_epoch_saves_a_state_that_resumes_exactly(straight_run, demo_dir, tmp_path, monkeypatch):
@@ -170,6 +233,41 @@ def test_warmup_and_cosine_schedule_resume_exactly_mid_epoch(demo_dir, tmp_path,
     assert_same_weights(weights(tmp_path / "straight" / "epoch_02.pth"), weights(tmp_path / "resumed" / "epoch_02.pth"))
 
 
+def test_each_epochs_dropout_is_its_own_stream_seeded_by_seed_and_epoch(demo_dir, tmp_path, monkeypatch):
+    """An epoch's dropout masks are a function of (SEED, epoch) alone: whatever ran before (a resume, another epoch's
+    length), epoch e starts from the stream that torch.manual_seed(mix_seed(SEED, e)) gives."""
+    import torch.nn.functional as F
+
+    from transforms import mix_seed
+
+    first_of_epoch, now = {}, {}
+    build, train_epoch = train.build_training, train.train_epoch
+
+    def record(module, inputs, output):  # the dropout layer's first training step of each epoch
+        if module.training and now["epoch"] not in first_of_epoch:
+            first_of_epoch[now["epoch"]] = (inputs[0].detach().clone(), output.detach().clone())
+
+    def spying(*args):
+        training = build(*args)
+        dropout = next(module for module in training.model.modules() if isinstance(module, torch.nn.Dropout))
+        dropout.register_forward_hook(record)
+        return training
+
+    def marking(net, loader, training, loop, epoch, *rest):
+        now["epoch"] = epoch
+        return train_epoch(net, loader, training, loop, epoch, *rest)
+
+    monkeypatch.setattr(train, "build_training", spying)
+    monkeypatch.setattr(train, "train_epoch", marking)
+    assert run(tiny(demo_dir, tmp_path, epochs=2, seed=5)) == 0
+    dropped = {epoch: (inputs != 0) & (output == 0) for epoch, (inputs, output) in first_of_epoch.items()}
+    assert sorted(dropped) == [1, 2] and not torch.equal(dropped[1], dropped[2])  # another stream each epoch
+    for epoch, (inputs, _) in first_of_epoch.items():
+        torch.manual_seed(mix_seed(5, epoch))
+        expected = F.dropout(torch.ones_like(inputs), p=0.5, training=True) == 0
+        assert torch.equal(dropped[epoch], expected & (inputs != 0)), epoch
+
+
 def test_a_nan_loss_stops_naming_epoch_and_step(demo_dir, tmp_path, monkeypatch):
     calls = []
     train_input = train.model_input
@@ -189,32 +287,37 @@ def torchrun(settings):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *settings]
 
 
-def test_torchrun_two_processes_on_cpu_write_one_set_of_files(demo_dir, tmp_path):
-    # fp32: equal to 1e-4 whatever the batching
-    command = torchrun(tiny(demo_dir, tmp_path, epochs=1, batch_size=8, amp="false"))
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+TORCHRUN_SETTINGS = {"epochs": 2, "batch_size": 4, "amp": "false", "num_workers": 1, "tensorboard": "false"}  # fp32:
+# equal to 1e-4 whatever the batching
+
+
+@pytest.fixture(scope="module")
+def torchrun_straight(demo_dir, tmp_path_factory):
+    """Two epochs in two processes, uninterrupted: checked on its own, and the reference of the SIGTERM test."""
+    out = tmp_path_factory.mktemp("torchrun_straight")
+    result = subprocess.run(
+        torchrun(tiny(demo_dir, out, **TORCHRUN_SETTINGS)), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("device: cpu") == 1 and "2 process(es)" in result.stdout  # rank 0 alone prints
-    assert sorted(path.name for path in tmp_path.glob("*.pth")) == ["best.pth", "best_auroc.pth", "epoch_01.pth"]
-    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 1
+    return out, result.stdout
+
+
+def test_torchrun_two_processes_on_cpu_write_one_set_of_files(torchrun_straight, demo_dir):
+    out, printed = torchrun_straight
+    assert printed.count("device: cpu") == 1 and "2 process(es)" in printed  # rank 0 alone prints
+    names = sorted(path.name for path in out.glob("*.pth"))
+    assert names == ["best.pth", "best_auroc.pth", "epoch_01.pth", "epoch_02.pth"]
+    assert len(pd.read_csv(out / "metrics.csv")) == 2
     # the validation metrics cover every validation image once, gathered from both ranks
-    expected = validation_loss_of(tmp_path / "epoch_01.pth", demo_dir, amp=False)
-    assert pd.read_csv(tmp_path / "metrics.csv")["val_loss"][0] == pytest.approx(expected, rel=1e-4)
+    expected = validation_loss_of(out / "epoch_02.pth", demo_dir, amp=False)
+    assert pd.read_csv(out / "metrics.csv")["val_loss"][1] == pytest.approx(expected, rel=1e-4)
 
 
-def test_two_sigterms_to_a_two_process_run_leave_a_state_that_resumes_exactly(demo_dir, tmp_path):
+def test_two_sigterms_to_a_two_process_run_leave_a_state_that_resumes_exactly(torchrun_straight, demo_dir, tmp_path):
     """Under SLURM the scheduler signals every process of the job, and torchrun forwards a second SIGTERM to its
     workers; DataLoader workers get the signal too. Both ranks must still stop together, save interrupted.pth, and
     resume to the weights of an uninterrupted run."""
-    settings = {"epochs": 2, "batch_size": 4, "amp": "false", "num_workers": 1, "tensorboard": "false"}
-    straight = subprocess.run(
-        torchrun(tiny(demo_dir, tmp_path / "straight", **settings)),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    settings = TORCHRUN_SETTINGS
     out = tmp_path / "stopped"
     process = subprocess.Popen(
         torchrun(tiny(demo_dir, out, **settings)),
@@ -240,7 +343,7 @@ def test_two_sigterms_to_a_two_process_run_leave_a_state_that_resumes_exactly(de
         torchrun(tiny(demo_dir, out, resume="last", **settings)), cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(weights(tmp_path / "straight" / "epoch_02.pth"), weights(out / "epoch_02.pth"))
+    assert_same_weights(weights(torchrun_straight[0] / "epoch_02.pth"), weights(out / "epoch_02.pth"))
 
 
 def test_the_demo_settings_learn_every_finding(trained_run, learn_dir):
@@ -308,10 +411,11 @@ def test_settings_that_waste_a_run_are_warned_about(demo_dir, tmp_path, capsys):
     assert "per epoch at" not in printed  # 8 steps an epoch: too few for an estimate
 
 
-def test_the_time_of_an_epoch_is_estimated_after_50_steps(demo_dir, tmp_path, capsys):
-    assert run(tiny(demo_dir, tmp_path, epochs=1, batch_size=2, tensorboard="false")) == 0
+def test_the_time_of_an_epoch_and_of_the_run_is_estimated_within_a_short_first_epoch(demo_dir, tmp_path, capsys):
+    assert run(tiny(demo_dir, tmp_path, epochs=2, tensorboard="false")) == 0  # 10 steps an epoch
     estimates = [line for line in capsys.readouterr().out.splitlines() if "of training per epoch" in line]
     assert len(estimates) == 1 and estimates[0].startswith("epoch 1: about ")
+    assert "of training left in this run (epochs 1-2" in estimates[0]
 
 
 def test_tensorboard_events_cover_each_step_once_across_a_resume(demo_dir, tmp_path, monkeypatch):
@@ -349,7 +453,7 @@ def test_another_backbone_trains_resumes_exactly_evaluates_draws_and_exports(bac
     from heatmaps import film_overlays
     from inference import OnnxModel, TorchModel
 
-    settings = {"backbone": backbone, "trainable_layers": "all", "tensorboard": "false"}
+    settings = {"backbone": backbone, "tensorboard": "false"}
     assert run(tiny(demo_dir, tmp_path / "straight", **settings)) == 0
     assert run(tiny(demo_dir, tmp_path / "resumed", **settings, epochs=1)) == 0
     assert run(tiny(demo_dir, tmp_path / "resumed", **settings, resume="last")) == 0

@@ -67,17 +67,22 @@ def test_the_evaluation_view_is_deterministic_and_crops_the_centre(film):
     assert crops.shape == (5, 56, 56) and np.array_equal(crops[4], view) and np.array_equal(crops[0], film[:56, :56])
 
 
-def test_crop_coordinates_map_back_to_the_original_film():
-    """A bright square drawn on a portrait original lands where crop_to_original says, after letterboxing to 64
-    and the evaluation crop."""
-    original = np.zeros((200, 100), np.uint8)  # portrait: letterboxed with side bars
-    original[120:140, 30:50] = 255
-    crop = eval_view(np.asarray(fit_square(Image.fromarray(original), 64)), 48)
-    ys, xs = np.nonzero(crop > 127)
-    scale_x, offset_x, scale_y, offset_y = crop_to_original((100, 200), 64, 48)
-    left, right = scale_x * xs.min() + offset_x, scale_x * (xs.max() + 1) + offset_x
-    top, bottom = scale_y * ys.min() + offset_y, scale_y * (ys.max() + 1) + offset_y
-    assert abs(left - 30) < 4 and abs(right - 50) < 4 and abs(top - 120) < 4 and abs(bottom - 140) < 4
+@pytest.mark.parametrize("height, width", [(200, 100), (100, 200), (300, 220), (64, 64)])
+@pytest.mark.parametrize("image_size", [48, 56])  # resized after the letterbox, and a plain centre crop
+def test_crop_coordinates_map_back_to_the_original_film(height, width, image_size):
+    """A bright rectangle drawn on an original, letterboxed to 64 and cropped: its centre in the crop (the
+    intensity-weighted centroid, exact to a fraction of a pixel) maps back through crop_to_original to its centre in
+    the original within a quarter of a loaded pixel. A letterbox pasted one pixel off is a whole loaded pixel."""
+    original = np.zeros((height, width), np.uint8)
+    top, bottom, left, right = height * 6 // 10, height * 7 // 10, width * 3 // 10, width * 5 // 10
+    original[top:bottom, left:right] = 255
+    crop = eval_view(np.asarray(fit_square(Image.fromarray(original), 64)), image_size).astype(np.float64)
+    ys, xs = np.mgrid[:image_size, :image_size] + 0.5  # pixel centres, in the crop's edge coordinates
+    centre_x, centre_y = (crop * xs).sum() / crop.sum(), (crop * ys).sum() / crop.sum()
+    scale_x, offset_x, scale_y, offset_y = crop_to_original((width, height), 64, image_size)
+    loaded_pixel = max(height, width) / 64  # original pixels per loaded pixel
+    assert abs(scale_x * centre_x + offset_x - (left + right) / 2) < loaded_pixel / 4
+    assert abs(scale_y * centre_y + offset_y - (top + bottom) / 2) < loaded_pixel / 4
 
 
 def test_normalize_makes_three_imagenet_channels():
