@@ -37,6 +37,8 @@ CAM_FINDINGS = 3  # heat maps of this many top findings per film (--top)
 MAX_FILE_MB = 200  # the largest upload the page accepts, in MB (--max_file_size)
 KEEP_SECONDS = 60  # what the page sent back (chart, film, maps) is deleted this long after
 
+if os.environ.get("GRADIO_TEMP_DIR"):  # gradio makes the folder it is given; so do we
+    Path(os.environ["GRADIO_TEMP_DIR"]).mkdir(parents=True, exist_ok=True)
 UPLOADS = Path(tempfile.mkdtemp(prefix="cxr14-page-", dir=os.environ.get("GRADIO_TEMP_DIR")))
 atexit.register(shutil.rmtree, UPLOADS, ignore_errors=True)
 os.environ["GRADIO_TEMP_DIR"] = str(UPLOADS)  # read by gradio on import

@@ -78,16 +78,10 @@ def brier(targets, probabilities):
 def plot_reliability(names, targets, before, after, path, bins=BINS):
     """reliability.png: a panel per finding, predicted against observed rate over equal-mass bins, before (raw
     sigmoid) and after calibration, with the diagonal of perfect calibration and the films per bin."""
-    import matplotlib
+    from report import finding_panels, save_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = 5
-    rows = -(-len(names) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.3 * rows), squeeze=False)
-    for k, (name, panel) in enumerate(zip(names, axes.flat)):
-        panel.plot([0, 1], [0, 1], ":", color="gray")
+    figure, panels = finding_panels(names, 5, (3.2, 3.3))
+    for k, (name, panel) in enumerate(panels):
         counts = []
         for probabilities, label, style in ((before, "raw", "o--"), (after, "calibrated", "o-")):
             points = reliability_bins(targets[:, k], probabilities[:, k], bins)
@@ -98,12 +92,8 @@ def plot_reliability(names, targets, before, after, path, bins=BINS):
         if counts:
             panel.text(0.03, 0.92, f"{len(counts)} bins of ~{int(np.median(counts))} films", fontsize=7)
         panel.legend(loc="lower right", fontsize=7)
-    for panel in axes.flat[len(names) :]:
-        panel.axis("off")
     figure.suptitle("Reliability on the evaluated split: the calibrated line should follow the diagonal")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    save_panels(figure, path)
 
 
 def report_section(names, targets, raw, after, out):

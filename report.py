@@ -85,29 +85,44 @@ def format_report(table, summary, reference_name="CheXNet"):
     return "\n".join(lines)
 
 
-def plot_roc_curves(names, targets, probabilities, table, path):
+def finding_panels(names, columns, inches):
+    """A headless matplotlib figure with a panel per finding (rows of `columns`, each `inches` (w, h)), the diagonal
+    dotted in each (chance on a ROC plot, perfect calibration on a reliability one), the unused panels hidden.
+    Returns (figure, [(name, panel)]); save_panels writes it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    rows = -(-len(names) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(inches[0] * columns, inches[1] * rows), squeeze=False)
+    for panel in axes.flat[len(names) :]:
+        panel.axis("off")
+    for panel in axes.flat[: len(names)]:
+        panel.plot([0, 1], [0, 1], ":", color="gray")
+    return figure, list(zip(names, axes.flat))
+
+
+def save_panels(figure, path):
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def plot_roc_curves(names, targets, probabilities, table, path):
     from sklearn.metrics import roc_curve
 
-    columns = 4
-    rows = -(-len(names) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.5 * columns, 3.5 * rows), squeeze=False)
-    for k, (name, panel) in enumerate(zip(names, axes.flat)):
-        panel.plot([0, 1], [0, 1], ":", color="gray")
+    figure, panels = finding_panels(names, 4, (3.5, 3.5))
+    for k, (name, panel) in enumerate(panels):
         known = ~np.isnan(targets[:, k])
         if np.isfinite(table.auroc[k]):
             false_positive_rate, true_positive_rate, _ = roc_curve(targets[known, k], probabilities[known, k])
             panel.plot(false_positive_rate, true_positive_rate, label=f"AUROC {table.auroc[k]:.3f}")
             panel.legend(loc="lower right")
         panel.set(title=name, xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1))
-    for panel in axes.flat[len(names) :]:
-        panel.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    save_panels(figure, path)
 
 
 def two_label_table(names, first, second, scores, patient_ids, replicates, labels=("nih", "expert")):

@@ -543,8 +543,8 @@ def train(config):
 def fit_inference_statistics(run_dir, config, labels, split, device, log):
     """What inference needs beside the weights, fitted for best.pth and best_auroc.pth and stored in them: thresholds
     and a calibration on the validation split, the out-of-distribution statistics on a sample of the training films
-    (inference.py, calibration.py, ood.py). They are rewritten with the model alone (resume from epoch_NN.pth) unless
-    KEEP_TRAINING_STATE = "all"; best_auroc.pth stays a link to best.pth when both are the same epoch's."""
+    (inference.py, calibration.py, ood.py). They are rewritten without the training state (a resume starts from
+    epoch_NN.pth or interrupted.pth); best_auroc.pth stays a link to best.pth when both are the same epoch's."""
     from images import evaluation_images
     from inference import TorchModel, fit_statistics, outputs_over, statistics_record
     from loaders import evaluation_loader
@@ -559,7 +559,6 @@ def fit_inference_statistics(run_dir, config, labels, split, device, log):
     }
     best, best_auroc = run_dir / "best.pth", run_dir / "best_auroc.pth"
     linked = best.is_file() and best_auroc.is_file() and os.path.samefile(best, best_auroc)
-    drop = () if config["KEEP_TRAINING_STATE"] == "all" else TRAINING_STATE
     fitted, written = {}, []
     for name in ("best.pth", "best_auroc.pth"):
         if not (run_dir / name).is_file():
@@ -586,7 +585,7 @@ def fit_inference_statistics(run_dir, config, labels, split, device, log):
                 parts["train"].patient_id.to_numpy(),
             )
             fitted[epoch] = statistics_record(statistics)
-        add_to_checkpoint(run_dir / name, drop, inference=fitted[epoch])
+        add_to_checkpoint(run_dir / name, TRAINING_STATE, inference=fitted[epoch])
         written.append(name)
     if written:
         log(

@@ -28,8 +28,8 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def uploads(tmp_path_factory):
-    """The folder in which the page makes its own temporary folder."""
-    return tmp_path_factory.mktemp("gradio")
+    """The folder in which the page makes its own temporary folder; not there yet, as gradio allows."""
+    return tmp_path_factory.mktemp("gradio") / "made_by_the_page"
 
 
 @pytest.fixture(scope="module")
