@@ -31,7 +31,7 @@ from configurator import add_device_flags
 from errors import DataError, UserError
 from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 from heatmaps import film_overlays
-from inference import TorchModel, with_ood_warnings
+from inference import TorchModel, at_or_above, with_ood_warnings
 
 CAM_FINDINGS = 3  # heat maps of this many top findings per film (--top)
 MAX_FILE_MB = 200  # the largest upload the page accepts, in MB (--max_file_size)
@@ -56,11 +56,11 @@ def probability_chart(probabilities, findings, thresholds):
     import matplotlib.pyplot as plt
 
     order = np.argsort(probabilities)
+    above = at_or_above(probabilities, findings, thresholds)
     figure, axes = plt.subplots(figsize=(6, 5.2), dpi=100)
     for row, k in enumerate(order):
         threshold = thresholds.get(findings[k])
-        above = threshold is not None and probabilities[k] >= threshold
-        axes.barh(row, probabilities[k], color="C3" if above else "C0")
+        axes.barh(row, probabilities[k], color="C3" if above[k] else "C0")
         if threshold is not None:
             axes.plot([threshold, threshold], [row - 0.4, row + 0.4], color="black", linewidth=2)
     explained = "black tick: threshold; red: at or above it" if thresholds else "no thresholds: run evaluate.py"
@@ -110,12 +110,13 @@ def analyse(model, path, top):
     probabilities = predictions.probabilities[0]
     findings, thresholds = model.findings, model.thresholds
     label = {finding: float(probability) for finding, probability in zip(findings, probabilities)}
+    above = at_or_above(probabilities, findings, thresholds)
     table = [
         [
             findings[k],
             f"{probabilities[k]:.3f}",
             f"{thresholds[findings[k]]:.3f}" if findings[k] in thresholds else "",
-            "yes" if findings[k] in thresholds and probabilities[k] >= thresholds[findings[k]] else "",
+            "yes" if above[k] else "",
         ]
         for k in np.argsort(-probabilities)
     ]

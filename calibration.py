@@ -39,9 +39,14 @@ def fit_platt(logits, targets):
     return slopes, intercepts
 
 
+def sigmoid(logits):
+    """The network's raw probabilities from its logits (float64 numpy)."""
+    return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
 def calibrated(logits, slopes, intercepts):
     """Calibrated probabilities from raw logits: sigmoid(a * logit + b), per finding."""
-    return 1 / (1 + np.exp(-(np.asarray(logits, dtype=np.float64) * slopes + intercepts)))
+    return sigmoid(np.asarray(logits, dtype=np.float64) * slopes + intercepts)
 
 
 def logit(probabilities):

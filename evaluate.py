@@ -46,9 +46,9 @@ from external import (
 )
 from images import PngImages, evaluation_images
 from inference import (
-    Statistics,
     TorchModel,
     calibrated_thresholds,
+    fit_statistics,
     outputs_over,
     statistics_record,
     write_thresholds,
@@ -64,7 +64,6 @@ from localisation import (
     plot_examples,
     read_boxes,
 )
-from metrics import choose_thresholds
 from model import add_to_checkpoint
 from report import CHEXNET_AUROC, build_report, format_report, format_two_label_table, plot_roc_curves, two_label_table
 
@@ -89,8 +88,8 @@ def run_split(checkpoint, checkpoint_path, test_list=None):
 
 
 def split_rows(split, source, data_dir, csv_path, parts, drop_missing=False):
-    """{part: labels with image paths} for parts of a run's split, and the names of the images that are missing
-    (left out, with drop_missing; else an error). The label file is read and the images indexed once."""
+    """({part: labels with image paths} for parts of a run's split, the names of the images that are missing: left
+    out with drop_missing, else an error). The label file is read and the images indexed once."""
     csv_file = find_label_file(data_dir, csv_path)
     labels = read_labels(csv_file).set_index("image_name")
     wanted = []
@@ -107,8 +106,7 @@ def split_rows(split, source, data_dir, csv_path, parts, drop_missing=False):
         warnings.simplefilter("ignore")
         rows = attach_image_paths(wanted, data_dir, drop_missing, flag="--drop_missing_images")
     missing = sorted(set(wanted.image_name) - set(rows.image_name))
-    parts = {part: rows[rows.part == part].drop(columns="part").reset_index(drop=True) for part in parts}
-    return (parts, missing) if drop_missing else parts
+    return {part: rows[rows.part == part].drop(columns="part").reset_index(drop=True) for part in parts}, missing
 
 
 def outputs_of(model, rows, args):
@@ -143,10 +141,6 @@ def readable_only(rows, outputs, args, skipped):
     print(f"warning: {len(names)} unreadable film(s) left out (first: {names[0]})")
     skipped["unreadable"] += names
     return rows[readable].reset_index(drop=True), logits[readable], features[readable]
-
-
-def sigmoid(logits):
-    return 1 / (1 + np.exp(-logits))
 
 
 def parse_args(argv):
@@ -265,12 +259,10 @@ def evaluate_nih(args, model, about):
     needs_ood = model.statistics.ood is None and has_validation and bool((split.split == "train").any())
     wanted = [args.split] + (["val"] if has_validation else []) + (["train"] if needs_ood else [])
     data_dir = args.data_dir or config["DATA_DIR"]
-    parts = split_rows(split, source, data_dir, args.csv or config["CSV"], wanted, args.drop_missing_images)
-    skipped = {"missing": [], "unreadable": []}
-    if args.drop_missing_images:
-        parts, skipped["missing"] = parts
-        if skipped["missing"]:
-            print(f"warning: {len(skipped['missing'])} film(s) missing and left out (first: {skipped['missing'][0]})")
+    parts, missing = split_rows(split, source, data_dir, args.csv or config["CSV"], wanted, args.drop_missing_images)
+    skipped = {"missing": missing, "unreadable": []}
+    if missing:
+        print(f"warning: {len(missing)} film(s) missing and left out (first: {missing[0]})")
     rows = parts[args.split]
     print(
         f"checkpoint {args.checkpoint} (epoch {checkpoint['epoch']}); the {args.split} split: {len(rows):,} images, "
@@ -278,14 +270,9 @@ def evaluate_nih(args, model, about):
     )
     thresholds, fitted = np.full(len(FINDINGS), np.nan), None
     if has_validation:
-        validation, val_logits, val_features = readable_only(
-            parts["val"], outputs_of(model, parts["val"], args), args, skipped
-        )
-        val_targets = validation[list(FINDINGS)].to_numpy(dtype=float)
-        thresholds = choose_thresholds(val_targets, sigmoid(val_logits), args.sensitivity)
-        fitted = calibration.fit_platt(val_logits, val_targets)
-        if needs_ood:
-            add_ood_statistics(model, parts["train"], val_features, thresholds, fitted, args)
+        statistics = fit_on_validation(model, parts, needs_ood, args, skipped)
+        thresholds = np.array([statistics.thresholds[finding] for finding in FINDINGS])
+        fitted = statistics.calibration
     else:
         print("no validation split: no operating thresholds and no calibration (thresholds.json will hold none)")
     rows, logits, features = readable_only(rows, outputs_of(model, rows, args), args, skipped)
@@ -299,7 +286,7 @@ def evaluate_nih(args, model, about):
     return {
         "names": list(FINDINGS),
         "targets": rows[list(FINDINGS)].to_numpy(dtype=float),
-        "raw": sigmoid(logits),
+        "raw": calibration.sigmoid(logits),
         "after": calibration.calibrated(logits, *fitted) if fitted is not None else None,
         "fitted": fitted,
         "features": features,
@@ -310,16 +297,29 @@ def evaluate_nih(args, model, about):
     }
 
 
-def add_ood_statistics(model, train_rows, val_features, thresholds, fitted, args):
-    """Fit the out-of-distribution statistics a checkpoint lacks (written before they were kept) on a sample of its
-    training films, and store them in it with the thresholds and calibration, as train.py does at a run's end."""
-    sample = train_rows.sample(n=min(ood.FIT_FILMS, len(train_rows)), random_state=0)
-    _, _, train_features = outputs_of(model, sample, args)
-    fitted_ood = ood.fit(train_features, val_features, sample.patient_id.to_numpy())
-    statistics = Statistics(dict(zip(FINDINGS, thresholds)), fitted, fitted_ood)
-    add_to_checkpoint(model.path, inference=statistics_record(statistics))
-    model.statistics = model.statistics._replace(ood=statistics.ood)
-    print(f"{model.path} had no out-of-distribution statistics: fitted on {len(sample):,} training films, added to it")
+def fit_on_validation(model, parts, needs_ood, args, skipped):
+    """The statistics of inference.fit_statistics: thresholds (this evaluation's policy) and a calibration on the
+    validation split; and for a checkpoint without out-of-distribution statistics (written before they were kept)
+    those too, on a sample of its training films, stored in it as train.py does at a run's end."""
+    validation, val_logits, val_features = readable_only(
+        parts["val"], outputs_of(model, parts["val"], args), args, skipped
+    )
+    sample = ood.fit_sample(parts["train"]) if needs_ood else None
+    train_features = outputs_of(model, sample, args)[2] if needs_ood else None
+    statistics = fit_statistics(
+        FINDINGS,
+        val_logits,
+        validation[list(FINDINGS)].to_numpy(dtype=float),
+        val_features,
+        train_features,
+        None if sample is None else sample.patient_id.to_numpy(),
+        args.sensitivity,
+    )
+    if needs_ood:
+        add_to_checkpoint(model.path, inference=statistics_record(statistics))
+        model.statistics = model.statistics._replace(ood=statistics.ood)
+        print(f"{model.path} had no out-of-distribution statistics: fitted on {len(sample):,} training films, added")
+    return statistics
 
 
 def nih_boxes(args, config):
@@ -353,7 +353,7 @@ def evaluate_external(args, model, about):
         + f"; uncertain labels: {args.uncertain}"
     )
     rows, logits, features = readable_only(data.rows, outputs_of(model, data.rows, args), args, skipped)
-    probabilities = sigmoid(logits)
+    probabilities = calibration.sigmoid(logits)
     nih = model.statistics.thresholds
     thresholds = np.array([nih.get(found[0], np.nan) if len(found) == 1 else np.nan for found in data.mapping.values()])
     fitted = model.statistics.calibration

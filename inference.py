@@ -71,11 +71,6 @@ def _finite(value):
     return value is not None and np.isfinite(value)
 
 
-def read_thresholds(path):
-    """{finding: threshold} (on the raw probability) from a thresholds.json, or {}."""
-    return read_thresholds_file(path)[0]
-
-
 def write_thresholds(path, policy, thresholds, findings, fitted=None):
     """thresholds.json: the policy that chose them, {finding: threshold on the raw probability (None where none could
     be chosen)}, and with a calibration its (a, b) per finding and the same thresholds on the calibrated scale."""
@@ -104,8 +99,7 @@ def fit_statistics(findings, val_logits, val_targets, val_features, train_featur
     training films' features (the OOD distribution, its percentiles from the validation films)."""
     from metrics import choose_thresholds
 
-    raw = 1 / (1 + np.exp(-np.asarray(val_logits, dtype=np.float64)))
-    thresholds = choose_thresholds(val_targets, raw, sensitivity)
+    thresholds = choose_thresholds(val_targets, calibration.sigmoid(val_logits), sensitivity)
     fitted = calibration.fit_platt(val_logits, val_targets)
     fitted_ood = ood.fit(train_features, val_features, train_patients) if train_features is not None else None
     return Statistics(dict(zip(findings, thresholds)), fitted, fitted_ood)
@@ -194,12 +188,24 @@ def shown_thresholds(statistics, findings, calibrated):
 
 def predictions(logits, features, statistics, calibrated=True):
     """Predictions from the network's logits and pooled features, with a model's statistics."""
-    raw = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    raw = calibration.sigmoid(logits)
     shown = calibration.calibrated(logits, *statistics.calibration) if calibrated else raw
-    if statistics.ood is None or features is None:
+    distances = None if statistics.ood is None or features is None else ood.distances(statistics.ood, features)
+    return with_distances(shown, raw, statistics.ood, distances)
+
+
+def with_distances(shown, raw, fitted_ood, distances):
+    """Predictions, the films' out-of-distribution percentiles and flags read from their distances (NaN and not
+    flagged without OOD statistics)."""
+    if fitted_ood is None or distances is None:
         return Predictions(shown, raw, np.full(len(raw), np.nan), np.zeros(len(raw), dtype=bool))
-    distances = ood.distances(statistics.ood, features)
-    return Predictions(shown, raw, ood.percentiles(statistics.ood, distances), ood.flagged(statistics.ood, distances))
+    return Predictions(shown, raw, ood.percentiles(fitted_ood, distances), ood.flagged(fitted_ood, distances))
+
+
+def at_or_above(probabilities, findings, thresholds):
+    """Whether each probability ([..., findings]) is at or above its finding's threshold (False where it has none)."""
+    limits = np.array([thresholds.get(finding, np.inf) for finding in findings])
+    return np.asarray(probabilities) >= limits
 
 
 def crop_outputs(net, crops, device, dtype=None, channels_last=False):
@@ -223,7 +229,7 @@ def crop_outputs(net, crops, device, dtype=None, channels_last=False):
 def crop_probabilities(net, crops, device, dtype=None, channels_last=False):
     """uint8 [N, S, S] evaluation crops -> raw probabilities [N, findings] of a bare network (no statistics)."""
     logits, _ = crop_outputs(net, crops, device, dtype, channels_last)
-    return 1 / (1 + np.exp(-logits))
+    return calibration.sigmoid(logits)
 
 
 def probability_graph(net, images, statistics=None, channels_last=False):
@@ -340,11 +346,10 @@ class OnnxModel:
         named = {name: np.concatenate([batch[k] for batch in batches]) for k, name in enumerate(self.outputs)}
         raw = named.get("raw_probabilities", named["probabilities"])
         shown = named["probabilities"] if self.calibrated else raw
-        if self.ood is None:
-            return Predictions(shown, raw, np.full(len(raw), np.nan), np.zeros(len(raw), dtype=bool))
-        distances = named["ood_distance"]
-        statistics = {"validation": np.asarray(self.ood["validation"]), "threshold": self.ood["threshold"]}
-        return Predictions(shown, raw, ood.percentiles(statistics, distances), ood.flagged(statistics, distances))
+        fitted_ood = None
+        if self.ood is not None:
+            fitted_ood = {"validation": np.asarray(self.ood["validation"]), "threshold": self.ood["threshold"]}
+        return with_distances(shown, raw, fitted_ood, named.get("ood_distance"))
 
     def probabilities(self, crops):
         return self.predict(crops).probabilities

@@ -21,8 +21,6 @@ from transforms import WorkerAugment, mix_seed
 def make_loaders(config, labels, split, device, rank, world_size, log):
     """(training batches, validation batches): from images held in device memory when they fit there
     (CACHE_ON_DEVICE), else from DataLoader workers that read the cache or decode the PNGs."""
-    if config["AUGMENT_ON"] not in ("device", "workers"):
-        raise DataError(f"AUGMENT_ON is {config['AUGMENT_ON']!r}: use device or workers.")
     cache = find_cache(config["DATA_DIR"], config["LOAD_SIZE"], config["CACHE"])
     rows = {part: labels[split == part] for part in ("train", "val")}
     if len(rows["train"]) < config["BATCH_SIZE"] * world_size or len(rows["val"]) == 0:
@@ -95,8 +93,6 @@ def close_workers(*loaders):
 def cache_on_device(config, cache, count, device, log):
     """Whether to hold the run's cached images in device memory (CACHE_ON_DEVICE), saying why not when asked."""
     wanted = config["CACHE_ON_DEVICE"]
-    if wanted not in ("auto", "on", "off"):
-        raise DataError(f"CACHE_ON_DEVICE is {wanted!r}: use auto, on or off.")
     if wanted == "off":
         return False
     if cache is None or config["AUGMENT_ON"] != "device":

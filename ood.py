@@ -22,6 +22,11 @@ WARNING = (
 )
 
 
+def fit_sample(train_rows, seed=0):
+    """The training films (rows of a label table) whose features fit the distribution: all, or FIT_FILMS of them."""
+    return train_rows.sample(n=min(FIT_FILMS, len(train_rows)), random_state=seed)
+
+
 def fit(train_features, val_features, train_patients=None):
     """The statistics (numpy arrays and numbers) of the training films' feature distribution, and the sorted reference
     distances that percentiles are read from: the validation films' and the training films' own, each training film's

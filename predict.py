@@ -25,7 +25,7 @@ import pandas as pd
 from configurator import add_device_flags, add_out_flag
 from errors import DataError, UserError
 from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
-from inference import load_model, with_ood_warnings
+from inference import at_or_above, load_model, with_ood_warnings
 
 # No torch import up here, nor in inference.py: predict.py --onnx runs where only onnxruntime is installed.
 CAM_FINDINGS = 3  # heat maps for this many top findings per film (--top)
@@ -75,9 +75,10 @@ def file_stems(names):
 
 def format_prediction(name, probabilities, findings, thresholds, warnings=()):
     lines = [name] + [f"  warning: {warning}" for warning in warnings]
+    above = at_or_above(probabilities, findings, thresholds)
     for k in np.argsort(-probabilities):
         finding = findings[k]
-        mark = "*" if finding in thresholds and probabilities[k] >= thresholds[finding] else " "
+        mark = "*" if above[k] else " "
         limit = f"  (threshold {thresholds[finding]:.3f})" if finding in thresholds else ""
         lines.append(f"  {mark} {finding:<20}{probabilities[k]:>7.3f}{limit}")
     return "\n".join(lines)
@@ -89,9 +90,8 @@ def predictions_table(films, predictions, findings, thresholds):
     probabilities = predictions.probabilities
     table = pd.DataFrame(probabilities, columns=findings)
     table.insert(0, "image", [film.name for film in films])
-    table["above_threshold"] = [
-        "|".join(f for f, p in zip(findings, row) if f in thresholds and p >= thresholds[f]) for row in probabilities
-    ]
+    above = at_or_above(probabilities, findings, thresholds)
+    table["above_threshold"] = ["|".join(f for f, marked in zip(findings, row) if marked) for row in above]
     for k, finding in enumerate(findings):
         table[f"raw_{finding}"] = predictions.raw[:, k]
     table["ood_percentile"] = predictions.ood_percentile

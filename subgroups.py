@@ -10,7 +10,7 @@ positive of a finding, is said to be so rather than given a meaningless figure.
 import numpy as np
 import pandas as pd
 
-from metrics import auroc_per_finding, bootstrap_auroc_ci, mean_auroc
+from metrics import auroc_per_finding, bootstrap_auroc_ci, mean_auroc, operating_point
 
 MIN_FILMS = 30  # fewer films than this: the group's figures are not reported
 AGE_BANDS = ((0, 19), (20, 39), (40, 59), (60, 79), (80, None))  # years, both ends included
@@ -62,7 +62,7 @@ def group_figures(names, targets, probabilities, patient_ids, thresholds, replic
         y, p = targets[known, k], probabilities[known, k]
         positives = int(y.sum())
         status = "" if positives and positives < len(y) else "no positives" if not positives else "no negatives"
-        called = p >= thresholds[k] if np.isfinite(thresholds[k]) else np.full(len(p), np.nan)
+        point = operating_point(y, p, thresholds[k]) if np.isfinite(thresholds[k]) else None
         figures.append(
             {
                 "finding": name,
@@ -72,8 +72,8 @@ def group_figures(names, targets, probabilities, patient_ids, thresholds, replic
                 "auroc": float(aurocs[k]),
                 "auroc_ci_low": float(low[k]),
                 "auroc_ci_high": float(high[k]),
-                "sensitivity": float(np.mean(called[y == 1])) if positives else np.nan,
-                "false_positive_rate": float(np.mean(called[y == 0])) if positives < len(y) else np.nan,
+                "sensitivity": point["sensitivity"] if point and positives else np.nan,
+                "false_positive_rate": 1 - point["specificity"] if point and positives < len(y) else np.nan,
                 "status": status,
             }
         )

@@ -231,8 +231,6 @@ def make_scheduler(optimizer, config, steps_per_epoch):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=config["LR_FACTOR"], patience=config["LR_PATIENCE"]
         )
-    if config["LR_SCHEDULE"] != "cosine":
-        raise DataError(f"LR_SCHEDULE is {config['LR_SCHEDULE']!r}: use plateau or cosine.")
     warmup, total = config["WARMUP_EPOCHS"] * steps_per_epoch, max(config["EPOCHS"] * steps_per_epoch, 1)
 
     def factor(step):
@@ -549,13 +547,13 @@ def fit_inference_statistics(run_dir, config, labels, split, device, log):
     from inference import TorchModel, fit_statistics, outputs_over, statistics_record
     from loaders import evaluation_loader
     from model import add_to_checkpoint, copy_checkpoint
-    from ood import FIT_FILMS
+    from ood import fit_sample
     from run_folder import TRAINING_STATE
 
     train_rows = labels[split == "train"]
     parts = {
         "val": labels[split == "val"],
-        "train": train_rows.sample(n=min(FIT_FILMS, len(train_rows)), random_state=config["SEED"]),
+        "train": fit_sample(train_rows, config["SEED"]),
     }
     best, best_auroc = run_dir / "best.pth", run_dir / "best_auroc.pth"
     linked = best.is_file() and best_auroc.is_file() and os.path.samefile(best, best_auroc)

@@ -64,7 +64,7 @@ def predict_split(checkpoint_path, data_dir, part, amp=True):
     from transforms import normalize
 
     model = TorchModel(checkpoint_path, device="cpu", amp=amp)
-    rows = split_rows(*run_split(model.checkpoint, checkpoint_path), data_dir, "", [part])[part]
+    rows = split_rows(*run_split(model.checkpoint, checkpoint_path), data_dir, "", [part])[0][part]
     images = PngImages(rows["path"], model.load_size)
     dataset = ChestXrayDataset(images, rows[list(FINDINGS)], partial(eval_view, image_size=model.image_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=64)
