@@ -48,7 +48,7 @@ import gradio as gr  # noqa: E402  (after the variables above, which gradio read
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the page works offline
 
 
-def probability_chart(probabilities, findings, thresholds):
+def probability_chart(probabilities, findings, thresholds, scale="calibrated"):
     """Horizontal bars sorted by probability; a black tick marks each finding's threshold; bars at or above it red."""
     import matplotlib
 
@@ -65,7 +65,7 @@ def probability_chart(probabilities, findings, thresholds):
             axes.plot([threshold, threshold], [row - 0.4, row + 0.4], color="black", linewidth=2)
     explained = "black tick: threshold; red: at or above it" if thresholds else "no thresholds: run evaluate.py"
     axes.set(yticks=range(len(order)), yticklabels=[findings[k] for k in order], xlim=(0, 1))
-    axes.set_xlabel(f"calibrated probability ({explained})")
+    axes.set_xlabel(f"{scale} probability ({explained})")
     figure.tight_layout()
     figure.canvas.draw()
     image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
@@ -121,7 +121,7 @@ def analyse(model, path, top):
         for k in np.argsort(-probabilities)
     ]
     maps = [(np.asarray(image), finding) for finding, image in film_overlays(model, film, probabilities, top)]
-    chart = probability_chart(probabilities, findings, thresholds)
+    chart = probability_chart(probabilities, findings, thresholds, "calibrated" if model.calibrated else "raw")
     return label, chart, table, banner(list(film.warnings), "warning"), film.original, maps
 
 
@@ -129,9 +129,14 @@ def build_page(model, checkpoint, top=CAM_FINDINGS):
     with gr.Blocks(
         title="cxr14: chest X-ray findings", analytics_enabled=False, delete_cache=(KEEP_SECONDS, KEEP_SECONDS)
     ) as page:
+        scale = (
+            "Probabilities are calibrated on the model's validation split."
+            if model.calibrated
+            else "Probabilities are the network's raw outputs (no calibration in the checkpoint: evaluate.py fits one)."
+        )
         gr.Markdown(
             f"## cxr14: chest X-ray findings\nModel: `{checkpoint}`. Drop a frontal chest film (PNG, JPEG or DICOM). "
-            "Probabilities are calibrated on the model's validation split. A research tool, not a medical device."
+            f"{scale} A research tool, not a medical device."
         )
         notes = gr.HTML(elem_id="notes")
         with gr.Row():

@@ -174,3 +174,16 @@ def test_the_page_in_a_real_browser(page, trained_run, learn_dir, tmp_path):
         assert "broken.png" in notes and "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
     finally:
         driver.quit()
+
+
+def test_the_page_says_which_scale_its_probabilities_are_on(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    import app
+
+    for calibrated, said in ((True, "calibrated on the model's validation split"), (False, "the network's raw")):
+        model = SimpleNamespace(findings=list(FINDINGS), calibrated=calibrated)
+        page = app.build_page(model, "best.pth")
+        text = " ".join(str(getattr(block, "value", "")) for block in page.blocks.values())
+        assert said in text, calibrated
