@@ -145,8 +145,8 @@ def test_older_epochs_keep_the_model_alone_and_a_resume_from_one_says_which_file
     assert (straight_run / "epoch_01.pth").stat().st_size < 0.7 * (straight_run / "epoch_02.pth").stat().st_size
     best = load_checkpoint(straight_run / "best.pth", FINDINGS)  # for inference: the model and its statistics
     assert "inference" in best and not any(name in best for name in TRAINING_STATE)
-    if best["epoch"] == load_checkpoint(straight_run / "best_auroc.pth", FINDINGS)["epoch"]:
-        assert (straight_run / "best.pth").samefile(straight_run / "best_auroc.pth")  # one file, two names
+    same_epoch = best["epoch"] == load_checkpoint(straight_run / "best_auroc.pth", FINDINGS)["epoch"]
+    assert (straight_run / "best.pth").samefile(straight_run / "best_auroc.pth") == same_epoch  # one file, two names
     message = run(tiny(demo_dir, tmp_path / "branch", epochs=3, resume=straight_run / "epoch_01.pth"))
     assert "keeps the model alone" in message and str(straight_run / "epoch_02.pth") in message
     assert "KEEP_TRAINING_STATE" in message and not (tmp_path / "branch").exists()
