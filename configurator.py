@@ -206,6 +206,18 @@ def read_config_file(path, known):
 # ----------------------------------------------------------------------------- flags every command shares
 
 
+def flag_type(rule):
+    """An argparse `type` for a command's flag: parsed and checked by the same rule as train.py's settings."""
+
+    def parse(text):
+        value = rule.parse(text)
+        if not rule.check(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: it must be {rule.allowed}")
+        return value
+
+    return parse
+
+
 def add_device_flags(parser, amp=True):
     """--device (and --amp / --no-amp) as train.py's DEVICE and AMP mean them."""
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), or a torch device")

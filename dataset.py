@@ -221,6 +221,45 @@ def saved_split(record, split_path):
     return table
 
 
+def run_split(checkpoint, checkpoint_path, test_list=None):
+    """(image_name/split table, where it came from): the checkpoint's own split (checked against the split.csv
+    beside it), or split.csv alone for older checkpoints; with test_list, that file's images as the test part."""
+    if test_list:
+        names = Path(test_list).read_text().split()
+        return pd.DataFrame({"image_name": names, "split": "test"}), str(test_list)
+    saved = saved_split(checkpoint.get("split"), Path(checkpoint_path).parent / "split.csv")
+    if saved is None:
+        official = Path(checkpoint["config"]["DATA_DIR"]) / "test_list.txt"
+        raise DataError(
+            f"{checkpoint_path} carries no split (written before checkpoints did) and no split.csv lies beside it, "
+            f"so which images it never saw is unknown. Evaluate it in its run folder; or, only if the run trained on "
+            f"NIH's train_val_list.txt, on the official test list: --test_list {official}"
+        )
+    return saved, f"the split of {checkpoint_path}"
+
+
+def split_rows(split, source, data_dir, csv_path, parts, drop_missing=False):
+    """({part: labels with image paths} for parts of a run's split, the names of the images that are missing: left
+    out with drop_missing, else an error). The label file is read and the images indexed once."""
+    csv_file = find_label_file(data_dir, csv_path)
+    labels = read_labels(csv_file).set_index("image_name")
+    wanted = []
+    for part in dict.fromkeys(parts):
+        names = split.image_name[split.split == part]
+        unknown = names[~names.isin(labels.index)]
+        if len(unknown):
+            raise DataError(f"{len(unknown)} image(s) of {source} are not in {csv_file} (first: {unknown.iloc[0]})")
+        if len(names) == 0:
+            raise DataError(f"the {part} part of {source} is empty")
+        wanted.append(labels.loc[names].reset_index().assign(part=part))
+    wanted = pd.concat(wanted, ignore_index=True)
+    with warnings.catch_warnings():  # said once below, naming them
+        warnings.simplefilter("ignore")
+        rows = attach_image_paths(wanted, data_dir, drop_missing, flag="--drop_missing_images")
+    missing = sorted(set(wanted.image_name) - set(rows.image_name))
+    return {part: rows[rows.part == part].drop(columns="part").reset_index(drop=True) for part in parts}, missing
+
+
 # ----------------------------------------------------------------------------- pos_weight
 
 

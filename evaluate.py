@@ -12,7 +12,8 @@ evaluated split. With NIH's boxes (BBox_List_2017.csv beside the label file, or 
 Wang et al. scored it. With Google's expert labels: their four findings scored against NIH's labels and the experts'
 on the same test films, side by side. Other datasets: the same figures on their frontal films, for the findings that
 map onto ours (external.py), and for VinDr-CXR and RSNA the localisation on their radiologists' boxes.
-Writes report.json, report.csv, roc_curves.png, thresholds.json (which predict.py uses; NIH only),
+Writes report.json, report.csv, roc_curves.png, predictions.csv (each film's labels and probabilities, which
+compare.py reads), thresholds.json (which predict.py uses; NIH only),
 localisation.png (with boxes) and expert_labels.csv (with expert labels). Films missing or unreadable stop the report,
 naming them, unless --drop_missing_images leaves them out (report.json's "skipped" names them).
 """
@@ -20,18 +21,16 @@ naming them, unless --drop_missing_images leaves them out (report.json's "skippe
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 import calibration
 import ood
 import subgroups
 from configurator import add_device_flags, add_out_flag
-from dataset import FINDINGS, attach_image_paths, find_label_file, read_labels, saved_split
+from dataset import FINDINGS, find_label_file, run_split, split_rows
 from devices import worker_count
 from errors import DataError, UserError
 from external import (
@@ -44,16 +43,16 @@ from external import (
     read_expert_labels,
     read_external,
 )
-from images import PngImages, evaluation_images
 from inference import (
     TorchModel,
     calibrated_thresholds,
+    checkpoint_sha256,
     fit_statistics,
-    outputs_over,
+    prediction_table,
+    split_outputs,
     statistics_record,
     write_thresholds,
 )
-from loaders import evaluation_loader
 from localisation import (
     BOX_THRESHOLD,
     IOBB_THRESHOLDS,
@@ -67,63 +66,11 @@ from localisation import (
 from model import add_to_checkpoint
 from report import CHEXNET_AUROC, build_report, format_report, format_two_label_table, plot_roc_curves, two_label_table
 
-TTA_CROPS = 5  # films.five_views: four corners and the centre
-
-
-def run_split(checkpoint, checkpoint_path, test_list=None):
-    """(image_name/split table, where it came from): the checkpoint's own split (checked against the split.csv
-    beside it), or split.csv alone for older checkpoints; with test_list, that file's images as the test part."""
-    if test_list:
-        names = Path(test_list).read_text().split()
-        return pd.DataFrame({"image_name": names, "split": "test"}), str(test_list)
-    saved = saved_split(checkpoint.get("split"), Path(checkpoint_path).parent / "split.csv")
-    if saved is None:
-        official = Path(checkpoint["config"]["DATA_DIR"]) / "test_list.txt"
-        raise DataError(
-            f"{checkpoint_path} carries no split (written before checkpoints did) and no split.csv lies beside it, "
-            f"so which images it never saw is unknown. Evaluate it in its run folder; or, only if the run trained on "
-            f"NIH's train_val_list.txt, on the official test list: --test_list {official}"
-        )
-    return saved, f"the split of {checkpoint_path}"
-
-
-def split_rows(split, source, data_dir, csv_path, parts, drop_missing=False):
-    """({part: labels with image paths} for parts of a run's split, the names of the images that are missing: left
-    out with drop_missing, else an error). The label file is read and the images indexed once."""
-    csv_file = find_label_file(data_dir, csv_path)
-    labels = read_labels(csv_file).set_index("image_name")
-    wanted = []
-    for part in dict.fromkeys(parts):
-        names = split.image_name[split.split == part]
-        unknown = names[~names.isin(labels.index)]
-        if len(unknown):
-            raise DataError(f"{len(unknown)} image(s) of {source} are not in {csv_file} (first: {unknown.iloc[0]})")
-        if len(names) == 0:
-            raise DataError(f"the {part} part of {source} is empty")
-        wanted.append(labels.loc[names].reset_index().assign(part=part))
-    wanted = pd.concat(wanted, ignore_index=True)
-    with warnings.catch_warnings():  # said once below, naming them
-        warnings.simplefilter("ignore")
-        rows = attach_image_paths(wanted, data_dir, drop_missing, flag="--drop_missing_images")
-    missing = sorted(set(wanted.image_name) - set(rows.image_name))
-    return {part: rows[rows.part == part].drop(columns="part").reset_index(drop=True) for part in parts}, missing
-
 
 def outputs_of(model, rows, args):
-    """(logits, readable, pooled features) of an inference.TorchModel for the rows' films (a path column, and
-    image_name for NIH's cache), batched under inference_mode (AMP as in training), five crops each with --tta."""
-    config = model.config
-    if args.dataset == "nih":
-        images = evaluation_images(rows, args.data_dir or config["DATA_DIR"], config["LOAD_SIZE"])
-    else:
-        images = PngImages(rows["path"], config["LOAD_SIZE"])
-    workers = worker_count(args.num_workers)
-    loader = evaluation_loader(images, config["IMAGE_SIZE"], args.batch_size, workers, model.device, five=args.tta)
-
-    def progress(batches):
-        return tqdm(batches, desc=f"predicting {len(rows):,} images")
-
-    return outputs_over(model, loader, TTA_CROPS if args.tta else 1, progress)
+    """(logits, readable, pooled features) of the rows' films: NIH's through its cache where one holds them."""
+    data_dir = (args.data_dir or model.config["DATA_DIR"]) if args.dataset == "nih" else None
+    return split_outputs(model, rows, data_dir, args.batch_size, worker_count(args.num_workers), args.tta)
 
 
 def readable_only(rows, outputs, args, skipped):
@@ -204,7 +151,13 @@ def evaluate(args):
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "evaluation"
     if args.dataset != "nih" and not args.out:
         out = out / args.dataset  # never over NIH's report (and its thresholds.json)
-    about = {"checkpoint": str(args.checkpoint), "epoch": model.checkpoint["epoch"], "dataset": args.dataset}
+    about = {
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": checkpoint_sha256(args.checkpoint),  # which checkpoint predictions.csv belongs to
+        "epoch": model.checkpoint["epoch"],
+        "dataset": args.dataset,
+        "test_list": str(Path(args.test_list).resolve()) if args.test_list else None,
+    }
     run = evaluate_nih if args.dataset == "nih" else evaluate_external
     result = run(args, model, about)
     names, targets, probabilities, rows = result["names"], result["targets"], result["raw"], result["rows"]
@@ -227,10 +180,15 @@ def evaluate(args):
         write_thresholds(out / "thresholds.json", policy, thresholds, FINDINGS, result["fitted"])
         report["threshold_policy"] = policy
         written.append("thresholds.json")
+    percentiles = np.full(len(rows), np.nan)
     if model.statistics.ood is not None:
         what = f"the {args.split} split" if args.dataset == "nih" else f"{args.dataset}'s films"
         report["ood"], said = ood.report_section(model.statistics.ood, result["features"], what)
         print(said)
+        percentiles = ood.percentiles(model.statistics.ood, ood.distances(model.statistics.ood, result["features"]))
+    shown = probabilities if result["after"] is None else result["after"]  # what predict.py outputs
+    prediction_table(rows, names, targets, shown, percentiles).to_csv(out / "predictions.csv", index=False)
+    written.append("predictions.csv")
     report["subgroups"], said = subgroups.report_section(
         rows, names, targets, probabilities, thresholds, args.bootstrap, out
     )

@@ -13,17 +13,20 @@ decision at each operating point does not change.
 No torch import at the top: the ONNX path (predict.py --onnx) runs where PyTorch is not installed.
 """
 
+import hashlib
 import json
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 
 import calibration
 import ood
 from errors import DataError
 
 BATCH_SIZE = 32  # films per forward pass when predicting
+TTA_CROPS = 5  # films.five_views: four corners and the centre
 
 
 class Statistics(NamedTuple):
@@ -47,6 +50,15 @@ class Predictions(NamedTuple):
 def thresholds_path(checkpoint_path):
     """Where evaluate.py writes a checkpoint's thresholds, and predict.py, the page and export.py find them."""
     return Path(checkpoint_path).parent / "evaluation" / "thresholds.json"
+
+
+def checkpoint_sha256(path):
+    """The SHA-256 of a checkpoint file: which checkpoint an evaluation's files were made for."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_thresholds_file(path):
@@ -306,6 +318,63 @@ def outputs_over(model, loader, crops=1, progress=None):
     if crops > 1:
         logits, features = (part.view(-1, crops, part.shape[-1]).mean(dim=1) for part in (logits, features))
     return logits.double().numpy(), readable.numpy() == 1, features.double().numpy()
+
+
+def split_outputs(model, rows, data_dir=None, batch_size=64, workers=0, tta=False):
+    """(logits, readable, pooled features) of a TorchModel for the rows' films (a path column, and image_name for
+    NIH's cache: data_dir, the NIH folder whose cache to read when it holds them; None reads the files), batched under
+    inference_mode (AMP as in training), five crops each with tta (their mean)."""
+    from tqdm import tqdm
+
+    from images import PngImages, evaluation_images
+    from loaders import evaluation_loader
+
+    if data_dir is not None:
+        images = evaluation_images(rows, data_dir, model.load_size)
+    else:
+        images = PngImages(rows["path"], model.load_size)
+    loader = evaluation_loader(images, model.image_size, batch_size, workers, model.device, five=tta)
+
+    def progress(batches):
+        return tqdm(batches, desc=f"predicting {len(rows):,} images")
+
+    return outputs_over(model, loader, TTA_CROPS if tta else 1, progress)
+
+
+def prediction_table(rows, names, targets, probabilities, ood_percentile):
+    """predictions.csv of an evaluation: a row per film, its image_name and patient_id, label_<finding> (1, 0, or
+    empty where not labelled) and prob_<finding> per finding scored, and its out-of-distribution percentile."""
+    table = pd.DataFrame({"image_name": rows["image_name"].to_numpy(), "patient_id": rows["patient_id"].to_numpy()})
+    targets = np.asarray(targets, dtype=float)
+    for k, name in enumerate(names):
+        table[f"label_{name}"] = pd.Series(targets[:, k]).astype("Int64")  # NaN: <NA>, written empty
+    for k, name in enumerate(names):
+        table[f"prob_{name}"] = np.asarray(probabilities)[:, k]
+    table["ood_percentile"] = ood_percentile
+    return table
+
+
+def current_predictions(checkpoint_path, split="test", test_list=None):
+    """The predictions.csv that evaluate.py wrote for this very checkpoint (by its SHA-256) on this split, without
+    TTA, in evaluation/ beside it; None when there is none, or it belongs to another checkpoint or split."""
+    folder = thresholds_path(checkpoint_path).parent
+    report_path, table_path = folder / "report.json", folder / "predictions.csv"
+    if not (report_path.is_file() and table_path.is_file()):
+        return None
+    try:
+        report = json.loads(report_path.read_text())
+    except ValueError:
+        return None
+    wanted = {
+        "checkpoint_sha256": checkpoint_sha256(checkpoint_path),
+        "dataset": "nih",
+        "split": split,
+        "tta": False,
+        "test_list": str(Path(test_list).resolve()) if test_list else None,
+    }
+    if any(report.get(key) != value for key, value in wanted.items()):
+        return None
+    return pd.read_csv(table_path, dtype={"image_name": str, "patient_id": str})
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime

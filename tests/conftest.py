@@ -55,8 +55,7 @@ def predict_split(checkpoint_path, data_dir, part, amp=True):
 
     import torch
 
-    from dataset import FINDINGS
-    from evaluate import run_split, split_rows
+    from dataset import FINDINGS, run_split, split_rows
     from films import eval_view
     from images import PngImages
     from inference import TorchModel, predict_logits

@@ -15,6 +15,7 @@ COMMANDS = {
     "demo_data",
     "bench",
     "gpu_check",
+    "compare",
 }
 ALLOWED = {("bench", "train")}  # bench.py times train.py's own loop
 

@@ -1,0 +1,181 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import norm
+
+import compare
+import evaluate
+import predict
+from dataset import FINDINGS
+from metrics import compare_aurocs, delong_test, holm, paired_bootstrap_difference
+
+
+def delong_by_pairs(targets, scores_a, scores_b):
+    """DeLong et al. (1988) as written: the kernel psi over every (positive, negative) pair, the structural components
+    as its row and column means, their covariances; an O(m n) second implementation of what metrics does by ranks."""
+    components = []
+    for scores in (scores_a, scores_b):
+        x, y = scores[targets == 1], scores[targets == 0]
+        psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+        components.append((psi.mean(), psi.mean(axis=1), psi.mean(axis=0)))
+    (auc_a, v10_a, v01_a), (auc_b, v10_b, v01_b) = components
+    m, n = len(v10_a), len(v01_a)
+    s10, s01 = np.cov(np.stack([v10_a, v10_b])), np.cov(np.stack([v01_a, v01_b]))
+    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    return auc_a, auc_b, 2 * norm.sf(abs(auc_b - auc_a) / np.sqrt(variance))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_delong_equals_the_pairwise_definition_on_scores_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    targets = (rng.random(120) < 0.3).astype(float)
+    scores_a = np.round(targets * 0.8 + rng.normal(size=120), 1)  # rounded: many ties, within and across classes
+    scores_b = np.round(targets * 1.2 + rng.normal(size=120), 1)
+    expected = delong_by_pairs(targets, scores_a, scores_b)
+    assert delong_test(targets, scores_a, scores_b) == pytest.approx(expected, rel=1e-9)
+    # NaN labels are left out, as everywhere else
+    with_unknown = np.r_[targets, np.nan, np.nan]
+    assert delong_test(with_unknown, np.r_[scores_a, 9, -9], np.r_[scores_b, -9, 9]) == pytest.approx(expected)
+
+
+def test_holm_on_a_hand_worked_family():
+    # sorted 0.01, 0.02, 0.03, 0.5 times 4, 3, 2, 1: 0.04, 0.06, 0.06 (monotone), 0.5; NaN stays out of the family
+    adjusted = holm([0.03, 0.5, np.nan, 0.01, 0.02])
+    np.testing.assert_allclose(adjusted, [0.06, 0.5, np.nan, 0.04, 0.06])
+    np.testing.assert_allclose(holm([0.4, 0.6]), [0.8, 0.8])  # 0.6 x 1 < 0.8: never below a smaller p's
+    np.testing.assert_allclose(holm([0.6, 0.7]), [1.0, 1.0])  # capped at 1
+
+
+def test_a_model_against_itself_differs_by_nothing():
+    rng = np.random.default_rng(0)
+    targets = (rng.random((200, 3)) < 0.3).astype(float)
+    scores = rng.random((200, 3)) + targets * 0.5
+    patients = np.repeat(np.arange(100), 2)
+    figures = compare_aurocs(targets, scores, scores.copy(), patients, replicates=200)
+    np.testing.assert_array_equal(figures["difference"], 0)
+    np.testing.assert_array_equal(figures["ci_low"], 0)
+    np.testing.assert_array_equal(figures["ci_high"], 0)
+    np.testing.assert_array_equal(figures["p_bootstrap"], 1)
+    np.testing.assert_array_equal(figures["p_delong"][:3], 1)
+    np.testing.assert_array_equal(figures["p_holm"][:3], 1)
+
+
+def test_the_paired_bootstrap_ci_covers_the_true_difference_at_about_the_nominal_rate():
+    """Binormal scores: a model's AUROC is Phi(d / sqrt(2)) for positives shifted by d (unit-variance noise), so the
+    true difference is known. Two correlated models on 300 films of 150 patients, 300 simulated test sets."""
+    rng = np.random.default_rng(7)
+    shift_a, shift_b = 1.0, 1.4
+    truth = norm.cdf(shift_b / np.sqrt(2)) - norm.cdf(shift_a / np.sqrt(2))
+    covered = 0
+    simulations = 300
+    for seed in range(simulations):
+        patient_positive = rng.random(150) < 0.3
+        targets = np.repeat(patient_positive, 2).astype(float)[:, None]
+        shared = rng.normal(size=(300, 1))  # what both models see alike: the pairing the test must use
+        noise_a = np.sqrt(0.5) * shared + np.sqrt(0.5) * rng.normal(size=(300, 1))
+        noise_b = np.sqrt(0.5) * shared + np.sqrt(0.5) * rng.normal(size=(300, 1))
+        scores_a, scores_b = shift_a * targets + noise_a, shift_b * targets + noise_b
+        patients = np.repeat(np.arange(150), 2)
+        result = paired_bootstrap_difference(targets, scores_a, scores_b, patients, replicates=200, seed=seed)
+        covered += result["low"][0] <= truth <= result["high"][0]
+    assert 0.90 <= covered / simulations <= 0.99
+
+
+def test_a_finding_without_positives_is_reported_as_such(tmp_path):
+    targets = np.zeros((40, 2))
+    targets[:10, 0] = 1  # the second finding has no positives
+    scores = np.random.default_rng(0).random((40, 2))
+    table = compare.pair_table(["A", "B"], targets, np.arange(40), [scores, scores[::-1].copy()], ("a", "b"), 50)
+    row = table.set_index("finding").loc["B"]
+    assert row.note == "no positives among the 40 films" and np.isnan(row.auroc_a) and np.isnan(row.p_delong)
+    assert np.isfinite(table.set_index("finding").loc["A"].p_delong)
+
+
+# ----------------------------------------------------------------------------- on the demo model
+
+
+def worse_copy(checkpoint_path, out):
+    """The checkpoint with noise added to its head's weights: the same split and settings, a clearly worse model."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for value in checkpoint["model"].values():
+        if value.ndim == 2 and value.shape[0] == len(FINDINGS):  # the head's Linear
+            value += 10 * value.std() * torch.randn(value.shape, generator=generator)
+    out.mkdir()
+    torch.save(checkpoint, out / "worse.pth")
+    (out / "split.csv").write_bytes((checkpoint_path.parent / "split.csv").read_bytes())
+    return out / "worse.pth"
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, tmp_path_factory):
+    """best.pth evaluated as evaluate.py does (its predictions.csv in a copy of the run folder)."""
+    run = tmp_path_factory.mktemp("compared")
+    for name in ("best.pth", "split.csv"):
+        (run / name).write_bytes((trained_run / name).read_bytes())
+    evaluate.main(["--checkpoint", str(run / "best.pth"), "--bootstrap", "20", "--num_workers", "0", "--no-amp"])
+    return run
+
+
+def test_predictions_csv_holds_what_predict_py_outputs_for_the_same_films(evaluated, learn_dir, tmp_path):
+    table = pd.read_csv(evaluated / "evaluation" / "predictions.csv")
+    split = pd.read_csv(evaluated / "split.csv")
+    assert list(table.image_name) == list(split.image_name[split.split == "test"])
+    assert [c for c in table.columns if c.startswith("label_")] == [f"label_{f}" for f in FINDINGS]
+    films = table.image_name[:12]
+    paths = [str(next(learn_dir.rglob(name))) for name in films]
+    predict.main(["--checkpoint", str(evaluated / "best.pth"), *paths, "--out", str(tmp_path), "--no-amp"])
+    predicted = pd.read_csv(tmp_path / "predictions.csv")
+    ours = table.set_index("image_name").loc[films]
+    for finding in FINDINGS:
+        np.testing.assert_allclose(ours[f"prob_{finding}"], predicted[finding], atol=2e-5)
+    np.testing.assert_allclose(ours.ood_percentile, predicted.ood_percentile, atol=1e-4)  # predict.py: 5 decimals
+    label_file = next(learn_dir.glob("Data_Entry_2017*.csv"))
+    labels = pd.read_csv(label_file).set_index("Image Index").loc[films, "Finding Labels"]
+    for name, text in labels.items():
+        marked = {finding for finding in FINDINGS if ours.loc[name, f"label_{finding}"] == 1}
+        assert marked == set(text.split("|")) - {"No Finding"}
+
+
+def test_a_clearly_worse_model_is_told_apart_and_a_model_from_itself_is_not(evaluated, tmp_path, capsys):
+    worse = worse_copy(evaluated / "best.pth", tmp_path / "worse")
+    out = tmp_path / "out"
+    compare.main(
+        [str(worse), str(evaluated / "best.pth"), "--reps", "200", "--num_workers", "0", "--no-amp"]
+        + ["--out", str(out), "--names", "worse,best"]
+    )
+    printed = capsys.readouterr().out
+    assert "read the predictions evaluate.py wrote" in printed  # best.pth's own, not predicted again
+    table = pd.read_csv(out / "compare.csv")
+    assert list(table.columns) == list(compare.COLUMNS)
+    mean = table.set_index("finding").loc["mean"]
+    assert mean.difference > 0 and mean.p_bootstrap < 0.05 and mean.ci_low > 0
+    per_finding = table[table.finding != "mean"]
+    assert (per_finding.p_holm < 0.05).sum() >= 3
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["models"] == {"worse": str(worse), "best": str(evaluated / "best.pth")}
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG" and "| **mean** |" in (out / "compare.md").read_text()
+
+    same = tmp_path / "same"
+    compare.main([str(evaluated / "best.pth")] * 2 + ["--reps", "50", "--out", str(same), "--num_workers", "0"])
+    itself = pd.read_csv(same / "compare.csv")
+    defined = itself[np.isfinite(itself.auroc_a)]
+    assert (defined.difference == 0).all() and (defined.p_bootstrap == 1).all() and (defined.ci_low == 0).all()
+    assert (defined.ci_high == 0).all()
+
+
+def test_checkpoints_scored_on_different_films_are_refused(evaluated, tmp_path):
+    other = worse_copy(evaluated / "best.pth", tmp_path / "other")
+    split = pd.read_csv(other.parent / "split.csv")
+    split.loc[split.index[split.split == "test"][:3], "split"] = "train"  # another run's split
+    split.to_csv(other.parent / "split.csv", index=False)
+    checkpoint = torch.load(other, map_location="cpu", weights_only=True)
+    del checkpoint["split"]  # an older checkpoint: split.csv alone says which films it never saw
+    torch.save(checkpoint, other)
+    with pytest.raises(SystemExit) as stopped:
+        compare.main([str(evaluated / "best.pth"), str(other), "--reps", "10", "--num_workers", "0"])
+    message = str(stopped.value.code)
+    assert "3 films differ" in message and "--test_list" in message
