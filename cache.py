@@ -13,19 +13,17 @@ holds them there and draws batches by index: no DataLoader, no workers, no host-
 """
 
 import argparse
-import os
 import sys
 from multiprocessing import get_context
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from dataset import attach_image_paths, find_label_file, read_labels
 from devices import usable_cpus
 from errors import DataError
 from films import load_image
-from images import cache_folder
+from images import cache_folder, open_cache, save_cache_progress
 
 CHUNK = 256  # images per task: large enough to amortise the task, small enough to resume with little lost
 
@@ -40,34 +38,11 @@ def _fill_rows(task):
     return rows
 
 
-def _open_array(folder, names, size):
-    """The cache's array and progress, created or reopened; refuses another size or another image list."""
-    images_path, index_path, done_path = folder / "images.npy", folder / "index.csv", folder / "done.npy"
-    if index_path.is_file():
-        if pd.read_csv(index_path)["image_name"].tolist() != list(names):
-            raise DataError(f"{folder} was built for another list of images; delete it to rebuild.")
-        images = np.load(images_path, mmap_mode="r+")
-        if images.shape != (len(names), size, size):
-            raise DataError(f"{images_path} holds {images.shape[1]}-px images, not {size}; delete it to rebuild.")
-        return images_path, np.load(done_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(len(names), size, size)).flush()
-    np.save(done_path, np.zeros(len(names), dtype=bool))
-    pd.DataFrame({"image_name": names}).to_csv(index_path, index=False)  # last: marks a usable folder
-    return images_path, np.load(done_path)
-
-
-def _save_progress(folder, done):
-    temporary = folder / "done.tmp.npy"
-    np.save(temporary, done)
-    os.replace(temporary, folder / "done.npy")  # atomic: an interruption never corrupts the progress
-
-
 def build_cache(data_dir, size=256, csv_path="", workers=None, drop_missing=False):
     """Write (or finish) the cache of every image in the label file; returns its folder."""
     labels = attach_image_paths(read_labels(find_label_file(data_dir, csv_path)), data_dir, drop_missing)
     folder = cache_folder(data_dir, size)
-    images_path, done = _open_array(folder, labels["image_name"], size)
+    images_path, done = open_cache(folder, labels["image_name"], size)
     todo = np.flatnonzero(~done)
     paths = labels["path"].to_numpy()
     tasks = [(images_path, size, rows, paths[rows]) for rows in np.array_split(todo, max(1, len(todo) // CHUNK))]
@@ -76,7 +51,7 @@ def build_cache(data_dir, size=256, csv_path="", workers=None, drop_missing=Fals
     with get_context("spawn").Pool(workers) as pool:  # spawn: the same behaviour on Linux, macOS and Windows
         for rows in pool.imap_unordered(_fill_rows, [task for task in tasks if len(task[2])]):
             done[rows] = True
-            _save_progress(folder, done)
+            save_cache_progress(folder, done)
             bar.update(len(rows))
     bar.close()
     return folder

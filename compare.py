@@ -25,6 +25,7 @@ from configurator import AtLeast, add_device_flags, add_out_flag, flag_type
 from dataset import FINDINGS, run_split, split_rows
 from devices import worker_count
 from errors import DataError, UserError
+from images import find_cache
 from inference import TorchModel, current_predictions, prediction_table, predictions, split_outputs, statistics_of
 from metrics import compare_aurocs
 
@@ -66,7 +67,9 @@ def predictions_of(path, args):
     model = TorchModel(path, args.device, args.amp)
     split, source = run_split(model.checkpoint, path, args.test_list)
     data_dir = args.data_dir or model.config["DATA_DIR"]
-    parts, _ = split_rows(split, source, data_dir, model.config["CSV"], [args.split])
+    parts, _ = split_rows(
+        split, source, data_dir, model.config["CSV"], [args.split], cache=find_cache(data_dir, model.load_size)
+    )
     rows = parts[args.split]
     logits, readable, features = split_outputs(model, rows, data_dir, args.batch_size, worker_count(args.num_workers))
     if not readable.all():

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from errors import DataError
-from images import index_images
+from images import cached_names, index_images
 
 # The 14 findings in the order of the NIH paper and CheXNet; model outputs follow this order.
 FINDINGS = (
@@ -238,9 +238,10 @@ def run_split(checkpoint, checkpoint_path, test_list=None):
     return saved, f"the split of {checkpoint_path}"
 
 
-def split_rows(split, source, data_dir, csv_path, parts, drop_missing=False):
+def split_rows(split, source, data_dir, csv_path, parts, drop_missing=False, cache=None):
     """({part: labels with image paths} for parts of a run's split, the names of the images that are missing: left
-    out with drop_missing, else an error). The label file is read and the images indexed once."""
+    out with drop_missing, else an error). The label file is read and the images indexed once. Films a complete
+    cache holds need no file (attach_image_paths)."""
     csv_file = find_label_file(data_dir, csv_path)
     labels = read_labels(csv_file).set_index("image_name")
     wanted = []
@@ -255,7 +256,7 @@ def split_rows(split, source, data_dir, csv_path, parts, drop_missing=False):
     wanted = pd.concat(wanted, ignore_index=True)
     with warnings.catch_warnings():  # said once below, naming them
         warnings.simplefilter("ignore")
-        rows = attach_image_paths(wanted, data_dir, drop_missing, flag="--drop_missing_images")
+        rows = attach_image_paths(wanted, data_dir, drop_missing, flag="--drop_missing_images", cache=cache)
     missing = sorted(set(wanted.image_name) - set(rows.image_name))
     return {part: rows[rows.part == part].drop(columns="part").reset_index(drop=True) for part in parts}, missing
 
@@ -295,11 +296,18 @@ def pos_weight_from_counts(positives, negatives, policy="ratio", cap=0.0):
 # ----------------------------------------------------------------------------- images
 
 
-def attach_image_paths(labels, data_dir, drop_missing=False, flag="DROP_MISSING_IMAGES (--drop_missing_images true)"):
+def attach_image_paths(
+    labels, data_dir, drop_missing=False, flag="DROP_MISSING_IMAGES (--drop_missing_images true)", cache=None
+):
     """Add a `path` column. Missing images are one clear error naming `flag` (the setting that leaves them out), or
-    dropped with a warning when asked."""
-    paths = labels["image_name"].map(index_images(data_dir))
+    dropped with a warning when asked. An image without a file that a complete cache folder (`cache`) holds is kept
+    with an empty path: its pixels come from the cache (download.py --cache_only keeps no PNG)."""
+    paths = labels["image_name"].map(index_images(data_dir)).astype(object)
     missing = paths.isna()
+    if cache is not None and missing.any():
+        cached = labels["image_name"].isin(cached_names(cache))
+        paths[missing & cached] = ""
+        missing &= ~cached
     if missing.any():
         names = ", ".join(labels["image_name"][missing][:5])
         message = f"{missing.sum()} of {len(labels)} images in the CSV are not below {data_dir} (first: {names})"

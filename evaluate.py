@@ -43,6 +43,7 @@ from external import (
     read_expert_labels,
     read_external,
 )
+from images import find_cache
 from inference import (
     TorchModel,
     calibrated_thresholds,
@@ -194,7 +195,9 @@ def evaluate(args):
     )
     print(said)
     written += ["subgroups.csv", "subgroups.png"] if report["subgroups"] else []
-    if result.get("boxes") is not None:
+    if result.get("boxes") is not None and (rows.path == "").any():
+        print("localisation skipped: it draws heat maps on the full films, and these are in the cache alone")
+    elif result.get("boxes") is not None:
         table = localisation_section(args, model, rows, result["boxes"], table, report, out)
         written += ["localisation.png"] if "localisation" in report else []
     if args.expert_labels:
@@ -217,7 +220,10 @@ def evaluate_nih(args, model, about):
     needs_ood = model.statistics.ood is None and has_validation and bool((split.split == "train").any())
     wanted = [args.split] + (["val"] if has_validation else []) + (["train"] if needs_ood else [])
     data_dir = args.data_dir or config["DATA_DIR"]
-    parts, missing = split_rows(split, source, data_dir, args.csv or config["CSV"], wanted, args.drop_missing_images)
+    cache = find_cache(data_dir, model.load_size)  # a complete cache's films need no PNG (download.py --cache_only)
+    parts, missing = split_rows(
+        split, source, data_dir, args.csv or config["CSV"], wanted, args.drop_missing_images, cache
+    )
     skipped = {"missing": missing, "unreadable": []}
     if missing:
         print(f"warning: {len(missing)} film(s) missing and left out (first: {missing[0]})")

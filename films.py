@@ -50,13 +50,14 @@ class Film(NamedTuple):
     warnings: tuple  # why this file may not be what the model was trained on (DICOM header checks)
 
 
-def open_film(path, strict=False):
-    """A PNG, JPEG or DICOM file as 8-bit grayscale, with the header's warnings (errors when strict)."""
+def open_film(path, strict=False, file=None):
+    """A PNG, JPEG or DICOM file as 8-bit grayscale, with the header's warnings (errors when strict). With `file`
+    (an open binary file: a member of an archive being read) the pixels come from it and `path` names it."""
     path = Path(path)
     try:
         if path.suffix.lower() in DICOM_SUFFIXES:
             return _open_dicom(path, strict)
-        with Image.open(path) as image:
+        with Image.open(path if file is None else file) as image:
             image.load()
             return Film(_to_gray8(image), ())
     except DataError:
@@ -81,9 +82,10 @@ def _to_gray8(image):
     return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
 
 
-def load_image(path, size=None):
-    """8-bit grayscale uint8 [H, W], letterboxed to size x size when size is given: what training reads."""
-    pixels = open_film(path).pixels
+def load_image(path, size=None, file=None):
+    """8-bit grayscale uint8 [H, W], letterboxed to size x size when size is given: what training reads (from
+    `file`, an open binary file that `path` names, when given)."""
+    pixels = open_film(path, file=file).pixels
     return pixels if size is None else np.array(fit_square(Image.fromarray(pixels), size))  # writable, for torch
 
 

@@ -23,7 +23,9 @@ UPLOAD_CHUNK = 4096  # images read from the cache and copied to the device at a 
 
 def index_images(data_dir):
     """Map image name -> path for every image below data_dir, flat or in NIH's images_0NN/images/ folders. Folders
-    linked in (images on another disk) are followed; a folder reached twice through links is read once."""
+    linked in (images on another disk) are followed; a folder reached twice through links is read once. A name found
+    twice maps to the first in path order (a folder's own files before its subfolders', names sorted), with a
+    warning."""
     data_dir = Path(data_dir)
     found = {}
     duplicates = 0
@@ -34,12 +36,15 @@ def index_images(data_dir):
             subfolders[:] = []
             continue
         seen.add(real)
-        for name in files:
+        subfolders.sort()  # a name found twice means the same file on every machine: the first in path order
+        for name in sorted(files):
             if name.lower().endswith(IMAGE_SUFFIXES):
                 duplicates += name in found
                 found.setdefault(name, Path(folder) / name)
     if duplicates:
-        warnings.warn(f"{duplicates} image name(s) occur twice below {data_dir}; the first is used.", stacklevel=2)
+        warnings.warn(
+            f"{duplicates} image name(s) occur twice below {data_dir}; the first in path order is used.", stacklevel=2
+        )
     return found
 
 
@@ -70,6 +75,38 @@ def find_cache(data_dir, load_size, setting="auto"):
         return Path(setting)
     folder = cache_folder(data_dir, load_size)
     return folder if (folder / "index.csv").is_file() else None
+
+
+def open_cache(folder, names, size):
+    """(the path of the cache's array, which rows are written): created, or reopened; another size or another list of
+    images is refused. cache.py and download.py --cache_only fill it; CachedImages reads it."""
+    images_path, index_path, done_path = folder / "images.npy", folder / "index.csv", folder / "done.npy"
+    if index_path.is_file():
+        if pd.read_csv(index_path)["image_name"].tolist() != list(names):
+            raise DataError(f"{folder} was built for another list of images; delete it to rebuild.")
+        images = np.load(images_path, mmap_mode="r+")
+        if images.shape != (len(names), size, size):
+            raise DataError(f"{images_path} holds {images.shape[1]}-px images, not {size}; delete it to rebuild.")
+        return images_path, np.load(done_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(len(names), size, size)).flush()
+    np.save(done_path, np.zeros(len(names), dtype=bool))
+    pd.DataFrame({"image_name": names}).to_csv(index_path, index=False)  # last: marks a usable folder
+    return images_path, np.load(done_path)
+
+
+def save_cache_progress(folder, done):
+    temporary = folder / "done.tmp.npy"
+    np.save(temporary, done)
+    os.replace(temporary, folder / "done.npy")  # atomic: an interruption never corrupts the progress
+
+
+def cached_names(folder):
+    """The image names a complete cache folder holds (empty for none, or one still being built): their films need
+    no file on disk (download.py --cache_only keeps none)."""
+    if folder is None or not (Path(folder) / "index.csv").is_file() or not np.load(Path(folder) / "done.npy").all():
+        return set()
+    return set(pd.read_csv(Path(folder) / "index.csv", dtype={"image_name": str})["image_name"])
 
 
 class CachedImages:

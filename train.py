@@ -88,6 +88,7 @@ from dataset import (
 from devices import autocast_dtype, compile_support, device_name, select_device, use_channels_last
 from distributed import gather_rows, setup_distributed, shut_down, sum_over_ranks
 from errors import CheckpointError, DataError, SettingsError, UserError
+from images import find_cache
 from inference import predict_logits
 from loaders import close_workers, make_loaders
 from model import build_model, frozen_blocks, init_head_bias, save_checkpoint
@@ -183,7 +184,8 @@ def load_split_labels(config, checkpoint, checkpoint_path):
     """(label file, labels with image paths, split per row): a new split for a new run; for a resumed run the
     checkpoint's own (checked against the split.csv beside it)."""
     csv_path = find_label_file(config["DATA_DIR"], config["CSV"])
-    labels = attach_image_paths(read_labels(csv_path), config["DATA_DIR"], config["DROP_MISSING_IMAGES"])
+    cache = find_cache(config["DATA_DIR"], config["LOAD_SIZE"], config["CACHE"])  # its films need no PNG on disk
+    labels = attach_image_paths(read_labels(csv_path), config["DATA_DIR"], config["DROP_MISSING_IMAGES"], cache=cache)
     if checkpoint is None:
         return (
             csv_path,

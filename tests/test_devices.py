@@ -95,6 +95,11 @@ def test_checkpoints_record_the_autocast_dtype_that_trained_them(one_epoch):
         ((6, 1), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], False),  # GTX 1080
         ((12, 1), ["sm_90", "compute_120"], True),  # PTX compiled on the fly
         ((8, 0), ["sm_86"], False),  # a lower minor version does not run a higher one's code
+        ((8, 6), ["sm_89"], False),
+        ((9, 0), ["sm_80", "sm_86"], False),  # machine code runs within its major version only: no H100 kernels
+        ((12, 0), ["sm_90"], False),
+        ((9, 0), ["compute_80"], True),  # PTX runs on any later GPU
+        ((8, 0), ["compute_86"], False),  # ... but not on an earlier one
     ],
 )
 def test_which_gpus_a_wheel_has_kernels_for(capability, arch_list, covered):
@@ -305,3 +310,9 @@ def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_exits_0(tmp_path):
     )
     assert result.returncode == 0 and "no GPU" in result.stdout
     assert not Path(tmp_path / "gpu.json").exists() or "no GPU" in (tmp_path / "gpu.json").read_text()
+
+
+@pytest.mark.parametrize("requested, expected", [(0, 0), (3, 3), (-1, 7)])
+def test_zero_workers_means_none_and_minus_one_means_from_the_cpus(requested, expected):
+    assert devices.worker_count(requested, cpus=8, processes=1, system="Linux") == expected
+    assert devices.worker_count(-1, cpus=8, processes=2, system="Linux") == 3  # 4 CPUs a process, one feeds it

@@ -2,6 +2,8 @@
 translated into each dataset's vocabulary. A model that learnt the demo scores its drawn findings well only if the
 mapping is right; laterals are left out and counted; uncertain labels follow --uncertain."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -473,3 +475,75 @@ def test_a_label_covering_two_findings_is_scored_by_the_higher_probability():
     np.testing.assert_allclose(scores[:, oedema], [0.1, 0.1, 0.4])
     expert = model_scores(probabilities, EXPERT_MAPPING, list(FINDINGS))
     np.testing.assert_allclose(expert[:, list(EXPERT_MAPPING).index("Nodule or mass")], [0.9, 0.7, 0.1])
+
+
+def test_min_age_keeps_a_film_of_exactly_that_age_and_drops_unknown_ages(tmp_path):
+    from external import read_external
+
+    births = [2005, 2004, 2003, None, 1950]  # studied in 2015: aged 10, 11, 12, unknown, 65
+    data = padchest_layout(tmp_path, [["cardiomegaly"]] * 5, PatientBirth=births, StudyDate_DICOM=[20150101] * 5)
+    kept = read_external("padchest", data, min_age=11)
+    assert sorted(kept.rows.age) == [11, 12, 65]
+    assert kept.left_out["younger than 11 or of unknown age"] == 2
+    assert len(read_external("padchest", data).rows) == 5  # without --min_age, every age
+
+
+def vindr_layout(tmp_path, rows):
+    """VinDr's train.csv of rows (image_id, class_name, rad_id, corners) and a small DICOM per film."""
+    from conftest import write_dicom
+
+    data = tmp_path / "vindr"
+    (data / "train").mkdir(parents=True)
+    for image_id in {row[0] for row in rows}:
+        write_dicom(data / "train" / f"{image_id}.dicom", np.full((16, 16), 1000))
+    columns = ["image_id", "class_name", "rad_id", "x_min", "y_min", "x_max", "y_max"]
+    pd.DataFrame(rows, columns=columns).to_csv(data / "train.csv", index=False)
+    return data
+
+
+def test_vindr_boxes_come_from_positive_films_only_with_their_exact_corners(tmp_path):
+    from external import read_external
+
+    nan = np.nan
+    data = vindr_layout(
+        tmp_path,
+        [
+            ["a", "Cardiomegaly", "R1", 10, 20, 50, 80],  # film a: two readers agree
+            ["a", "Cardiomegaly", "R2", 12, 22, 52, 82],
+            ["b", "Cardiomegaly", "R1", 30, 40, 35, 60],  # film b: one reader of two
+            ["b", "No finding", "R2", nan, nan, nan, nan],
+        ],
+    )
+    majority = read_external("vindr", data, rule="majority")
+    boxes = majority.boxes[majority.boxes.name == "Cardiomegaly"]
+    assert list(boxes.image_name.map(lambda path: Path(path).stem)) == ["a", "a"]  # b is negative: no box
+    first = boxes.iloc[0]
+    assert (first.x, first.y, first.w, first.h) == (10, 20, 40, 60)  # width x_max - x_min, height y_max - y_min
+    every = read_external("vindr", data, rule="any")
+    assert len(every.boxes[every.boxes.name == "Cardiomegaly"]) == 3
+
+
+def test_a_blank_expert_answer_leaves_the_film_out_of_that_finding_only(tmp_path):
+    from external import read_expert_labels
+    from report import two_label_table
+
+    table = pd.DataFrame(
+        {
+            "Image Index": [f"0000000{k}_000.png" for k in range(1, 7)],
+            "Fracture": ["NO"] * 6,
+            "Pneumothorax": ["YES", "NO", "", "YES", "NO", "NO"],
+            "Airspace opacity": ["NO", "YES", "NO", "NO", "YES", "NO"],
+            "Nodule or mass": ["NO"] * 6,
+            "Set Id": "test",
+        }
+    )
+    table.to_csv(tmp_path / "experts.csv", index=False)
+    labels = read_expert_labels(tmp_path / "experts.csv")
+    assert np.isnan(labels.Pneumothorax[2]) and labels.Pneumothorax[1] == 0 and labels["Airspace opacity"][2] == 0
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.95, 0.3], [0.7, 0.2], [0.1, 0.9], [0.3, 0.2]])
+    expert = labels[["Pneumothorax", "Airspace opacity"]].to_numpy()
+    rows = two_label_table(["Pneumothorax", "Airspace opacity"], expert, expert, scores, np.arange(6), 10)
+    # film 3 (blank) is out: positives 0.9 and 0.7 against negatives 0.2, 0.1, 0.3 -> AUROC 1; read as NO, its 0.95
+    # would rank a negative above every positive (AUROC 0.75)
+    assert rows[0]["images"] == 5 and rows[0]["expert_positives"] == 2 and rows[0]["expert_auroc"] == 1.0
+    assert rows[1]["images"] == 6

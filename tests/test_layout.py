@@ -16,6 +16,7 @@ COMMANDS = {
     "bench",
     "gpu_check",
     "compare",
+    "download",
 }
 ALLOWED = {("bench", "train")}  # bench.py times train.py's own loop
 

@@ -197,3 +197,46 @@ def test_the_settings_offer_exactly_the_backbones_and_blocks_model_builds():
     for block in model_module.BLOCKS:
         allowed["TRAINABLE_LAYERS"].validate("TRAINABLE_LAYERS", block)
     assert allowed["BACKBONE"].allowed.count("'") == 2 * len(model_module.BACKBONES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_batchnorm_equals_batchnorm_in_evaluation_on_the_same_buffers(dtype):
+    from model import FrozenBatchNorm
+
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        "weight": torch.rand(8, generator=generator) + 0.5,
+        "bias": torch.randn(8, generator=generator),
+        "running_mean": torch.randn(8, generator=generator),
+        "running_var": torch.rand(8, generator=generator) * 3 + 0.1,
+    }
+    ours, reference = FrozenBatchNorm(8), torch.nn.BatchNorm2d(8).eval()
+    ours.load_state_dict(state)
+    reference.load_state_dict(state, strict=False)
+    x = torch.randn(2, 8, 5, 5, generator=generator)
+    with torch.no_grad():
+        expected = reference(x)
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+            torchvisions = FrozenBatchNorm2d(8)
+            torchvisions.load_state_dict(state)
+            torch.testing.assert_close(ours(x), torchvisions(x), atol=1e-5, rtol=1e-5)
+        else:  # under autocast the frozen blocks run in bf16: the activations' dtype, bf16's precision
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                found = ours(x.to(torch.bfloat16))
+            assert found.dtype == torch.bfloat16
+            torch.testing.assert_close(found.float(), expected, atol=3e-2, rtol=2e-2)
+
+
+def test_a_checkpoint_of_the_same_findings_in_another_order_is_refused(tmp_path):
+    from errors import CheckpointError
+    from model import load_checkpoint
+
+    swapped = list(FINDINGS)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    checkpoint = {"model": {}, "config": {}, "findings": swapped, "architecture": "resnet50"}
+    torch.save(checkpoint, tmp_path / "swapped.pth")
+    with pytest.raises(CheckpointError, match="differ"):
+        load_checkpoint(tmp_path / "swapped.pth", FINDINGS)
+    torch.save({**checkpoint, "findings": list(FINDINGS)}, tmp_path / "same.pth")
+    assert load_checkpoint(tmp_path / "same.pth", FINDINGS)["findings"] == list(FINDINGS)

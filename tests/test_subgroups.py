@@ -1,0 +1,32 @@
+"""subgroups.py's groups and operating points, counted by hand."""
+
+import numpy as np
+import pandas as pd
+
+import subgroups
+
+
+def test_ages_on_a_bands_edge_fall_in_the_documented_band():
+    rows = pd.DataFrame({"age": [19, 20, 39, 40, 59, 60, 79, 80, 95]})
+    found = {group: int(mask.sum()) for (attribute, group), mask in subgroups.groups(rows).items()}
+    # AGE_BANDS: 0-19, 20-39, 40-59, 60-79, 80+, both ends included
+    assert found == {"0-19": 1, "20-39": 2, "40-59": 2, "60-79": 2, "80+": 2}
+    masks = subgroups.groups(rows)
+    assert list(rows.age[masks[("age", "20-39")]]) == [20, 39] and list(rows.age[masks[("age", "40-59")]]) == [40, 59]
+
+
+def test_first_films_and_follow_ups_are_counted_apart():
+    rows = pd.DataFrame({"follow_up": [0, 0, 0, 1, 2, 7]})
+    masks = subgroups.groups(rows)
+    assert masks[("film", "first")].sum() == 3 and masks[("film", "follow-up")].sum() == 3
+    assert not (masks[("film", "first")] & masks[("film", "follow-up")]).any()
+
+
+def test_a_film_scored_exactly_at_its_threshold_is_called_positive():
+    targets = np.array([[1], [1], [1], [1], [0], [0], [0], [0]], dtype=float)
+    probabilities = np.array([[0.5], [0.5], [0.7], [0.2], [0.5], [0.1], [0.2], [0.3]])
+    figures = subgroups.group_figures(["A"], targets, probabilities, np.arange(8), np.array([0.5]), replicates=5)
+    # at >= 0.5: positives 0.5, 0.5, 0.7 called (3 of 4); negatives: the 0.5 (1 of 4)
+    assert figures[0]["sensitivity"] == 0.75 and figures[0]["false_positive_rate"] == 0.25
+    # underdiagnosis: of the 4 sick films, only the one at 0.2 is called clear of everything
+    assert figures[-1]["underdiagnosis_rate"] == 0.25
