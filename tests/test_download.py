@@ -132,6 +132,7 @@ def test_faults_are_survived_and_the_films_are_byte_identical_and_a_rerun_is_idl
     assert ("images_003.tar.gz", "bytes=3000-") in server.requests and "ignores Range" in printed
     assert [name for name, _ in server.requests].count("images_002.tar.gz") == 3
     assert (out / "Data_Entry_2017_v2020.csv.bad").is_file() and "MD5" in printed
+    assert [path.name for path in out.glob("*.bad")] == ["Data_Entry_2017_v2020.csv.bad"]  # the rest right at once
 
     asked = len(server.requests)
     download.main(["--out", str(out), "--manifest", str(listed)])
@@ -260,3 +261,20 @@ def test_nih_manifest_holds_nih_figures_and_a_bad_row_is_named(tmp_path):
     bad.write_text("name,url,md5,bytes\na.tar.gz,https://x/a,not-an-md5,3\n")
     with pytest.raises(fetch.DataError, match=r"bad.csv, row 2: md5 'not-an-md5'"):
         fetch.read_manifest(bad)
+
+
+def test_a_file_of_another_size_than_the_manifest_says_is_fetched_twice_then_refused(server, tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "train_val_list.txt").write_text("00000001_000.png\n" * 100)
+    server.root = served
+    listed = tmp_path / "files.csv"  # no MD5 published: the size alone tells
+    listed.write_text(f"name,url,md5,bytes\ntrain_val_list.txt,{server.url}/train_val_list.txt,,3400\n")
+    with pytest.raises(SystemExit) as stopped:
+        download.main(["--out", str(tmp_path / "nih"), "--manifest", str(listed)])
+    message = str(stopped.value.code)
+    assert (
+        "train_val_list.txt failed its check twice" in message
+        and "1,700 bytes where the manifest says 3,400" in message
+    )
+    assert [name for name, _ in server.requests] == ["train_val_list.txt"] * 2
