@@ -33,8 +33,8 @@ demo: install
 	$(PY) compare.py checkpoints/demo/epoch_01.pth checkpoints/demo/best.pth --names epoch_1,best \
 		--out checkpoints/demo/compare
 	@echo "Look at: checkpoints/demo/training_curves.png (loss, AUROC and learning rate by epoch),"
-	@echo "         checkpoints/demo/evaluation/ (report.csv, roc_curves.png, reliability.png, subgroups.png,"
-	@echo "                                       localisation.png: the test split),"
+	@echo "         checkpoints/demo/evaluation/best/ (report.csv, roc_curves.png, reliability.png, subgroups.png,"
+	@echo "                                            localisation.png: the test split),"
 	@echo "         checkpoints/demo/predictions/ (*_sheet.png: each film beside its heat maps),"
 	@echo "         checkpoints/demo/compare/ (compare.png, compare.md: epoch 1 against the best epoch, paired tests)"
 

@@ -4,12 +4,12 @@
     python compare.py A.pth B.pth --test_list data/nih/test_list.txt     # runs with different splits: a list you name
 
 Each checkpoint is scored on its run's test split (or --split val, or the films of --test_list). A predictions.csv that
-evaluate.py wrote for that very checkpoint (evaluation/ beside it, recognised by the checkpoint's SHA-256) is read
-instead of predicting again. Checkpoints whose films differ are refused. The first model is compared with each other
-one, per finding and for the mean over findings: both AUROCs and the difference (B - A), a 95% CI of the difference and
-its p-value from a paired patient-level bootstrap (the same resampled patients for both models), DeLong's p-value
-(films taken as independent) and Holm's adjustment of the 14 DeLong p-values. Writes compare.csv, compare.json,
-compare.png (a forest plot of the differences) and compare.md (a table for a paper) to DIR.
+evaluate.py wrote for that very checkpoint (in evaluation/<checkpoint stem>/ beside it, recognised by the checkpoint's
+SHA-256) is read instead of predicting again. Checkpoints whose films differ are refused. The first model is compared
+with each other one, per finding and for the mean over findings: both AUROCs and the difference (B - A), a 95% CI of
+the difference and its p-value from a paired patient-level bootstrap (the same resampled patients for both models),
+DeLong's p-value (films taken as independent) and Holm's adjustment of the 14 DeLong p-values. Writes compare.csv,
+compare.json, compare.png (a forest plot of the differences) and compare.md (a table for a paper) to DIR.
 """
 
 import argparse

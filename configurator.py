@@ -16,6 +16,7 @@ import argparse
 import ast
 import inspect
 import io
+import math
 import sys
 import tokenize
 from pathlib import Path
@@ -27,7 +28,12 @@ class Rule:
     """Which values a setting may take: its type (str, int, float, bool), a check, and the allowed values in words."""
 
     def __init__(self, kind, allowed, check=None, values=()):
-        self.kind, self.allowed, self.check = kind, allowed, check or (lambda value: True)
+        check = check or (lambda value: True)
+        if kind in (int, float):  # inf and NaN pass every comparison's check or none: neither is ever a setting
+            self.check = lambda value: math.isfinite(value) and check(value)
+        else:
+            self.check = check
+        self.kind, self.allowed = kind, allowed
         self.values = values  # the allowed values, where they can be listed
 
     def parse(self, text):
@@ -177,12 +183,20 @@ def read_config_file(path, known):
     path = Path(path)
     if not path.is_file():
         raise SettingsError(f"config file not found: {path} (settings are --name value; config/demo.py is a file)")
-    source = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        source = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the text
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise SettingsError(
+            f"{path}, line {line}: not UTF-8 text (byte {data[error.start]:#04x}; saved as Latin-1 or another "
+            "encoding?). Save the file as UTF-8."
+        ) from None
     try:
         tree = ast.parse(source, filename=str(path))
     except SyntaxError as error:
         raise SettingsError(f"{path}, line {error.lineno}: not a NAME = value line ({error.msg})") from None
-    values = {}
+    values, lines = {}, {}
     for node in tree.body:
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             raise SettingsError(
@@ -199,7 +213,11 @@ def read_config_file(path, known):
             ) from None
         if name not in known:
             raise SettingsError(f"{path}, line {node.lineno}: unknown setting {name}. Valid: {', '.join(known)}")
-        values[name] = value
+        if name in values:
+            raise SettingsError(
+                f"{path}, lines {lines[name]} and {node.lineno}: {name} is set twice; keep the one you mean"
+            )
+        values[name], lines[name] = value, node.lineno
     return values
 
 

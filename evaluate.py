@@ -29,7 +29,7 @@ import pandas as pd
 import calibration
 import ood
 import subgroups
-from configurator import add_device_flags, add_out_flag
+from configurator import AtLeast, Between, add_device_flags, add_out_flag, flag_type
 from dataset import FINDINGS, find_label_file, run_split, split_rows
 from devices import worker_count
 from errors import DataError, UserError
@@ -48,6 +48,7 @@ from inference import (
     TorchModel,
     calibrated_thresholds,
     checkpoint_sha256,
+    evaluation_folder,
     fit_statistics,
     prediction_table,
     split_outputs,
@@ -134,11 +135,17 @@ def parse_args(argv):
     )
     parser.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default: test)")
     parser.add_argument("--test_list", help="evaluate on these images (e.g. NIH's test_list.txt), not the run's split")
-    add_out_flag(parser, None, "report folder", "evaluation/ beside the checkpoint")
+    add_out_flag(parser, None, "report folder", "evaluation/<checkpoint stem>/ beside the checkpoint")
     parser.add_argument("--tta", action="store_true", help="average five crops per image (default: off)")
-    parser.add_argument("--sensitivity", type=float, help="choose thresholds for this sensitivity, not Youden's J")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default: 1000)")
-    parser.add_argument("--batch_size", type=int, default=64, help="default: 64")
+    parser.add_argument(
+        "--sensitivity",
+        type=flag_type(Between(0, 1, low_included=False)),
+        help="choose thresholds for this sensitivity (above 0, below 1), not Youden's J",
+    )
+    parser.add_argument(
+        "--bootstrap", type=flag_type(AtLeast(1)), default=1000, help="bootstrap replicates (default: 1000)"
+    )
+    parser.add_argument("--batch_size", type=flag_type(AtLeast(1)), default=64, help="default: 64")
     parser.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers; -1: from the CPU count")
     add_device_flags(parser)
     args = parser.parse_args(argv)
@@ -149,18 +156,19 @@ def parse_args(argv):
 
 def evaluate(args):
     model = TorchModel(args.checkpoint, args.device, args.amp)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "evaluation"
+    out = Path(args.out) if args.out else evaluation_folder(args.checkpoint)
     if args.dataset != "nih" and not args.out:
         out = out / args.dataset  # never over NIH's report (and its thresholds.json)
     about = {
         "checkpoint": str(args.checkpoint),
-        "checkpoint_sha256": checkpoint_sha256(args.checkpoint),  # which checkpoint predictions.csv belongs to
         "epoch": model.checkpoint["epoch"],
         "dataset": args.dataset,
         "test_list": str(Path(args.test_list).resolve()) if args.test_list else None,
     }
     run = evaluate_nih if args.dataset == "nih" else evaluate_external
     result = run(args, model, about)
+    sha256 = checkpoint_sha256(args.checkpoint)  # after run: it may have added OOD statistics to the file
+    about["checkpoint_sha256"] = sha256  # which checkpoint predictions.csv and thresholds.json belong to
     names, targets, probabilities, rows = result["names"], result["targets"], result["raw"], result["rows"]
     thresholds = result["thresholds"]
     table, summary = build_report(
@@ -178,7 +186,7 @@ def evaluate(args):
         written.append("reliability.png")
     if args.dataset == "nih":
         policy = f"sensitivity {args.sensitivity}" if args.sensitivity else "youden"
-        write_thresholds(out / "thresholds.json", policy, thresholds, FINDINGS, result["fitted"])
+        write_thresholds(out / "thresholds.json", policy, thresholds, FINDINGS, result["fitted"], sha256)
         report["threshold_policy"] = policy
         written.append("thresholds.json")
     percentiles = np.full(len(rows), np.nan)
@@ -301,7 +309,7 @@ def nih_boxes(args, config):
 
 def evaluate_external(args, model, about):
     """Another dataset's frontal films, the findings that map onto ours; thresholds from NIH's validation split
-    (evaluation/thresholds.json beside the checkpoint), where a finding maps to one of ours."""
+    (evaluation/<checkpoint stem>/thresholds.json beside the checkpoint), where a finding maps to one of ours."""
     if not args.data_dir:
         raise DataError(f"--dataset {args.dataset} needs --data_dir: the dataset's folder")
     data = read_external(

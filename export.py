@@ -18,6 +18,7 @@ checkpoint's epoch.
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from configurator import add_out_flag
-from errors import UserError
+from errors import DataError, UserError
 from films import EVAL_CROP_FRACTION
 from inference import TorchModel, probability_graph
 from ood import FLAG_PERCENTILE
@@ -135,13 +136,31 @@ def export(checkpoint_path, out, thresholds_file=None):
     return properties
 
 
+def check_out(out, checkpoint, overwrite):
+    """Before any work: --out must be a file that can be written, never the checkpoint itself, and replaced only with
+    --overwrite."""
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder: name the file to write, e.g. --out {out / 'model.onnx'}")
+    if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
+        raise DataError(f"--out {out} is the checkpoint being exported: name another file (e.g. model.onnx)")
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} exists already: name another --out, or add --overwrite to replace it")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise DataError(f"cannot write {out}: {folder} is not a folder this user may write in")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (e.g. best.pth)")
     add_out_flag(parser, "model.onnx", "the ONNX file to write")
-    parser.add_argument("--thresholds", help="thresholds.json (default: evaluation/thresholds.json by the checkpoint)")
+    parser.add_argument(
+        "--thresholds", help="thresholds.json (default: evaluation/<checkpoint stem>/thresholds.json by the checkpoint)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists (default: refuse)")
     args = parser.parse_args(argv)
     try:
+        check_out(Path(args.out), Path(args.checkpoint), args.overwrite)
         properties = export(args.checkpoint, args.out, args.thresholds)
     except UserError as error:
         sys.exit(f"error: {error}")

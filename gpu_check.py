@@ -171,7 +171,7 @@ def check_torchrun(data, work):
 
 def check_evaluate(work, device):
     command("evaluate.py", "--checkpoint", work / "amp" / "best.pth", "--bootstrap", "200", "--device", device)
-    report = json.loads((work / "amp" / "evaluation" / "report.json").read_text())
+    report = json.loads((work / "amp" / "evaluation" / "best" / "report.json").read_text())
     calibrated, ood, subgroups = report.get("calibration"), report.get("ood"), report.get("subgroups")
     ok = report["mean_auroc"] > 0.6 and calibrated and ood and subgroups
     trust = "no calibration, OOD or subgroup report"

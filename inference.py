@@ -5,8 +5,9 @@ written here only: the operating thresholds, the calibration (calibration.py) an
 
 Where they are kept: train.py fits all three on the validation split (the OOD statistics on a sample of the training
 films) when a run ends, and stores them in the run's best checkpoints ("inference"); evaluate.py writes its own
-thresholds and calibration to evaluation/thresholds.json beside the checkpoint (its --sensitivity policy, for older
-checkpoints too), which then take precedence; and it adds the OOD statistics to a checkpoint that lacks them.
+thresholds and calibration to evaluation/<checkpoint stem>/thresholds.json beside the checkpoint (its --sensitivity
+policy, for older checkpoints too), which then take precedence unless fitted for another checkpoint (by SHA-256);
+and it adds the OOD statistics to a checkpoint that lacks them.
 Probabilities are calibrated unless asked otherwise; thresholds are then re-expressed on the calibrated scale, so the
 decision at each operating point does not change.
 
@@ -47,9 +48,15 @@ class Predictions(NamedTuple):
 # ----------------------------------------------------------------------------- thresholds and statistics
 
 
+def evaluation_folder(checkpoint_path):
+    """Where evaluate.py writes a checkpoint's report: RUN/evaluation/<checkpoint's stem>/, one folder per checkpoint
+    (a report of epoch_01.pth never replaces the thresholds that predict.py uses for best.pth)."""
+    return Path(checkpoint_path).parent / "evaluation" / Path(checkpoint_path).stem
+
+
 def thresholds_path(checkpoint_path):
     """Where evaluate.py writes a checkpoint's thresholds, and predict.py, the page and export.py find them."""
-    return Path(checkpoint_path).parent / "evaluation" / "thresholds.json"
+    return evaluation_folder(checkpoint_path) / "thresholds.json"
 
 
 def checkpoint_sha256(path):
@@ -83,10 +90,19 @@ def _finite(value):
     return value is not None and np.isfinite(value)
 
 
-def write_thresholds(path, policy, thresholds, findings, fitted=None):
-    """thresholds.json: the policy that chose them, {finding: threshold on the raw probability (None where none could
-    be chosen)}, and with a calibration its (a, b) per finding and the same thresholds on the calibrated scale."""
-    content = {"policy": policy, "thresholds": _numbers(findings, thresholds)}
+def thresholds_owner(path):
+    """The SHA-256 of the checkpoint a thresholds.json was fitted for (None: a file from before they said so)."""
+    try:
+        return json.loads(Path(path).read_text()).get("checkpoint_sha256")
+    except (ValueError, AttributeError):
+        return None
+
+
+def write_thresholds(path, policy, thresholds, findings, fitted=None, checkpoint_sha256=None):
+    """thresholds.json: the checkpoint it was fitted for (its SHA-256), the policy that chose them, {finding: threshold
+    on the raw probability (None where none could be chosen)}, and with a calibration its (a, b) per finding and the
+    same thresholds on the calibrated scale."""
+    content = {"checkpoint_sha256": checkpoint_sha256, "policy": policy, "thresholds": _numbers(findings, thresholds)}
     if fitted is not None:
         content["calibration"] = {name: [float(a), float(b)] for name, a, b in zip(findings, *fitted)}
         content["calibrated_thresholds"] = _numbers(findings, calibrated_thresholds(thresholds, fitted))
@@ -169,15 +185,39 @@ class TorchModel:
         self.statistics = statistics_of(self.checkpoint)
         if thresholds and not Path(thresholds).is_file():
             raise DataError(
-                f"thresholds file not found: {thresholds}. evaluate.py writes one (evaluation/thresholds.json beside "
-                "the checkpoint, read without --thresholds); leave --thresholds out to use the checkpoint's own."
+                f"thresholds file not found: {thresholds}. evaluate.py writes one (evaluation/<checkpoint stem>/"
+                "thresholds.json beside the checkpoint, read without --thresholds); leave --thresholds out to use the "
+                "checkpoint's own."
             )
-        raw, fitted = read_thresholds_file(thresholds or thresholds_path(checkpoint_path))
+        raw, fitted = read_thresholds_file(self._own_thresholds_file(thresholds))
+        if thresholds and not raw:
+            raise DataError(
+                f"{thresholds} holds no usable threshold (every finding's is null: chosen on a split without both "
+                "classes, or by an impossible --sensitivity). Evaluate again, or leave --thresholds out."
+            )
         if raw:  # evaluate.py's (or the user's) thresholds and calibration first
             fitted = fitted or self.statistics.calibration
             self.statistics = self.statistics._replace(thresholds=raw, calibration=fitted)
         self.calibrated = calibrated and self.statistics.calibration is not None
         self.thresholds = shown_thresholds(self.statistics, self.findings, self.calibrated)
+
+    def _own_thresholds_file(self, given):
+        """The thresholds file to read: the one given, or evaluate.py's for this checkpoint; one fitted for another
+        checkpoint (by its SHA-256) is refused when given and, found beside a checkpoint replaced since, ignored."""
+        path = Path(given) if given else thresholds_path(self.path)
+        owner = thresholds_owner(path) if path.is_file() else None
+        if owner is None or owner == checkpoint_sha256(self.path):
+            return path
+        if given:
+            raise DataError(
+                f"{given} was fitted for another checkpoint (SHA-256 {owner[:12]}..., not {self.path}'s): its "
+                f"thresholds and calibration would be wrong here. Use evaluate.py --checkpoint {self.path}'s."
+            )
+        print(
+            f"warning: {path} was fitted for another checkpoint ({self.path} was replaced since): ignored; the "
+            f"checkpoint's own thresholds are used. Run evaluate.py --checkpoint {self.path} again to refit them."
+        )
+        return None
 
     def predict(self, crops):
         """Predictions for uint8 [N, S, S] evaluation crops."""
@@ -356,8 +396,8 @@ def prediction_table(rows, names, targets, probabilities, ood_percentile):
 
 def current_predictions(checkpoint_path, split="test", test_list=None):
     """The predictions.csv that evaluate.py wrote for this very checkpoint (by its SHA-256) on this split, without
-    TTA, in evaluation/ beside it; None when there is none, or it belongs to another checkpoint or split."""
-    folder = thresholds_path(checkpoint_path).parent
+    TTA, in its evaluation folder; None when there is none, or it belongs to another checkpoint or split."""
+    folder = evaluation_folder(checkpoint_path)
     report_path, table_path = folder / "report.json", folder / "predictions.csv"
     if not (report_path.is_file() and table_path.is_file()):
         return None

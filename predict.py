@@ -4,15 +4,15 @@
     python predict.py --onnx model.onnx FILM_OR_DIR...            # ONNX Runtime, no PyTorch needed
 
 Accepts PNG, JPEG and DICOM files and folders. Prints each film's 14 findings sorted by probability, calibrated (a
-Platt scaling fitted on the validation split: 0.80 means about 80%; --uncalibrated prints the network's raw outputs);
-with thresholds (evaluation/thresholds.json beside the checkpoint, the checkpoint's own, the ONNX file's metadata,
-or --thresholds) the findings at or above their operating threshold are marked '*'. Writes predictions.csv: a row
-per input path, the calibrated probabilities, the raw ones (raw_ columns), the film's out-of-distribution percentile
-and a warnings column: a DICOM header that says the film is not a frontal chest radiograph, or a film unlike the
-training films (--strict refuses both). With --cam (PyTorch only): per finding shown, the Grad-CAM map drawn on the
-film at 512 px or more, captioned with the finding, its probability and its threshold, and one sheet per film beside
-its top maps, named after the film's path (never one film's over another's). An unreadable file is reported by name
-and skipped.
+Platt scaling fitted on the validation split: 0.80 means about 80%; --uncalibrated prints the network's raw
+outputs); with thresholds (evaluation/<checkpoint stem>/thresholds.json beside the checkpoint, the checkpoint's own,
+the ONNX file's metadata, or --thresholds) the findings at or above their operating threshold are marked '*'. Writes
+predictions.csv: a row per input path, the calibrated probabilities, the raw ones (raw_ columns), the film's
+out-of-distribution percentile and a warnings column: a DICOM header that says the film is not a frontal chest
+radiograph, or a film unlike the training films (--strict refuses both). With --cam (PyTorch only): per finding
+shown, the Grad-CAM map drawn on the film at 512 px or more, captioned with the finding, its probability and its
+threshold, and one sheet per film beside its top maps, named after the film's path (never one film's over
+another's). An unreadable file is reported by name and skipped.
 """
 
 import argparse
@@ -120,7 +120,8 @@ def parse_args(argv):
     parser.add_argument("--top", type=int, default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)")
     add_out_flag(parser, "predictions", "output folder")
     parser.add_argument(
-        "--thresholds", help="thresholds.json (default: evaluation/thresholds.json by the checkpoint, else its own)"
+        "--thresholds",
+        help="thresholds.json (default: evaluation/<checkpoint stem>/thresholds.json by it, else its own)",
     )
     parser.add_argument(
         "--uncalibrated", action="store_true", help="print the network's raw outputs and thresholds, not calibrated"

@@ -151,7 +151,7 @@ def evaluated(trained_run, tmp_path_factory):
 
 
 def test_predictions_csv_holds_what_predict_py_outputs_for_the_same_films(evaluated, learn_dir, tmp_path):
-    table = pd.read_csv(evaluated / "evaluation" / "predictions.csv")
+    table = pd.read_csv(evaluated / "evaluation" / "best" / "predictions.csv")
     split = pd.read_csv(evaluated / "split.csv")
     assert list(table.image_name) == list(split.image_name[split.split == "test"])
     assert [c for c in table.columns if c.startswith("label_")] == [f"label_{f}" for f in FINDINGS]
@@ -172,10 +172,9 @@ def test_predictions_csv_holds_what_predict_py_outputs_for_the_same_films(evalua
 
 def test_a_clearly_worse_model_is_told_apart_and_a_model_from_itself_is_not(evaluated, tmp_path, capsys):
     worse = worse_copy(evaluated / "best.pth", tmp_path / "worse")
-    shutil.copytree(evaluated / "evaluation", tmp_path / "worse" / "evaluation")  # best.pth's: stale for worse.pth
-    (tmp_path / "worse" / "evaluation" / "report.json").write_text(
-        (evaluated / "evaluation" / "report.json").read_text().replace("best.pth", "worse.pth")
-    )
+    stale = tmp_path / "worse" / "evaluation" / "worse"  # best.pth's files, as if worse.pth replaced it since
+    shutil.copytree(evaluated / "evaluation" / "best", stale)
+    (stale / "report.json").write_text((stale / "report.json").read_text().replace("best.pth", "worse.pth"))
     out = tmp_path / "out"
     compare.main(
         [str(worse), str(evaluated / "best.pth"), "--reps", "200", "--num_workers", "0", "--no-amp"]

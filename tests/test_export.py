@@ -97,3 +97,23 @@ def test_predict_onnx_runs_where_torch_cannot_be_imported(onnx_file, learn_dir, 
     assert "00000002_000.png" in result.stdout and (tmp_path / "predictions.csv").is_file()
     with pytest.raises(SystemExit):  # heat maps need PyTorch: said, not attempted
         predict.parse_args([str(film), "--onnx", str(onnx_file), "--cam"])
+
+
+def test_export_never_replaces_a_file_without_overwrite_nor_the_checkpoint_itself(trained_run, tmp_path):
+    import shutil
+
+    checkpoint = tmp_path / "best.pth"
+    shutil.copy(trained_run / "best.pth", checkpoint)
+    before = checkpoint.read_bytes()
+    (tmp_path / "model.onnx").write_bytes(b"the user's own file")
+    cases = [
+        (["--out", str(tmp_path / "model.onnx")], "exists already"),
+        (["--out", str(checkpoint), "--overwrite"], "is the checkpoint being exported"),
+        (["--out", str(tmp_path)], "is a folder"),
+        (["--out", str(tmp_path / "missing" / "model.onnx")], "not a folder this user may write in"),
+    ]
+    for extra, said in cases:
+        with pytest.raises(SystemExit) as stopped:
+            export.main(["--checkpoint", str(checkpoint), *extra])
+        assert said in str(stopped.value.code), extra
+    assert checkpoint.read_bytes() == before and (tmp_path / "model.onnx").read_bytes() == b"the user's own file"

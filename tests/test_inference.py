@@ -2,9 +2,11 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import predict
-from inference import TorchModel, at_or_above
+from errors import DataError
+from inference import TorchModel, at_or_above, statistics_of
 
 
 def test_a_probability_exactly_at_its_threshold_is_called_positive():
@@ -28,3 +30,42 @@ def test_uncalibrated_gives_the_networks_raw_probabilities(trained_run, learn_di
     uncalibrated = TorchModel(trained_run / "best.pth", device="cpu", amp=False, calibrated=False)
     shown = uncalibrated.thresholds
     assert all(shown[f] == uncalibrated.statistics.thresholds[f] for f in shown)  # thresholds on the raw scale too
+
+
+def test_each_checkpoint_has_its_own_evaluation_and_thresholds_of_another_are_never_used(trained_run, tmp_path, capsys):
+    """Evaluating epoch_01.pth must not change what best.pth predicts (25.1): own folders, thresholds by hash."""
+    import json
+    import shutil
+
+    import evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pth", "epoch_01.pth", "split.csv"):
+        shutil.copy(trained_run / name, run / name)
+    quick = ["--bootstrap", "10", "--num_workers", "0", "--boxes", "none"]
+    evaluate.main(["--checkpoint", str(run / "best.pth"), *quick])
+    best = TorchModel(run / "best.pth", device="cpu")
+    before = dict(best.thresholds)
+    evaluate.main(["--checkpoint", str(run / "epoch_01.pth"), *quick])
+    assert (run / "evaluation" / "best" / "thresholds.json").is_file()
+    assert (run / "evaluation" / "epoch_01" / "thresholds.json").is_file()
+    assert TorchModel(run / "best.pth", device="cpu").thresholds == before
+    owner = json.loads((run / "evaluation" / "epoch_01" / "thresholds.json").read_text())["checkpoint_sha256"]
+    assert owner == evaluate.checkpoint_sha256(run / "epoch_01.pth")
+    with pytest.raises(DataError, match="fitted for another checkpoint"):  # given by hand: refused
+        TorchModel(run / "best.pth", device="cpu", thresholds=run / "evaluation" / "epoch_01" / "thresholds.json")
+    shutil.copy(run / "epoch_01.pth", run / "best.pth")  # best.pth replaced after its evaluation: warned, ignored
+    capsys.readouterr()
+    replaced = TorchModel(run / "best.pth", device="cpu")
+    assert "fitted for another checkpoint" in capsys.readouterr().out
+    assert replaced.statistics.thresholds == statistics_of(replaced.checkpoint).thresholds
+
+
+def test_a_thresholds_file_without_a_usable_threshold_is_an_error_not_a_silent_fallback(trained_run, tmp_path):
+    import json
+
+    empty = tmp_path / "thresholds.json"
+    empty.write_text(json.dumps({"policy": "sensitivity 1.5", "thresholds": {"Hernia": None, "Mass": None}}))
+    with pytest.raises(DataError, match="no usable threshold"):
+        TorchModel(trained_run / "best.pth", device="cpu", thresholds=empty)
