@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from errors import DataError
 
@@ -59,7 +59,8 @@ def open_film(path, strict=False, file=None):
             return _open_dicom(path, strict)
         with Image.open(path if file is None else file) as image:
             image.load()
-            return Film(_to_gray8(image), ())
+            upright = ImageOps.exif_transpose(image)  # a JPEG's EXIF orientation, applied as every viewer does
+            return Film(_to_gray8(upright), ())
     except DataError:
         raise
     except Image.DecompressionBombError as error:

@@ -273,7 +273,20 @@ def load_checkpoint(path, findings):
     tensors to the device as their state is loaded."""
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            found = sorted(child.name for child in path.glob("*.pth"))
+            listed = f"its checkpoints: {', '.join(found[:10])}" if found else "it holds no .pth file"
+            raise CheckpointError(f"{path} is a folder, not a checkpoint: give one file ({listed})")
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as file:
+        head = file.read(4096)
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"onnx" in head.lower()):
+        raise CheckpointError(f"{path} is an ONNX model (export.py writes them), not a checkpoint: give it as --onnx")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive (legacy: a pickle stream)
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with "
+            f"{head[:8]!r}). Checkpoints are the .pth files train.py writes (epoch_NN.pth, best.pth)."
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # of many kinds: each means "not a checkpoint of this project"

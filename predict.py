@@ -39,6 +39,8 @@ def collect_images(inputs):
         if item.is_dir():
             suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES
             films = sorted(path for path in item.rglob("*") if path.suffix.lower() in suffixes)
+            if not films:
+                print(f"skipped {item}: no films in this folder or below it ({', '.join(suffixes)})")
             found += [(path, str(Path(item.name) / path.relative_to(item))) for path in films]
         elif item.is_file():
             found.append((item, str(item)))
@@ -143,10 +145,13 @@ def parse_args(argv):
 
 
 def predict(args):
+    inputs = collect_images(args.images)
+    if not inputs:
+        raise DataError(f"no film found among the inputs ({', '.join(args.images)}): give PNG, JPEG or DICOM files")
     model = load_model(args.checkpoint, args.onnx, args.device, args.amp, args.thresholds, not args.uncalibrated)
     out = Path(args.out)
     films = []
-    for path, name in collect_images(args.images):
+    for path, name in inputs:
         try:
             films.append(prepare(path, model.load_size, model.image_size, args.strict)._replace(name=name))
         except DataError as error:

@@ -61,3 +61,14 @@ def test_a_training_run_refuses_a_cache_folder_of_another_size(tmp_path):
         warnings.simplefilter("ignore")
         train.main(tiny_settings(tmp_path / "data", tmp_path / "run", load_size=40, cache=folder))
     assert "32-px" in str(stopped.value.code) and "LOAD_SIZE is 40" in str(stopped.value.code)
+
+
+def test_a_jpeg_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    upright = np.zeros((40, 24), np.uint8)
+    upright[:10] = 255  # bright at the top
+    stored = Image.fromarray(np.rot90(upright, 1).copy())  # stored turned: EXIF orientation 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "turned.jpg", exif=exif.tobytes(), quality=100)
+    pixels = load_image(tmp_path / "turned.jpg")
+    assert pixels.shape == (40, 24) and pixels[:10].mean() > 200 and pixels[20:].mean() < 30

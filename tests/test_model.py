@@ -240,3 +240,24 @@ def test_a_checkpoint_of_the_same_findings_in_another_order_is_refused(tmp_path)
         load_checkpoint(tmp_path / "swapped.pth", FINDINGS)
     torch.save({**checkpoint, "findings": list(FINDINGS)}, tmp_path / "same.pth")
     assert load_checkpoint(tmp_path / "same.pth", FINDINGS)["findings"] == list(FINDINGS)
+
+
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path):
+    import numpy as np
+
+    from errors import CheckpointError
+    from model import load_checkpoint
+
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(1000))
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + b"\x00" * 50)
+    (tmp_path / "run").mkdir()
+    torch.save({"x": torch.ones(1)}, tmp_path / "run" / "best.pth")
+    said = {
+        "random.pth": "is not a PyTorch checkpoint",
+        "model.onnx": "is an ONNX model (export.py writes them), not a checkpoint: give it as --onnx",
+        "run": "is a folder, not a checkpoint: give one file (its checkpoints: best.pth)",
+    }
+    for name, message in said.items():
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(tmp_path / name, FINDINGS)
+        assert message in str(error.value) and "would run their code" not in str(error.value), name

@@ -205,3 +205,11 @@ def test_top_zero_is_refused_and_more_than_the_findings_says_how_many_it_draws(
     predict.main([*arguments, "--top", "99"])
     assert "--top 99: the model has 14 findings; drawing 14 per film" in capsys.readouterr().out
     assert len(list((tmp_path / "out").glob("00000002_000_*_*.png"))) == 14
+
+
+def test_an_empty_folder_is_said_to_hold_no_films(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        predict.main(["--checkpoint", str(tmp_path / "never_loaded.pth"), str(tmp_path / "empty")])
+    assert "no film found among the inputs" in str(stopped.value.code)
+    assert f"skipped {tmp_path / 'empty'}: no films in this folder" in capsys.readouterr().out
