@@ -74,7 +74,7 @@ def small_file(entry, out, args):
         path.unlink()
     if not entry.url:
         return "by hand"
-    with byte_bar(entry) as bar:
+    with byte_bar(entry, out) as bar:
         fetch(entry, out, bar)
     return "downloaded"
 
@@ -89,8 +89,31 @@ def check_label_file(path):
     return labels
 
 
-def byte_bar(entry, have=0):
-    return tqdm(total=entry.bytes, initial=have, desc=entry.name, unit="B", unit_scale=True, unit_divisor=1024)
+def byte_bar(entry, out, position=0):
+    """A file's progress in bytes, from what its .part already holds (speed and ETA from tqdm)."""
+    part = out / f"{entry.name}.part"
+    have = part.stat().st_size if part.is_file() else 0
+    return tqdm(
+        total=entry.bytes,
+        initial=have,
+        desc=entry.name,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        position=position,
+        leave=position == 0,
+    )
+
+
+class Bars:
+    """Several progress bars moved together: the file's and the whole download's."""
+
+    def __init__(self, *bars):
+        self.bars = [bar for bar in bars if bar is not None]
+
+    def update(self, count):
+        for bar in self.bars:
+            bar.update(count)
 
 
 def archive_state(out, entry):
@@ -113,6 +136,11 @@ def archive_done(out, entry, state, cache):
     if state["mode"] == "extracted":
         return cache is None and all(_has_size(out / name, size) for name, size in state["files"])
     return cache is not None and state["mode"] == f"cached_{cache.size}" and bool(cache.done[state["rows"]].all())
+
+
+def _part_bytes(out, entry):
+    part = out / f"{entry.name}.part"
+    return part.stat().st_size if part.is_file() else 0
 
 
 def _has_size(path, size):
@@ -143,9 +171,7 @@ def needed_bytes(archives, out, args, cache_rows):
     remaining = [entry.bytes or 0 for entry in archives]
     if not remaining:
         return 0
-    partial = sum(
-        (out / f"{entry.name}.part").stat().st_size for entry in archives if (out / f"{entry.name}.part").is_file()
-    )
+    partial = sum(_part_bytes(out, entry) for entry in archives)
     held = sum(remaining) if args.keep_archives else max(remaining)  # each archive is deleted once used
     result = 0 if args.cache_only else sum(remaining)
     if args.cache_only and not (out / f"cache_{args.load_size}" / "index.csv").is_file():
@@ -165,14 +191,14 @@ def check_disk(archives, out, args, cache_rows):
         )
 
 
-def one_archive(entry, out, args, cache, pool, workers):
+def one_archive(entry, out, args, cache, pool, workers, total=None):
     """Download (or find) one archive, then extract it or decode it into the cache; delete it unless kept. A damaged
-    archive is moved aside and fetched once more."""
+    archive is moved aside and fetched once more. `total`: the whole download's progress bar."""
     path = out / entry.name
     for attempt in (1, 2):
         if not (path.is_file() and mismatch(entry, path, check_md5=args.verify or attempt == 2) is None):
-            with byte_bar(entry) as bar:
-                fetch(entry, out, bar)
+            with byte_bar(entry, out, position=1) as bar:
+                fetch(entry, out, Bars(bar, total))
         try:
             if cache is None:
                 files = extract(path, out)
@@ -227,10 +253,13 @@ def download(args):
     check_disk(todo, out, args, len(cache.row_of) if cache else 0)
     started, workers = time.monotonic(), args.workers or max(1, (os.cpu_count() or 1))
     pool = get_context("spawn").Pool(workers, ignore_interrupts) if cache is not None and todo and workers > 1 else None
+    remaining = sum((entry.bytes or 0) - _part_bytes(out, entry) for entry in todo if not (out / entry.name).is_file())
+    total = tqdm(total=remaining, desc=f"{len(todo)} archive(s)", unit="B", unit_scale=True, unit_divisor=1024)
     try:
         for entry in todo:
-            one_archive(entry, out, args, cache, pool, workers)
+            one_archive(entry, out, args, cache, pool, workers, total)
     finally:
+        total.close()
         if pool is not None:
             pool.terminate()
     report(out, archives, todo, by_hand, cache, time.monotonic() - started)

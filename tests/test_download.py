@@ -137,6 +137,16 @@ def test_faults_are_survived_and_the_films_are_byte_identical_and_a_rerun_is_idl
     asked = len(server.requests)
     download.main(["--out", str(out), "--manifest", str(listed)])
     assert len(server.requests) == asked and "nothing to download" in capsys.readouterr().out
+    listing = out / "test_list.txt"
+    listing.write_bytes(listing.read_bytes()[::-1])  # damaged in place, its size unchanged: only --verify sees it
+    download.main(["--out", str(out), "--manifest", str(listed)])
+    assert len(server.requests) == asked
+    download.main(["--out", str(out), "--manifest", str(listed), "--verify"])
+    assert (
+        server.requests[asked:] == [("test_list.txt", None)]
+        and listing.read_bytes() == (served / "test_list.txt").read_bytes()
+    )
+    asked = len(server.requests)
     (out / "images" / sorted(films_below(films))[0]).unlink()  # a film lost: that archive is fetched again
     download.main(["--out", str(out), "--manifest", str(listed)])
     assert films_below(out) == films_below(films)
@@ -156,7 +166,11 @@ def test_a_404_names_the_file_and_the_url(server, source, tmp_path):
 def test_an_archive_with_a_member_outside_its_folder_or_a_link_is_refused_and_nothing_is_written(server, tmp_path):
     served = tmp_path / "served"
     served.mkdir()
-    for name, member in (("climbs.tar.gz", "../escaped.png"), ("linked.tar.gz", None)):
+    for name, member in (
+        ("climbs.tar.gz", "../escaped.png"),
+        ("absolute.tar.gz", "/tmp/escaped.png"),
+        ("linked.tar.gz", None),
+    ):
         with tarfile.open(served / name, "w:gz") as archive:
             good = tarfile.TarInfo("images/00000001_000.png")
             good.size = 4
@@ -169,7 +183,8 @@ def test_an_archive_with_a_member_outside_its_folder_or_a_link_is_refused_and_no
                 bad.type, bad.linkname = tarfile.SYMTYPE, "/etc/passwd"
                 archive.addfile(bad)
     server.root = served
-    for name, what in (("climbs.tar.gz", "../escaped.png"), ("linked.tar.gz", "a link")):
+    cases = (("climbs.tar.gz", "../escaped.png"), ("absolute.tar.gz", "/tmp/escaped.png"), ("linked.tar.gz", "a link"))
+    for name, what in cases:
         out = tmp_path / name / "nih"
         listed = manifest(served, server.url, tmp_path / f"{name}.csv", names=[name])
         with pytest.raises(SystemExit) as stopped:
