@@ -233,9 +233,7 @@ def download(args):
     small, archives = [e for e in entries if not e.is_archive], [e for e in entries if e.is_archive]
     said = {entry.name: small_file(entry, out, args) for entry in small}
     by_hand = [name for name, what in said.items() if what == "by hand"]
-    label_files = [
-        entry.name for entry in small if entry.name.startswith("Data_Entry_2017") and (out / entry.name).is_file()
-    ]
+    label_files = sorted(path.name for path in out.glob("Data_Entry_2017*.csv"))  # the manifest's, or one placed
     cache = None
     if args.cache_only:
         if not label_files:
