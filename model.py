@@ -281,11 +281,15 @@ def load_checkpoint(path, findings):
     with open(path, "rb") as file:
         head = file.read(4096)
     if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"onnx" in head.lower()):
-        raise CheckpointError(f"{path} is an ONNX model (export.py writes them), not a checkpoint: give it as --onnx")
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project: it is an ONNX model (export.py writes them), not a "
+            "checkpoint: give it as --onnx"
+        )
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive (legacy: a pickle stream)
         raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with "
-            f"{head[:8]!r}). Checkpoints are the .pth files train.py writes (epoch_NN.pth, best.pth)."
+            f"{path} is not a checkpoint of this project: it is not a PyTorch checkpoint (torch.save writes a zip "
+            f"archive; this file starts with {head[:8]!r}). Checkpoints are the .pth files train.py writes "
+            "(epoch_NN.pth, best.pth)."
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
