@@ -46,6 +46,24 @@ POS_WEIGHT_POLICIES = ("ratio", "sqrt", "none")
 # ----------------------------------------------------------------------------- labels
 
 
+def read_table(path, fix="download or export it again", **options):
+    """A user's CSV file (a label, box or split file) as pandas reads it, with what can be wrong said in one line
+    naming the file (and `fix`, what to do about an empty one): empty, not UTF-8 (the line where it is found), or not
+    a table."""
+    path = Path(path)
+    try:
+        return pd.read_csv(path, encoding="utf-8-sig", **options)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty (0 bytes): {fix}") from None
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text (saved as Latin-1 or another encoding?). Save it as UTF-8 CSV."
+        ) from None
+    except pd.errors.ParserError as error:
+        raise DataError(f"{path} is not a CSV table pandas can read ({str(error).strip()})") from None
+
+
 def read_labels(csv_path):
     """Read Data_Entry_2017.csv (2017 or 2020 form) into image_name, patient_id, one 0/1 column per finding, and the
     sex (F/M), age, view (PA/AP) and follow_up number where the file has them."""
@@ -53,10 +71,7 @@ def read_labels(csv_path):
     if not csv_path.is_file():
         raise DataError(f"label file not found: {csv_path}")
     # dtype=str: no silent float conversion of ids; the 2017 header's trailing comma only adds an unused column.
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{csv_path} is empty (0 bytes): download NIH's Data_Entry_2017_v2020.csv again") from None
+    table = read_table(csv_path, "download NIH's Data_Entry_2017_v2020.csv again", dtype=str, keep_default_na=False)
     table.columns = [str(column).strip() for column in table.columns]
     missing = [c for c in (IMAGE_COLUMN, LABELS_COLUMN, PATIENT_COLUMN) if c not in table.columns]
     if missing:
@@ -189,7 +204,7 @@ def read_split(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file not found: {path}. It is written by train.py into the run folder.")
-    return pd.read_csv(path, dtype={"image_name": str, "split": str})
+    return read_table(path, dtype={"image_name": str, "split": str})
 
 
 def split_record(labels, split, csv_path):

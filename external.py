@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from dataset import find_file
+from dataset import find_file, read_table
 from errors import DataError
 from films import FRONTAL_VIEWS, LATERAL_VIEWS
 from images import index_images
@@ -195,7 +195,7 @@ def _labelled(table, mapping, uncertain):
 def _read_chexpert(data_dir, csv_path, options):
     """CheXpert-v1.0(-small): valid.csv (or train.csv) with Path relative to the dataset folder's parent."""
     path = find_file(csv_path or "valid.csv", data_dir, "label file")
-    table = pd.read_csv(path)
+    table = read_table(path)
     for column in ("Path", "Frontal/Lateral"):
         if column not in table.columns:
             raise DataError(f"{path}: missing column {column!r}; is this CheXpert's valid.csv or train.csv?")
@@ -235,8 +235,8 @@ def _read_mimic(data_dir, csv_path, options):
     """MIMIC-CXR-JPG: the CheXpert labels per study, the views per image, files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg."""
     labels_path = find_file(csv_path or "mimic-cxr-2.0.0-chexpert.csv", data_dir, "label file")
     metadata_path = find_file("mimic-cxr-2.0.0-metadata.csv", data_dir, "label file")
-    labels = pd.read_csv(labels_path)
-    metadata = pd.read_csv(metadata_path, usecols=["dicom_id", "subject_id", "study_id", "ViewPosition"])
+    labels = read_table(labels_path)
+    metadata = read_table(metadata_path, usecols=["dicom_id", "subject_id", "study_id", "ViewPosition"])
     table = metadata.merge(labels, on=["subject_id", "study_id"], how="inner")
     subject, study = table.subject_id.astype(str), table.study_id.astype(str)
     paths = [
@@ -259,7 +259,7 @@ def _read_padchest(data_dir, csv_path, options):
         if not found:
             raise DataError(f"no PADCHEST*.csv in {data_dir}; give the label file with --csv")
         path = found[0]
-    table = pd.read_csv(path, low_memory=False)
+    table = read_table(path, low_memory=False)
     for column in ("ImageID", "PatientID", "Projection", "Labels"):
         if column not in table.columns:
             raise DataError(f"{path}: missing column {column!r}; is this PadChest's label CSV?")
@@ -328,7 +328,7 @@ def _read_vindr(data_dir, csv_path, options):
     """VinDr-CXR: DIR/train.csv (image_id, class_name, rad_id, x_min, y_min, x_max, y_max: a row per radiologist and
     finding, "No finding" rows without a box) and DIR/train/IMAGE_ID.dicom."""
     path = find_file(csv_path or "train.csv", data_dir, "label file")
-    table = pd.read_csv(path)
+    table = read_table(path)
     needed = ("image_id", "class_name", "rad_id", "x_min", "y_min", "x_max", "y_max")
     absent = [column for column in needed if column not in table.columns]
     if absent:
@@ -365,7 +365,7 @@ def _read_rsna(data_dir, csv_path, options):
     """RSNA Pneumonia Detection: DIR/stage_2_train_labels.csv (patientId, x, y, width, height, Target; a row per box
     of a film with Target 1) and DIR/stage_2_train_images/PATIENT_ID.dcm."""
     path = find_file(csv_path or "stage_2_train_labels.csv", data_dir, "label file")
-    table = pd.read_csv(path)
+    table = read_table(path)
     absent = [column for column in ("patientId", "x", "y", "width", "height", "Target") if column not in table.columns]
     if absent:
         raise DataError(f"{path}: missing column(s) {absent}; is this RSNA's stage_2_train_labels.csv?")
@@ -394,7 +394,7 @@ def read_expert_labels(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"expert label file not found: {path}")
-    table = pd.read_csv(path, dtype=str)
+    table = read_table(path, dtype=str)
     table.columns = [str(column).strip() for column in table.columns]
     absent = [column for column in EXPERT_COLUMNS if column not in table.columns]
     if absent:

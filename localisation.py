@@ -11,10 +11,9 @@ likewise for intersection over union; the pointing game asks whether the map's p
 from collections import defaultdict
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
-from dataset import FINDINGS
+from dataset import FINDINGS, read_table
 from errors import DataError
 from films import crop_to_original, prepare
 from heatmaps import COLORMAP, HEAT_ALPHA, grad_cam, heat_maps, map_on_film
@@ -38,7 +37,7 @@ EXAMPLES = 8  # films drawn in localisation.png
 
 def read_boxes(path):
     """NIH's BBox_List_2017.csv: image_name, finding (our spelling), x, y, w, h in the original film's pixels."""
-    table = pd.read_csv(path, header=None, skiprows=1, usecols=range(6), dtype={0: str, 1: str})
+    table = read_table(path, header=None, skiprows=1, usecols=range(6), dtype={0: str, 1: str})
     table.columns = ["image_name", "finding", "x", "y", "w", "h"]
     table["finding"] = table.finding.str.strip().replace(NIH_SPELLING)
     unknown = sorted(set(table.finding) - set(FINDINGS))

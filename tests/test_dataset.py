@@ -408,3 +408,23 @@ def test_an_empty_or_header_only_label_file_is_one_line_from_every_command(comma
             importlib.import_module(command).main(argv)
     assert str(stopped.value.code) == f"error: {csv_file} {said}: download NIH's Data_Entry_2017_v2020.csv again"
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache_32").exists()  # nothing written
+
+
+def test_an_empty_or_latin_1_label_file_is_one_line_naming_the_file_and_the_line(tmp_path):
+    from dataset import read_labels
+    from errors import DataError
+    from external import read_expert_labels, read_external
+
+    (tmp_path / "empty.csv").write_bytes(b"")
+    rows = "Image Index,Finding Labels,Patient ID\n00000001_000.png,No Finding,1\n00000002_000.png,Hernia,2 caf\xe9\n"
+    (tmp_path / "latin.csv").write_bytes(rows.encode("latin-1"))
+    for read in (read_labels, read_expert_labels):
+        with pytest.raises(DataError, match=r"empty.csv is empty \(0 bytes\)"):
+            read(tmp_path / "empty.csv")
+    with pytest.raises(DataError, match=r"latin.csv, line 3: not UTF-8 text"):
+        read_labels(tmp_path / "latin.csv")
+    chexpert = tmp_path / "CheXpert-v1.0-small"
+    chexpert.mkdir()
+    (chexpert / "valid.csv").write_bytes(b"")
+    with pytest.raises(DataError, match=r"valid.csv is empty \(0 bytes\)"):
+        read_external("chexpert", chexpert)
