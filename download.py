@@ -35,6 +35,7 @@ from fetch import (
     free_bytes,
     ignore_interrupts,
     mismatch,
+    part_size_or_zero,
     read_manifest,
 )
 
@@ -91,8 +92,7 @@ def check_label_file(path):
 
 def byte_bar(entry, out, position=0):
     """A file's progress in bytes, from what its .part already holds (speed and ETA from tqdm)."""
-    part = out / f"{entry.name}.part"
-    have = part.stat().st_size if part.is_file() else 0
+    have = _part_bytes(out, entry)
     return tqdm(
         total=entry.bytes,
         initial=have,
@@ -139,8 +139,7 @@ def archive_done(out, entry, state, cache):
 
 
 def _part_bytes(out, entry):
-    part = out / f"{entry.name}.part"
-    return part.stat().st_size if part.is_file() else 0
+    return part_size_or_zero(out / f"{entry.name}.part")
 
 
 def _has_size(path, size):
