@@ -44,9 +44,9 @@ bench: install
 test: install
 	$(PY) -m pytest
 
-# The tests that train a model for minutes (heat-map localisation at 128 px: about 3 min on 2 CPU cores).
+# The tests that train for minutes or start many processes (localisation, torchrun, other backbones: ~6 min on 2 cores).
 test-slow: install
-	$(PY) -m pytest -m slow -s
+	$(PY) -m pytest -m slow
 
 lint: install
 	$(BIN)/ruff check .

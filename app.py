@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from configurator import add_device_flags
-from errors import DataError, UserError
+import calibration
+from configurator import add_checkpoint_flag, add_device_flags
+from errors import DataError, one_line_errors
 from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 from heatmaps import film_overlays
 from inference import TorchModel, at_or_above, with_ood_warnings
@@ -37,9 +38,43 @@ CAM_FINDINGS = 3  # heat maps of this many top findings per film (--top)
 MAX_FILE_MB = 200  # the largest upload the page accepts, in MB (--max_file_size)
 KEEP_SECONDS = 60  # what the page sent back (chart, film, maps) is deleted this long after
 
+UPLOADS_PREFIX = "cxr14-page-"  # + the page's process id: a folder of a page that died (kill -9) is known as such
+
+
+def process_alive(pid):
+    """Whether a process of this id runs (POSIX: signal 0; Windows: OpenProcess, since os.kill there would end it)."""
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+        if not handle:
+            return False
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) == 0x00000102  # WAIT_TIMEOUT: still running
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_uploads(root):
+    """Remove the upload folders that pages killed without their clean-up left in `root` (patients' films)."""
+    for folder in Path(root).glob(f"{UPLOADS_PREFIX}*-*"):
+        pid = folder.name[len(UPLOADS_PREFIX) :].split("-")[0]
+        if folder.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 if os.environ.get("GRADIO_TEMP_DIR"):  # gradio makes the folder it is given; so do we
     Path(os.environ["GRADIO_TEMP_DIR"]).mkdir(parents=True, exist_ok=True)
-UPLOADS = Path(tempfile.mkdtemp(prefix="cxr14-page-", dir=os.environ.get("GRADIO_TEMP_DIR")))
+remove_stale_uploads(os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir())
+UPLOADS = Path(tempfile.mkdtemp(prefix=f"{UPLOADS_PREFIX}{os.getpid()}-", dir=os.environ.get("GRADIO_TEMP_DIR")))
 atexit.register(shutil.rmtree, UPLOADS, ignore_errors=True)
 os.environ["GRADIO_TEMP_DIR"] = str(UPLOADS)  # read by gradio on import
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a page showing patients' films
@@ -125,15 +160,19 @@ def analyse(model, path, top):
     return label, chart, table, banner(list(film.warnings), "warning"), film.original, maps
 
 
+def scale_text(model):
+    """What the page's probabilities are: calibrated (but for the findings left raw), or raw."""
+    if not model.calibrated:
+        return "Probabilities are the network's raw outputs (no calibration in the checkpoint: evaluate.py fits one)."
+    text = "Probabilities are calibrated on the model's validation split."
+    return text + (f" Except {', '.join(model.left_raw)}: {calibration.LEFT_RAW}." if model.left_raw else "")
+
+
 def build_page(model, checkpoint, top=CAM_FINDINGS):
     with gr.Blocks(
         title="cxr14: chest X-ray findings", analytics_enabled=False, delete_cache=(KEEP_SECONDS, KEEP_SECONDS)
     ) as page:
-        scale = (
-            "Probabilities are calibrated on the model's validation split."
-            if model.calibrated
-            else "Probabilities are the network's raw outputs (no calibration in the checkpoint: evaluate.py fits one)."
-        )
+        scale = scale_text(model)
         gr.Markdown(
             f"## cxr14: chest X-ray findings\nModel: `{checkpoint}`. Drop a frontal chest film (PNG, JPEG or DICOM). "
             f"{scale} A research tool, not a medical device."
@@ -167,7 +206,7 @@ def build_page(model, checkpoint, top=CAM_FINDINGS):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (e.g. best.pth)")
+    add_checkpoint_flag(parser)
     parser.add_argument("--port", type=int, default=7860, help="default: %(default)s")
     parser.add_argument(
         "--host", default="127.0.0.1", help="127.0.0.1 (default): this computer only; 0.0.0.0: every network it is on"
@@ -178,10 +217,8 @@ def main(argv=None):
     )
     add_device_flags(parser)
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         model = TorchModel(args.checkpoint, args.device, args.amp)
-    except UserError as error:
-        sys.exit(f"error: {error}")
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"])
     if hasattr(signal, "SIGTERM"):  # stopped by a service manager: close as on Ctrl-C, so the films are removed
         signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt())

@@ -27,7 +27,9 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +43,7 @@ from torchvision.ops import FrozenBatchNorm2d
 # demo_data.py and cache.py)
 import train
 from configurator import add_device_flags
-from dataset import FINDINGS, attach_image_paths, read_labels
+from dataset import FINDINGS, attach_image_paths, pos_weight_from_counts, read_labels
 from devices import (
     autocast_dtype,
     compile_support,
@@ -51,10 +53,10 @@ from devices import (
     synchronize,
     timed,
 )
-from images import CachedImages, PngImages, cache_folder, images_on_device
+from images import CachedImages, FilmImages, cache_folder, images_on_device
 from loaders import ChestXrayDataset, DeviceBatches, SeededSampler
 from model import FrozenBatchNorm, build_model
-from run_folder import EpochTotals, Training
+from run_folder import EpochTotals
 from transforms import WorkerAugment, augment_batch, augmentation_params, normalize
 
 NIH_TRAIN_IMAGES = 77_872  # train_val_list.txt (86,524) less a 10% validation split by patient
@@ -92,7 +94,7 @@ def epoch_rate(loader, epoch):
 def input_rates(labels, folder, args):
     """Median images/s of the PNG path and the cache path, their epochs alternated (epoch 0 starts workers)."""
     targets = labels[list(FINDINGS)]
-    raw = input_loader(PngImages(labels["path"], args.load_size), targets, args)
+    raw = input_loader(FilmImages(labels["path"], args.load_size), targets, args)
     cached = input_loader(CachedImages(cache_folder(folder, args.load_size), labels["image_name"]), targets, args)
     rates = {"raw": [], "cached": []}
     for epoch in range(args.rounds + 1):
@@ -106,23 +108,27 @@ def input_rates(labels, folder, args):
 # ----------------------------------------------------------------------------- (b) model steps
 
 
-def training_parts(args, device, config):
-    """(a run_folder.Training, the autocast dtype) as train.build_training makes them, for random weights: the
-    model in the configuration's layout, fused AdamW on its trainable parameters, the loss scaler (fp16 only) and
-    the pos_weight-ed loss."""
-    dtype = autocast_dtype(device, config["amp"])
-    layout = torch.channels_last if config["channels_last"] else torch.contiguous_format
-    backbone = getattr(args, "backbone", "resnet50")
-    model = build_model(len(FINDINGS), "none", args.trainable_layers, 0.5, backbone).to(device, memory_format=layout)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type in ("cuda", "cpu"))
-    return Training(
-        model=model,
-        optimizer=optimizer,
-        scheduler=None,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        criterion=torch.nn.BCEWithLogitsLoss(pos_weight=torch.full((len(FINDINGS),), 5.0, device=device)),
-    ), dtype
+class Variant(NamedTuple):
+    """One configuration of the training step that (b) times."""
+
+    amp: bool
+    channels_last: bool
+    compile: bool = False
+
+
+def training_parts(args, device, variant):
+    """(a run_folder.Training, the autocast dtype), made by train.build_training for random weights in the variant's
+    precision and layout: train.py's defaults otherwise, the targets' rate of device_batches."""
+    dtype = autocast_dtype(device, variant.amp)
+    defaults = train.parse_settings([])
+    model_settings = replace(defaults.model, backbone=getattr(args, "backbone", "resnet50"), pretrained="none")
+    model_settings = replace(model_settings, trainable_layers=args.trainable_layers)
+    counts = np.full(len(FINDINGS), 20), np.full(len(FINDINGS), 80)
+    pos_weight = pos_weight_from_counts(*counts)
+    parts = train.build_training(
+        model_settings, defaults.training, counts, pos_weight, device, dtype, variant.channels_last, 1
+    )
+    return parts, dtype
 
 
 def device_batches(args, device, steps):
@@ -134,15 +140,15 @@ def device_batches(args, device, steps):
     return DeviceBatches(images, targets, sampler, args.batch_size, drop_last=True)
 
 
-def step_rates(args, device, config):
-    """(project loop, bare loop, eval) images/s and the host's share of a bare step for one configuration."""
-    parts, dtype = training_parts(args, device, config)
-    net = torch.compile(parts.model, mode=args.compile_mode) if config["compile"] else parts.model
-    loop = train.Loop(device, dtype, config["channels_last"], image_size=args.image_size, show_progress=False)
+def step_rates(args, device, variant):
+    """(project loop, bare loop, eval) images/s and the host's share of a bare step for one Variant."""
+    parts, dtype = training_parts(args, device, variant)
+    net = torch.compile(parts.net, mode=args.compile_mode) if variant.compile else parts.net
+    loop = train.Loop(device, dtype, variant.channels_last, image_size=args.image_size, show_progress=False)
     warmup, measured = device_batches(args, device, args.warmup), device_batches(args, device, args.steps)
     inputs = normalize(
         torch.randint(0, 256, (args.batch_size, 1, args.image_size, args.image_size), dtype=torch.uint8, device=device),
-        config["channels_last"],
+        variant.channels_last,
     )
     labels = (torch.rand(args.batch_size, len(FINDINGS), device=device) < 0.2).float()
 
@@ -150,13 +156,8 @@ def step_rates(args, device, config):
         batches.sampler.set_epoch(epoch)
         train.train_epoch(net, batches, parts, loop, epoch, 0, EpochTotals(), stop)
 
-    def bare_step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = parts.criterion(net(inputs).float(), labels)
-        parts.optimizer.zero_grad(set_to_none=True)
-        parts.scaler.scale(loss).backward()
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
+    def bare_step():  # train.py's step on one ready batch: no sampling, augmentation or loss bookkeeping
+        train.optimizer_step(net, inputs, labels, parts, loop)
 
     stop = train.StopRequest()
     try:
@@ -206,14 +207,14 @@ def cpu_train_rates(args):
 
 def _cpu_step_rate(dtype, layout, args):
     size, batch = args.cpu_step["image_size"], args.cpu_step["batch_size"]
-    model = build_model(len(FINDINGS), "none", "all", 0.5).to(memory_format=layout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    net = build_model(len(FINDINGS), "none", "all", 0.5).to(memory_format=layout)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
     targets = (torch.rand(batch, len(FINDINGS)) < 0.2).float()
 
     def step():
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images).float(), targets)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(images).float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -300,12 +301,12 @@ class DeviceWaits(TorchFunctionMode):
 def forward_operations(frozen_class, trainable_layers="layer4", size=64):
     """Operations of one forward pass under bf16 autocast on the CPU (the count does not depend on the CPU having
     native bf16), with the frozen blocks' BatchNorm as `frozen_class`."""
-    model = build_model(len(FINDINGS), "none", trainable_layers, 0.5).eval()
+    net = build_model(len(FINDINGS), "none", trainable_layers, 0.5).eval()
     if frozen_class is not FrozenBatchNorm:
-        _swap_frozen_batchnorm(model, frozen_class)
+        _swap_frozen_batchnorm(net, frozen_class)
     images = torch.randn(2, 3, size, size)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), OperationCount() as count:
-        model(images)
+        net(images)
     return count.operations
 
 
@@ -349,7 +350,7 @@ def _loop_steps(device, steps, size, batch_size):
     """A function that runs `steps` steps of train.py's loop (one epoch of that many) on `device`, from images held in
     its memory; what it needs is made here, outside what is counted."""
     args = argparse.Namespace(trainable_layers="layer4", batch_size=batch_size, load_size=size + 8)
-    parts, dtype = training_parts(args, device, {"amp": True, "channels_last": device.type != "mps"})
+    parts, dtype = training_parts(args, device, Variant(amp=True, channels_last=device.type != "mps"))
     loop = train.Loop(device, dtype, device.type != "mps", image_size=size, show_progress=False)
     batches = device_batches(args, device, steps)
     batches.sampler.set_epoch(1)
@@ -357,7 +358,7 @@ def _loop_steps(device, steps, size, batch_size):
     def run():
         stop = train.StopRequest()
         try:
-            train.train_epoch(parts.model, batches, parts, loop, 1, 0, EpochTotals(), stop)
+            train.train_epoch(parts.net, batches, parts, loop, 1, 0, EpochTotals(), stop)
         finally:
             stop.restore()
 
@@ -387,7 +388,7 @@ def configurations(device, with_compile):
         configs = [(False, False, False), (False, True, False)]
     if with_compile:
         configs.append((configs[-1][0], configs[-1][1], True))
-    return [{"amp": amp, "channels_last": last, "compile": comp} for amp, last, comp in configs]
+    return [Variant(*config) for config in configs]
 
 
 def make_images(folder, count, load_size, workers):
@@ -430,15 +431,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = select_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as train.py
-    print(f"device: {device_name(device)}; torch {torch.__version__}")
-    with_compile = args.compile and compile_support(device)[0]
-    if args.compile and not with_compile:
-        print(f"    no torch.compile figures: {compile_support(device)[1]}")
+def input_section(args, device):
+    """(a): the input pipeline's figures, printed; a dict of them."""
     with tempfile.TemporaryDirectory() as folder:
         print(f"(a) input pipeline: generating synthetic {SOURCE_SIZE}-px PNGs and their {args.load_size}-px cache ...")
         labels = make_images(Path(folder), args.images, args.load_size, args.workers)
@@ -461,20 +455,33 @@ def main(argv=None):
         f"    ({worker_aug_ms / worker_read_ms:.1f}x); device augmentation {device_aug_ms:.3f} ms per image on {device}"
     )
     print(f"    images held in {device} memory: {device_batches_per_s:.1f} batches/s of {args.batch_size}, augmented")
+    return {
+        "input_raw_img_s": raw,
+        "input_cached_img_s": cached,
+        "input_cached_over_raw": cached / raw,
+        "input_worker_ms_per_img": worker_aug_ms,
+        "input_worker_ms_per_img_device_aug": worker_read_ms,
+        "device_aug_ms_per_img": device_aug_ms,
+        "on_device_batches_per_s": device_batches_per_s,
+    }
 
+
+def step_section(args, device, with_compile, cached):
+    """(b) and (c): each Variant's step rates and projected NIH epoch (`cached`: this machine's cached input rate),
+    printed; a row of figures per Variant."""
     print(f"(b) model steps at {args.image_size} px, batch {args.batch_size}, trainable {args.trainable_layers}")
     print(
         f"    {'amp':>5} {'ch_last':>7} {'compile':>7} {'train img/s':>12} {'bare img/s':>11} {'loop/bare':>9} "
         f"{'eval img/s':>11} {'host share':>10} {'NIH epoch':>10} {'(c) w/ cache here':>18}"
     )
     rows = []
-    for config in configurations(device, with_compile):
-        project, bare, evaluation, host_share = step_rates(args, device, config)
+    for variant in configurations(device, with_compile):
+        project, bare, evaluation, host_share = step_rates(args, device, variant)
         epoch = NIH_TRAIN_IMAGES / project + NIH_VAL_IMAGES / evaluation
         epoch_here = NIH_TRAIN_IMAGES / min(project, cached) + NIH_VAL_IMAGES / min(evaluation, cached)
         rows.append(
             {
-                **config,
+                **variant._asdict(),
                 "train_img_s": project,
                 "bare_train_img_s": bare,
                 "eval_img_s": evaluation,
@@ -485,7 +492,7 @@ def main(argv=None):
         )
         share = "" if host_share is None else f"{host_share:.0%}"
         print(
-            f"    {config['amp']!s:>5} {config['channels_last']!s:>7} {config['compile']!s:>7} {project:12.1f} "
+            f"    {variant.amp!s:>5} {variant.channels_last!s:>7} {variant.compile!s:>7} {project:12.1f} "
             f"{bare:11.1f} {project / bare:9.2f} {evaluation:11.1f} {share:>10} {epoch / 60:9.1f}m "
             f"{epoch_here / 60:17.1f}m"
         )
@@ -495,18 +502,24 @@ def main(argv=None):
             f"    the step is CPU-bound: the host needs {default['host_share_of_step']:.0%} of it to queue the kernels "
             "(launch overhead); a larger batch, or --compile --compile_mode reduce-overhead (CUDA graphs), helps"
         )
-    cpu_fp32 = cpu_amp = None
-    if device.type == "cpu":  # what the CPU itself does best; beside a GPU it is not what trains
-        cpu_fp32, cpu_amp = cpu_train_rates(args)
-        choice = f"{autocast_dtype(torch.device('cpu')) or 'fp32'} + channels_last"
-        print(
-            f"    CPU, all layers, {args.cpu_step['image_size']} px, batch {args.cpu_step['batch_size']}: "
-            f"fp32 {cpu_fp32:.1f} img/s, {choice} {cpu_amp:.1f} img/s ({cpu_amp / cpu_fp32:.2f}x)"
-        )
+    return rows
+
+
+def cpu_section(args, device):
+    """On a CPU, what the CPU itself does best (beside a GPU it is not what trains), printed; its figures."""
+    if device.type != "cpu":
+        return {"cpu_train_img_s_fp32": None, "cpu_train_img_s_amp": None}
+    cpu_fp32, cpu_amp = cpu_train_rates(args)
+    choice = f"{autocast_dtype(torch.device('cpu')) or 'fp32'} + channels_last"
     print(
-        f"(c) one NIH epoch = {NIH_TRAIN_IMAGES:,} training + {NIH_VAL_IMAGES:,} validation images; 'w/ cache here' "
-        f"is bounded by this machine's cached input rate ({args.workers} workers)"
+        f"    CPU, all layers, {args.cpu_step['image_size']} px, batch {args.cpu_step['batch_size']}: "
+        f"fp32 {cpu_fp32:.1f} img/s, {choice} {cpu_amp:.1f} img/s ({cpu_amp / cpu_fp32:.2f}x)"
     )
+    return {"cpu_train_img_s_fp32": cpu_fp32, "cpu_train_img_s_amp": cpu_amp}
+
+
+def loop_section(device):
+    """(d): operations, reads and uploads per step of the loop, printed; their figures."""
     frozen_torchvision, frozen_ours = forward_operations(FrozenBatchNorm2d), forward_operations(FrozenBatchNorm)
     operations, reads, uploads = loop_counts()
     gpu_syncs = gpu_syncs_per_step(device)
@@ -519,31 +532,45 @@ def main(argv=None):
         f"{uploads:.2f} blocking uploads (train.SYNC_EVERY = {train.SYNC_EVERY})"
         + ("" if gpu_syncs is None else f"; on this GPU, synchronising operations per step: {gpu_syncs:.2f}")
     )
-    results = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "settings": vars(args),
-        "input_raw_img_s": raw,
-        "input_cached_img_s": cached,
-        "input_cached_over_raw": cached / raw,
-        "train_img_s": default["train_img_s"],
-        "bare_train_img_s": default["bare_train_img_s"],
-        "eval_img_s": default["eval_img_s"],
-        "host_share_of_step": default["host_share_of_step"],
-        "nih_epoch_s": default["nih_epoch_s"],
-        "cpu_train_img_s_fp32": cpu_fp32,
-        "cpu_train_img_s_amp": cpu_amp,
-        "input_worker_ms_per_img": worker_aug_ms,
-        "input_worker_ms_per_img_device_aug": worker_read_ms,
-        "device_aug_ms_per_img": device_aug_ms,
-        "on_device_batches_per_s": device_batches_per_s,
+    return {
         "forward_ops_torchvision_frozen_bn": frozen_torchvision,
         "forward_ops_frozen_bn": frozen_ours,
         "loop_ops_per_step": operations,
         "loop_reads_per_step": reads,
         "loop_uploads_per_step": uploads,
         "loop_gpu_syncs_per_step": gpu_syncs,
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = select_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py
+    print(f"device: {device_name(device)}; torch {torch.__version__}")
+    with_compile = args.compile and compile_support(device)[0]
+    if args.compile and not with_compile:
+        print(f"    no torch.compile figures: {compile_support(device)[1]}")
+    inputs = input_section(args, device)
+    rows = step_section(args, device, with_compile, inputs["input_cached_img_s"])
+    default = rows[len(configurations(device, False)) - 1]  # what train.py does on this device
+    cpu = cpu_section(args, device)
+    print(
+        f"(c) one NIH epoch = {NIH_TRAIN_IMAGES:,} training + {NIH_VAL_IMAGES:,} validation images; 'w/ cache here' "
+        f"is bounded by this machine's cached input rate ({args.workers} workers)"
+    )
+    loop = loop_section(device)
+    results = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "settings": vars(args),
+        **{key: inputs[key] for key in ("input_raw_img_s", "input_cached_img_s", "input_cached_over_raw")},
+        **{key: default[key] for key in ("train_img_s", "bare_train_img_s", "eval_img_s", "host_share_of_step")},
+        "nih_epoch_s": default["nih_epoch_s"],
+        **cpu,
+        **inputs,
+        **loop,
         "configurations": rows,
     }
     if args.json:

@@ -13,7 +13,6 @@ holds them there and draws batches by index: no DataLoader, no workers, no host-
 """
 
 import argparse
-import sys
 from multiprocessing import get_context
 
 import numpy as np
@@ -21,9 +20,9 @@ from tqdm import tqdm
 
 from dataset import attach_image_paths, find_label_file, read_labels
 from devices import usable_cpus
-from errors import DataError
+from errors import one_line_errors
 from films import load_image
-from images import cache_folder, open_cache, save_cache_progress
+from images import cache_folder, ignore_interrupts, open_cache, save_cache_progress
 
 CHUNK = 256  # images per task: large enough to amortise the task, small enough to resume with little lost
 
@@ -48,7 +47,8 @@ def build_cache(data_dir, size=256, csv_path="", workers=None, drop_missing=Fals
     tasks = [(images_path, size, rows, paths[rows]) for rows in np.array_split(todo, max(1, len(todo) // CHUNK))]
     workers = workers or usable_cpus()
     bar = tqdm(total=len(done), initial=int(done.sum()), desc=f"caching at {size} px", unit="img")
-    with get_context("spawn").Pool(workers) as pool:  # spawn: the same behaviour on Linux, macOS and Windows
+    # spawn: the same behaviour on Linux, macOS and Windows; Ctrl-C is the main process's to answer
+    with get_context("spawn").Pool(workers, ignore_interrupts) as pool:
         for rows in pool.imap_unordered(_fill_rows, [task for task in tasks if len(task[2])]):
             done[rows] = True
             save_cache_progress(folder, done)
@@ -65,10 +65,9 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
     parser.add_argument("--drop_missing_images", action="store_true", help="cache the images present")
     args = parser.parse_args(argv)
-    try:
+    kept = "the rows written so far are kept, and the same command resumes where this one stopped"
+    with one_line_errors(interrupted=kept):
         folder = build_cache(args.data_dir, args.size, args.csv, args.workers, args.drop_missing_images)
-    except DataError as error:
-        sys.exit(f"error: {error}")
     print(f"cache ready: {folder} ({(folder / 'images.npy').stat().st_size / 1e9:.2f} GB)")
 
 

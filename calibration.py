@@ -39,6 +39,18 @@ def fit_platt(logits, targets):
     return slopes, intercepts
 
 
+LEFT_RAW = "left raw: its validation films had one class only, or the fit would have reversed their order"
+
+
+def left_raw(fitted, names):
+    """The names whose Platt scaling is the identity (a = 1, b = 0: fit_platt's fallback; a real fit never gives
+    exactly that): their 'calibrated' probabilities are the raw ones, inflated by pos_weight."""
+    if fitted is None:
+        return list(names)
+    slopes, intercepts = (np.asarray(part, dtype=np.float64) for part in fitted)
+    return [name for name, a, b in zip(names, slopes, intercepts) if a == 1 and b == 0]
+
+
 def sigmoid(logits):
     """The network's raw probabilities from its logits (float64 numpy)."""
     return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))

@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from configurator import AtLeast, add_device_flags, add_out_flag, flag_type
+from configurator import AtLeast, add_device_flags, add_out_flag, check_out_folder, flag_type
 from dataset import FINDINGS, run_split, split_rows
 from devices import worker_count
-from errors import DataError, UserError
+from errors import DataError, one_line_errors
 from images import find_cache
 from inference import TorchModel, current_predictions, prediction_table, predictions, split_outputs, statistics_of
 from metrics import compare_aurocs
@@ -66,9 +66,9 @@ def predictions_of(path, args):
         return current
     model = TorchModel(path, args.device, args.amp)
     split, source = run_split(model.checkpoint, path, args.test_list)
-    data_dir = args.data_dir or model.config["DATA_DIR"]
+    data_dir = args.data_dir or model.data.data_dir
     parts, _ = split_rows(
-        split, source, data_dir, model.config["CSV"], [args.split], cache=find_cache(data_dir, model.load_size)
+        split, source, data_dir, model.data.csv, [args.split], cache=find_cache(data_dir, model.load_size)
     )
     rows = parts[args.split]
     logits, readable, features = split_outputs(model, rows, data_dir, args.batch_size, worker_count(args.num_workers))
@@ -208,6 +208,9 @@ def parse_args(argv):
 
 def compare(args):
     names = model_names(args.checkpoints, args.names)
+    folder = "compare_" + "_vs_".join(name.replace("/", "-").replace("\\", "-") for name in names)
+    out = Path(args.out) if args.out else Path(args.checkpoints[0]).parent / folder
+    check_out_folder(out)
     tables = [predictions_of(path, args) for path in args.checkpoints]
     findings, labels, patients, scores = aligned(tables, names, args.checkpoints)
     print(f"comparing on {len(labels):,} films of {len(set(patients)):,} patients ({args.reps} paired resamples)")
@@ -215,8 +218,6 @@ def compare(args):
         pair_table(findings, labels, patients, [scores[0], scores[k]], (names[0], names[k]), args.reps)
         for k in range(1, len(names))
     ]
-    folder = "compare_" + "_vs_".join(name.replace("/", "-").replace("\\", "-") for name in names)
-    out = Path(args.out) if args.out else Path(args.checkpoints[0]).parent / folder
     out.mkdir(parents=True, exist_ok=True)
     table = pd.concat(pairs, ignore_index=True)
     table.to_csv(out / "compare.csv", index=False)
@@ -243,10 +244,8 @@ def compare(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    with one_line_errors():
         compare(args)
-    except UserError as error:
-        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ train.py computes the same numbers from its own training split through the same 
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from dataset import FINDINGS, POS_WEIGHT_POLICIES, count_positives, pos_weight_from_counts, read_labels
-from errors import DataError
+from errors import DataError, one_line_errors
 
 
 def select_rows(labels, train_list):
@@ -46,12 +45,10 @@ def main(argv=None):
     parser.add_argument("--cap", type=float, default=0.0, help="upper bound on a weight; 0 = none (default: 0)")
     parser.add_argument("--out", help="write {finding: pos_weight} as JSON here")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         labels = read_labels(args.csv)
         if args.train_list:
             labels = select_rows(labels, args.train_list)
-    except DataError as error:
-        sys.exit(f"error: {error}")
     positives, negatives = count_positives(labels[list(FINDINGS)].to_numpy())
     weights = pos_weight_from_counts(positives, negatives, args.policy, args.cap)
     print(f"{len(labels):,} images, {labels['patient_id'].nunique():,} patients; policy {args.policy}")

@@ -17,11 +17,12 @@ import ast
 import inspect
 import io
 import math
+import os
 import sys
 import tokenize
 from pathlib import Path
 
-from errors import SettingsError
+from errors import DataError, SettingsError
 
 
 class Rule:
@@ -252,3 +253,21 @@ def add_device_flags(parser, amp=True):
 def add_out_flag(parser, default, what, default_text=None):
     """--out: where a command writes (a folder or a file)."""
     parser.add_argument("--out", default=default, help=f"{what} (default: {default_text or default})")
+
+
+def check_out_folder(out):
+    """Before any work: --out names a folder this user may write in, or one that can be made there; a file, or a
+    folder below a file or in a read-only place, is an error now rather than after the work is done."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: name the folder to write into (it is made if missing)")
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        raise DataError(f"--out {out}: {existing} is a file, so no folder can be made below it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out}: {existing} is not a folder this user may write in")
+
+
+def add_checkpoint_flag(parser, required=True):
+    """--checkpoint: the train.py checkpoint a command reads (`parser` may be a mutually exclusive group)."""
+    parser.add_argument("--checkpoint", required=required, help="a checkpoint written by train.py (e.g. best.pth)")

@@ -1,8 +1,8 @@
-"""NIH ChestX-ray14: label CSV, patient-level splits, images, the torch Dataset, pos_weight counts.
+"""NIH ChestX-ray14's labels: the label CSV read and checked (findings, patients, demographics), which films are on
+disk (or in the cache), patient-level splits (NIH's official lists or a seeded one) and the split a run keeps, and the
+pos_weight counts. Every user CSV is read through read_table.
 
-Data flows one way: this file knows nothing of models or training. Images leave it as uint8 tensors
-of shape [1, S, S]; float conversion and ImageNet normalisation happen on the device
-(transforms.normalize), which keeps worker-to-GPU traffic four times smaller.
+Data flows one way: this file knows nothing of models or training; the pixels are images.py's and loaders.py's.
 """
 
 import hashlib
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from errors import DataError
 from images import cached_names, index_images
@@ -37,13 +36,29 @@ NO_FINDING = "No Finding"  # the label NIH uses for "all 14 negative"
 IMAGE_COLUMN = "Image Index"
 LABELS_COLUMN = "Finding Labels"
 PATIENT_COLUMN = "Patient ID"
-DEMOGRAPHICS = {"Patient Gender": "sex", "Patient Age": "age", "View Position": "view", "Follow-up #": "follow_up"}
+DEMOGRAPHICS = ("Patient Gender", "Patient Age", "View Position")  # sex, age, view: for the subgroup report
+FOLLOW_UP_COLUMN = "Follow-up #"
 OFFICIAL_LISTS = ("train_val_list.txt", "test_list.txt")  # NIH's patient-disjoint split, beside the CSV
 SPLITS = ("train", "val", "test")
 POS_WEIGHT_POLICIES = ("ratio", "sqrt", "none")
 
 
 # ----------------------------------------------------------------------------- labels
+
+
+def demographics(sex, age, view):
+    """sex (F/M), age (years) and view (PA/AP) columns of whichever of the three a dataset has (None: it has not),
+    for the subgroup report: each dataset's spellings ("Female", " m", "AP Supine") reduced to these; an age that is
+    not a number is NaN."""
+    columns = {}
+    if sex is not None:
+        columns["sex"] = sex.astype(str).str.strip().str.upper().str[:1].where(lambda s: s.isin(["F", "M"]))
+    if age is not None:
+        columns["age"] = pd.to_numeric(age, errors="coerce")
+    if view is not None:
+        text = view.astype(str).str.strip().str.upper()
+        columns["view"] = text.where(text.isin(["PA", "AP"]), np.where(text.str.startswith("AP"), "AP", None))
+    return columns
 
 
 def read_table(path, fix="download or export it again", **options):
@@ -84,15 +99,9 @@ def read_labels(csv_path):
     labels = pd.DataFrame({"image_name": table[IMAGE_COLUMN].str.strip()})
     labels["patient_id"] = _parse_patient_ids(table[PATIENT_COLUMN], labels["image_name"], csv_path)
     labels[list(FINDINGS)] = _parse_findings(table[LABELS_COLUMN], labels["image_name"], csv_path)
-    for column, name in DEMOGRAPHICS.items():  # for the subgroup report; absent columns are left out
-        if column in table.columns:
-            labels[name] = table[column].str.strip()
-    if "age" in labels:
-        labels["age"] = pd.to_numeric(labels["age"], errors="coerce")
-    if "follow_up" in labels:
-        labels["follow_up"] = pd.to_numeric(labels["follow_up"], errors="coerce")
-    if "sex" in labels:
-        labels["sex"] = labels["sex"].str.upper().str[:1].where(lambda sex: sex.isin(["F", "M"]))
+    labels = labels.assign(**demographics(*(table.get(column) for column in DEMOGRAPHICS)))  # absent: left out
+    if FOLLOW_UP_COLUMN in table.columns:
+        labels["follow_up"] = pd.to_numeric(table[FOLLOW_UP_COLUMN], errors="coerce")
     duplicated = labels["image_name"].duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0])
@@ -210,6 +219,8 @@ def read_split(path):
 def split_record(labels, split, csv_path):
     """The split in a form a checkpoint can carry (plain types and a tensor: weights_only loading accepts it): the
     image names, one code per image (SPLITS), and the label file's name and SHA-256."""
+    import torch  # here, not at the top: train.py's --help imports this file before torch
+
     codes = pd.Categorical(np.asarray(split, dtype=object), categories=SPLITS).codes
     return {
         "image_names": "\n".join(labels["image_name"]),

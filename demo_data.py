@@ -10,7 +10,7 @@ keep NIH's order (Infiltration most common, Hernia rarest) compressed so that ev
 positives in the test split; findings co-occur as on NIH (effusion with atelectasis and cardiomegaly, pneumonia
 with infiltration and consolidation, mass with nodule); a chronic finding persists over a patient's follow-ups;
 and LABEL_NOISE of the labels disagree with the film, as NIH's text-mined labels do. Deterministic for a seed;
-numpy and Pillow only.
+numpy and Pillow (and dataset.py's FINDINGS) only.
 """
 
 import argparse
@@ -20,22 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-FINDINGS = (  # NIH order; dataset.py holds the same tuple (this file stays free of project imports)
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+from dataset import FINDINGS
+
 NIH_POSITIVES = {  # positives per finding in the full release (of 112,120 images)
     "Atelectasis": 11559,
     "Cardiomegaly": 2776,

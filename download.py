@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from configurator import AtLeast, flag_type
-from errors import DataError, UserError
+from errors import DataError, one_line_errors
 from fetch import (
     BY_HAND_FROM,
     Unreadable,
@@ -33,11 +33,11 @@ from fetch import (
     extract,
     fetch,
     free_bytes,
-    ignore_interrupts,
     mismatch,
     part_size_or_zero,
     read_manifest,
 )
+from images import ignore_interrupts
 
 MANIFEST = Path(__file__).resolve().parent / "nih_files.csv"  # NIH's own addresses, MD5s and sizes
 LABEL_ROWS = 112_120  # rows of NIH's full label file
@@ -282,12 +282,8 @@ def report(out, archives, todo, by_hand, cache, seconds):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    with one_line_errors(interrupted="the .part files stay, and the same command resumes where this one stopped"):
         download(args)
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the .part files stay, and the same command resumes where this one stopped")
-    except UserError as error:
-        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

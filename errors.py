@@ -21,3 +21,23 @@ class CheckpointError(UserError):
 
 class DeviceError(UserError):
     """A GPU or PyTorch build that cannot run the job as asked."""
+
+
+class one_line_errors:
+    """`with one_line_errors():` around a command's work: a UserError (or one of `also`) ends the command with its
+    message as one line, `error: ...`, and exit code 1, instead of a traceback; given `interrupted`, so does Ctrl-C,
+    with `interrupted: ` and that text (what was kept, how to go on). A plain class, not contextlib's decorator: this
+    file imports nothing."""
+
+    def __init__(self, *also, interrupted=None):
+        self.caught, self.interrupted = (UserError, *also), interrupted
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None and issubclass(kind, self.caught):
+            raise SystemExit(f"error: {error}") from None
+        if kind is KeyboardInterrupt and self.interrupted:
+            raise SystemExit(f"interrupted: {self.interrupted}") from None
+        return False

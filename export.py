@@ -5,7 +5,7 @@
 The input contract (also in the file's metadata, "input"): input "image", uint8 [N, 1, S, S], N free: each film as
 8-bit grayscale (DICOM windowed), letterboxed to LOAD_SIZE x LOAD_SIZE (longer side resized, centred on black),
 resized to round(S / 0.875) when that differs from LOAD_SIZE, and centre-cropped to S = IMAGE_SIZE: what
-films.eval_view gives. The graph itself scales to [0, 1], makes the three ImageNet-normalised channels, runs the
+films.eval_crop gives. The graph itself scales to [0, 1], makes the three ImageNet-normalised channels, runs the
 network and its outputs: "probabilities", float32 [N, 14] in the order of the metadata's "findings", calibrated
 (inference.py, calibration.py); "ood_distance", float32 [N], how far the film lies from the training films (ood.py);
 "raw_probabilities", the network's own sigmoid outputs. (A checkpoint without those statistics exports
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from configurator import add_out_flag
-from errors import DataError, UserError
+from configurator import add_checkpoint_flag, add_out_flag
+from errors import DataError, one_line_errors
 from films import EVAL_CROP_FRACTION
 from inference import TorchModel, probability_graph
 from ood import FLAG_PERCENTILE
@@ -45,12 +45,12 @@ class Deployable(nn.Module):
     """uint8 evaluation crops -> the outputs of inference.probability_graph: normalisation, network, calibration and
     the out-of-distribution distance inside the graph, so a consumer cannot get them wrong."""
 
-    def __init__(self, model, statistics=None):
+    def __init__(self, net, statistics=None):
         super().__init__()
-        self.model, self.statistics = model, statistics
+        self.net, self.statistics = net, statistics
 
     def forward(self, image):
-        return probability_graph(self.model, image, self.statistics)
+        return probability_graph(self.net, image, self.statistics)
 
 
 def output_names(statistics):
@@ -61,7 +61,8 @@ def output_names(statistics):
 
 OUTPUTS = {
     "probabilities": "float32 [N, findings]: calibrated probabilities (Platt scaling fitted on the validation split) "
-    "in the order of 'findings'; the raw sigmoid outputs where 'calibrated' is false",
+    "in the order of 'findings'; the raw sigmoid outputs where 'calibrated' is false, and for the findings of "
+    "'left_raw' (calibration.LEFT_RAW)",
     "ood_distance": "float32 [N]: the Mahalanobis distance of the film's features to the training films'; above "
     "'ood' threshold it is unlike them, and its findings may mean nothing",
     "raw_probabilities": "float32 [N, findings]: the network's own sigmoid outputs (inflated by the training's "
@@ -76,16 +77,17 @@ def metadata(model, outputs):
     config_json = json.dumps(config, sort_keys=True)
     properties = {
         "findings": json.dumps(model.findings),
-        "image_size": str(config["IMAGE_SIZE"]),
-        "load_size": str(config["LOAD_SIZE"]),
+        "image_size": str(model.image_size),
+        "load_size": str(model.load_size),
         "eval_crop_fraction": str(EVAL_CROP_FRACTION),
         "normalisation": json.dumps({"scale": "1/255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "in_graph": True}),
         "input": INPUT_CONTRACT,
         "output": "; ".join(f"{name}: {OUTPUTS[name]}" for name in outputs),
         "calibrated": json.dumps(model.calibrated),
+        "left_raw": json.dumps(model.left_raw),  # findings whose "calibrated" probability is the raw one
         "thresholds": json.dumps(model.thresholds),
         "raw_thresholds": json.dumps(statistics.thresholds),
-        "architecture": checkpoint["architecture"],
+        "backbone": checkpoint["backbone"],
         "epoch": str(checkpoint["epoch"]),
         "config": config_json,
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
@@ -152,7 +154,7 @@ def check_out(out, checkpoint, overwrite):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (e.g. best.pth)")
+    add_checkpoint_flag(parser)
     add_out_flag(parser, "model.onnx", "the ONNX file to write")
     parser.add_argument(
         "--thresholds", help="thresholds.json (default: evaluation/<checkpoint stem>/thresholds.json by the checkpoint)"
@@ -160,10 +162,9 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists (default: refuse)")
     args = parser.parse_args(argv)
     try:
-        check_out(Path(args.out), Path(args.checkpoint), args.overwrite)
-        properties = export(args.checkpoint, args.out, args.thresholds)
-    except UserError as error:
-        sys.exit(f"error: {error}")
+        with one_line_errors():
+            check_out(Path(args.out), Path(args.checkpoint), args.overwrite)
+            properties = export(args.checkpoint, args.out, args.thresholds)
     except ImportError as error:
         sys.exit(f"error: {error}. Install the extras: pip install -r requirements-extras.txt")
     size = properties["image_size"]

@@ -29,13 +29,14 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from dataset import find_file, read_table
+from dataset import demographics, find_file, read_table
 from errors import DataError
 from films import FRONTAL_VIEWS, LATERAL_VIEWS
 from images import index_images
 
 DATASETS = ("chexpert", "mimic", "padchest", "vindr", "rsna")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
+LABELER_VALUES = (1, 0, -1)  # CheXpert's labeler (CheXpert, MIMIC): positive, negative, uncertain; blank: not mentioned
 VINDR_RULES = ("any", "majority")  # a VinDr finding is positive when any radiologist marked it, or at least two
 CHEXPERT_MAPPING = {  # reported name: (CheXpert labeler columns, the model's findings whose maximum scores it)
     "Atelectasis": (("Atelectasis",), ("Atelectasis",)),
@@ -183,6 +184,43 @@ def _uncertain(values, uncertain):
     return values.replace(-1, {"ignore": np.nan, "zeros": 0, "ones": 1}[uncertain])
 
 
+def _check_labeler_values(table, mapping, path):
+    """CheXpert's labeler writes 1, 0, -1 or nothing in each finding's column; anything else (a 2, a "yes") is an
+    error naming the file, the row and the value, not a negative in silence."""
+    for column in [column for columns, _ in mapping.values() for column in columns if column in table.columns]:
+        text = table[column]
+        given = text.notna() & text.astype(str).str.strip().ne("")
+        bad = given & ~pd.to_numeric(text, errors="coerce").isin(LABELER_VALUES)
+        if bad.any():
+            row, value = int(np.flatnonzero(bad)[0]), text.iloc[bad.to_numpy()].iloc[0]
+            shown = f"{value:g}" if isinstance(value, (int, float, np.number)) else repr(str(value))
+            raise DataError(
+                f"{path}, row {row + 2}: {column} is {shown}, one of {bad.sum()} such value(s); the "
+                "CheXpert labeler writes 1 (positive), 0 (negative), -1 (uncertain) or nothing. Use the file unchanged."
+            )
+
+
+def _refuse_duplicates(table, columns, path, what):
+    """Rows that repeat `columns` would count a film (or a box) twice: an error naming the first repeats."""
+    twice = table.duplicated(subset=list(columns), keep="first").to_numpy()
+    if twice.any():
+        rows = ", ".join(str(row + 2) for row in np.flatnonzero(twice)[:3])
+        raise DataError(
+            f"{path}: {twice.sum()} {what} listed twice (the repeat first at row(s) {rows}); remove the repeated rows"
+        )
+
+
+def _inside(table, column, path):
+    """Paths of a label file stay inside the dataset's folder: an absolute or ../ path is an error naming its row."""
+    outside = table[column].astype(str).map(lambda value: Path(value).is_absolute() or ".." in Path(value).parts)
+    if outside.any():
+        row = int(np.flatnonzero(outside.to_numpy())[0])
+        raise DataError(
+            f"{path}, row {row + 2}: {column} {table[column].iloc[row]!r} points outside the dataset's folder; "
+            "paths in the label file are relative to it. Use the file unchanged."
+        )
+
+
 def _labelled(table, mapping, uncertain):
     """One column per reported name from the labeler's columns (names it lacks are an error)."""
     columns = [column for columns, _ in mapping.values() for column in columns]
@@ -199,6 +237,9 @@ def _read_chexpert(data_dir, csv_path, options):
     for column in ("Path", "Frontal/Lateral"):
         if column not in table.columns:
             raise DataError(f"{path}: missing column {column!r}; is this CheXpert's valid.csv or train.csv?")
+    _inside(table, "Path", path)
+    _refuse_duplicates(table, ["Path"], path, "film(s)")
+    _check_labeler_values(table, CHEXPERT_MAPPING, path)
 
     def locate(relative):  # "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg": from DIR's parent
         candidates = [data_dir.parent / relative, data_dir / relative, data_dir / Path(*Path(relative).parts[1:])]
@@ -212,23 +253,10 @@ def _read_chexpert(data_dir, csv_path, options):
             "patients, so each film's patient must be known. Use CheXpert's valid.csv or train.csv unchanged."
         )
     rows = pd.DataFrame({"path": table.Path.map(locate), "patient_id": pd.to_numeric(patient, errors="coerce")})
-    rows = rows.assign(**_demographics(table.get("Sex"), table.get("Age"), table.get("AP/PA")))
+    rows = rows.assign(**demographics(table.get("Sex"), table.get("Age"), table.get("AP/PA")))
     rows = pd.concat([rows, _labelled(table, CHEXPERT_MAPPING, options["uncertain"])], axis=1)
     frontal = table["Frontal/Lateral"].astype(str).str.lower() == "frontal"
     return {"rows": rows, "views": pd.Series(np.where(frontal, "FRONTAL", "LATERAL")), "source": path}
-
-
-def _demographics(sex, age, view):
-    """sex (F/M), age (years) and view (PA/AP) columns where a dataset has them, for the subgroup report."""
-    columns = {}
-    if sex is not None:
-        columns["sex"] = sex.astype(str).str.strip().str.upper().str[:1].where(lambda s: s.isin(["F", "M"]))
-    if age is not None:
-        columns["age"] = pd.to_numeric(age, errors="coerce")
-    if view is not None:
-        text = view.astype(str).str.strip().str.upper()
-        columns["view"] = text.where(text.isin(["PA", "AP"]), np.where(text.str.startswith("AP"), "AP", None))
-    return columns
 
 
 def _read_mimic(data_dir, csv_path, options):
@@ -236,16 +264,27 @@ def _read_mimic(data_dir, csv_path, options):
     labels_path = find_file(csv_path or "mimic-cxr-2.0.0-chexpert.csv", data_dir, "label file")
     metadata_path = find_file("mimic-cxr-2.0.0-metadata.csv", data_dir, "label file")
     labels = read_table(labels_path)
-    metadata = read_table(metadata_path, usecols=["dicom_id", "subject_id", "study_id", "ViewPosition"])
+    metadata = read_table(metadata_path)
+    for table, path, columns in (
+        (labels, labels_path, ("subject_id", "study_id")),
+        (metadata, metadata_path, ("dicom_id", "subject_id", "study_id", "ViewPosition")),
+    ):
+        absent = [column for column in columns if column not in table.columns]
+        if absent:
+            raise DataError(
+                f"{path}: missing column(s) {absent}; found {list(table.columns)}. Use MIMIC's file unchanged."
+            )
+    _refuse_duplicates(labels, ["subject_id", "study_id"], labels_path, "stud(ies)")
+    _refuse_duplicates(metadata, ["dicom_id"], metadata_path, "film(s)")
+    _check_labeler_values(labels, CHEXPERT_MAPPING, labels_path)
+    metadata = metadata[["dicom_id", "subject_id", "study_id", "ViewPosition"]]
     table = metadata.merge(labels, on=["subject_id", "study_id"], how="inner")
     subject, study = table.subject_id.astype(str), table.study_id.astype(str)
     paths = [
         str(data_dir / "files" / f"p{s[:2]}" / f"p{s}" / f"s{t}" / f"{d}.jpg")
         for s, t, d in zip(subject, study, table.dicom_id)
     ]
-    rows = pd.DataFrame(
-        {"path": paths, "patient_id": table.subject_id, **_demographics(None, None, table.ViewPosition)}
-    )
+    rows = pd.DataFrame({"path": paths, "patient_id": table.subject_id, **demographics(None, None, table.ViewPosition)})
     rows = pd.concat([rows, _labelled(table, CHEXPERT_MAPPING, options["uncertain"])], axis=1)
     return {"rows": rows, "views": table.ViewPosition, "source": labels_path}
 
@@ -263,6 +302,8 @@ def _read_padchest(data_dir, csv_path, options):
     for column in ("ImageID", "PatientID", "Projection", "Labels"):
         if column not in table.columns:
             raise DataError(f"{path}: missing column {column!r}; is this PadChest's label CSV?")
+    _inside(table, "ImageID", path)
+    _refuse_duplicates(table, ["ImageID"], path, "film(s)")
     labelled = table.Labels.map(_padchest_labels)
     if labelled.isna().any():  # PadChest has a few films whose report was not labelled: they cannot be scored
         row = int(np.flatnonzero(labelled.isna())[0])
@@ -290,7 +331,7 @@ def _read_padchest(data_dir, csv_path, options):
         {
             "path": [str(images.get(name, data_dir / name)) for name in table.ImageID],
             "patient_id": pd.factorize(table.PatientID)[0],
-            **_demographics(table.get("PatientSex_DICOM"), age, table.Projection),
+            **demographics(table.get("PatientSex_DICOM"), age, table.Projection),
         }
     )
     for name, (labels, _) in PADCHEST_MAPPING.items():
@@ -321,6 +362,8 @@ def _padchest_labels(text):
         values = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         values = re.findall(r"'([^']*)'", text)
+    if not isinstance(values, (list, tuple, set)):  # "-1", "nan": no list of labels
+        return None
     return {str(value).strip().lower() for value in values if str(value).strip()}
 
 
@@ -333,6 +376,7 @@ def _read_vindr(data_dir, csv_path, options):
     absent = [column for column in needed if column not in table.columns]
     if absent:
         raise DataError(f"{path}: missing column(s) {absent}; is this VinDr-CXR's train.csv?")
+    _refuse_duplicates(table, needed, path, "reading(s) (the same film, finding, radiologist and box)")
     films = pd.Index(table.image_id.drop_duplicates())
     readers = table.groupby("image_id").rad_id.nunique()
     rows = pd.DataFrame({"path": [str(data_dir / "train" / f"{image}.dicom") for image in films]})
@@ -369,6 +413,13 @@ def _read_rsna(data_dir, csv_path, options):
     absent = [column for column in ("patientId", "x", "y", "width", "height", "Target") if column not in table.columns]
     if absent:
         raise DataError(f"{path}: missing column(s) {absent}; is this RSNA's stage_2_train_labels.csv?")
+    _refuse_duplicates(table, ["patientId", "x", "y", "width", "height"], path, "box(es) or film(s)")
+    target = pd.to_numeric(table.Target, errors="coerce")
+    if not target.isin([0, 1]).all():
+        row = int(np.flatnonzero(~target.isin([0, 1]).to_numpy())[0])
+        raise DataError(
+            f"{path}, row {row + 2}: Target is {table.Target.iloc[row]!r}, not 0 or 1. Use the file unchanged."
+        )
     films = table.groupby("patientId", sort=False).Target.max()
     images = data_dir / "stage_2_train_images"
     rows = pd.DataFrame({"path": [str(images / f"{film}.dcm") for film in films.index]})
@@ -400,6 +451,7 @@ def read_expert_labels(path):
     if absent:
         raise DataError(f"{path}: missing column(s) {absent}; is this google2019_nih-chest-xray-labels.csv?")
     labels = pd.DataFrame({"image_name": table["Image Index"].str.strip(), "set_id": table["Set Id"].str.strip()})
+    _refuse_duplicates(labels, ["image_name"], path, "film(s)")
     for name in (*EXPERT_UNSCORED, *EXPERT_MAPPING):
         answer = table[name].str.strip().str.upper()
         unknown = answer.notna() & ~answer.isin(["YES", "NO"])

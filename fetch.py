@@ -329,14 +329,6 @@ def cache_archive(archive, folder, row_of, size, pool=None, workers=1, bar=None)
     return rows, unknown
 
 
-def ignore_interrupts():
-    """A decoding process's initializer: Ctrl-C reaches every process of the group, and the main process alone
-    answers it (one line, not a traceback from each worker)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _decode_rows(images_path, size, batch):
     """In a worker process: decode films (bytes) with films.load_image and write them into the cache's rows."""
     import numpy as np

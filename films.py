@@ -1,5 +1,5 @@
 """A chest film from disk to the square the network sees: opening (PNG, JPEG, DICOM), letterboxing, the
-evaluation view, and the geometry back to the original. numpy, Pillow and (for DICOM) pydicom only, no torch:
+evaluation crop, and the geometry back to the original. numpy, Pillow and (for DICOM) pydicom only, no torch:
 an ONNX deployment (predict.py --onnx) runs this file without PyTorch installed.
 
 DICOM is read as radiology stores it: pydicom's modality LUT (rescale), then the VOI LUT or window when the file
@@ -41,7 +41,7 @@ class Prepared(NamedTuple):
 
     name: str
     original: np.ndarray  # uint8 [H, W], the film as opened (drawn under the heat maps)
-    crop: np.ndarray  # uint8 [S, S], the evaluation view the network sees
+    crop: np.ndarray  # uint8 [S, S], the evaluation crop the network sees
     warnings: tuple
 
 
@@ -109,7 +109,7 @@ def _letterbox(original_size, size):
     return width, height, (size - width) // 2, (size - height) // 2
 
 
-# ----------------------------------------------------------------------------- the evaluation view
+# ----------------------------------------------------------------------------- the evaluation crop
 
 
 def prepare(path, load_size, image_size, strict=False):
@@ -117,10 +117,10 @@ def prepare(path, load_size, image_size, strict=False):
     The one preprocessing of predict.py (PyTorch and ONNX), the web page and the localisation report."""
     film = open_film(path, strict)
     loaded = np.asarray(fit_square(Image.fromarray(film.pixels), load_size))
-    return Prepared(str(path), film.pixels, eval_view(loaded, image_size), film.warnings)
+    return Prepared(str(path), film.pixels, eval_crop(loaded, image_size), film.warnings)
 
 
-def eval_view(pixels, image_size):
+def eval_crop(pixels, image_size):
     """The deterministic view the network evaluates: uint8 [L, L] -> uint8 [S, S], resized to
     image_size / EVAL_CROP_FRACTION (no resampling when that is L, as with 224 of 256), then centre-cropped."""
     resized, top = _eval_resize(image_size)

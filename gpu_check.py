@@ -36,7 +36,7 @@ import torch
 from configurator import add_device_flags
 from dataset import FINDINGS
 from devices import device_name, select_device
-from errors import UserError
+from errors import one_line_errors
 from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent
@@ -203,9 +203,9 @@ def check_predict(work, device):
 
 def check_onnx(work, device):
     films = test_films(work)
-    checkpoint, model = work / "amp" / "best.pth", work / "model.onnx"
-    command("export.py", "--checkpoint", checkpoint, "--out", model)
-    command("predict.py", "--onnx", model, *films, "--out", work / "onnx")
+    checkpoint, onnx_file = work / "amp" / "best.pth", work / "model.onnx"
+    command("export.py", "--checkpoint", checkpoint, "--out", onnx_file)
+    command("predict.py", "--onnx", onnx_file, *films, "--out", work / "onnx")
     command("predict.py", "--checkpoint", checkpoint, *films, "--no-amp", "--out", work / "torch", "--device", device)
     onnx, torch_ = (
         pd.read_csv(work / name / "predictions.csv")[list(FINDINGS)].to_numpy() for name in ("onnx", "torch")
@@ -241,10 +241,8 @@ def main(argv=None):
     add_device_flags(parser, amp=False)  # --device cpu checks the checks themselves
     parser.add_argument("--quick", action="store_true", help="bench.py --quick (its figures then mean little)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         device = select_device(args.device)
-    except UserError as error:
-        sys.exit(f"error: {error}")
     if device.type == "cpu" and args.device == "auto":
         print("no GPU: nothing to check here (PyTorch sees no CUDA or Apple MPS device). Run this on a GPU machine.")
         Path(args.json).write_text(json.dumps({"device": "no GPU", "checks": []}, indent=2) + "\n")

@@ -24,9 +24,9 @@ SCALE_WIDTH = 84  # px: the colour scale beside the film
 SHEET_HEIGHT = 512  # px: each panel of a sheet
 
 
-def grad_cam(model):
-    """A Grad-CAM over the model's last block (use as a context manager: it removes its hooks on exit)."""
-    return GradCAM(model=model, target_layers=[cam_layer(model)])
+def grad_cam(net):
+    """A Grad-CAM over the network's last block (use as a context manager: it removes its hooks on exit)."""
+    return GradCAM(model=net, target_layers=[cam_layer(net)])
 
 
 def heat_map(cam, image, finding_index, device):
@@ -150,17 +150,17 @@ def film_overlays(model, film, probabilities, top):
     return drawn
 
 
-def top_finding_overlays(model, crops, findings, device):
+def top_finding_overlays(net, crops, findings, device):
     """For a few evaluation crops (uint8 [S, S]): the heat map of each one's most probable finding drawn on the crop,
-    as RGB uint8 arrays (TensorBoard shows them every epoch). Leaves the model in the mode it found it in."""
-    was_training = model.training
-    model.eval()
+    as RGB uint8 arrays (TensorBoard shows them every epoch). Leaves the network in the mode it found it in."""
+    was_training = net.training
+    net.eval()
     drawn = []
-    probabilities = crop_probabilities(model, np.stack(crops), device) if len(crops) else []
-    with grad_cam(model) as cam:
+    probabilities = crop_probabilities(net, np.stack(crops), device) if len(crops) else []
+    with grad_cam(net) as cam:
         for crop, row in zip(crops, probabilities):
             k = int(row.argmax())
             mask = heat_map(cam, crop[None], k, device)
             drawn.append(np.asarray(overlay(crop, mask, (1, 0, 1, 0), findings[k], float(row[k]))))
-    model.train(was_training)
+    net.train(was_training)
     return drawn

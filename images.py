@@ -1,7 +1,10 @@
-"""Where a run's pixels come from: image files found below a dataset folder, decoded on every access (PngImages),
+"""Where a run's pixels come from: image files found below a dataset folder, decoded on every access (FilmImages),
 the memory-mapped cache that cache.py builds (CachedImages), or the cached images held in device memory
 (images_on_device), with how much of that memory they may take. Each gives uint8 [L, L] images, letterboxed to the
 run's LOAD_SIZE by films.load_image, the same pixels whichever the source.
+
+torch is imported where a function needs it: dataset.py imports this file, and train.py's --help answers from
+dataset.py's names before torch is loaded.
 """
 
 import os
@@ -10,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from devices import local_world_size
 from errors import DataError
 from films import IMAGE_SUFFIXES, load_image
 
@@ -48,8 +49,9 @@ def index_images(data_dir):
     return found
 
 
-class PngImages:
-    """Images decoded from their files on every access, resized to `size` (same resize as the cache)."""
+class FilmImages:
+    """Films (PNG, JPEG or DICOM) decoded from their files on every access, resized to `size` (same resize as the
+    cache)."""
 
     def __init__(self, paths, size):
         self.paths = [str(path) for path in paths]
@@ -93,6 +95,14 @@ def open_cache(folder, names, size):
     np.save(done_path, np.zeros(len(names), dtype=bool))
     pd.DataFrame({"image_name": names}).to_csv(index_path, index=False)  # last: marks a usable folder
     return images_path, np.load(done_path)
+
+
+def ignore_interrupts():
+    """A decoding process's initializer (cache.py, download.py --cache_only): Ctrl-C reaches every process of the
+    group, and the main process alone answers it (one line, not a traceback from each worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def save_cache_progress(folder, done):
@@ -150,13 +160,17 @@ def evaluation_images(rows, data_dir, load_size, setting="auto"):
                 return images
         except DataError:  # incomplete, or without some of these images: the files then
             pass
-    return PngImages(rows["path"], load_size)
+    return FilmImages(rows["path"], load_size)
 
 
 def memory_for_images(device, processes=None):
     """(bytes one process's images may take on `device`, what that is a share of), or (0, why not) when it cannot be
     told. The share is divided among this machine's processes that use the same memory: all of them for the RAM
     (and an Apple GPU's unified memory), those placed on the same GPU for a GPU."""
+    import torch
+
+    from devices import local_world_size
+
     processes = local_world_size() if processes is None else processes
     if device.type == "cuda":
         sharing = -(-processes // max(torch.cuda.device_count(), 1))
@@ -179,6 +193,8 @@ def images_on_device(cached_images, device, view=None):
     """The rows of a CachedImages as one uint8 tensor [N, L, L] on `device`, or their view(pixels) when given (the
     evaluation crops: deterministic, so made once, not every epoch). Read from the memmap and copied UPLOAD_CHUNK
     images at a time, so the host holds one chunk, not the whole set (eight ranks of NIH: 8 x 5.7 GB otherwise)."""
+    import torch
+
     array, rows = np.load(cached_images.path, mmap_mode="r"), cached_images.rows
     shape = array.shape[1:] if view is None else view(np.array(array[rows[0]])).shape
     images = torch.empty((len(rows), *shape), dtype=torch.uint8, device=device)

@@ -16,6 +16,7 @@ No torch import at the top: the ONNX path (predict.py --onnx) runs where PyTorch
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -133,6 +134,56 @@ def fit_statistics(findings, val_logits, val_targets, val_features, train_featur
     return Statistics(dict(zip(findings, thresholds)), fitted, fitted_ood)
 
 
+def fit_run_statistics(run_dir, data, batch_size, amp, labels, split, device, log):
+    """What inference needs beside the weights, fitted at a run's end for best.pth and best_auroc.pth and stored in
+    them: thresholds and a calibration on the validation split, the out-of-distribution statistics on a sample of the
+    training films (calibration.py, ood.py); `data` is the run's settings.DataSettings. They are rewritten without
+    the training state (a resume starts from epoch_NN.pth or interrupted.pth); best_auroc.pth stays a link to
+    best.pth when both are the same epoch's."""
+    from dataset import FINDINGS
+    from model import copy_checkpoint
+    from run_folder import TRAINING_STATE
+
+    parts = {"val": labels[split == "val"], "train": ood.fit_sample(labels[split == "train"], data.seed)}
+    best, best_auroc = Path(run_dir) / "best.pth", Path(run_dir) / "best_auroc.pth"
+    linked = best.is_file() and best_auroc.is_file() and os.path.samefile(best, best_auroc)
+    fitted, written = {}, []
+    for path in (best, best_auroc):
+        if not path.is_file():
+            continue
+        if path == best_auroc and linked:
+            copy_checkpoint(best, best_auroc)
+        else:
+            model = TorchModel(path, str(device), amp)
+            epoch = model.checkpoint["epoch"]
+            if epoch not in fitted:
+                outputs = {
+                    part: split_outputs(model, rows, data.data_dir, batch_size, cache=data.cache, progress=False)
+                    for part, rows in parts.items()
+                }
+                targets = parts["val"][list(FINDINGS)].to_numpy(dtype=float)
+                train_patients = parts["train"].patient_id.to_numpy()
+                statistics = fit_statistics(
+                    FINDINGS, outputs["val"][0], targets, outputs["val"][2], outputs["train"][2], train_patients
+                )
+                fitted[epoch] = statistics
+            store_statistics(path, fitted[epoch], TRAINING_STATE)
+        written.append(path.name)
+    if written:
+        log(
+            f"fitted on the validation split, and on {len(parts['train']):,} training films, and stored in "
+            f"{' and '.join(written)}: thresholds, calibration, out-of-distribution statistics (inference.py)"
+        )
+
+
+def store_statistics(path, statistics, drop=()):
+    """Keep a Statistics in the checkpoint at `path` (rewritten atomically, the keys in `drop` left out): train.py's
+    at a run's end, and evaluate.py's OOD statistics for a checkpoint that lacks them."""
+    from model import add_to_checkpoint
+
+    add_to_checkpoint(path, drop, inference=statistics_record(statistics))
+
+
 def statistics_record(statistics):
     """A Statistics as a checkpoint keeps it (tensors and plain numbers: weights_only loading accepts them)."""
     import torch
@@ -172,16 +223,18 @@ class TorchModel:
         from dataset import FINDINGS
         from devices import autocast_dtype, select_device, use_channels_last
         from model import load_checkpoint, model_from_checkpoint
+        from settings import DataSettings, record_from_config
 
         self.path = Path(checkpoint_path)
         self.checkpoint = load_checkpoint(checkpoint_path, FINDINGS)
-        self.config = self.checkpoint["config"]
+        self.config = self.checkpoint["config"]  # the plain mapping the checkpoint carries
+        self.data = record_from_config(DataSettings, self.config, str(self.path))
         self.device = select_device(device)
         self.dtype, self.channels_last = autocast_dtype(self.device, amp), use_channels_last(self.device, amp)
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.net = model_from_checkpoint(self.checkpoint).to(self.device, memory_format=layout).eval()
         self.findings = list(self.checkpoint["findings"])
-        self.image_size, self.load_size = self.config["IMAGE_SIZE"], self.config["LOAD_SIZE"]
+        self.image_size, self.load_size = self.data.image_size, self.data.load_size
         self.statistics = statistics_of(self.checkpoint)
         if thresholds and not Path(thresholds).is_file():
             raise DataError(
@@ -199,6 +252,7 @@ class TorchModel:
             fitted = fitted or self.statistics.calibration
             self.statistics = self.statistics._replace(thresholds=raw, calibration=fitted)
         self.calibrated = calibrated and self.statistics.calibration is not None
+        self.left_raw = calibration.left_raw(self.statistics.calibration, self.findings) if self.calibrated else []
         self.thresholds = shown_thresholds(self.statistics, self.findings, self.calibrated)
 
     def _own_thresholds_file(self, given):
@@ -223,10 +277,6 @@ class TorchModel:
         """Predictions for uint8 [N, S, S] evaluation crops."""
         logits, features = crop_outputs(self.net, crops, self.device, self.dtype, self.channels_last)
         return predictions(logits, features, self.statistics, self.calibrated)
-
-    def probabilities(self, crops):
-        """uint8 [N, S, S] evaluation crops -> float [N, findings] (calibrated unless the model was asked not to)."""
-        return self.predict(crops).probabilities
 
 
 def shown_thresholds(statistics, findings, calibrated):
@@ -311,7 +361,7 @@ def probability_graph(net, images, statistics=None, channels_last=False):
 
 
 def predict_logits(net, loader, prepare, dtype=None, progress=None, features=False):
-    """Run a network over a loader of (uint8 images, second items); float32 logits and the second items (targets,
+    """Run a network over a loader of (uint8 images, companions); float32 logits and the companions (targets,
     or whether each film was readable), on the CPU; with features=True also the pooled features, from the same pass.
 
     prepare: turns a uint8 batch into the network's input on its device (normalised, in its layout)."""
@@ -320,9 +370,9 @@ def predict_logits(net, loader, prepare, dtype=None, progress=None, features=Fal
     from model import pooled_features_and_logits
 
     net.eval()
-    all_logits, all_seconds, all_features = [], [], []
+    all_logits, all_companions, all_features = [], [], []
     with torch.inference_mode():
-        for images, seconds in progress(loader) if progress else loader:
+        for images, companions in progress(loader) if progress else loader:
             images = prepare(images)
             with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
                 if features:
@@ -331,8 +381,8 @@ def predict_logits(net, loader, prepare, dtype=None, progress=None, features=Fal
                 else:
                     logits = net(images)
             all_logits.append(logits.float())
-            all_seconds.append(seconds)
-    result = (torch.cat(all_logits).cpu(), torch.cat(all_seconds).cpu())
+            all_companions.append(companions)
+    result = (torch.cat(all_logits).cpu(), torch.cat(all_companions).cpu())
     return (*result, torch.cat(all_features).cpu()) if features else result
 
 
@@ -360,25 +410,25 @@ def outputs_over(model, loader, crops=1, progress=None):
     return logits.double().numpy(), readable.numpy() == 1, features.double().numpy()
 
 
-def split_outputs(model, rows, data_dir=None, batch_size=64, workers=0, tta=False):
+def split_outputs(model, rows, data_dir=None, batch_size=64, workers=0, tta=False, cache="auto", progress=True):
     """(logits, readable, pooled features) of a TorchModel for the rows' films (a path column, and image_name for
-    NIH's cache: data_dir, the NIH folder whose cache to read when it holds them; None reads the files), batched under
-    inference_mode (AMP as in training), five crops each with tta (their mean)."""
+    NIH's cache: data_dir, the NIH folder whose cache to read when it holds them, as the setting CACHE finds it; None
+    reads the files), batched under inference_mode (AMP as in training), five crops each with tta (their mean)."""
     from tqdm import tqdm
 
-    from images import PngImages, evaluation_images
+    from images import FilmImages, evaluation_images
     from loaders import evaluation_loader
 
     if data_dir is not None:
-        images = evaluation_images(rows, data_dir, model.load_size)
+        images = evaluation_images(rows, data_dir, model.load_size, cache)
     else:
-        images = PngImages(rows["path"], model.load_size)
+        images = FilmImages(rows["path"], model.load_size)
     loader = evaluation_loader(images, model.image_size, batch_size, workers, model.device, five=tta)
 
-    def progress(batches):
-        return tqdm(batches, desc=f"predicting {len(rows):,} images")
+    def bar(batches):
+        return tqdm(batches, desc=f"predicting {len(rows):,} images", disable=not progress)
 
-    return outputs_over(model, loader, TTA_CROPS if tta else 1, progress)
+    return outputs_over(model, loader, TTA_CROPS if tta else 1, bar)
 
 
 def prediction_table(rows, names, targets, probabilities, ood_percentile):
@@ -443,6 +493,7 @@ class OnnxModel:
         self.image_size, self.load_size = int(metadata["image_size"]), int(metadata["load_size"])
         self.outputs = [output.name for output in self.session.get_outputs()]
         self.calibrated = calibrated and "raw_probabilities" in self.outputs
+        self.left_raw = json.loads(metadata.get("left_raw", "[]")) if self.calibrated else []
         key = "thresholds" if self.calibrated else "raw_thresholds"
         thresholds = json.loads(metadata.get(key, metadata.get("thresholds", "{}")))
         self.thresholds = {finding: value for finding, value in thresholds.items() if value is not None}
@@ -459,9 +510,6 @@ class OnnxModel:
         if self.ood is not None:
             fitted_ood = {"validation": np.asarray(self.ood["validation"]), "threshold": self.ood["threshold"]}
         return with_distances(shown, raw, fitted_ood, named.get("ood_distance"))
-
-    def probabilities(self, crops):
-        return self.predict(crops).probabilities
 
 
 def load_model(checkpoint=None, onnx=None, device="auto", amp=True, thresholds=None, calibrated=True):

@@ -1,7 +1,7 @@
 """A training run's batches: from the cached images held in device memory when they fit there (CACHE_ON_DEVICE: no
 DataLoader, no workers, no copy per step), else from DataLoader workers that read the cache or decode the PNGs.
 Training images leave as loaded, with their augmentation seeds (augmented on the device, AUGMENT_ON = "device"),
-or augmented in the workers; validation images leave as evaluation crops (films.eval_view)."""
+or augmented in the workers; validation images leave as evaluation crops (films.eval_crop)."""
 
 import signal
 from functools import partial
@@ -13,52 +13,54 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dataset import FINDINGS
 from devices import worker_count
 from errors import DataError
-from films import eval_view, five_views
-from images import CachedImages, PngImages, find_cache, images_on_device, memory_for_images
+from films import eval_crop, five_views
+from images import CachedImages, FilmImages, find_cache, images_on_device, memory_for_images
 from transforms import WorkerAugment, mix_seed
 
 
-def make_loaders(config, labels, split, device, rank, world_size, log):
-    """(training batches, validation batches): from images held in device memory when they fit there
-    (CACHE_ON_DEVICE), else from DataLoader workers that read the cache or decode the PNGs."""
-    cache = find_cache(config["DATA_DIR"], config["LOAD_SIZE"], config["CACHE"])
+def make_loaders(data, loader, labels, split, device, rank, world_size, log):
+    """(training batches, validation batches) of a settings.DataSettings and LoaderSettings: from images held in
+    device memory when they fit there (CACHE_ON_DEVICE), else from DataLoader workers that read the cache or decode
+    the PNGs."""
+    cache = find_cache(data.data_dir, data.load_size, data.cache)
     rows = {part: labels[split == part] for part in ("train", "val")}
-    if len(rows["train"]) < config["BATCH_SIZE"] * world_size or len(rows["val"]) == 0:
+    if len(rows["train"]) < loader.batch_size * world_size or len(rows["val"]) == 0:
         raise DataError(f"{len(rows['train'])} training / {len(rows['val'])} validation images: too few for a batch.")
     if cache is None:
-        images = {part: PngImages(rows[part]["path"], config["LOAD_SIZE"]) for part in rows}
+        images = {part: FilmImages(rows[part]["path"], data.load_size) for part in rows}
     else:
         images = {part: CachedImages(cache, rows[part]["image_name"]) for part in rows}
-        if images["train"].size != config["LOAD_SIZE"]:
+        if images["train"].size != data.load_size:
             size = images["train"].size
-            raise DataError(f"the cache {cache} holds {size}-px images; LOAD_SIZE is {config['LOAD_SIZE']}")
+            raise DataError(f"the cache {cache} holds {size}-px images; LOAD_SIZE is {data.load_size}")
     targets = {part: rows[part][list(FINDINGS)].to_numpy() for part in rows}
     train_sampler = SeededSampler(
-        DistributedSampler(range(len(rows["train"])), world_size, rank, seed=config["SEED"]), config["SEED"]
+        DistributedSampler(range(len(rows["train"])), world_size, rank, seed=data.seed), data.seed
     )
     val_sampler = DistributedSampler(range(len(rows["val"])), world_size, rank, shuffle=False)
-    view = partial(eval_view, image_size=config["IMAGE_SIZE"])
-    if cache_on_device(config, cache, sum(len(part) for part in rows.values()), device, log):
-        on_device = {part: images_on_device(images[part], device, view if part == "val" else None) for part in rows}
+    crop = partial(eval_crop, image_size=data.image_size)
+    count = sum(len(part) for part in rows.values())
+    if cache_on_device(loader, data.load_size, cache, count, device, log):
+        on_device = {part: images_on_device(images[part], device, crop if part == "val" else None) for part in rows}
         return (
-            DeviceBatches(on_device["train"], targets["train"], train_sampler, config["BATCH_SIZE"], drop_last=True),
-            DeviceBatches(on_device["val"], targets["val"], val_sampler, config["BATCH_SIZE"]),
+            DeviceBatches(on_device["train"], targets["train"], train_sampler, loader.batch_size, drop_last=True),
+            DeviceBatches(on_device["val"], targets["val"], val_sampler, loader.batch_size),
         )
     log(f"images: {f'cache {cache}' if cache else 'decoding PNGs (python cache.py builds a faster cache)'}")
-    augment = WorkerAugment(config["IMAGE_SIZE"]) if config["AUGMENT_ON"] == "workers" else None
-    workers = worker_count(config["NUM_WORKERS"])
+    augment = WorkerAugment(data.image_size) if loader.augment_on == "workers" else None
+    workers = worker_count(loader.num_workers)
     common = {
-        "batch_size": config["BATCH_SIZE"],
+        "batch_size": loader.batch_size,
         "num_workers": workers,
         "pin_memory": device.type == "cuda",
         "persistent_workers": workers > 0,
         "prefetch_factor": 4 if workers else None,
         # iter(DataLoader) draws a seed from this generator, not from the global stream that dropout uses
-        "generator": torch.Generator().manual_seed(config["SEED"]),
+        "generator": torch.Generator().manual_seed(data.seed),
         "worker_init_fn": leave_stop_signals_to_the_main_process,
     }
     train_set = ChestXrayDataset(images["train"], targets["train"], augment)
-    val_set = ChestXrayDataset(images["val"], targets["val"], view)
+    val_set = ChestXrayDataset(images["val"], targets["val"], crop)
     return (
         DataLoader(train_set, sampler=train_sampler, drop_last=True, **common),
         DataLoader(val_set, sampler=val_sampler, **common),
@@ -90,17 +92,17 @@ def close_workers(*loaders):
         loader._iterator = None
 
 
-def cache_on_device(config, cache, count, device, log):
+def cache_on_device(loader, load_size, cache, count, device, log):
     """Whether to hold the run's cached images in device memory (CACHE_ON_DEVICE), saying why not when asked."""
-    wanted = config["CACHE_ON_DEVICE"]
+    wanted = loader.cache_on_device
     if wanted == "off":
         return False
-    if cache is None or config["AUGMENT_ON"] != "device":
+    if cache is None or loader.augment_on != "device":
         needs = "the image cache (python cache.py)" if cache is None else 'AUGMENT_ON = "device"'
         if wanted == "on":
             raise DataError(f"CACHE_ON_DEVICE = on needs {needs}.")
         return False
-    size = count * config["LOAD_SIZE"] ** 2
+    size = count * load_size**2
     room, of_what = memory_for_images(device)
     if wanted == "auto" and size > room:
         log(f"images: {size / 1e9:.2f} GB do not fit in {of_what}: reading the cache {cache} with workers instead")
@@ -116,7 +118,7 @@ class ChestXrayDataset(torch.utils.data.Dataset):
     (image, targets, seed): the seed fixes the image's augmentation, so it depends on (SEED, epoch, image) alone
     and a resumed run sees the same pixels as an uninterrupted one, whatever the number of workers. Without a
     transform the image leaves as loaded (augmented later, batched on the device, from the seed);
-    transform(pixels) makes an evaluation view (films.eval_view) and transform(pixels, seed) augments in the
+    transform(pixels) makes an evaluation crop (films.eval_crop) and transform(pixels, seed) augments in the
     worker (transforms.WorkerAugment); both take and give uint8 numpy arrays.
     """
 
@@ -140,9 +142,9 @@ class ChestXrayDataset(torch.utils.data.Dataset):
 
 
 def evaluation_loader(images, image_size, batch_size, workers, device, five=False):
-    """Batches of (evaluation views, readable): the films' centre crops (films.eval_view), or their five crops
+    """Batches of (evaluation crops, readable): the films' centre crops (films.eval_crop), or their five crops
     (films.five_views, test-time augmentation), in order, for inference.outputs_over."""
-    view = partial(five_views if five else eval_view, image_size=image_size)
+    view = partial(five_views if five else eval_crop, image_size=image_size)
     return DataLoader(
         ReadableFilms(images, view),
         batch_size=batch_size,
@@ -199,7 +201,7 @@ class SeededSampler(torch.utils.data.Sampler):
 
 class DeviceBatches:
     """Batches of images held in device memory, drawn by index in the sampler's order: what a DataLoader over
-    dataset.ChestXrayDataset (no transform) yields, i.e. (uint8 [B, 1, L, L], targets) for index samplers and
+    ChestXrayDataset (no transform) yields, i.e. (uint8 [B, 1, L, L], targets) for index samplers and
     (images, targets, seeds) for SeededSampler; the seeds stay on the host, where the augmentation parameters
     are drawn."""
 

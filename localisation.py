@@ -8,6 +8,7 @@ found at T(IoBB) when a predicted box's intersection with it covers more than T 
 likewise for intersection over union; the pointing game asks whether the map's peak lies inside the box.
 """
 
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -21,6 +22,8 @@ from heatmaps import COLORMAP, HEAT_ALPHA, grad_cam, heat_maps, map_on_film
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)  # Wang et al.'s T(IoBB)
 IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # and T(IoU)
 BOX_THRESHOLD = 0.7  # the map is cut at this share of its maximum (about Wang et al.'s 180 of 255)
+OFF_FILM_TOLERANCE = 0.1  # a box off the film by at most this share of its width or height is clipped to the film (a
+# margin or a rounding); one further off is left out, counted and named
 NIH_SPELLING = {"Infiltrate": "Infiltration"}  # BBox_List_2017.csv's name for a finding, and ours
 WANG_IOBB_01 = {  # Wang et al. 2017, Table 3 (ResNet-50): localisation accuracy at T(IoBB) = 0.1
     "Atelectasis": 0.7277,
@@ -46,7 +49,34 @@ def read_boxes(path):
     if table[["x", "y", "w", "h"]].isna().any().any():
         row = int(np.flatnonzero(table[["x", "y", "w", "h"]].isna().any(axis=1))[0])
         raise DataError(f"{path}, row {row + 2}: a box needs four numbers x, y, w, h")
-    return table
+    return usable_boxes(table, path)
+
+
+def usable_boxes(boxes, source):
+    """The boxes (x, y, w, h columns) of positive width and height: a swapped, zero-area or incomplete box measures
+    nothing (with every box swapped, every figure was 0.000), so it is left out, counted and named."""
+    sizes = boxes[["w", "h"]].apply(lambda column: column.astype(float))
+    bad = ~((sizes.w > 0) & (sizes.h > 0)).to_numpy() | boxes[["x", "y"]].isna().any(axis=1).to_numpy()
+    if bad.any():
+        first = "; ".join(
+            f"{box.image_name} x={box.x} y={box.y} w={box.w} h={box.h}" for box in boxes[bad].head(3).itertuples()
+        )
+        warnings.warn(
+            f"{source}: {bad.sum()} box(es) without a positive width and height (swapped corners?) left out "
+            f"(first: {first})",
+            stacklevel=2,
+        )
+    return boxes[~bad].reset_index(drop=True)
+
+
+def on_film(box, width, height, tolerance=OFF_FILM_TOLERANCE):
+    """(x0, y0, x1, y1) clipped to a film of width x height pixels, or None when more than `tolerance` of its width
+    or height lies off the film."""
+    x0, y0, x1, y1 = box
+    clipped = (max(x0, 0), max(y0, 0), min(x1, width), min(y1, height))
+    lost_x = 1 - (clipped[2] - clipped[0]) / (x1 - x0)
+    lost_y = 1 - (clipped[3] - clipped[1]) / (y1 - y0)
+    return clipped if max(lost_x, lost_y) <= tolerance else None
 
 
 def boxes_from_map(mask, threshold=BOX_THRESHOLD):
@@ -104,12 +134,13 @@ def accuracy(records):
 
 
 def localise(model, boxes, rows, threshold=BOX_THRESHOLD):
-    """({finding: accuracy(...)}, examples for localisation.png, boxed films outside the evaluated rows), for an
-    inference.TorchModel."""
+    """({finding: accuracy(...)}, examples for localisation.png, boxed films outside the evaluated rows, {"clipped":
+    boxes clipped to their film, "off_film": boxes left out as off their film, "first_off_film": the first few}), for
+    an inference.TorchModel."""
     paths = dict(zip(rows.image_name, rows.path))
     outside = int((~boxes.image_name.isin(paths)).sum())
     boxes = boxes[boxes.image_name.isin(paths)]
-    records, examples = defaultdict(list), []
+    records, examples, corrected = defaultdict(list), [], {"clipped": 0, "off_film": 0, "first_off_film": []}
     if "name" not in boxes:  # what the results are reported under: the finding, or another dataset's own name
         boxes = boxes.assign(name=boxes.finding)
     with grad_cam(model.net) as cam:
@@ -118,14 +149,21 @@ def localise(model, boxes, rows, threshold=BOX_THRESHOLD):
             geometry = crop_to_original(film.original.shape[::-1], model.load_size, model.image_size)
             masks = heat_maps(cam, film.crop[None], [FINDINGS.index(f) for f in group.finding], model.device)
             for box, mask in zip(group.itertuples(), masks):
-                truth = (box.x, box.y, box.x + box.w, box.y + box.h)
+                given = (box.x, box.y, box.x + box.w, box.y + box.h)
+                truth = on_film(given, *film.original.shape[::-1])
+                if truth is None:
+                    corrected["off_film"] += 1
+                    if len(corrected["first_off_film"]) < 3:
+                        corrected["first_off_film"].append(f"{image_name} {box.name} {given}")
+                    continue
+                corrected["clipped"] += truth != given
                 predicted = [to_original(found, geometry) for found in boxes_from_map(mask, threshold)]
                 x, y = peak(mask) if mask.max() > 0 else (-1.0, -1.0)
                 records[box.name].append((truth, predicted, to_original((x, y, x, y), geometry)[:2]))
                 if len(examples) < EXAMPLES and sum(example[1] == box.name for example in examples) < 2:
                     examples.append((film, box.name, mask, geometry, truth, predicted))
     order = sorted(records, key=lambda name: FINDINGS.index(name) if name in FINDINGS else len(FINDINGS))
-    return {name: accuracy(records[name]) for name in order}, examples, outside
+    return {name: accuracy(records[name]) for name in order}, examples, outside, corrected
 
 
 def format_localisation(results, reference=WANG_IOBB_01):

@@ -18,12 +18,13 @@ from torchvision import models
 from torchvision.ops import FrozenBatchNorm2d
 
 from errors import CheckpointError
+from settings import ModelSettings, record_from_config
 
 BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")  # every backbone's blocks, in forward order
 
 
 class Backbone(NamedTuple):
-    """What this project needs to know of a torchvision network; module paths as model.get_submodule takes them."""
+    """What this project needs to know of a torchvision network; module paths as nn.Module.get_submodule takes them."""
 
     title: str  # its name in messages
     build: object  # torchvision's constructor
@@ -116,18 +117,18 @@ def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", 
     # zero_init_residual: each residual block starts as the identity (Goyal et al. 2017), which trains a random init
     # markedly faster (measured on the demo when it ran at 56 px, 6 epochs: test mean AUROC 0.92 against 0.88);
     # pretrained weights overwrite it
-    model = spec.build(weights=None, **({"zero_init_residual": True} if backbone == "resnet50" else {}))
+    net = spec.build(weights=None, **({"zero_init_residual": True} if backbone == "resnet50" else {}))
     if str(pretrained).lower() not in ("none", "false", ""):
-        model.load_state_dict(_pretrained_state_dict(pretrained, backbone))
-    model.backbone = backbone  # a plain attribute: cam_layer and features_of read it
+        net.load_state_dict(_pretrained_state_dict(pretrained, backbone))
+    net.backbone = backbone  # a plain attribute: cam_layer and features_of read it
     new_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.features, num_findings))
     parent, _, name = spec.head.rpartition(".")
-    setattr(model.get_submodule(parent), name, new_head)
+    setattr(net.get_submodule(parent), name, new_head)
     for block in frozen_blocks(trainable_layers):
         for path in spec.blocks[block]:
-            model.get_submodule(path).requires_grad_(False)
-    _freeze_batchnorm(model)
-    return model
+            net.get_submodule(path).requires_grad_(False)
+    _freeze_batchnorm(net)
+    return net
 
 
 def backbone_spec(backbone):
@@ -136,28 +137,28 @@ def backbone_spec(backbone):
     return BACKBONES[backbone]
 
 
-def head(model):
+def head(net):
     """The Dropout + Linear head of a model built by build_model."""
-    return unwrap(model).get_submodule(BACKBONES[unwrap(model).backbone].head)
+    return unwrap(net).get_submodule(BACKBONES[unwrap(net).backbone].head)
 
 
-def cam_layer(model):
+def cam_layer(net):
     """The module whose output Grad-CAM reads: the last block's (layer4's) feature map."""
-    return unwrap(model).get_submodule(BACKBONES[unwrap(model).backbone].cam_layer)
+    return unwrap(net).get_submodule(BACKBONES[unwrap(net).backbone].cam_layer)
 
 
-def pooled_features_and_logits(model, images):
+def pooled_features_and_logits(net, images):
     """(the pooled features the head reads [N, features], the logits [N, findings]) from one forward pass."""
     captured = []
-    handle = head(model).register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+    handle = head(net).register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
     try:
-        logits = model(images)
+        logits = net(images)
     finally:
         handle.remove()
     return captured[0], logits
 
 
-def init_head_bias(model, positives, negatives, pos_weight):
+def init_head_bias(net, positives, negatives, pos_weight):
     """Start each finding's logit at the constant that minimises the pos_weight-ed BCE on the training split,
     log(pos_weight * positives / negatives), instead of 0 (the "init the last bias" advice of Karpathy's recipe
     and of RetinaNet). From 0, the first steps push the rare findings' logits down through the weights of
@@ -166,7 +167,7 @@ def init_head_bias(model, positives, negatives, pos_weight):
     positives = np.maximum(np.asarray(positives, dtype=np.float64), 1)
     negatives = np.maximum(np.asarray(negatives, dtype=np.float64), 1)
     prior = np.log(np.asarray(pos_weight, dtype=np.float64) * positives / negatives)
-    bias = head(model)[-1].bias
+    bias = head(net)[-1].bias
     with torch.no_grad():
         bias.copy_(torch.as_tensor(prior, dtype=bias.dtype))
 
@@ -217,10 +218,10 @@ def _pretrained_state_dict(pretrained, backbone):
     return state
 
 
-def unwrap(model):
+def unwrap(net):
     """The bare model under DistributedDataParallel and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    net = getattr(net, "module", net)
+    return getattr(net, "_orig_mod", net)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -302,12 +303,14 @@ def load_checkpoint(path, findings):
             f"{path} is not a checkpoint of this project: {what}. Checkpoints are the .pth files train.py writes "
             "(epoch_NN.pth, best.pth, interrupted.pth); load only those, or files of a source you trust."
         ) from None
-    missing = [key for key in ("model", "config", "findings", "architecture") if key not in checkpoint]
+    if isinstance(checkpoint, dict) and "architecture" in checkpoint and "backbone" not in checkpoint:
+        checkpoint["backbone"] = checkpoint.pop("architecture")  # its name until checkpoints took the setting's
+    missing = [key for key in ("model", "config", "findings", "backbone") if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not a cxr14 training checkpoint (missing {missing}).")
-    if checkpoint["architecture"] not in BACKBONES:
+    if checkpoint["backbone"] not in BACKBONES:
         raise CheckpointError(
-            f"{path} holds a {checkpoint['architecture']!r} model; this code builds {', '.join(BACKBONES)}."
+            f"{path} holds a {checkpoint['backbone']!r} model; this code builds {', '.join(BACKBONES)}."
         )
     if list(checkpoint["findings"]) != list(findings):
         raise CheckpointError(
@@ -318,13 +321,10 @@ def load_checkpoint(path, findings):
 
 def model_from_checkpoint(checkpoint):
     """The trained model, rebuilt from the checkpoint's own config and backbone (no constants here to drift)."""
-    config = checkpoint["config"]
-    model = build_model(
-        len(checkpoint["findings"]),
-        pretrained="none",
-        trainable_layers=config["TRAINABLE_LAYERS"],
-        dropout=config["DROPOUT"],
-        backbone=checkpoint["architecture"],
+    built = {**checkpoint["config"], "BACKBONE": checkpoint["backbone"], "PRETRAINED": "none"}
+    settings = record_from_config(ModelSettings, built, "the checkpoint")
+    net = build_model(
+        len(checkpoint["findings"]), settings.pretrained, settings.trainable_layers, settings.dropout, settings.backbone
     )
-    model.load_state_dict(checkpoint["model"])
-    return model
+    net.load_state_dict(checkpoint["model"])
+    return net

@@ -1,5 +1,5 @@
 """Is this even the kind of film the model was trained on? The Mahalanobis distance of a film's pooled last-block
-features (model.pooled_features) to the training films' distribution, in a reduced space (PCA to COMPONENTS
+features (model.pooled_features_and_logits) to the training films' distribution, in a reduced space (PCA to COMPONENTS
 dimensions) with a shrinkage covariance (Ledoit-Wolf), as Calli et al. (FRODO, MIDL 2019) did with a ResNet-50 on
 chest X-rays. A PNG or JPEG has no DICOM header to say that it is a hand, a lateral, a photo of a screen or a CT slice;
 its features say so: they lie far from any chest film's.

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from configurator import add_device_flags, add_out_flag
-from errors import DataError, UserError
+import calibration
+from configurator import add_checkpoint_flag, add_device_flags, add_out_flag, check_out_folder
+from errors import DataError, one_line_errors
 from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 from inference import at_or_above, load_model, with_ood_warnings
 
@@ -116,7 +117,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", metavar="FILM_OR_DIR", help="films (PNG, JPEG, DICOM) and/or folders")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint written by train.py (e.g. best.pth)")
+    add_checkpoint_flag(source, required=False)  # the group requires one of the two
     source.add_argument("--onnx", help="a model written by export.py: ONNX Runtime, no PyTorch (no heat maps)")
     parser.add_argument("--cam", action="store_true", help="write Grad-CAM heat maps of the top findings")
     parser.add_argument("--top", type=int, default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)")
@@ -144,7 +145,17 @@ def parse_args(argv):
     return args
 
 
+def scale_note(model):
+    """What the printed probabilities are: calibrated, raw, or calibrated but for the findings left raw."""
+    if not model.calibrated:
+        return "raw, uncalibrated"
+    if not model.left_raw:
+        return "calibrated"
+    return f"calibrated, except {', '.join(model.left_raw)} ({calibration.LEFT_RAW})"
+
+
 def predict(args):
+    check_out_folder(args.out)
     inputs = collect_images(args.images)
     if not inputs:
         raise DataError(f"no film found among the inputs ({', '.join(args.images)}): give PNG, JPEG or DICOM files")
@@ -169,8 +180,7 @@ def predict(args):
         predictions = type(predictions)(*(part[kept] for part in predictions))
         if not films:
             raise DataError("no film among the inputs is like the training films (--strict)")
-    scale = "calibrated" if model.calibrated else "raw, uncalibrated"
-    print(f"probabilities: {scale}; '*': at or above the finding's threshold")
+    print(f"probabilities: {scale_note(model)}; '*': at or above the finding's threshold")
     for film, row in zip(films, predictions.probabilities):
         print(format_prediction(film.name, row, model.findings, model.thresholds, film.warnings))
     out.mkdir(parents=True, exist_ok=True)
@@ -189,10 +199,8 @@ def predict(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    with one_line_errors():
         predict(args)
-    except UserError as error:
-        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

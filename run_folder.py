@@ -19,6 +19,7 @@ from dataset import FINDINGS, save_split
 from devices import dtype_name, rng_state, set_rng_state
 from errors import CheckpointError, DataError
 from model import copy_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from settings import from_config
 
 HEAT_MAP_IMAGES = 4  # validation films drawn with the heat map of their top finding, per epoch
 LOG_EVERY = 10  # training steps between TensorBoard points
@@ -42,7 +43,7 @@ RUN_DEFINING = (
 class Training:
     """What trains: built once per run (train.build_training), saved in every checkpoint, restored on resume."""
 
-    model: object  # the bare network (DDP and torch.compile wrap it elsewhere)
+    net: object  # the bare network (DDP and torch.compile wrap it elsewhere)
     optimizer: object
     scheduler: object
     scaler: object  # GradScaler: enabled under fp16 only
@@ -93,14 +94,26 @@ class EpochMetrics:
 
     @classmethod
     def from_row(cls, row):
+        """The record of a metrics.csv or history row; a field an older run did not write is NaN."""
         names = [f.name for f in fields(cls) if f.name != "aurocs"]
         aurocs = {name[len("auroc_") :]: value for name, value in row.items() if name.startswith("auroc_")}
-        return cls(**{name: row[name] for name in names}, aurocs=aurocs)
+        return cls(**{name: row.get(name, float("nan")) for name in names}, aurocs=aurocs)
 
 
-def check_same_run(config, saved, path):
-    saved = {"BACKBONE": "resnet50", **saved}  # checkpoints from before BACKBONE were ResNet-50s
-    changed = {name: (saved[name], config[name]) for name in RUN_DEFINING if saved.get(name) != config[name]}
+def best_epoch(history):
+    """The EpochMetrics of the epoch of lowest validation loss (best.pth's) in a run's history rows."""
+    return min((EpochMetrics.from_row(row) for row in history), key=lambda metrics: metrics.val_loss)
+
+
+def check_same_run(settings, saved_config, path):
+    """Refuses to resume a checkpoint trained with other RUN_DEFINING settings than `settings` (a Settings)."""
+    saved_config = {"BACKBONE": "resnet50", **saved_config}  # checkpoints from before BACKBONE were ResNet-50s
+    saved = from_config({**settings.as_config(), **saved_config}, path)
+    changed = {
+        name: (saved.value(name), settings.value(name))
+        for name in RUN_DEFINING
+        if saved.value(name) != settings.value(name)
+    }
     if changed:
         differences = ", ".join(f"{name.lower()} {old!r} -> {new!r}" for name, (old, new) in changed.items())
         raise CheckpointError(
@@ -109,31 +122,31 @@ def check_same_run(config, saved, path):
         )
 
 
-def finished(history, position, learning_rate, config):
-    """Why a run at this point has ended under these settings (early stop, all epochs, learning rate floor), or
-    None. Judged from the settings, so raising EPOCHS or the patience continues a finished run."""
-    if position["step"] == 0 and position["epoch"] > config["EPOCHS"]:
-        return f"all {config['EPOCHS']} epochs are done"
-    if history and position["step"] == 0:
-        best = min(history, key=lambda row: row["val_loss"])["epoch"]
-        if 0 < config["EARLY_STOPPING_PATIENCE"] <= history[-1]["epoch"] - best:
+def finished(history, position, learning_rate, training):
+    """Why a run at this Position has ended under these settings.TrainingSettings (early stop, all epochs, learning
+    rate floor), or None. Judged from the settings, so raising EPOCHS or the patience continues a finished run."""
+    if position.step == 0 and position.epoch > training.epochs:
+        return f"all {training.epochs} epochs are done"
+    if history and position.step == 0:
+        best = best_epoch(history).epoch
+        if 0 < training.early_stopping_patience <= history[-1]["epoch"] - best:
             return f"early stop: no lower validation loss for {history[-1]['epoch'] - best} epochs (best: {best})"
-    if config["LR_SCHEDULE"] == "plateau" and learning_rate < config["MIN_LEARNING_RATE"]:
+    if training.lr_schedule == "plateau" and learning_rate < training.min_learning_rate:
         return f"the learning rate was cut to {learning_rate:.1e}, below MIN_LEARNING_RATE; more epochs would not learn"
     return None
 
 
-def training_state(training, config, history, position, epoch_totals, device, dtype):
+def training_state(training, settings, history, position, epoch_totals, device, dtype):
     """Everything a resumed run needs; plain types and tensors only, so weights_only loading accepts it."""
-    model = unwrap(training.model)
+    net = unwrap(training.net)
     return {
-        "model": model.state_dict(),
+        "model": net.state_dict(),
         "optimizer": training.optimizer.state_dict(),
         "scheduler": training.scheduler.state_dict(),
         "scaler": training.scaler.state_dict(),
-        "config": config,
+        "config": settings.as_config(),  # a plain mapping: older and newer code both read it
         "findings": list(FINDINGS),
-        "architecture": model.backbone,
+        "backbone": net.backbone,  # BACKBONE (as "architecture" in older checkpoints)
         "split": training.split,  # the images of each part: the checkpoint evaluates and resumes on its own
         "epoch": history[-1]["epoch"] if history else 0,
         "metrics": history[-1] if history else {},
@@ -145,11 +158,11 @@ def training_state(training, config, history, position, epoch_totals, device, dt
     }
 
 
-def open_run(config, run_dir, is_main, log):
+def open_run(settings, run_dir, is_main, log):
     """(checkpoint path, checkpoint) to resume from, or (None, None) for a new run; (path, None) when the checkpoint's
     run has finished under these settings. Refuses to mix two runs in one folder. Writes nothing: a run that then
     fails to start leaves no folder behind."""
-    resume_path = resolve_resume(config["RESUME"], run_dir)
+    resume_path = resolve_resume(settings.run.resume, run_dir)
     elsewhere = resume_path is not None and resume_path.parent.resolve() != run_dir.resolve()
     if (resume_path is None or elsewhere) and any(run_dir.glob("*.pth")):
         raise DataError(f"{run_dir} already holds a run. Continue it with --resume last, or set another --out_dir.")
@@ -158,11 +171,12 @@ def open_run(config, run_dir, is_main, log):
     if resume_path is None:
         return None, None
     checkpoint = load_checkpoint(resume_path, FINDINGS)  # onto the CPU; restore() moves what the device needs
-    check_same_run(config, checkpoint["config"], resume_path)
-    learning_rate = checkpoint["history"][-1]["lr"] if checkpoint["history"] else config["LEARNING_RATE"]
-    state = (checkpoint["history"], checkpoint["position"], learning_rate)
-    started_with = {**config, **checkpoint["config"]}  # settings added since the run began take today's defaults
-    ended_then, ended_now = finished(*state, started_with), finished(*state, config)
+    check_same_run(settings, checkpoint["config"], resume_path)
+    learning_rate = checkpoint["history"][-1]["lr"] if checkpoint["history"] else settings.training.learning_rate
+    state = (checkpoint["history"], Position(**checkpoint["position"]), learning_rate)
+    # settings added since the run began take today's values
+    started_with = from_config({**settings.as_config(), **checkpoint["config"]}, resume_path)
+    ended_then, ended_now = finished(*state, started_with.training), finished(*state, settings.training)
     if ended_now:
         log(f"{resume_path}: this run has finished ({ended_now}). Raise --epochs or the patience to continue it.")
         return resume_path, None
@@ -183,7 +197,7 @@ def open_run(config, run_dir, is_main, log):
 def restore(training, checkpoint, device):
     """Load a checkpoint's training state into a Training (its tensors already on `device`: each load_state_dict
     copies the CPU checkpoint's tensors to its own); (history, Position, EpochTotals)."""
-    unwrap(training.model).load_state_dict(checkpoint["model"])
+    unwrap(training.net).load_state_dict(checkpoint["model"])
     training.optimizer.load_state_dict(checkpoint["optimizer"])
     training.scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint["scaler"]:  # {} when saved disabled (bf16, fp32): an fp16 run resuming it starts a fresh scale
@@ -217,11 +231,11 @@ def remove_stale_temporaries(run_dir, log):
         log(f"removed {stale}, left by an interrupted checkpoint write")
 
 
-def write_run_folder(run_dir, labels, split, config, pos_weight):
+def write_run_folder(run_dir, labels, split, settings, pos_weight):
     """split.csv, config.json and pos_weight.json: written by a new run, and by a resumed run in a new folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_split(labels, split, run_dir / "split.csv")
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (run_dir / "config.json").write_text(json.dumps(settings.as_config(), indent=2) + "\n")
     (run_dir / "pos_weight.json").write_text(json.dumps(dict(zip(FINDINGS, pos_weight.tolist())), indent=2))
 
 
@@ -231,7 +245,7 @@ def save_epoch(run_dir, history, state, keep_training_state="newest"):
     epoch = history[-1]["epoch"]
     path = run_dir / f"epoch_{epoch:02d}.pth"
     save_checkpoint(state, path)
-    best_loss = min(history, key=lambda row: row["val_loss"])["epoch"]
+    best_loss = best_epoch(history).epoch
     aurocs = [row["val_mean_auroc"] for row in history]
     best_auroc = history[int(np.nanargmax(aurocs))]["epoch"] if np.isfinite(aurocs).any() else None
     if best_loss == epoch:
@@ -259,7 +273,7 @@ def write_metrics(run_dir, history):
 
     table = pd.DataFrame([EpochMetrics.from_row(row).row() for row in history])
     table.to_csv(run_dir / "metrics.csv", index=False)
-    best = table.epoch[table.val_loss.idxmin()]
+    best = best_epoch(history).epoch
     figure, (loss_axes, auroc_axes, rate_axes) = plt.subplots(1, 3, figsize=(14, 4))
     loss_axes.plot(table.epoch, table.train_loss, "o-", label="train")
     loss_axes.plot(table.epoch, table.val_loss, "o-", label="validation")
@@ -289,12 +303,12 @@ SUMMARY_COLUMNS = (  # (EpochMetrics field, header, format) of the table printed
 def summary(history, run_dir):
     """The table printed at the end of training, with the best epoch marked."""
     epochs = [EpochMetrics.from_row(row) for row in history]
-    best = min(epochs, key=lambda metrics: metrics.val_loss)
+    best = best_epoch(history)
     widths = [len(fmt.format(0)) for _, _, fmt in SUMMARY_COLUMNS]
     lines = [" ".join(f"{header:>{width}}" for (_, header, _), width in zip(SUMMARY_COLUMNS, widths))]
     for metrics in epochs:
         cells = " ".join(fmt.format(getattr(metrics, name)) for name, _, fmt in SUMMARY_COLUMNS)
-        lines.append(cells + ("  <- best" if metrics is best else ""))
+        lines.append(cells + ("  <- best" if metrics.epoch == best.epoch else ""))
     lines.append(
         f"best epoch {best.epoch}: val loss {best.val_loss:.4f}, mean AUROC {best.val_mean_auroc:.4f} "
         f"-> {run_dir / 'best.pth'}"
@@ -345,15 +359,16 @@ class TensorBoard:
             for k, image in enumerate(images):
                 self.writer.add_image(f"val_heat_map/{k}", image, global_step, dataformats="HWC")
 
-    def close(self, config, history, dtype):
+    def close(self, settings, history, dtype):
         """The run's settings as hparams (AMP as the dtype that trained: fp32 where autocast was off) beside its best
         validation loss and AUROC."""
         if not self.writer:
             return
         if history:
-            best = min(history, key=lambda row: row["val_loss"])
-            hparams = {name: value for name, value in config.items() if isinstance(value, (int, float, str, bool))}
+            best = best_epoch(history)
+            settings = settings.as_config()
+            hparams = {name: value for name, value in settings.items() if isinstance(value, (int, float, str, bool))}
             hparams["AMP"] = dtype_name(dtype)
-            metrics = {"hparam/best_val_loss": best["val_loss"], "hparam/best_val_mean_auroc": best["val_mean_auroc"]}
+            metrics = {"hparam/best_val_loss": best.val_loss, "hparam/best_val_mean_auroc": best.val_mean_auroc}
             self.writer.add_hparams(hparams, metrics, run_name=".")
         self.writer.close()

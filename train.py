@@ -16,6 +16,7 @@ import sys
 
 import configurator
 from configurator import Above, AtLeast, Between, CommaList, Flag, OneOf, Text
+from dataset import POS_WEIGHT_POLICIES
 
 LAYERS = CommaList("stem", "layer1", "layer2", "layer3", "layer4", "head", alone="all")  # model.BLOCKS, and the head
 
@@ -35,7 +36,7 @@ WEIGHT_DECAY: AtLeast(0.0) = 1e-4  # AdamW decoupled weight decay
 DROPOUT: Between(0.0, 1.0) = 0.5  # dropout before the final Linear layer
 PRETRAINED: Text = "imagenet"  # "imagenet" (torchvision download), "none" (random init), or a weights file
 TRAINABLE_LAYERS: LAYERS = "layer4"  # blocks that train besides the head (layer1-4: the backbone's four stages)
-POS_WEIGHT: OneOf("ratio", "sqrt", "none") = "ratio"  # pos_weight per finding from the training split
+POS_WEIGHT: OneOf(*POS_WEIGHT_POLICIES) = "ratio"  # pos_weight per finding from the training split
 POS_WEIGHT_CAP: AtLeast(0.0) = 0.0  # upper bound on any pos_weight; 0: none
 LR_SCHEDULE: OneOf("plateau", "cosine") = "plateau"  # plateau: ReduceLROnPlateau on val loss; cosine: warmup, decay
 LR_PATIENCE: AtLeast(0) = 1  # plateau: epochs without a lower validation loss before the learning rate drops
@@ -63,7 +64,6 @@ if __name__ == "__main__":
     configurator.exit_after_help(sys.modules[__name__])  # --help needs no torch: it answers before the imports below
 
 import math  # the imports follow the settings, so that --help answers without them (pyproject: E402 here)
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -87,9 +87,9 @@ from dataset import (
 )
 from devices import autocast_dtype, compile_support, device_name, select_device, use_channels_last
 from distributed import gather_rows, setup_distributed, shut_down, sum_over_ranks
-from errors import CheckpointError, DataError, SettingsError, UserError
+from errors import CheckpointError, DataError, SettingsError, one_line_errors
 from images import find_cache
-from inference import predict_logits
+from inference import fit_run_statistics, predict_logits
 from loaders import close_workers, make_loaders
 from model import build_model, frozen_blocks, init_head_bias, save_checkpoint
 from run_folder import (
@@ -107,6 +107,7 @@ from run_folder import (
     training_state,
     write_run_folder,
 )
+from settings import Settings, from_config
 from transforms import augment_batch, augmentation_params, mix_seed, normalize
 
 # No matplotlib, scikit-learn or grad-cam up here: each DataLoader worker on Windows re-imports this file, and they
@@ -125,33 +126,43 @@ def settings():
 
 
 def parse_config(argv):
-    """The settings, from the constants above, config files and --name value flags, each checked."""
+    """The settings as a {NAME: value} mapping, from the constants above, config files and --name value flags, each
+    checked."""
     return configurator.parse_config(argv, sys.modules[__name__], __doc__, check_settings)
+
+
+def parse_settings(argv):
+    """The settings as the library takes them (settings.Settings)."""
+    return from_config(parse_config(argv))
 
 
 def check_settings(config):
     """What a setting may be given the others (each alone is checked against its rule)."""
-    if config["VAL_FRACTION"] + config["TEST_FRACTION"] >= 1:
+    parsed = from_config(config)
+    data, model_settings = parsed.data, parsed.model
+    if data.val_fraction + data.test_fraction >= 1:
         raise SettingsError(
-            f"VAL_FRACTION {config['VAL_FRACTION']} + TEST_FRACTION {config['TEST_FRACTION']} leave no patient for "
+            f"VAL_FRACTION {data.val_fraction} + TEST_FRACTION {data.test_fraction} leave no patient for "
             "training: their sum must be below 1"
         )
-    pretrained = str(config["PRETRAINED"])
+    pretrained = str(model_settings.pretrained)
     if pretrained.lower() not in ("imagenet", "none") and not Path(pretrained).is_file():
         raise SettingsError(f"PRETRAINED = {pretrained!r}: use imagenet, none, or the path of a weights file")
 
 
-def warn_about_settings(config, log):
+def warn_about_settings(settings, log):
     """Settings that run but waste the run: said at the start, with the fix."""
-    frozen = frozen_blocks(config["TRAINABLE_LAYERS"])
-    if str(config["PRETRAINED"]).lower() == "none" and frozen:
+    model_settings, data = settings.model, settings.data
+    frozen = frozen_blocks(model_settings.trainable_layers)
+    if str(model_settings.pretrained).lower() == "none" and frozen:
         log(
-            f"warning: PRETRAINED = none with TRAINABLE_LAYERS = {config['TRAINABLE_LAYERS']!r}: the frozen blocks "
-            f"({', '.join(frozen)}) keep random weights and pass little of use on. Train them: --trainable_layers all"
+            f"warning: PRETRAINED = none with TRAINABLE_LAYERS = {model_settings.trainable_layers!r}: the frozen "
+            f"blocks ({', '.join(frozen)}) keep random weights and pass little of use on. Train them: "
+            "--trainable_layers all"
         )
-    if config["IMAGE_SIZE"] > config["LOAD_SIZE"]:
+    if data.image_size > data.load_size:
         log(
-            f"warning: IMAGE_SIZE {config['IMAGE_SIZE']} is larger than LOAD_SIZE {config['LOAD_SIZE']}: every crop "
+            f"warning: IMAGE_SIZE {data.image_size} is larger than LOAD_SIZE {data.load_size}: every crop "
             f"is upscaled, which adds no detail. Set LOAD_SIZE to about IMAGE_SIZE / 0.875 (and rebuild the cache)."
         )
 
@@ -180,25 +191,21 @@ class StopRequest:
 # ----------------------------------------------------------------------------- data
 
 
-def load_split_labels(config, checkpoint, checkpoint_path):
-    """(label file, labels with image paths, split per row): a new split for a new run; for a resumed run the
-    checkpoint's own (checked against the split.csv beside it)."""
-    csv_path = find_label_file(config["DATA_DIR"], config["CSV"])
-    cache = find_cache(config["DATA_DIR"], config["LOAD_SIZE"], config["CACHE"])  # its films need no PNG on disk
-    labels = attach_image_paths(read_labels(csv_path), config["DATA_DIR"], config["DROP_MISSING_IMAGES"], cache=cache)
+def load_split_labels(data, checkpoint, checkpoint_path):
+    """(label file, labels with image paths, split per row) of a settings.DataSettings: a new split for a new run; for
+    a resumed run the checkpoint's own (checked against the split.csv beside it)."""
+    csv_path = find_label_file(data.data_dir, data.csv)
+    cache = find_cache(data.data_dir, data.load_size, data.cache)  # its films need no PNG on disk
+    labels = attach_image_paths(read_labels(csv_path), data.data_dir, data.drop_missing_images, cache=cache)
     if checkpoint is None:
-        return (
-            csv_path,
-            labels,
-            make_split(labels, csv_path, config["VAL_FRACTION"], config["TEST_FRACTION"], config["SEED"]),
-        )
+        return csv_path, labels, make_split(labels, csv_path, data.val_fraction, data.test_fraction, data.seed)
     saved = saved_split(checkpoint.get("split"), Path(checkpoint_path).parent / "split.csv")
     if saved is None:
         raise CheckpointError(f"{checkpoint_path} carries no split and no split.csv lies beside it: cannot resume.")
     missing = saved.image_name[~saved.image_name.isin(labels.image_name)]
     if len(missing):
         raise DataError(
-            f"{len(missing)} image(s) of the run's split are not below {config['DATA_DIR']} (first: {missing.iloc[0]})"
+            f"{len(missing)} image(s) of the run's split are not below {data.data_dir} (first: {missing.iloc[0]})"
         )
     split = labels["image_name"].map(saved.set_index("image_name")["split"])
     keep = split.notna().to_numpy()  # images added to the label file since the run started take no part
@@ -218,7 +225,6 @@ class Loop:
     augment_on: str = "device"  # "device": augment_batch here; "workers": batches arrive augmented
     image_size: int = 224
     world_size: int = 1
-    rank: int = 0
     epochs: int = 1  # for the progress bar and the run's time estimate
     steps_per_epoch: int = 0
     step_scheduler: object = None  # the cosine schedule, stepped every step; None for plateau (stepped per epoch)
@@ -227,13 +233,14 @@ class Loop:
     estimated: bool = False  # the run's time estimate has been printed
 
 
-def make_scheduler(optimizer, config, steps_per_epoch):
-    """ReduceLROnPlateau (stepped per epoch on validation loss), or linear warmup then cosine decay (per step)."""
-    if config["LR_SCHEDULE"] == "plateau":
+def make_scheduler(optimizer, training, steps_per_epoch):
+    """ReduceLROnPlateau (stepped per epoch on validation loss), or linear warmup then cosine decay (per step), as a
+    settings.TrainingSettings asks."""
+    if training.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=config["LR_FACTOR"], patience=config["LR_PATIENCE"]
+            optimizer, mode="min", factor=training.lr_factor, patience=training.lr_patience
         )
-    warmup, total = config["WARMUP_EPOCHS"] * steps_per_epoch, max(config["EPOCHS"] * steps_per_epoch, 1)
+    warmup, total = training.warmup_epochs * steps_per_epoch, max(training.epochs * steps_per_epoch, 1)
 
     def factor(step):
         if step < warmup:
@@ -276,8 +283,23 @@ class StepLosses:
         return losses, values[-1] > 0
 
 
+def optimizer_step(net, images, targets, training, loop):
+    """One step of a run_folder.Training on a model-ready batch; the loss, left on the device (reading it would wait
+    for the GPU)."""
+    with torch.autocast(loop.device.type, dtype=loop.dtype, enabled=loop.dtype is not None):
+        logits = net(images)
+    loss = training.criterion(logits.float(), targets)
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss).backward()
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    if loop.step_scheduler is not None:
+        loop.step_scheduler.step()
+    return loss
+
+
 def train_epoch(net, batches, training, loop, epoch, step, totals, stop):
-    """One epoch of `net` (training.model, or its DDP or compiled wrapper) trained by a run_folder.Training, from
+    """One epoch of `net` (training.net, or its DDP or compiled wrapper) trained by a run_folder.Training, from
     `step`; returns the steps done. The device is read every SYNC_EVERY steps and at the epoch's
     end: the losses (a non-finite one stops the run, naming its step) and a stop request, which ends the epoch
     early (without error) on every rank at once."""
@@ -286,17 +308,8 @@ def train_epoch(net, batches, training, loop, epoch, step, totals, stop):
     bar = tqdm(total=steps, initial=step, desc=f"epoch {epoch}/{loop.epochs} train", disable=not loop.show_progress)
     window, started, learning_rates = StepLosses(loop.device), time.perf_counter(), []
     for images, targets, seeds in batches:
-        images = model_input(images, seeds, loop)
         targets = targets.to(loop.device, non_blocking=True)
-        with torch.autocast(loop.device.type, dtype=loop.dtype, enabled=loop.dtype is not None):
-            logits = net(images)
-        loss = training.criterion(logits.float(), targets)
-        training.optimizer.zero_grad(set_to_none=True)
-        training.scaler.scale(loss).backward()
-        training.scaler.step(training.optimizer)
-        training.scaler.update()
-        if loop.step_scheduler is not None:
-            loop.step_scheduler.step()
+        loss = optimizer_step(net, model_input(images, seeds, loop), targets, training, loop)
         step += 1
         window.add(loss)
         learning_rates.append(training.optimizer.param_groups[0]["lr"])
@@ -359,10 +372,21 @@ def duration(seconds):
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def validate(model, loader, pos_weight, loop):
-    """Validation loss (same weighting as training), per-finding AUROC, targets and probabilities, gathered over all
-    ranks; and this rank's first few validation crops (for the heat maps)."""
-    from metrics import auroc_per_finding  # scikit-learn: imported here, not in every DataLoader worker
+@dataclass
+class Validation:
+    """What one validation pass measured, gathered over all ranks."""
+
+    loss: float  # weighted as in training
+    aurocs: np.ndarray  # per finding; NaN where a finding lacks positives or negatives
+    mean_auroc: float  # over the findings whose AUROC is defined
+    targets: np.ndarray
+    probabilities: np.ndarray
+    crops: list  # this rank's first few validation crops (for the heat maps)
+
+
+def validate(net, loader, pos_weight, loop):
+    """A Validation of the model on the validation batches."""
+    from metrics import auroc_per_finding, mean_auroc  # scikit-learn: imported here, not in every DataLoader worker
 
     device, world_size, crops = loop.device, loop.world_size, []
 
@@ -374,232 +398,256 @@ def validate(model, loader, pos_weight, loop):
     def progress(batches):
         return tqdm(batches, desc="  validation", leave=False, disable=not loop.show_progress)
 
-    logits, targets = predict_logits(model, loader, prepare, loop.dtype, progress)
+    logits, targets = predict_logits(net, loader, prepare, loop.dtype, progress)
     indices = torch.tensor(list(loader.sampler))  # DistributedSampler pads ranks to equal size: de-duplicate
     indices = gather_rows(indices, device, world_size).numpy()
     _, first = np.unique(indices, return_index=True)
     logits = gather_rows(logits, device, world_size)[first]
-    targets = gather_rows(targets, device, world_size)[first]
-    loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight.cpu()).item()
+    targets = gather_rows(targets, device, world_size)[first].numpy()
+    loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(targets), pos_weight=pos_weight.cpu()).item()
     probabilities = torch.sigmoid(logits).numpy()
-    return loss, auroc_per_finding(targets.numpy(), probabilities), targets.numpy(), probabilities, crops
+    aurocs = auroc_per_finding(targets, probabilities)
+    return Validation(loss, aurocs, mean_auroc(aurocs), targets, probabilities, crops)
 
 
-def build_training(config, counts, pos_weight, device, dtype, channels_last, steps_per_epoch):
-    """A run_folder.Training: the model (head bias at the weighted base rate), AdamW on its trainable parameters,
-    the scheduler, the loss scaler (fp16 only) and the pos_weight-ed loss."""
-    model = build_model(
-        len(FINDINGS), config["PRETRAINED"], config["TRAINABLE_LAYERS"], config["DROPOUT"], config["BACKBONE"]
-    )
-    init_head_bias(model, *counts, pos_weight)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+def build_training(model_settings, training_settings, counts, pos_weight, device, dtype, channels_last, steps):
+    """A run_folder.Training of a settings.ModelSettings and TrainingSettings: the model (head bias at the weighted
+    base rate), AdamW on its trainable parameters, the scheduler (`steps` per epoch), the loss scaler (fp16 only) and
+    the pos_weight-ed loss."""
+    built = model_settings
+    net = build_model(len(FINDINGS), built.pretrained, built.trainable_layers, built.dropout, built.backbone)
+    init_head_bias(net, *counts, pos_weight)
+    net = net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    trainable = [parameter for parameter in net.parameters() if parameter.requires_grad]
     # fused: one kernel for all parameters (on this CPU 18 ms a step instead of 44 for the whole ResNet-50); on CUDA
     # it also takes GradScaler's scale and inf check on the device, so fp16 steps need no wait for the device
     fused = device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(
-        trainable, lr=config["LEARNING_RATE"], weight_decay=config["WEIGHT_DECAY"], fused=fused
+        trainable, lr=training_settings.learning_rate, weight_decay=training_settings.weight_decay, fused=fused
     )
     return Training(
-        model=model,
+        net=net,
         optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, config, steps_per_epoch),
+        scheduler=make_scheduler(optimizer, training_settings, steps),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         criterion=torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device)),
     )
 
 
-def compiled(model, config, device, log):
-    """torch.compile(model) when COMPILE is set and this device can compile; else the model, saying why."""
-    if not config["COMPILE"]:
-        return model
+def compiled(net, wanted, device, log):
+    """torch.compile(net) when `wanted` (COMPILE) and this device can compile; else the net, saying why."""
+    if not wanted:
+        return net
     possible, why = compile_support(device)
     if not possible:
         log(f"COMPILE: {why}; training without compiling")
-        return model
-    return torch.compile(model)
+        return net
+    return torch.compile(net)
 
 
-def train(config):
-    rank, world_size, device = setup_distributed(select_device(config["DEVICE"]))
+@dataclass
+class Run:
+    """A started run: its settings, where it runs, its data and batches, what trains, and where it stands."""
+
+    settings: Settings
+    run_dir: Path
+    device: torch.device
+    is_main: bool
+    log: object
+    labels: object  # the label table with image paths
+    split: object  # train / val / test per row
+    train_batches: object
+    val_batches: object
+    training: Training
+    net: object  # training.net, or its DDP or compiled wrapper
+    loop: Loop
+    tensorboard: TensorBoard
+    history: list
+    position: Position
+    totals: EpochTotals
+
+
+def train(settings):
+    """Train a run to its end (or to a stop request, which saves it); the process's exit code."""
+    run = start_run(settings)
+    if run is None:
+        return 0  # finished, and said so
+    stop = StopRequest()
+    try:
+        code = train_epochs(run, stop)
+    finally:
+        stop.restore()
+        close_workers(run.train_batches, run.val_batches)
+        run.tensorboard.close(settings, run.history, run.loop.dtype)
+    if code == 0 and run.history:
+        run.log(summary(run.history, run.run_dir))
+        if run.is_main:
+            batch_size, amp = settings.loader.batch_size, settings.run.amp
+            fit_run_statistics(run.run_dir, settings.data, batch_size, amp, run.labels, run.split, run.device, run.log)
+    return code
+
+
+def start_run(settings):
+    """The Run a new or resumed run starts from, with its folder written; None when the run has finished."""
+    rank, world_size, device = setup_distributed(select_device(settings.run.device))
     is_main = rank == 0
     log = print if is_main else (lambda *args, **kwargs: None)
-    run_dir = Path(config["OUT_DIR"])
-    resume_path, checkpoint = open_run(config, run_dir, is_main, log)
+    run_dir = Path(settings.run.out_dir)
+    resume_path, checkpoint = open_run(settings, run_dir, is_main, log)
     if resume_path is not None and checkpoint is None:
-        return 0  # finished, and said so
-    warn_about_settings(config, log)
-    torch.manual_seed(config["SEED"])
-    dtype = autocast_dtype(device, config["AMP"])
-    channels_last = use_channels_last(device, config["CHANNELS_LAST"])
+        return None
+    warn_about_settings(settings, log)
+    torch.manual_seed(settings.data.seed)
+    dtype = autocast_dtype(device, settings.run.amp)
+    channels_last = use_channels_last(device, settings.run.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log(
         f"device: {device} ({device_name(device)}); autocast {dtype or 'off (fp32)'}; channels_last {channels_last}; "
-        f"augmentation on the {'device' if config['AUGMENT_ON'] == 'device' else 'workers'}; {world_size} process(es)"
+        f"augmentation on the {settings.loader.augment_on}; {world_size} process(es)"
     )
-
-    csv_path, labels, split = load_split_labels(config, checkpoint, resume_path)
-    log(f"labels: {csv_path} ({len(labels):,} images)")
-    counts = count_positives(labels[split == "train"][list(FINDINGS)].to_numpy())
-    pos_weight = pos_weight_from_counts(*counts, config["POS_WEIGHT"], config["POS_WEIGHT_CAP"])
-    for part in ("train", "val", "test"):
-        rows = labels[split == part]
-        log(f"{part:>5}: {len(rows):>7,} images, {rows['patient_id'].nunique():>6,} patients")
-    train_loader, val_loader = make_loaders(config, labels, split, device, rank, world_size, log)
-    steps_per_epoch = len(train_loader)
-    training = build_training(config, counts, pos_weight, device, dtype, channels_last, steps_per_epoch)
+    csv_path, labels, split = load_split_labels(settings.data, checkpoint, resume_path)
+    counts, pos_weight = describe_data(settings, csv_path, labels, split, log)
+    batches = make_loaders(settings.data, settings.loader, labels, split, device, rank, world_size, log)
+    steps = len(batches[0])
+    training = build_training(
+        settings.model, settings.training, counts, pos_weight, device, dtype, channels_last, steps
+    )
     training.split = split_record(labels, split, csv_path)
     history, position, totals = [], Position(), EpochTotals()
     if checkpoint is not None:
         history, position, totals = restore(training, checkpoint, device)
         log(f"resumed from {resume_path} at epoch {position.epoch}, step {position.step}")
     if is_main and (checkpoint is None or not (run_dir / "split.csv").is_file()):
-        write_run_folder(run_dir, labels, split, config, pos_weight)  # only now: the run is known to start
-    net = training.model
-    if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    net = compiled(net, config, device, log)
-    done = (position.epoch - 1) * steps_per_epoch + position.step
-    tensorboard = TensorBoard(run_dir, is_main and config["TENSORBOARD"], done + 1, log)  # purge what a crash left
-    loop = Loop(
+        write_run_folder(run_dir, labels, split, settings, pos_weight)  # only now: the run is known to start
+    net = wrapped(training.net, settings.run.compile, world_size, device, log)
+    done = (position.epoch - 1) * steps + position.step
+    tensorboard = TensorBoard(run_dir, is_main and settings.run.tensorboard, done + 1, log)  # purge what a crash left
+    loop = make_loop(settings, device, dtype, channels_last, world_size, steps, training, tensorboard, is_main)
+    return Run(
+        settings,
+        run_dir,
+        device,
+        is_main,
+        log,
+        labels,
+        split,
+        *batches,
+        training,
+        net,
+        loop,
+        tensorboard,
+        history,
+        position,
+        totals,
+    )
+
+
+def make_loop(settings, device, dtype, channels_last, world_size, steps, training, tensorboard, is_main):
+    """The Loop of this process: how it runs its steps, fixed for the run."""
+    return Loop(
         device=device,
         dtype=dtype,
         channels_last=channels_last,
-        augment_on=config["AUGMENT_ON"],
-        image_size=config["IMAGE_SIZE"],
+        augment_on=settings.loader.augment_on,
+        image_size=settings.data.image_size,
         world_size=world_size,
-        rank=rank,
-        epochs=config["EPOCHS"],
-        steps_per_epoch=steps_per_epoch,
-        step_scheduler=training.scheduler if config["LR_SCHEDULE"] == "cosine" else None,
+        epochs=settings.training.epochs,
+        steps_per_epoch=steps,
+        step_scheduler=training.scheduler if settings.training.lr_schedule == "cosine" else None,
         tensorboard=tensorboard if tensorboard.writer else None,
         show_progress=is_main,
     )
 
-    stop = StopRequest()
-    try:
-        for epoch in range(position.epoch, config["EPOCHS"] + 1):
-            started = time.perf_counter()
-            first_step = position.step if epoch == position.epoch else 0
-            if first_step == 0:
-                torch.manual_seed(mix_seed(config["SEED"], epoch))  # dropout: a stream per epoch, so resume is exact
-                totals = EpochTotals()
-            train_loader.sampler.set_epoch(epoch, skip=first_step * config["BATCH_SIZE"])
-            step = train_epoch(net, train_loader, training, loop, epoch, first_step, totals, stop)
-            if stop.signal is not None or step < first_step + len(train_loader):
-                if is_main:
-                    state = training_state(training, config, history, Position(epoch, step), totals, device, dtype)
-                    save_checkpoint(state, run_dir / "interrupted.pth")
-                log(
-                    f"stopped at epoch {epoch}, step {step}: saved {run_dir / 'interrupted.pth'}; continue with "
-                    "the same command plus --resume last"
-                )
-                return 128 + (stop.signal or 0)
-            pos_weight = training.criterion.pos_weight
-            val_loss, aurocs, targets, probabilities, crops = validate(net, val_loader, pos_weight, loop)
-            if config["LR_SCHEDULE"] == "plateau":
-                training.scheduler.step(val_loss)
-            metrics = EpochMetrics(
-                epoch=epoch,
-                train_loss=totals.mean(),
-                val_loss=val_loss,
-                val_mean_auroc=float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
-                lr=training.optimizer.param_groups[0]["lr"],
-                seconds=time.perf_counter() - started,
-                aurocs={finding: float(value) for finding, value in zip(FINDINGS, aurocs)},
-            )
-            history.append(metrics.row())
-            log(
-                f"epoch {epoch}: train loss {metrics.train_loss:.4f}, val loss {val_loss:.4f}, "
-                f"mean AUROC {metrics.val_mean_auroc:.4f}, lr {metrics.lr:.1e}"
-            )
-            if is_main:
-                state = training_state(training, config, history, Position(epoch + 1, 0), totals, device, dtype)
-                save_epoch(run_dir, history, state, config["KEEP_TRAINING_STATE"])
-                tensorboard.epoch(epoch * steps_per_epoch, metrics, targets, probabilities)
-                if tensorboard.writer:
-                    from heatmaps import top_finding_overlays  # grad-cam and matplotlib: not in DataLoader workers
 
-                    drawn = top_finding_overlays(training.model, crops, FINDINGS, device)
-                    tensorboard.heat_maps(epoch * steps_per_epoch, drawn)
-            ended = finished(history, {"epoch": epoch + 1, "step": 0}, metrics.lr, config)
-            if ended:
-                log(f"training ends: {ended}")
-                break
-    finally:
-        stop.restore()
-        close_workers(train_loader, val_loader)
-        tensorboard.close(config, history, dtype)
-    if history:
-        log(summary(history, run_dir))
-        if is_main:
-            fit_inference_statistics(run_dir, config, labels, split, device, log)
+def describe_data(settings, csv_path, labels, split, log):
+    """(the training split's (positives, negatives), the pos_weight from them), with the label file and the
+    split's sizes said."""
+    log(f"labels: {csv_path} ({len(labels):,} images)")
+    counts = count_positives(labels[split == "train"][list(FINDINGS)].to_numpy())
+    pos_weight = pos_weight_from_counts(*counts, settings.training.pos_weight, settings.training.pos_weight_cap)
+    for part in ("train", "val", "test"):
+        rows = labels[split == part]
+        log(f"{part:>5}: {len(rows):>7,} images, {rows['patient_id'].nunique():>6,} patients")
+    return counts, pos_weight
+
+
+def wrapped(net, compile_wanted, world_size, device, log):
+    """The network as the loop runs it: in DistributedDataParallel under torchrun, compiled when COMPILE asks."""
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return compiled(net, compile_wanted, device, log)
+
+
+def train_epochs(run, stop):
+    """The epochs left of a Run, each trained, validated and saved; the exit code (128 + the signal when stopped)."""
+    settings, training, loop, log = run.settings, run.training, run.loop, run.log
+    for epoch in range(run.position.epoch, settings.training.epochs + 1):
+        started = time.perf_counter()
+        first_step = run.position.step if epoch == run.position.epoch else 0
+        if first_step == 0:
+            torch.manual_seed(mix_seed(settings.data.seed, epoch))  # dropout: a stream per epoch, so resume is exact
+            run.totals = EpochTotals()
+        run.train_batches.sampler.set_epoch(epoch, skip=first_step * settings.loader.batch_size)
+        step = train_epoch(run.net, run.train_batches, training, loop, epoch, first_step, run.totals, stop)
+        if stop.signal is not None or step < first_step + len(run.train_batches):
+            if run.is_main:
+                position = Position(epoch, step)
+                state = training_state(training, settings, run.history, position, run.totals, run.device, loop.dtype)
+                save_checkpoint(state, run.run_dir / "interrupted.pth")
+            log(
+                f"stopped at epoch {epoch}, step {step}: saved {run.run_dir / 'interrupted.pth'}; continue with "
+                "the same command plus --resume last"
+            )
+            return 128 + (stop.signal or 0)
+        validation = validate(run.net, run.val_batches, training.criterion.pos_weight, loop)
+        if settings.training.lr_schedule == "plateau":
+            training.scheduler.step(validation.loss)
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=run.totals.mean(),
+            val_loss=validation.loss,
+            val_mean_auroc=validation.mean_auroc,
+            lr=training.optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - started,
+            aurocs={finding: float(value) for finding, value in zip(FINDINGS, validation.aurocs)},
+        )
+        run.history.append(metrics.row())
+        log(
+            f"epoch {epoch}: train loss {metrics.train_loss:.4f}, val loss {metrics.val_loss:.4f}, "
+            f"mean AUROC {metrics.val_mean_auroc:.4f}, lr {metrics.lr:.1e}"
+        )
+        if run.is_main:
+            save_and_log_epoch(run, metrics, validation)
+        ended = finished(run.history, Position(epoch + 1, 0), metrics.lr, settings.training)
+        if ended:
+            log(f"training ends: {ended}")
+            break
     return 0
 
 
-def fit_inference_statistics(run_dir, config, labels, split, device, log):
-    """What inference needs beside the weights, fitted for best.pth and best_auroc.pth and stored in them: thresholds
-    and a calibration on the validation split, the out-of-distribution statistics on a sample of the training films
-    (inference.py, calibration.py, ood.py). They are rewritten without the training state (a resume starts from
-    epoch_NN.pth or interrupted.pth); best_auroc.pth stays a link to best.pth when both are the same epoch's."""
-    from images import evaluation_images
-    from inference import TorchModel, fit_statistics, outputs_over, statistics_record
-    from loaders import evaluation_loader
-    from model import add_to_checkpoint, copy_checkpoint
-    from ood import fit_sample
-    from run_folder import TRAINING_STATE
+def save_and_log_epoch(run, metrics, validation):
+    """Rank 0, after an epoch: its checkpoints, metrics.csv and curves, and its TensorBoard figures and heat maps."""
+    settings, loop = run.settings, run.loop
+    position = Position(metrics.epoch + 1, 0)
+    state = training_state(run.training, settings, run.history, position, run.totals, run.device, loop.dtype)
+    save_epoch(run.run_dir, run.history, state, settings.run.keep_training_state)
+    global_step = metrics.epoch * loop.steps_per_epoch
+    run.tensorboard.epoch(global_step, metrics, validation.targets, validation.probabilities)
+    if run.tensorboard.writer:
+        from heatmaps import top_finding_overlays  # grad-cam and matplotlib: not in DataLoader workers
 
-    train_rows = labels[split == "train"]
-    parts = {
-        "val": labels[split == "val"],
-        "train": fit_sample(train_rows, config["SEED"]),
-    }
-    best, best_auroc = run_dir / "best.pth", run_dir / "best_auroc.pth"
-    linked = best.is_file() and best_auroc.is_file() and os.path.samefile(best, best_auroc)
-    fitted, written = {}, []
-    for name in ("best.pth", "best_auroc.pth"):
-        if not (run_dir / name).is_file():
-            continue
-        if name == "best_auroc.pth" and linked:
-            copy_checkpoint(best, best_auroc)
-            written.append(name)
-            continue
-        model = TorchModel(run_dir / name, str(device), config["AMP"])
-        epoch = model.checkpoint["epoch"]
-        if epoch not in fitted:
-            outputs = {}
-            for part, rows in parts.items():
-                images = evaluation_images(rows, config["DATA_DIR"], config["LOAD_SIZE"], config["CACHE"])
-                loader = evaluation_loader(images, config["IMAGE_SIZE"], config["BATCH_SIZE"], 0, device)
-                outputs[part] = outputs_over(model, loader)
-            targets = parts["val"][list(FINDINGS)].to_numpy(dtype=float)
-            statistics = fit_statistics(
-                FINDINGS,
-                outputs["val"][0],
-                targets,
-                outputs["val"][2],
-                outputs["train"][2],
-                parts["train"].patient_id.to_numpy(),
-            )
-            fitted[epoch] = statistics_record(statistics)
-        add_to_checkpoint(run_dir / name, TRAINING_STATE, inference=fitted[epoch])
-        written.append(name)
-    if written:
-        log(
-            f"fitted on the validation split, and on {len(parts['train']):,} training films, and stored in "
-            f"{' and '.join(written)}: thresholds, calibration, out-of-distribution statistics (inference.py)"
-        )
+        drawn = top_finding_overlays(run.training.net, validation.crops, FINDINGS, run.device)
+        run.tensorboard.heat_maps(global_step, drawn)
 
 
 def main(argv=None):
-    config = parse_config(sys.argv[1:] if argv is None else argv)
+    settings = parse_settings(sys.argv[1:] if argv is None else argv)
     try:
-        code = train(config)
-    except (UserError, FloatingPointError) as error:
-        sys.exit(f"error: {error}")
+        with one_line_errors(FloatingPointError):
+            code = train(settings)
     finally:
         shut_down()
     sys.exit(code)

@@ -5,8 +5,8 @@ Augmentation runs in one of two places, with the same random parameters per imag
   rotated and resampled in one affine_grid/grid_sample call per batch, then brightness/contrast-adjusted;
 - in the DataLoader workers (AUGMENT_ON = "workers"): the same crop, rotation and jitter with Pillow.
 Each image's parameters are a pure function of its seed, itself a function of (SEED, epoch, image)
-(dataset.SeededSampler), so a resumed run replays the same pixels and both paths draw from the same ranges.
-ImageNet normalisation always runs batched on the device. The evaluation view is films.eval_view (no torch there,
+(loaders.SeededSampler), so a resumed run replays the same pixels and both paths draw from the same ranges.
+ImageNet normalisation always runs batched on the device. The evaluation crop is films.eval_crop (no torch there,
 so that an ONNX deployment needs no PyTorch).
 """
 

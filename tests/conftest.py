@@ -1,128 +1,67 @@
-import sys
-from pathlib import Path
+"""The datasets and the trained run that tests share (session fixtures); the helpers they import are helpers.py's.
+
+The quick suite runs in two processes (pytest-xdist, pyproject's addopts), each a file at a time. Each shared folder
+is made once for both, by whichever asks first, the other waiting on a lock: the trained run (about a minute and a
+half) trains once while the other process runs tests that need no trained model.
+"""
+
+import os
+import shutil
 
 import pytest
+from filelock import FileLock
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from demo_data import write_demo
+from helpers import ROOT
 
-from demo_data import write_demo  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SAMPLE_CSV = FIXTURES / "Data_Entry_2017_sample.csv"  # 503 real rows of NIH's Data_Entry_2017_v2020.csv
+def pytest_configure(config):
+    """Two processes on two cores: each torch uses its share of them (two threads each would contend)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def shared(tmp_path_factory, name, make):
+    """The folder `name`, made by make(folder) once for the whole test session, whichever process asks first."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder above every process's own
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a process that failed half-way left it
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """A small synthetic NIH-layout dataset shared by the tests that only read it."""
-    out = tmp_path_factory.mktemp("demo")
-    write_demo(out, patients=60, size=64, seed=1)
-    return out
+    return shared(tmp_path_factory, "demo", lambda out: write_demo(out, patients=60, size=64, seed=1))
 
 
 @pytest.fixture(scope="session")
 def learn_dir(tmp_path_factory):
     """A larger demo dataset (a data seed the demo's settings were not tuned on) for the tests that train a model
     and expect it to learn."""
-    out = tmp_path_factory.mktemp("learn")
-    write_demo(out, patients=300, size=128, seed=2)
-    return out
-
-
-def tiny_settings(data_dir, out_dir, **changes):
-    """train.py settings for a run of a few seconds on the CPU, as --name=value arguments."""
-    settings = {
-        "data_dir": data_dir,
-        "out_dir": out_dir,
-        "image_size": 32,
-        "load_size": 40,
-        "batch_size": 16,
-        "epochs": 2,
-        "learning_rate": 1e-3,
-        "pretrained": "none",
-        "num_workers": 0,
-        "device": "cpu",
-        "early_stopping_patience": 0,
-    }
-    settings.update(changes)
-    return [f"--{name}={value}" for name, value in settings.items()]
-
-
-def predict_split(checkpoint_path, data_dir, part, amp=True):
-    """Logits and targets of a checkpoint over one part of a run's saved split (split.csv beside the checkpoint),
-    computed as evaluate.py does (batches of 64, AMP and channels_last where the device has them)."""
-    from functools import partial
-
-    import torch
-
-    from dataset import FINDINGS, run_split, split_rows
-    from films import eval_view
-    from images import PngImages
-    from inference import TorchModel, predict_logits
-    from loaders import ChestXrayDataset
-    from transforms import normalize
-
-    model = TorchModel(checkpoint_path, device="cpu", amp=amp)
-    rows = split_rows(*run_split(model.checkpoint, checkpoint_path), data_dir, "", [part])[0][part]
-    images = PngImages(rows["path"], model.load_size)
-    dataset = ChestXrayDataset(images, rows[list(FINDINGS)], partial(eval_view, image_size=model.image_size))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
-    return predict_logits(model.net, loader, lambda batch: normalize(batch, model.channels_last), model.dtype)
-
-
-def validation_loss_of(checkpoint_path, data_dir, amp=True):
-    """The weighted BCE of a checkpoint over a run's validation images, computed in one process."""
-    import json
-
-    import torch
-    import torch.nn.functional as F
-
-    from dataset import FINDINGS
-
-    logits, targets = predict_split(checkpoint_path, data_dir, "val", amp)
-    pos_weight = json.loads((Path(checkpoint_path).parent / "pos_weight.json").read_text())
-    weight = torch.tensor([pos_weight[finding] for finding in FINDINGS])
-    return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight).item()
+    return shared(tmp_path_factory, "learn", lambda out: write_demo(out, patients=300, size=128, seed=2))
 
 
 @pytest.fixture(scope="session")
 def trained_run(learn_dir, tmp_path_factory):
-    """The demo's own settings (config/demo.py) on a smaller, fresh demo dataset: about a minute on 2 cores.
-    Shared by the tests that need a trained model."""
+    """The demo's own settings (config/demo.py) on a smaller, fresh demo dataset: about a minute and a half on 2
+    cores. Shared by the tests that need a trained model."""
     import train
 
-    out = tmp_path_factory.mktemp("trained")
-    argv = [str(ROOT / "config" / "demo.py"), f"--data_dir={learn_dir}", f"--out_dir={out}", "--device=cpu"]
-    with pytest.raises(SystemExit) as stopped:
-        train.main(argv)
-    assert stopped.value.code == 0
-    return out
+    def train_demo(out):
+        argv = [str(ROOT / "config" / "demo.py"), f"--data_dir={learn_dir}", f"--out_dir={out}", "--device=cpu"]
+        with pytest.raises(SystemExit) as stopped:
+            train.main(argv)
+        assert stopped.value.code == 0
 
-
-def write_dicom(path, pixels, compress=None, **header):
-    """A single-frame grayscale DICOM the way a DX modality writes one: uint16 pixels, then the header's elements
-    (Modality, BodyPartExamined, ViewPosition, WindowCenter, RescaleSlope, ... given by keyword), optionally
-    compressed with pydicom's encoders (RLE lossless natively, JPEG 2000 lossless through pylibjpeg-openjpeg)."""
-    import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
-
-    pixels = np.asarray(pixels)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    dataset.Modality, dataset.BodyPartExamined, dataset.ViewPosition = "DX", "CHEST", "PA"
-    dataset.Rows, dataset.Columns = pixels.shape[-2:]
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
-    for keyword, value in header.items():
-        setattr(dataset, keyword, value)
-    dataset.PixelData = pixels.astype(np.uint16).tobytes()
-    if compress is not None:
-        dataset.compress(compress)
-    dataset.save_as(path, enforce_file_format=True)
-    return path
+    return shared(tmp_path_factory, "trained", train_demo)

@@ -12,10 +12,10 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import ROOT, write_dicom
 
 import predict
 from dataset import FINDINGS
+from helpers import ROOT, write_dicom
 
 FILM = "00000002_000.png"
 
@@ -183,7 +183,27 @@ def test_the_page_says_which_scale_its_probabilities_are_on(monkeypatch, tmp_pat
     import app
 
     for calibrated, said in ((True, "calibrated on the model's validation split"), (False, "the network's raw")):
-        model = SimpleNamespace(findings=list(FINDINGS), calibrated=calibrated)
+        model = SimpleNamespace(findings=list(FINDINGS), calibrated=calibrated, left_raw=[])
         page = app.build_page(model, "best.pth")
         text = " ".join(str(getattr(block, "value", "")) for block in page.blocks.values())
         assert said in text, calibrated
+
+
+def test_a_restarted_page_removes_the_films_a_killed_page_left(tmp_path):
+    """kill -9 skips the page's clean-up: its folder of patients' films stayed (25.9). The next page removes the
+    folders of pages whose process is gone, and leaves those of running ones."""
+    import app
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(finished.stdout), os.getppid()  # a process that has ended; pytest's parent, running
+    for pid in (dead, alive):
+        folder = tmp_path / f"{app.UPLOADS_PREFIX}{pid}-abc123"
+        folder.mkdir()
+        (folder / FILM).write_bytes(b"a patient's film")
+    (tmp_path / "cxr14-page-notes").mkdir()  # not a page's folder: no process id in its name
+    app.remove_stale_uploads(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        f"{app.UPLOADS_PREFIX}{alive}-abc123",
+        "cxr14-page-notes",
+    ]
+    assert app.UPLOADS.name.startswith(f"{app.UPLOADS_PREFIX}{os.getpid()}-")

@@ -4,14 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_settings
 
 import train
 from cache import build_cache
 from dataset import attach_image_paths, read_labels
 from errors import DataError
 from films import load_image
-from images import CachedImages, PngImages, cache_folder
+from helpers import tiny_settings
+from images import CachedImages, FilmImages, cache_folder
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_cache_holds_exactly_the_png_path_pixels(cached):
     array = np.load(folder / "images.npy", mmap_mode="r")
     assert array.shape == (len(labels), 40, 40) and array.dtype == np.uint8
     from_cache = CachedImages(folder, labels.image_name[::-1])  # any order of names
-    from_png = PngImages(labels.path[::-1], 40)
+    from_png = FilmImages(labels.path[::-1], 40)
     for k in range(0, len(labels), 17):
         assert np.array_equal(from_cache[k], from_png[k])
     assert np.load(folder / "done.npy").all()
@@ -114,3 +114,34 @@ def test_images_that_do_not_fit_in_memory_fall_back_to_workers(cached, tmp_path,
     assert "do not fit" in printed and "with workers instead" in printed
     message = run_train(cached, tmp_path / "forced", cache="off", cache_on_device="on")
     assert "CACHE_ON_DEVICE = on needs the image cache" in message
+
+
+def test_ctrl_c_is_one_line_and_the_next_run_finishes_the_cache(learn_dir, tmp_path):
+    """Ctrl-C reaches the whole process group: the workers used to print a KeyboardInterrupt traceback each."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    data = tmp_path / "data"
+    shutil.copytree(learn_dir, data)
+    command = [sys.executable, "cache.py", "--data_dir", str(data), "--size", "96", "--workers", "2"]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    done_file = cache_folder(data, 96) / "done.npy"
+    started = time.time()
+    while not (done_file.is_file() and np.load(done_file).any()):  # some rows written: the pool is at work
+        assert process.poll() is None and time.time() < started + 120, "the cache finished before Ctrl-C"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the group
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "interrupted: the rows written so far are kept, and the same command resumes" in stderr
+    assert not np.load(done_file).all()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    labels = demo_labels(data)
+    cache = CachedImages(cache_folder(data, 96), labels.image_name)
+    for row in (0, len(labels) // 2, len(labels) - 1):
+        np.testing.assert_array_equal(cache[row], load_image(labels.path[row], 96))

@@ -38,3 +38,16 @@ def test_brier_is_per_finding_over_its_known_labels():
     probabilities = np.array([[0.8, 0.1], [0.4, 0.5], [0.6, 0.7]])
     # finding 1: (0.2^2 + 0.4^2 + 0.4^2) / 3 = 0.12; finding 2: (0.1^2 + 0.3^2) / 2 = 0.05
     np.testing.assert_allclose(calibration.brier(targets, probabilities), [0.12, 0.05])
+
+
+def test_the_findings_a_fit_leaves_raw_are_named():
+    """Platt scaling falls back to the identity for a finding with one class in validation, or whose fit would
+    invert the order (25.5); those findings were still called calibrated."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(300, 3))
+    targets = (rng.random((300, 3)) < 1 / (1 + np.exp(-2 * logits))).astype(float)  # column 0: a real relation
+    targets[:, 1] = 0.0  # no positive
+    targets[:, 2] = (logits[:, 2] < 0).astype(float)  # more positives at lower logits: a fit would reverse them
+    fitted = calibration.fit_platt(logits, targets)
+    assert calibration.left_raw(fitted, ["A", "B", "C"]) == ["B", "C"]
+    assert calibration.left_raw(None, ["A", "B"]) == ["A", "B"]  # no calibration at all

@@ -2,10 +2,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_CSV
 
 import compute_pos_weight
 from dataset import FINDINGS
+from helpers import SAMPLE_CSV
 
 NIH_POSITIVES = {  # full-release positives per finding (../shared/nih/README.md), 112,120 images
     "Atelectasis": 11559,

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SAMPLE_CSV
 from PIL import Image
 
 from dataset import (
@@ -22,7 +21,8 @@ from dataset import (
 )
 from errors import DataError
 from films import load_image
-from images import PngImages, index_images
+from helpers import SAMPLE_CSV
+from images import FilmImages, index_images
 from loaders import ChestXrayDataset, SeededSampler
 
 
@@ -218,7 +218,7 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(DataError, match="00000001_000.png"):
         load_image(bad)
-    dataset = ChestXrayDataset(PngImages([bad], 32), np.zeros((1, 14)))
+    dataset = ChestXrayDataset(FilmImages([bad], 32), np.zeros((1, 14)))
     with pytest.raises(DataError, match="00000001_000.png"):
         dataset[0]
 
@@ -273,17 +273,17 @@ def test_an_images_augmentation_changes_every_epoch_and_replays_within_one():
 def test_dataset_items_and_seeded_augmentation(demo_dir):
     from functools import partial
 
-    from films import eval_view
+    from films import eval_crop
     from transforms import WorkerAugment
 
     labels = attach_image_paths(read_labels(demo_dir / "Data_Entry_2017_v2020.csv"), demo_dir)
-    images, targets = PngImages(labels.path, 48), labels[list(FINDINGS)]
+    images, targets = FilmImages(labels.path, 48), labels[list(FINDINGS)]
     image, target = ChestXrayDataset(images, targets)[0]  # as loaded: augmented later, on the device
     assert image.shape == (1, 48, 48) and image.dtype == torch.uint8
     assert target.dtype == torch.float32 and target.tolist() == labels.loc[0, list(FINDINGS)].tolist()
     image, _, seed = ChestXrayDataset(images, targets)[(3, 42)]
     assert image.shape == (1, 48, 48) and seed == 42  # the seed travels with the image to the device
-    view, _ = ChestXrayDataset(images, targets, partial(eval_view, image_size=42))[0]
+    view, _ = ChestXrayDataset(images, targets, partial(eval_crop, image_size=42))[0]
     assert view.shape == (1, 42, 42)
     augmented = ChestXrayDataset(images, targets, WorkerAugment(32))
     assert augmented[(3, 42)][0].shape == (1, 32, 32)

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from conftest import tiny_settings as tiny
 
 import bench
 import devices
@@ -23,6 +21,8 @@ import run_folder
 import train
 from dataset import FINDINGS, count_positives, pos_weight_from_counts
 from errors import DeviceError
+from helpers import ROOT
+from helpers import tiny_settings as tiny
 from model import load_checkpoint
 
 META = torch.device("meta")
@@ -41,12 +41,12 @@ def one_epoch(demo_dir, tmp_path_factory):
 def resume_onto(device, demo_dir, out, dtype=None):
     """train.py's resume path, as far as the device matters: open the run, read its split, build the training parts
     on `device` and restore the checkpoint into them; returns (checkpoint, parts, position)."""
-    config = train.parse_config(tiny(demo_dir, out, epochs=2, resume="last"))
-    path, checkpoint = run_folder.open_run(config, out, True, print)
-    _, labels, split = train.load_split_labels(config, checkpoint, path)  # numpy on the split's codes
+    settings = train.parse_settings(tiny(demo_dir, out, epochs=2, resume="last"))
+    path, checkpoint = run_folder.open_run(settings, out, True, print)
+    _, labels, split = train.load_split_labels(settings.data, checkpoint, path)  # numpy on the split's codes
     counts = count_positives(labels[split == "train"][list(FINDINGS)].to_numpy())
-    pos_weight = pos_weight_from_counts(*counts, config["POS_WEIGHT"], config["POS_WEIGHT_CAP"])
-    parts = train.build_training(config, counts, pos_weight, device, dtype, False, 8)
+    pos_weight = pos_weight_from_counts(*counts, settings.training.pos_weight, settings.training.pos_weight_cap)
+    parts = train.build_training(settings.model, settings.training, counts, pos_weight, device, dtype, False, 8)
     _, position, _ = run_folder.restore(parts, checkpoint, device)
     return checkpoint, parts, position
 
@@ -57,7 +57,7 @@ def test_resuming_onto_a_gpu_reads_the_checkpoint_on_the_cpu(one_epoch, demo_dir
     numpy from there. Loaded onto the CPU, only what the device needs moves there."""
     checkpoint, parts, position = resume_onto(META, demo_dir, one_epoch)
     assert checkpoint["split"]["codes"].device.type == "cpu" and position == run_folder.Position(2, 0)
-    assert all(parameter.device == META for parameter in parts.model.parameters())
+    assert all(parameter.device == META for parameter in parts.net.parameters())
     moments = [state["exp_avg"] for state in parts.optimizer.state.values()]
     assert moments and all(moment.device == META for moment in moments)  # the optimizer's state followed its model
 
@@ -237,7 +237,7 @@ def test_images_go_to_device_memory_in_chunks_and_share_it_among_processes(demo_
 
     from cache import build_cache
     from dataset import attach_image_paths, read_labels
-    from films import eval_view
+    from films import eval_crop
 
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
@@ -247,8 +247,8 @@ def test_images_go_to_device_memory_in_chunks_and_share_it_among_processes(demo_
     whole = torch.from_numpy(np.stack([cached[k] for k in range(len(cached))]))
     monkeypatch.setattr(images, "UPLOAD_CHUNK", 7)
     assert torch.equal(images.images_on_device(cached, torch.device("cpu")), whole)
-    crops = images.images_on_device(cached, torch.device("cpu"), lambda pixels: eval_view(pixels, 16))
-    assert crops.shape == (len(cached), 16, 16) and torch.equal(crops[3], torch.from_numpy(eval_view(cached[3], 16)))
+    crops = images.images_on_device(cached, torch.device("cpu"), lambda pixels: eval_crop(pixels, 16))
+    assert crops.shape == (len(cached), 16, 16) and torch.equal(crops[3], torch.from_numpy(eval_crop(cached[3], 16)))
     alone, _ = images.memory_for_images(torch.device("cpu"), processes=1)
     shared, said = images.memory_for_images(torch.device("cpu"), processes=4)
     assert shared == pytest.approx(alone / 4) and "shared by 4 processes" in said
@@ -263,9 +263,9 @@ def _average_over_ranks(rank, port, results):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
     parts, _ = bench.training_parts(
-        type("Args", (), {"trainable_layers": "head"})(), torch.device("cpu"), {"amp": False, "channels_last": False}
+        type("Args", (), {"trainable_layers": "head"})(), torch.device("cpu"), bench.Variant(False, False)
     )
-    parts.model.fc[0].p = 0.0
+    parts.net.fc[0].p = 0.0
     parts.optimizer.param_groups[0]["lr"] = 0.0  # the same model at every step: each loss depends on its batch only
     images = torch.full((2, 1, 40, 40), 100 + 50 * rank, dtype=torch.uint8)
     batches = [(images, torch.full((2, len(FINDINGS)), float(rank)), torch.arange(2))] * 2
@@ -274,7 +274,7 @@ def _average_over_ranks(rank, port, results):
         for world_size in (1, 2):
             loop = train.Loop(torch.device("cpu"), image_size=32, world_size=world_size, show_progress=False)
             totals[world_size] = run_folder.EpochTotals()
-            train.train_epoch(parts.model, batches, parts, loop, 1, 0, totals[world_size], stop)
+            train.train_epoch(parts.net, batches, parts, loop, 1, 0, totals[world_size], stop)
     finally:
         stop.restore()
     alone = [None, None]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_settings
 
 import download
 import fetch
 from demo_data import write_demo
+from helpers import ROOT, tiny_settings
 
 SMALL_FILES = ("Data_Entry_2017_v2020.csv", "train_val_list.txt", "test_list.txt", "BBox_List_2017.csv")
 

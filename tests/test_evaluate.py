@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import predict_split
 
 import evaluate
 from dataset import FINDINGS
+from helpers import predict_split
 from metrics import auroc_per_finding
 
 
@@ -91,9 +91,14 @@ def test_thresholds_json_holds_the_thresholds_of_the_validation_splits_own_predi
         assert predicted[targets[:, k].numpy() == 1].mean() >= sensitivity
 
 
-def test_tta_averages_five_crops(trained_run, tmp_path):
-    plain = run_quick(trained_run / "best.pth", "--out", tmp_path / "plain")
+def test_tta_averages_five_crops(report, trained_run, tmp_path):
+    plain = report  # the same films without TTA
+    (tmp_path / "tta").mkdir()
+    (tmp_path / "tta" / "localisation.png").write_bytes(b"an earlier evaluation's, with boxes")
+    (tmp_path / "tta" / "notes.txt").write_text("the user's own")
     tta = run_quick(trained_run / "best.pth", "--out", tmp_path / "tta", "--tta")
+    assert not (tmp_path / "tta" / "localisation.png").exists()  # not of this report: it would be read as its own
+    assert (tmp_path / "tta" / "notes.txt").read_text() == "the user's own"
     assert tta["tta"] and tta["images"] == plain["images"]
     assert tta["mean_auroc"] != plain["mean_auroc"] and abs(tta["mean_auroc"] - plain["mean_auroc"]) < 0.1
 
@@ -132,7 +137,7 @@ def test_evaluation_reads_the_image_cache_when_one_holds_the_images(
     report, trained_run, learn_dir, tmp_path, monkeypatch
 ):
     from cache import build_cache
-    from images import PngImages
+    from images import FilmImages
 
     data = tmp_path / "data"
     shutil.copytree(learn_dir, data)
@@ -141,6 +146,25 @@ def test_evaluation_reads_the_image_cache_when_one_holds_the_images(
     def no_png(*args):
         raise AssertionError("a PNG was decoded although the cache holds every image")
 
-    monkeypatch.setattr(PngImages, "__getitem__", no_png)
+    monkeypatch.setattr(FilmImages, "__getitem__", no_png)
     cached = run_quick(trained_run / "best.pth", "--data_dir", data, "--out", tmp_path / "out")
     assert cached["mean_auroc"] == pytest.approx(report["mean_auroc"], abs=1e-9)  # the same pixels
+
+
+def test_an_interrupted_evaluation_leaves_the_previous_report_whole(report, trained_run, monkeypatch):
+    """Ctrl-C during evaluate.py left new thresholds.json, reliability.png and subgroups.* beside the previous
+    report.json, and a traceback (25.8). The report is now written aside and moved into place when complete."""
+    import evaluate
+
+    folder = trained_run / "evaluation" / "best"
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    def interrupted(*args):  # Ctrl-C at the report's last file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "plot_roc_curves", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "20", "--boxes", "none"])
+    assert str(stopped.value.code).startswith("interrupted: no file of this evaluation was written")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert not list(folder.parent.glob(".*.partial"))  # the temporary folder is gone too

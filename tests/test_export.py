@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
 
 import export
 import predict
 from dataset import FINDINGS
+from helpers import ROOT
 from inference import calibrated_thresholds
 from model import load_checkpoint
 

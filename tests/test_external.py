@@ -347,10 +347,11 @@ def boxed_films(learn_dir, films):
     return boxes[boxes.image_name.isin(labels.image_name)]
 
 
+@pytest.mark.slow  # 150 DICOMs evaluated and localised: about 18 s on 2 cores (RSNA's test covers DICOM boxes quickly)
 def test_vindr_dicoms_three_readers_and_their_boxes(trained_run, films, boxed_films, tmp_path):
     """VinDr-CXR's layout, DICOM films (some MONOCHROME1), a row per radiologist and finding: any reader makes a
     finding positive (a majority rule is an option), and every reader's box feeds the localisation report."""
-    from conftest import write_dicom
+    from helpers import write_dicom
 
     labels, images = films
     labels, images = labels.iloc[:150], images[:150]  # enough for the figures; localisation costs per film
@@ -396,7 +397,7 @@ def test_vindr_dicoms_three_readers_and_their_boxes(trained_run, films, boxed_fi
 
 
 def test_rsna_pneumonia_dicoms_and_boxes(trained_run, films, boxed_films, tmp_path):
-    from conftest import write_dicom
+    from helpers import write_dicom
 
     labels, images = films
     labels, images = labels.iloc[:150], images[:150]
@@ -420,8 +421,9 @@ def test_rsna_pneumonia_dicoms_and_boxes(trained_run, films, boxed_films, tmp_pa
 
 
 def test_expert_labels_score_the_same_test_films_against_nih_and_the_experts(trained_run, learn_dir, tmp_path):
-    from conftest import predict_split
     from sklearn.metrics import roc_auc_score
+
+    from helpers import predict_split
 
     split = pd.read_csv(trained_run / "split.csv")
     labels = read_labels(learn_dir / "Data_Entry_2017_v2020.csv").set_index("image_name")
@@ -490,7 +492,7 @@ def test_min_age_keeps_a_film_of_exactly_that_age_and_drops_unknown_ages(tmp_pat
 
 def vindr_layout(tmp_path, rows):
     """VinDr's train.csv of rows (image_id, class_name, rad_id, corners) and a small DICOM per film."""
-    from conftest import write_dicom
+    from helpers import write_dicom
 
     data = tmp_path / "vindr"
     (data / "train").mkdir(parents=True)
@@ -547,3 +549,101 @@ def test_a_blank_expert_answer_leaves_the_film_out_of_that_finding_only(tmp_path
     # would rank a negative above every positive (AUROC 0.75)
     assert rows[0]["images"] == 5 and rows[0]["expert_positives"] == 2 and rows[0]["expert_auroc"] == 1.0
     assert rows[1]["images"] == 6
+
+
+def test_repeated_rows_are_refused_not_counted_twice(tmp_path):
+    """40 films became 80 and their positives doubled (25.3); VinDr's row per radiologist is no repeat, the same
+    reading twice is."""
+    from errors import DataError
+    from external import read_external
+
+    data = chexpert_layout(tmp_path / "chexpert", pd.DataFrame({"Cardiomegaly": [1.0, 0.0, 1.0]}))
+    table = pd.read_csv(data / "valid.csv")
+    pd.concat([table, table.iloc[[0, 2]]]).to_csv(data / "valid.csv", index=False)
+    with pytest.raises(DataError, match=r"valid.csv: 2 film\(s\) listed twice \(the repeat first at row\(s\) 5, 6\)"):
+        read_external("chexpert", data)
+    padchest = padchest_layout(tmp_path, [["normal"], ["cardiomegaly"]])
+    table = pd.read_csv(padchest / "PADCHEST_labels.csv")
+    pd.concat([table, table.iloc[[1]]]).to_csv(padchest / "PADCHEST_labels.csv", index=False)
+    with pytest.raises(DataError, match=r"1 film\(s\) listed twice \(the repeat first at row\(s\) 4\)"):
+        read_external("padchest", padchest)
+    reading = ["a", "Cardiomegaly", "R1", 10, 20, 50, 80]
+    vindr = vindr_layout(tmp_path, [reading, ["a", "Cardiomegaly", "R2", 10, 20, 50, 80]])
+    assert len(read_external("vindr", vindr).boxes) == 2  # two radiologists, the same box: both kept
+    pd.DataFrame([reading, reading], columns=pd.read_csv(vindr / "train.csv").columns).to_csv(vindr / "train.csv")
+    with pytest.raises(DataError, match=r"1 reading\(s\) .* listed twice"):
+        read_external("vindr", vindr)
+
+
+@pytest.mark.parametrize("value", [2, "yes", "positive"])
+def test_a_labeler_value_other_than_1_0_minus_1_or_blank_is_named(value, tmp_path):
+    """A 2 raised scikit-learn's ValueError deep in the report; "yes" was read as a negative in silence (25.12)."""
+    from errors import DataError
+    from external import read_external
+
+    data = chexpert_layout(tmp_path, pd.DataFrame({"Edema": [1.0, 0.0, 0.0, 1.0]}))
+    table = pd.read_csv(data / "valid.csv").astype({"Edema": object})
+    table.loc[2, "Edema"] = value
+    table.to_csv(data / "valid.csv", index=False)
+    with pytest.raises(DataError, match=rf"valid.csv, row 4: Edema is '?{value}'?, .* 1 \(positive\), 0 \(negative\)"):
+        read_external("chexpert", data)
+
+
+def test_a_path_outside_the_dataset_folder_is_refused_naming_its_row(tmp_path):
+    """An absolute or ../ path in a label file was read with no warning (25.10)."""
+    from errors import DataError
+    from external import read_external
+
+    data = chexpert_layout(tmp_path, pd.DataFrame({"Edema": [1.0, 0.0]}))
+    table = pd.read_csv(data / "valid.csv")
+    for path in ("/etc/passwd", "CheXpert-v1.0-small/../../secret/patient00001/study1/view1_frontal.jpg"):
+        table.loc[1, "Path"] = path
+        table.to_csv(data / "valid.csv", index=False)
+        with pytest.raises(DataError, match="valid.csv, row 3: Path .* points outside the dataset's folder"):
+            read_external("chexpert", data)
+
+
+def test_padchest_labels_that_are_no_list_are_left_out_and_named(tmp_path):
+    """Labels = "-1" raised a TypeError (25.15): it is a film without a readable label list."""
+    from external import read_external
+
+    data = padchest_layout(tmp_path, [["normal"], ["cardiomegaly"], ["normal"]])
+    table = pd.read_csv(data / "PADCHEST_labels.csv")
+    table.loc[1, "Labels"] = "-1"
+    table.to_csv(data / "PADCHEST_labels.csv", index=False)
+    with pytest.warns(UserWarning, match=r"1 film\(s\) without a readable Labels list left out .*row 3"):
+        read = read_external("padchest", data)
+    assert len(read.rows) == 2 and read.left_out["without a readable Labels list"] == 1
+
+
+def test_mimic_metadata_without_view_position_is_named(tmp_path):
+    """A metadata file without ViewPosition raised pandas' ValueError (25.16)."""
+    from errors import DataError
+    from external import read_external
+
+    data = tmp_path / "mimic"
+    data.mkdir()
+    pd.DataFrame({"subject_id": [1], "study_id": [2], "Edema": [1.0]}).to_csv(
+        data / "mimic-cxr-2.0.0-chexpert.csv", index=False
+    )
+    pd.DataFrame({"dicom_id": ["d"], "subject_id": [1], "study_id": [2]}).to_csv(
+        data / "mimic-cxr-2.0.0-metadata.csv", index=False
+    )
+    with pytest.raises(DataError, match=r"metadata.csv: missing column\(s\) \['ViewPosition'\]"):
+        read_external("mimic", data)
+
+
+def test_a_repeated_expert_film_is_refused_before_the_evaluation_starts(trained_run, tmp_path, monkeypatch):
+    """A film twice in the expert-label file raised an IndexError after the whole evaluation (25.17)."""
+    table = pd.DataFrame(
+        {
+            "Image Index": ["00000001_000.png", "00000002_000.png", "00000001_000.png"],
+            **{name: ["NO"] * 3 for name in ("Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass")},
+            "Set Id": "test",
+        }
+    )
+    table.to_csv(tmp_path / "experts.csv", index=False)
+    monkeypatch.setattr(evaluate, "evaluate_nih", lambda *args: pytest.fail("evaluated before checking the file"))
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["--checkpoint", str(trained_run / "best.pth"), "--expert_labels", str(tmp_path / "experts.csv")])
+    assert "experts.csv: 1 film(s) listed twice (the repeat first at row(s) 4)" in str(stopped.value.code)

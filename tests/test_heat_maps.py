@@ -4,14 +4,14 @@ on 2 CPU cores), so it runs apart from the quick suite: make test-slow, or pytes
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
 from PIL import Image
 
 import train
 from dataset import FINDINGS, read_split
 from demo_data import write_demo
-from films import eval_view, fit_square, load_image
+from films import eval_crop, fit_square, load_image
 from heatmaps import grad_cam, heat_map
+from helpers import ROOT
 from images import index_images
 from inference import TorchModel
 
@@ -45,7 +45,7 @@ def box_in_crop(box, native_size, config):
     mask = np.zeros((native_size, native_size), np.uint8)
     mask[round(box.y) : round(box.y + box.h) + 1, round(box.x) : round(box.x + box.w) + 1] = 255
     loaded = np.asarray(fit_square(Image.fromarray(mask), config["LOAD_SIZE"]))
-    ys, xs = np.nonzero(eval_view(loaded, config["IMAGE_SIZE"]) > 127)
+    ys, xs = np.nonzero(eval_crop(loaded, config["IMAGE_SIZE"]) > 127)
     return xs.min(), ys.min(), xs.max(), ys.max()
 
 
@@ -74,7 +74,7 @@ def test_heat_map_peaks_fall_on_the_drawn_lesions(heat_map_run):
     peaks, regions = [], []
     with grad_cam(model) as cam:
         for box in boxes.itertuples():
-            view = eval_view(load_image(paths[box.image_name], config["LOAD_SIZE"]), config["IMAGE_SIZE"])
+            view = eval_crop(load_image(paths[box.image_name], config["LOAD_SIZE"]), config["IMAGE_SIZE"])
             peaks.append(peak(heat_map(cam, view[None], FINDINGS.index(box.finding), "cpu")))
             regions.append(box_in_crop(box, 128, config))
     peaks, regions = np.array(peaks), np.array(regions)

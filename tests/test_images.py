@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from films import load_image
-from images import CachedImages, PngImages, evaluation_images, index_images
+from images import CachedImages, FilmImages, evaluation_images, index_images
 
 
 def test_of_two_films_of_one_name_the_first_in_path_order_is_used_and_said(tmp_path):
@@ -43,17 +43,16 @@ def test_a_cache_of_another_size_is_never_read_as_this_size(tmp_path):
     paths = [str(next(tmp_path.rglob(name))) for name in index.image_name]
     rows = pd.DataFrame({"image_name": index.image_name, "path": paths})
     images = evaluation_images(rows, tmp_path, 40)
-    assert isinstance(images, PngImages) and images[0].shape == (40, 40)
+    assert isinstance(images, FilmImages) and images[0].shape == (40, 40)
     np.testing.assert_array_equal(images[0], load_image(paths[0], 40))
     assert CachedImages(tmp_path / "cache_40", index.image_name).size == 32
 
 
 def test_a_training_run_refuses_a_cache_folder_of_another_size(tmp_path):
-    from conftest import tiny_settings
-
     import cache
     import train
     from demo_data import write_demo
+    from helpers import tiny_settings
 
     write_demo(tmp_path / "data", patients=12, size=64, seed=0)
     folder = cache.build_cache(tmp_path / "data", size=32, workers=1)

@@ -32,6 +32,35 @@ def test_uncalibrated_gives_the_networks_raw_probabilities(trained_run, learn_di
     assert all(shown[f] == uncalibrated.statistics.thresholds[f] for f in shown)  # thresholds on the raw scale too
 
 
+def test_a_finding_left_raw_is_named_where_probabilities_are_called_calibrated(
+    trained_run, learn_dir, tmp_path, capsys
+):
+    """predict.py said "probabilities: calibrated" and the ONNX metadata calibrated=true while some findings' numbers
+    were raw (25.5). They are now named in predict.py, on the page, in the ONNX metadata and in report.json."""
+    import shutil
+
+    import torch
+
+    import app
+    import calibration
+    from export import metadata
+
+    checkpoint = tmp_path / "best.pth"
+    shutil.copy(trained_run / "best.pth", checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    slopes, intercepts = state["inference"]["calibration"]
+    hernia = list(state["findings"]).index("Hernia")
+    slopes[hernia], intercepts[hernia] = 1.0, 0.0  # what fit_platt leaves for a finding it cannot fit
+    torch.save(state, checkpoint)
+    model = TorchModel(checkpoint, device="cpu", amp=False)
+    assert model.left_raw == ["Hernia"] and TorchModel(trained_run / "best.pth", device="cpu").left_raw == []
+    film = str(sorted((learn_dir / "images_001" / "images").glob("*.png"))[0])
+    predict.main(["--checkpoint", str(checkpoint), film, "--out", str(tmp_path / "out"), "--no-amp"])
+    assert f"probabilities: calibrated, except Hernia ({calibration.LEFT_RAW})" in capsys.readouterr().out
+    assert metadata(model, {})["left_raw"] == '["Hernia"]'
+    assert app.scale_text(model).endswith(f"Except Hernia: {calibration.LEFT_RAW}.")
+
+
 def test_each_checkpoint_has_its_own_evaluation_and_thresholds_of_another_are_never_used(trained_run, tmp_path, capsys):
     """Evaluating epoch_01.pth must not change what best.pth predicts (25.1): own folders, thresholds by hash."""
     import json

@@ -13,7 +13,7 @@ import evaluate
 import localisation
 from dataset import FINDINGS
 from errors import DataError
-from films import eval_view, fit_square
+from films import eval_crop, fit_square
 
 
 def test_iou_iobb_boxes_and_accuracy_on_known_geometry():
@@ -69,7 +69,7 @@ def perfect_report(trained_run, learn_dir, tmp_path_factory, monkeypatch_module)
             mask = np.zeros(current["size"], np.uint8)
             mask[round(box.y) : round(box.y + box.h), round(box.x) : round(box.x + box.w)] = 255
             loaded = np.asarray(fit_square(Image.fromarray(mask), config["LOAD_SIZE"]))
-            masks.append(eval_view(loaded, config["IMAGE_SIZE"]).astype(np.float32) / 255)
+            masks.append(eval_crop(loaded, config["IMAGE_SIZE"]).astype(np.float32) / 255)
         return masks
 
     monkeypatch_module.setattr(localisation, "prepare", remembering)
@@ -102,6 +102,7 @@ def test_maps_that_are_the_boxes_are_found_at_every_threshold(perfect_report, tr
     assert (out / "localisation.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # Grad-CAM of every boxed test film: about 11 s on 2 cores
 def test_the_real_maps_give_a_localisation_report(trained_run, tmp_path):
     arguments = ["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "10", "--num_workers", "0"]
     report = evaluate.evaluate(evaluate.parse_args([*arguments, "--out", str(tmp_path)]))
@@ -113,3 +114,24 @@ def test_the_real_maps_give_a_localisation_report(trained_run, tmp_path):
         evaluate.evaluate(missing)
     skipped = evaluate.evaluate(evaluate.parse_args([*arguments, "--out", str(tmp_path / "skip"), "--boxes", "none"]))
     assert "localisation" not in skipped
+
+
+def test_swapped_zero_and_off_film_boxes_are_left_out_or_clipped_and_counted(tmp_path):
+    """Swapped, negative, zero-area and off-film boxes passed unchecked: with every box swapped, every figure was
+    0.000 (25.4)."""
+    from localisation import on_film, read_boxes
+
+    rows = [
+        ["00000001_000.png", "Mass", 100, 100, 50, 40],  # a good box
+        ["00000002_000.png", "Mass", 150, 140, -50, -40],  # corners swapped: negative width and height
+        ["00000003_000.png", "Nodule", 10, 10, 0, 30],  # zero width
+    ]
+    pd.DataFrame(rows, columns=["Image Index", "Finding Label", "x", "y", "w", "h"]).to_csv(
+        tmp_path / "BBox_List_2017.csv", index=False
+    )
+    with pytest.warns(UserWarning, match=r"2 box\(es\) without a positive width .* 00000002_000.png x=150"):
+        boxes = read_boxes(tmp_path / "BBox_List_2017.csv")
+    assert list(boxes.image_name) == ["00000001_000.png"]
+    assert on_film((10, 10, 60, 50), 1024, 1024) == (10, 10, 60, 50)  # inside: unchanged
+    assert on_film((-4, 10, 96, 50), 1024, 1024) == (0, 10, 96, 50)  # 4% of its width off: clipped
+    assert on_film((1000, 10, 1100, 50), 1024, 1024) is None  # three quarters off the film: left out

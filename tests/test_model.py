@@ -104,7 +104,7 @@ def checkpoint_of(net, **changes):
         "model": net.state_dict(),
         "config": {"TRAINABLE_LAYERS": "layer4", "DROPOUT": 0.5},
         "findings": list(FINDINGS),
-        "architecture": "resnet50",
+        "backbone": "resnet50",
         **changes,
     }
 
@@ -118,6 +118,18 @@ def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
     assert torch.equal(net(images), restored(images))
 
 
+def test_a_checkpoint_that_names_its_backbone_architecture_still_loads(tmp_path):
+    """Checkpoints written before the key took the setting's name (BACKBONE) call it "architecture"."""
+    net = build_model(14, pretrained="none", backbone="densenet121").eval()
+    older = {key: value for key, value in checkpoint_of(net).items() if key != "backbone"}
+    older["architecture"] = "densenet121"
+    torch.save(older, tmp_path / "older.pth")
+    loaded = load_checkpoint(tmp_path / "older.pth", FINDINGS)
+    assert loaded["backbone"] == "densenet121" and "architecture" not in loaded
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.equal(net(images), model_from_checkpoint(loaded).eval()(images))
+
+
 class NotATensor:
     pass
 
@@ -127,7 +139,7 @@ def test_checkpoint_mismatches_and_unsafe_files_are_clear_errors(tmp_path):
     save_checkpoint(checkpoint_of(net, findings=list(FINDINGS[:13]) + ["Covid"]), tmp_path / "findings.pth")
     with pytest.raises(CheckpointError, match="Covid"):
         load_checkpoint(tmp_path / "findings.pth", FINDINGS)
-    save_checkpoint(checkpoint_of(net, architecture="vit_b_16"), tmp_path / "arch.pth")
+    save_checkpoint(checkpoint_of(net, backbone="vit_b_16"), tmp_path / "arch.pth")
     with pytest.raises(CheckpointError, match="vit_b_16"):
         load_checkpoint(tmp_path / "arch.pth", FINDINGS)
     torch.save({"model": NotATensor()}, tmp_path / "pickle.pth")  # arbitrary objects: refused, never executed

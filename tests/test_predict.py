@@ -2,10 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import predict_split
 
 import predict
 from dataset import FINDINGS
+from helpers import predict_split
 from model import load_checkpoint
 
 
@@ -107,9 +107,9 @@ def test_heat_maps_of_boxed_findings_are_not_empty(trained_run, learn_dir):
     empty."""
     from functools import partial
 
-    from films import eval_view
+    from films import eval_crop
     from heatmaps import grad_cam, heat_maps
-    from images import PngImages, index_images
+    from images import FilmImages, index_images
     from inference import TorchModel
 
     loaded = TorchModel(trained_run / "best.pth", device="cpu")
@@ -120,11 +120,11 @@ def test_heat_maps_of_boxed_findings_are_not_empty(trained_run, learn_dir):
     boxes["f"] = boxes.f.replace("Infiltrate", "Infiltration")
     boxes = boxes.iloc[:120]  # enough to count empty maps; all 340 take 25 s on 2 cores
     paths, config = index_images(learn_dir), checkpoint["config"]
-    view = partial(eval_view, image_size=config["IMAGE_SIZE"])
+    view = partial(eval_crop, image_size=config["IMAGE_SIZE"])
     empty = 0
     with grad_cam(net) as cam:
         for name, group in boxes.groupby("image"):
-            crop = view(PngImages([paths[name]], config["LOAD_SIZE"])[0])
+            crop = view(FilmImages([paths[name]], config["LOAD_SIZE"])[0])
             maps = heat_maps(cam, crop[None], [FINDINGS.index(finding) for finding in group.f], "cpu")
             empty += sum(heat.max() == 0 for heat in maps)
     print(f"{empty} of {len(boxes)} heat maps empty")

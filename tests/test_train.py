@@ -2,38 +2,18 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, predict_split, validation_loss_of
-from conftest import tiny_settings as tiny
 
 import train
 from dataset import FINDINGS
+from helpers import assert_same_weights, predict_split, run, weights
+from helpers import tiny_settings as tiny
 from metrics import auroc_per_finding
 from model import load_checkpoint
-
-
-def run(argv):
-    """train.main's exit code (or message)."""
-    with pytest.raises(SystemExit) as stopped:
-        train.main(argv)
-    return stopped.value.code
-
-
-def weights(path):
-    return load_checkpoint(path, FINDINGS)["model"]
-
-
-def assert_same_weights(first, second):
-    assert first.keys() == second.keys()
-    for name in first:
-        torch.testing.assert_close(first[name], second[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -42,48 +22,6 @@ def straight_run(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     assert run(tiny(demo_dir, out)) == 0
     return out
-
-
-def test_help_lists_every_setting_with_its_default():
-    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0
-    help_text = " ".join(result.stdout.split())
-    for name, (default, _) in train.settings().items():
-        assert f"--{name.lower()}" in help_text and f"(default: {default!r})" in help_text, name
-    assert len(train.settings()) >= 25
-
-
-def test_command_line_and_config_file_overrides(tmp_path):
-    config_file = tmp_path / "mine.py"
-    config_file.write_text('EPOCHS = 7\nOUT_DIR = "checkpoints/mine"\n')
-    config = train.parse_config([str(config_file), "--epochs", "3", "--learning_rate=0.5", "--amp", "false"])
-    assert config["EPOCHS"] == 3 and isinstance(config["EPOCHS"], int)  # the command line wins
-    assert config["LEARNING_RATE"] == 0.5 and config["AMP"] is False
-    assert config["OUT_DIR"] == "checkpoints/mine" and config["BATCH_SIZE"] == train.BATCH_SIZE
-    config_file.write_text('EPOCHS = "7"\n')
-    with pytest.raises(SystemExit):
-        train.parse_config([str(config_file)])
-
-
-def test_a_missing_config_file_is_named(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train.parse_config([str(tmp_path / "typo.py")])
-    error = capsys.readouterr().err
-    assert "config file not found" in error and str(tmp_path / "typo.py") in error
-
-
-@pytest.mark.parametrize(
-    "argv, offending",
-    [(["--epoch", "3"], "'--epoch'"), (["--epochs", "three"], "'three'"), (["--amp", "maybe"], "'maybe'")],
-)
-def test_unknown_or_mistyped_settings_are_errors(argv, offending, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        train.parse_config(argv)
-    assert stopped.value.code == 2
-    error = capsys.readouterr().err
-    assert offending in error  # the bad name or value is named
-    if argv[0] == "--epoch":
-        assert "Valid:" in error and "--learning_rate" in error
 
 
 def test_missing_dataset_says_how_to_get_one(tmp_path):
@@ -152,24 +90,6 @@ def test_older_epochs_keep_the_model_alone_and_a_resume_from_one_says_which_file
     assert "KEEP_TRAINING_STATE" in message and not (tmp_path / "branch").exists()
 
 
-def test_keep_training_state_all_leaves_every_epoch_resumable(tmp_path, monkeypatch):
-    import run_folder
-
-    monkeypatch.setattr(run_folder, "write_metrics", lambda *args: None)  # these rows carry no metrics to plot
-    history = []
-    for epoch in (1, 2, 3):
-        history.append({"epoch": epoch, "val_loss": 1.0 / epoch, "val_mean_auroc": 0.5 + epoch / 10})
-        state = {
-            "epoch": epoch,
-            "model": {"w": torch.ones(3)},
-            **{name: {"x": 1} for name in run_folder.TRAINING_STATE},
-        }
-        run_folder.save_epoch(tmp_path, history, state, keep_training_state="all")
-    for epoch in (1, 2, 3):
-        kept = torch.load(tmp_path / f"epoch_0{epoch}.pth", weights_only=True)
-        assert all(name in kept for name in run_folder.TRAINING_STATE), epoch
-
-
 RUN_DEFINING_CHANGES = {  # another valid value of each setting that defines a run (tiny() gives the first)
     "BACKBONE": "densenet121",
     "IMAGE_SIZE": 36,
@@ -221,6 +141,7 @@ def interrupt_at_step(monkeypatch, step):
     monkeypatch.setattr(train, "model_input", input_then_signal)
 
 
+@pytest.mark.slow  # three runs: about 15 s on 2 cores
 def test_warmup_and_cosine_schedule_resume_exactly_mid_epoch(demo_dir, tmp_path, monkeypatch):
     cosine = {"lr_schedule": "cosine", "warmup_epochs": 0.5, "epochs": 2}
     assert run(tiny(demo_dir, tmp_path / "straight", **cosine)) == 0
@@ -249,7 +170,7 @@ def test_each_epochs_dropout_is_its_own_stream_seeded_by_seed_and_epoch(demo_dir
 
     def spying(*args):
         training = build(*args)
-        dropout = next(module for module in training.model.modules() if isinstance(module, torch.nn.Dropout))
+        dropout = next(module for module in training.net.modules() if isinstance(module, torch.nn.Dropout))
         dropout.register_forward_hook(record)
         return training
 
@@ -282,68 +203,7 @@ def test_a_nan_loss_stops_naming_epoch_and_step(demo_dir, tmp_path, monkeypatch)
     assert not list(tmp_path.glob("epoch_*.pth"))
 
 
-def torchrun(settings):
-    """train.py under torchrun: two processes of this machine (gloo on the CPU)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *settings]
-
-
-TORCHRUN_SETTINGS = {"epochs": 2, "batch_size": 4, "amp": "false", "num_workers": 1, "tensorboard": "false"}  # fp32:
 # equal to 1e-4 whatever the batching
-
-
-@pytest.fixture(scope="module")
-def torchrun_straight(demo_dir, tmp_path_factory):
-    """Two epochs in two processes, uninterrupted: checked on its own, and the reference of the SIGTERM test."""
-    out = tmp_path_factory.mktemp("torchrun_straight")
-    result = subprocess.run(
-        torchrun(tiny(demo_dir, out, **TORCHRUN_SETTINGS)), cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result.stdout
-
-
-def test_torchrun_two_processes_on_cpu_write_one_set_of_files(torchrun_straight, demo_dir):
-    out, printed = torchrun_straight
-    assert printed.count("device: cpu") == 1 and "2 process(es)" in printed  # rank 0 alone prints
-    names = sorted(path.name for path in out.glob("*.pth"))
-    assert names == ["best.pth", "best_auroc.pth", "epoch_01.pth", "epoch_02.pth"]
-    assert len(pd.read_csv(out / "metrics.csv")) == 2
-    # the validation metrics cover every validation image once, gathered from both ranks
-    expected = validation_loss_of(out / "epoch_02.pth", demo_dir, amp=False)
-    assert pd.read_csv(out / "metrics.csv")["val_loss"][1] == pytest.approx(expected, rel=1e-4)
-
-
-def test_two_sigterms_to_a_two_process_run_leave_a_state_that_resumes_exactly(torchrun_straight, demo_dir, tmp_path):
-    """Under SLURM the scheduler signals every process of the job, and torchrun forwards a second SIGTERM to its
-    workers; DataLoader workers get the signal too. Both ranks must still stop together, save interrupted.pth, and
-    resume to the weights of an uninterrupted run."""
-    settings = TORCHRUN_SETTINGS
-    out = tmp_path / "stopped"
-    process = subprocess.Popen(
-        torchrun(tiny(demo_dir, out, **settings)),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a job's
-    )
-    started = time.time()
-    while not (out / "epoch_01.pth").exists():
-        assert process.poll() is None and time.time() < started + 300, process.communicate()[1][-3000:]
-        time.sleep(0.02)
-    for _ in range(2):  # the scheduler's SIGTERM to every process (torchrun forwards one more to each rank)
-        os.killpg(process.pid, signal.SIGTERM)
-        time.sleep(0.3)
-    _, stderr = process.communicate(timeout=300)
-    assert (out / "interrupted.pth").exists(), stderr[-3000:]
-    assert "DataLoader worker" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    position = load_checkpoint(out / "interrupted.pth", FINDINGS)["position"]
-    assert position["epoch"] == 2 and 0 < position["step"], position  # inside epoch 2, as the signal was
-    resumed = subprocess.run(  # a timeout: workers that ignore SIGTERM must still end with the run
-        torchrun(tiny(demo_dir, out, resume="last", **settings)), cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(weights(torchrun_straight[0] / "epoch_02.pth"), weights(out / "epoch_02.pth"))
 
 
 def test_the_demo_settings_learn_every_finding(trained_run, learn_dir):
@@ -387,22 +247,6 @@ def test_a_finished_run_says_so_and_raising_epochs_continues_it(straight_run, de
     assert (tmp_path / "run" / "epoch_03.pth").exists()
 
 
-def test_an_early_stopped_run_stays_stopped_unless_the_patience_is_raised(demo_dir, tmp_path, capsys):
-    import run_folder
-
-    history = [{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.6}, {"epoch": 3, "val_loss": 0.7}]
-    config = {"EPOCHS": 10, "EARLY_STOPPING_PATIENCE": 2, "LR_SCHEDULE": "plateau", "MIN_LEARNING_RATE": 1e-8}
-    ended = run_folder.finished(history, {"epoch": 4, "step": 0}, 1e-4, config)
-    assert ended.startswith("early stop") and "best: 1" in ended
-    assert run_folder.finished(history, {"epoch": 4, "step": 0}, 1e-4, {**config, "EARLY_STOPPING_PATIENCE": 3}) is None
-    assert run_folder.finished(history, {"epoch": 3, "step": 5}, 1e-4, config) is None  # mid-epoch: not finished
-    assert "learning rate" in run_folder.finished(history[:1], {"epoch": 2, "step": 0}, 1e-9, config)
-    # a run whose plateau schedule cuts the rate below the floor ends with the reason
-    assert run(tiny(demo_dir, tmp_path, epochs=4, learning_rate=1e-7, lr_factor=0.01, lr_patience=0)) == 0
-    printed = capsys.readouterr().out
-    assert "training ends: the learning rate was cut" in printed and not (tmp_path / "epoch_04.pth").exists()
-
-
 def test_settings_that_waste_a_run_are_warned_about(demo_dir, tmp_path, capsys):
     assert run(tiny(demo_dir, tmp_path, epochs=1, trainable_layers="layer4", image_size=48, load_size=40)) == 0
     printed = capsys.readouterr().out
@@ -412,7 +256,7 @@ def test_settings_that_waste_a_run_are_warned_about(demo_dir, tmp_path, capsys):
 
 
 def test_the_time_of_an_epoch_and_of_the_run_is_estimated_within_a_short_first_epoch(demo_dir, tmp_path, capsys):
-    assert run(tiny(demo_dir, tmp_path, epochs=2, tensorboard="false")) == 0  # 10 steps an epoch
+    assert run(tiny(demo_dir, tmp_path, epochs=2)) == 0  # 10 steps an epoch
     estimates = [line for line in capsys.readouterr().out.splitlines() if "of training per epoch" in line]
     assert len(estimates) == 1 and estimates[0].startswith("epoch 1: about ")
     assert "of training left in this run (epochs 1-2" in estimates[0]
@@ -425,10 +269,10 @@ def test_tensorboard_events_cover_each_step_once_across_a_resume(demo_dir, tmp_p
 
     monkeypatch.setattr(run_folder, "LOG_EVERY", 1)
     interrupt_at_step(monkeypatch, 12)  # epoch 2, after the first epoch's events
-    assert run(tiny(demo_dir, tmp_path, epochs=2)) == 128 + signal.SIGTERM
+    assert run(tiny(demo_dir, tmp_path, epochs=2, tensorboard="true")) == 128 + signal.SIGTERM
     monkeypatch.undo()
     monkeypatch.setattr(run_folder, "LOG_EVERY", 1)
-    assert run(tiny(demo_dir, tmp_path, epochs=2, resume="last")) == 0
+    assert run(tiny(demo_dir, tmp_path, epochs=2, resume="last", tensorboard="true")) == 0
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0}).Reload()
     steps = [event.step for event in events.Scalars("train/loss")]
     steps_per_epoch = len(steps) // 2
@@ -439,12 +283,7 @@ def test_tensorboard_events_cover_each_step_once_across_a_resume(demo_dir, tmp_p
     assert any(tag.startswith("val_pr/") for tag in events.Tags()["tensors"])
 
 
-@pytest.mark.parametrize("config_file", sorted((ROOT / "config").glob("*.py")), ids=lambda path: path.name)
-def test_every_shipped_config_file_is_valid(config_file):
-    config = train.parse_config([str(config_file)])  # unknown names or wrong types would exit
-    assert config["OUT_DIR"].startswith("checkpoints/") and config["LOAD_SIZE"] >= config["IMAGE_SIZE"]
-
-
+@pytest.mark.slow  # two networks, each trained, resumed, evaluated, drawn and exported: about 45 s on 2 cores
 @pytest.mark.parametrize("backbone", ["densenet121", "convnext_tiny"])  # resnet50: every other test here
 def test_another_backbone_trains_resumes_exactly_evaluates_draws_and_exports(backbone, demo_dir, tmp_path):
     import evaluate
@@ -453,96 +292,20 @@ def test_another_backbone_trains_resumes_exactly_evaluates_draws_and_exports(bac
     from heatmaps import film_overlays
     from inference import OnnxModel, TorchModel
 
-    settings = {"backbone": backbone, "tensorboard": "false"}
+    settings = {"backbone": backbone}
     assert run(tiny(demo_dir, tmp_path / "straight", **settings)) == 0
     assert run(tiny(demo_dir, tmp_path / "resumed", **settings, epochs=1)) == 0
     assert run(tiny(demo_dir, tmp_path / "resumed", **settings, resume="last")) == 0
     assert_same_weights(weights(tmp_path / "straight" / "epoch_02.pth"), weights(tmp_path / "resumed" / "epoch_02.pth"))
-    assert load_checkpoint(tmp_path / "straight" / "best.pth", FINDINGS)["architecture"] == backbone
+    assert load_checkpoint(tmp_path / "straight" / "best.pth", FINDINGS)["backbone"] == backbone
     arguments = ["--checkpoint", str(tmp_path / "straight" / "best.pth"), "--bootstrap", "20", "--num_workers", "0"]
     report = evaluate.evaluate(evaluate.parse_args([*arguments, "--boxes", "none"]))
     assert np.isfinite(report["mean_auroc"])
     model = TorchModel(tmp_path / "straight" / "best.pth", device="cpu", amp=False)
     films = [prepare(path, model.load_size, model.image_size) for path in sorted(demo_dir.rglob("*.png"))[:4]]
-    probabilities = model.probabilities(np.stack([film.crop for film in films]))
+    probabilities = model.predict(np.stack([film.crop for film in films])).probabilities
     drawn = film_overlays(model, films[0], probabilities[0], 2)
     assert len(drawn) == 2 and min(drawn[0][1].size) >= 512
     export(tmp_path / "straight" / "best.pth", tmp_path / "model.onnx")
-    onnx = OnnxModel(tmp_path / "model.onnx").probabilities(np.stack([film.crop for film in films]))
+    onnx = OnnxModel(tmp_path / "model.onnx").predict(np.stack([film.crop for film in films])).probabilities
     np.testing.assert_allclose(onnx, probabilities, atol=1e-4)
-
-
-def enumerated_settings():
-    from configurator import rules
-
-    return {name: rule.values for name, rule in rules(train).items() if rule.values}
-
-
-@pytest.mark.parametrize("name", sorted(enumerated_settings()))
-def test_every_enumerated_setting_refuses_another_value_before_writing_anything(name, tmp_path, capsys):
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit) as stopped:
-        train.main([f"--out_dir={out}", f"--{name.lower()}=bogus"])
-    error = capsys.readouterr().err
-    assert stopped.value.code == 2 and f"{name} = 'bogus'" in error
-    assert all(repr(value) in error for value in enumerated_settings()[name])  # the allowed values, listed
-    assert not out.exists()
-
-
-@pytest.mark.parametrize(
-    "flag, said",
-    [
-        ("--batch_size=0", "BATCH_SIZE = 0: it must be a whole number of at least 1"),
-        ("--learning_rate=-1", "LEARNING_RATE = -1.0: it must be a number above 0.0"),
-        ("--dropout=1.5", "DROPOUT = 1.5: it must be a number in [0.0, 1.0)"),
-        ("--image_size=7", "IMAGE_SIZE = 7: it must be a whole number of at least 32"),
-        ("--epochs=0", "EPOCHS = 0: it must be a whole number of at least 1"),
-        ("--trainable_layers=layer5", "TRAINABLE_LAYERS = 'layer5'"),
-        ("--val_fraction=0.5", "leave no patient for training"),
-        ("--pretrained=missing.pth", "PRETRAINED = 'missing.pth'"),
-    ],
-)
-def test_settings_out_of_range_are_one_line_before_anything_is_written(flag, said, tmp_path, capsys):
-    extra = ["--test_fraction=0.5"] if "val_fraction" in flag else []
-    with pytest.raises(SystemExit) as stopped:
-        train.main([f"--out_dir={tmp_path / 'run'}", flag, *extra])
-    error = capsys.readouterr().err
-    assert stopped.value.code == 2 and said in error and "Traceback" not in error
-    assert not (tmp_path / "run").exists()
-
-
-def test_a_config_file_is_read_never_run(tmp_path, capsys):
-    marker = tmp_path / "ran"
-    for code in (
-        f"import os\nos.system('touch {marker}')\n",
-        "import os as _os\nEPOCHS = 3\n",
-        f"EPOCHS = open('{marker}', 'w')\n",
-    ):
-        config_file = tmp_path / "evil.py"
-        config_file.write_text("# a config\n" + code)
-        with pytest.raises(SystemExit) as stopped:
-            train.parse_config([str(config_file)])
-        error = capsys.readouterr().err
-        assert stopped.value.code == 2 and f"{config_file}, line 2" in error
-        assert not marker.exists()  # nothing in it ran
-    config_file.write_text('EPOCHS = 3\nOUT_DIR = "checkpoints/x"  # a comment\nLR_SCHEDULE = "cosine"\n')
-    assert train.parse_config([str(config_file)])["EPOCHS"] == 3
-
-
-def test_a_config_file_with_a_syntax_error_names_its_file_and_line(tmp_path, capsys):
-    config_file = tmp_path / "typo.py"
-    config_file.write_text("EPOCHS = 3\nBATCH_SIZE = = 4\n")
-    with pytest.raises(SystemExit):
-        train.parse_config([str(config_file)])
-    error = capsys.readouterr().err
-    assert f"{config_file}, line 2" in error and "Traceback" not in error
-
-
-def test_help_answers_without_importing_torch():
-    code = (
-        "import runpy, sys; sys.argv = ['train.py', '--help']\n"
-        "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-        "print('torch' in sys.modules)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert "--image_size INT" in result.stdout and result.stdout.strip().endswith("False")

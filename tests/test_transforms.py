@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 import transforms
-from films import crop_to_original, eval_view, fit_square, five_views
+from films import crop_to_original, eval_crop, fit_square, five_views
 from transforms import WorkerAugment, augment_batch, augmentation_params, normalize
 
 
@@ -59,10 +59,10 @@ def test_device_and_worker_augmentation_draw_the_same_image(film):
 
 
 def test_the_evaluation_view_is_deterministic_and_crops_the_centre(film):
-    view = eval_view(film, 56)  # 56 = 64 x 0.875: no resampling, the centre 56 x 56
+    view = eval_crop(film, 56)  # 56 = 64 x 0.875: no resampling, the centre 56 x 56
     assert view.dtype == np.uint8 and np.array_equal(view, film[4:60, 4:60])
-    resized = eval_view(film, 32)  # 32 / 0.875 = 37 px: resized, then the centre
-    assert resized.shape == (32, 32) and np.array_equal(resized, eval_view(film, 32))
+    resized = eval_crop(film, 32)  # 32 / 0.875 = 37 px: resized, then the centre
+    assert resized.shape == (32, 32) and np.array_equal(resized, eval_crop(film, 32))
     crops = five_views(film, 56)
     assert crops.shape == (5, 56, 56) and np.array_equal(crops[4], view) and np.array_equal(crops[0], film[:56, :56])
 
@@ -76,7 +76,7 @@ def test_crop_coordinates_map_back_to_the_original_film(height, width, image_siz
     original = np.zeros((height, width), np.uint8)
     top, bottom, left, right = height * 6 // 10, height * 7 // 10, width * 3 // 10, width * 5 // 10
     original[top:bottom, left:right] = 255
-    crop = eval_view(np.asarray(fit_square(Image.fromarray(original), 64)), image_size).astype(np.float64)
+    crop = eval_crop(np.asarray(fit_square(Image.fromarray(original), 64)), image_size).astype(np.float64)
     ys, xs = np.mgrid[:image_size, :image_size] + 0.5  # pixel centres, in the crop's edge coordinates
     centre_x, centre_y = (crop * xs).sum() / crop.sum(), (crop * ys).sum() / crop.sum()
     scale_x, offset_x, scale_y, offset_y = crop_to_original((width, height), 64, image_size)

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import predict_split, write_dicom
 from PIL import Image, ImageDraw, ImageFont
 
 import calibration
 import evaluate
 import predict
 from dataset import FINDINGS
+from helpers import predict_split, write_dicom
 from inference import TorchModel, calibrated_thresholds, read_thresholds_file, statistics_of
 from metrics import auroc_per_finding
 from model import load_checkpoint

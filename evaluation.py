@@ -1,0 +1,292 @@
+"""What evaluate.py reports on, computed: the films of a run's NIH split, or of another dataset, through a trained
+model (an Evaluation), with the thresholds and calibration that go with them; and Google's expert labels scored
+beside NIH's on the same films. evaluate.py turns them into the report, its tables and its plots.
+"""
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import calibration
+import ood
+from dataset import FINDINGS, find_label_file, run_split, split_rows
+from devices import worker_count
+from errors import DataError
+from external import EXPERT_MAPPING, EXPERT_UNSCORED, model_scores, read_external
+from images import find_cache
+from inference import fit_statistics, split_outputs, store_statistics
+from localisation import read_boxes, usable_boxes
+from report import CHEXNET_AUROC, format_two_label_table, two_label_table
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What evaluate.py was asked (its flags of the same names)."""
+
+    checkpoint: str
+    dataset: str  # "nih", or one of external.DATASETS
+    split: str  # NIH: "test" or "val"
+    data_dir: str | None
+    csv: str
+    test_list: str | None
+    drop_missing_images: bool
+    batch_size: int
+    num_workers: int
+    tta: bool
+    sensitivity: float | None
+    boxes: str | None
+    uncertain: str
+    min_age: float | None
+    vindr_rule: str
+    expert_labels: str | None
+    bootstrap: int
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+
+
+@dataclass
+class Evaluation:
+    """The evaluated films and what the model said of them."""
+
+    names: list  # the findings scored: ours (NIH), or the other dataset's that map onto ours
+    targets: np.ndarray  # [films, names]: 1, 0 or NaN (not labelled)
+    raw: np.ndarray  # probabilities before calibration
+    calibrated: np.ndarray | None  # after the checkpoint's (or this evaluation's) calibration; None without one
+    fitted: tuple | None  # the calibration fitted here, on NIH's validation split; None elsewhere
+    features: np.ndarray  # pooled features, for the out-of-distribution percentiles
+    rows: pd.DataFrame  # the films: image_name, path, patient_id, demographics
+    thresholds: np.ndarray  # per name, on the raw scale; NaN where there is none
+    reference: dict | None  # published AUROCs printed beside ours (CheXNet's, for NIH)
+    boxes: pd.DataFrame | None  # radiologists' boxes for the localisation, or None
+    about: dict  # what was evaluated and what was left out, for report.json
+
+
+def outputs_of(model, rows, request):
+    """(logits, readable, pooled features) of the rows' films: NIH's through its cache where one holds them."""
+    data_dir = (request.data_dir or model.data.data_dir) if request.dataset == "nih" else None
+    workers = worker_count(request.num_workers)
+    return split_outputs(model, rows, data_dir, request.batch_size, workers, request.tta)
+
+
+def readable_only(rows, outputs, drop_missing_images, skipped):
+    """(rows, logits, features) of the films that could be read; the others an error naming the first few, or (with
+    --drop_missing_images) left out and added to skipped["unreadable"]."""
+    logits, readable, features = outputs
+    if readable.all():
+        return rows, logits, features
+    names = list(rows.path[~readable])
+    if not drop_missing_images:
+        raise DataError(
+            f"{len(names)} film(s) cannot be read (first: {', '.join(names[:3])}): truncated or not images. "
+            "Re-extract or re-download them, or leave them out with --drop_missing_images (the report names them)."
+        )
+    print(f"warning: {len(names)} unreadable film(s) left out (first: {names[0]})")
+    skipped["unreadable"] += names
+    return rows[readable].reset_index(drop=True), logits[readable], features[readable]
+
+
+# ----------------------------------------------------------------------------- NIH
+
+
+def evaluate_nih(model, request):
+    """The run's test (or validation) split; thresholds and a calibration fitted on its validation split (and the
+    out-of-distribution statistics, for a checkpoint that lacks them, on its training films)."""
+    split, source = run_split(model.checkpoint, request.checkpoint, request.test_list)
+    has_validation = bool((split.split == "val").any())
+    needs_ood = model.statistics.ood is None and has_validation and bool((split.split == "train").any())
+    wanted = [request.split] + (["val"] if has_validation else []) + (["train"] if needs_ood else [])
+    data_dir = request.data_dir or model.data.data_dir
+    cache = find_cache(data_dir, model.load_size)  # a complete cache's films need no PNG (download.py --cache_only)
+    csv = request.csv or model.data.csv
+    parts, missing = split_rows(split, source, data_dir, csv, wanted, request.drop_missing_images, cache)
+    skipped = {"missing": missing, "unreadable": []}
+    if missing:
+        print(f"warning: {len(missing)} film(s) missing and left out (first: {missing[0]})")
+    rows = parts[request.split]
+    print(
+        f"checkpoint {request.checkpoint} (epoch {model.checkpoint['epoch']}); the {request.split} split: "
+        f"{len(rows):,} images, {rows.patient_id.nunique():,} patients{'; five-crop TTA' if request.tta else ''}"
+    )
+    thresholds, fitted = np.full(len(FINDINGS), np.nan), None
+    if has_validation:
+        statistics = fit_on_validation(model, parts, needs_ood, request, skipped)
+        thresholds = np.array([statistics.thresholds[finding] for finding in FINDINGS])
+        fitted = statistics.calibration
+    else:
+        print("no validation split: no operating thresholds and no calibration (thresholds.json will hold none)")
+    outputs = outputs_of(model, rows, request)
+    rows, logits, features = readable_only(rows, outputs, request.drop_missing_images, skipped)
+    about = {
+        "split": request.split,
+        "split_source": source,
+        "images": len(rows),
+        "patients": int(rows.patient_id.nunique()),
+        "skipped": skipped,
+    }
+    return Evaluation(
+        names=list(FINDINGS),
+        targets=rows[list(FINDINGS)].to_numpy(dtype=float),
+        raw=calibration.sigmoid(logits),
+        calibrated=calibration.calibrated(logits, *fitted) if fitted is not None else None,
+        fitted=fitted,
+        features=features,
+        rows=rows,
+        thresholds=thresholds,
+        reference=CHEXNET_AUROC,
+        boxes=nih_boxes(request, model.data),
+        about=about,
+    )
+
+
+def fit_on_validation(model, parts, needs_ood, request, skipped):
+    """The statistics of inference.fit_statistics: thresholds (this evaluation's policy) and a calibration on the
+    validation split; and for a checkpoint without out-of-distribution statistics (written before they were kept)
+    those too, on a sample of its training films, stored in it as train.py does at a run's end."""
+    outputs = outputs_of(model, parts["val"], request)
+    validation, val_logits, val_features = readable_only(parts["val"], outputs, request.drop_missing_images, skipped)
+    sample = ood.fit_sample(parts["train"], model.data.seed) if needs_ood else None
+    train_features = outputs_of(model, sample, request)[2] if needs_ood else None
+    statistics = fit_statistics(
+        FINDINGS,
+        val_logits,
+        validation[list(FINDINGS)].to_numpy(dtype=float),
+        val_features,
+        train_features,
+        None if sample is None else sample.patient_id.to_numpy(),
+        request.sensitivity,
+    )
+    if needs_ood:
+        store_statistics(model.path, statistics)
+        model.statistics = model.statistics._replace(ood=statistics.ood)
+        print(f"{model.path} had no out-of-distribution statistics: fitted on {len(sample):,} training films, added")
+    return statistics
+
+
+def nih_boxes(request, data):
+    """NIH's box file (BBox_List_2017.csv beside the label file, or --boxes), or None; `data`: the run's
+    settings.DataSettings."""
+    if request.boxes == "none":
+        return None
+    default = find_label_file(request.data_dir or data.data_dir, request.csv or data.csv).parent
+    boxes_path = Path(request.boxes) if request.boxes else default / "BBox_List_2017.csv"
+    if not boxes_path.is_file():
+        if request.boxes:
+            raise DataError(f"box file not found: {boxes_path}")
+        return None
+    return read_boxes(boxes_path).assign(source=str(boxes_path))
+
+
+# ----------------------------------------------------------------------------- other datasets
+
+
+def evaluate_external(model, request):
+    """Another dataset's frontal films, the findings that map onto ours; thresholds from NIH's validation split
+    (evaluation/<checkpoint stem>/thresholds.json beside the checkpoint), where a finding maps to one of ours."""
+    if not request.data_dir:
+        raise DataError(f"--dataset {request.dataset} needs --data_dir: the dataset's folder")
+    data = read_external(
+        request.dataset,
+        request.data_dir,
+        request.csv,
+        request.uncertain,
+        request.drop_missing_images,
+        request.min_age,
+        request.vindr_rule,
+    )
+    names = list(data.mapping)
+    skipped = {"missing": data.skipped["missing"], "unreadable": []}
+    print(
+        f"checkpoint {request.checkpoint} (epoch {model.checkpoint['epoch']}); {request.dataset} ({data.source}): "
+        f"{len(data.rows):,} frontal films of {data.rows.patient_id.nunique():,} patients; left out "
+        f"{data.laterals:,} lateral and {data.other_views:,} other films"
+        + "".join(f", {count:,} {reason}" for reason, count in data.left_out.items())
+        + f"; uncertain labels: {request.uncertain}"
+    )
+    outputs = outputs_of(model, data.rows, request)
+    rows, logits, features = readable_only(data.rows, outputs, request.drop_missing_images, skipped)
+    probabilities = calibration.sigmoid(logits)
+    nih = model.statistics.thresholds
+    thresholds = np.array([nih.get(found[0], np.nan) if len(found) == 1 else np.nan for found in data.mapping.values()])
+    fitted = model.statistics.calibration
+    after = None if fitted is None else model_scores(calibration.calibrated(logits, *fitted), data.mapping, FINDINGS)
+    about = {
+        "source": data.source,
+        "images": len(rows),
+        "patients": int(rows.patient_id.nunique()),
+        "laterals_left_out": data.laterals,
+        "other_views_left_out": data.other_views,
+        "left_out": data.left_out,
+        "skipped": skipped,
+        "uncertain": request.uncertain,
+        "mapping": {name: list(mapped) for name, mapped in data.mapping.items()},
+        "threshold_source": "NIH's validation split (thresholds.json beside the checkpoint, else the checkpoint's)",
+    }
+    if request.dataset == "vindr":
+        about["vindr_rule"] = request.vindr_rule
+    return Evaluation(
+        names=names,
+        targets=rows[names].to_numpy(dtype=float),
+        raw=model_scores(probabilities, data.mapping, FINDINGS),
+        calibrated=after,  # NIH's calibration, applied as it is: no new fit on another hospital's films
+        fitted=None,
+        features=features,
+        rows=rows,
+        thresholds=thresholds,
+        reference=None,
+        boxes=None if request.boxes == "none" else external_boxes(data, rows, probabilities),
+        about=about,
+    )
+
+
+def external_boxes(data, rows, probabilities):
+    """A dataset's boxes (VinDr, RSNA) as localise takes them: each box's finding is the model's finding that scores
+    its reported name on that film (the most probable of those mapped to it, e.g. Mass or Nodule)."""
+    if data.boxes is None or data.boxes.empty:
+        return None
+    row_of = pd.Series(np.arange(len(rows)), index=rows.image_name)
+    boxes = usable_boxes(data.boxes[data.boxes.image_name.isin(row_of.index)], data.source)
+    chosen = []
+    for box in boxes.itertuples():
+        mapped = data.mapping[box.name]
+        row = probabilities[row_of[box.image_name]]
+        chosen.append(max(mapped, key=lambda finding: row[FINDINGS.index(finding)]))
+    return boxes.assign(finding=chosen, source=data.source)
+
+
+# ----------------------------------------------------------------------------- expert labels
+
+
+def expert_section(request, experts, rows, probabilities, out):
+    """Google's expert labels (external.read_expert_labels) on the films of the evaluated split: each finding's AUROC
+    against NIH's labels and against the experts' on the same films; expert_labels.csv and the report.json entry."""
+    experts = experts.set_index("image_name")
+    inside = rows.image_name.isin(experts.index).to_numpy()
+    if not inside.any():
+        raise DataError(
+            f"none of the {len(experts):,} films of {request.expert_labels} is in the {request.split} split"
+        )
+    names = list(EXPERT_MAPPING)
+    films = rows[inside].reset_index(drop=True)
+    nih = np.stack([films[list(mapped)].max(axis=1).to_numpy(dtype=float) for mapped in EXPERT_MAPPING.values()], 1)
+    expert = experts.loc[films.image_name, names].to_numpy(dtype=float)
+    scores = model_scores(probabilities[inside], EXPERT_MAPPING, FINDINGS)
+    table = two_label_table(names, nih, expert, scores, films.patient_id.to_numpy(), request.bootstrap)
+    print(
+        f"expert labels ({request.expert_labels}): {inside.sum():,} of its {len(experts):,} films are in the "
+        f"{request.split} split; the same films against NIH's labels and the experts':"
+    )
+    print(format_two_label_table(table))
+    print(f"not scored (no NIH finding): {', '.join(EXPERT_UNSCORED)}")
+    pd.DataFrame(table).to_csv(out / "expert_labels.csv", index=False)
+    return {
+        "file": str(request.expert_labels),
+        "films_in_file": len(experts),
+        "films_in_split": int(inside.sum()),
+        "mapping": {name: list(mapped) for name, mapped in EXPERT_MAPPING.items()},
+        "findings": table,
+        "unscored": list(EXPERT_UNSCORED),
+    }
