@@ -44,7 +44,7 @@ bench: install
 test: install
 	$(PY) -m pytest
 
-# The tests that train for minutes or start many processes (localisation, torchrun, other backbones: ~6 min on 2 cores).
+# The tests that train for minutes or start many processes (localisation, torchrun, other backbones: ~8 min on 2 cores).
 test-slow: install
 	$(PY) -m pytest -m slow
 

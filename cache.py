@@ -13,7 +13,6 @@ holds them there and draws batches by index: no DataLoader, no workers, no host-
 """
 
 import argparse
-from multiprocessing import get_context
 
 import numpy as np
 from tqdm import tqdm
@@ -22,7 +21,7 @@ from dataset import attach_image_paths, find_label_file, read_labels
 from devices import usable_cpus
 from errors import one_line_errors
 from films import load_image
-from images import cache_folder, ignore_interrupts, open_cache, save_cache_progress
+from images import cache_folder, decoding_pool, open_cache, save_cache_progress
 
 CHUNK = 256  # images per task: large enough to amortise the task, small enough to resume with little lost
 
@@ -47,8 +46,7 @@ def build_cache(data_dir, size=256, csv_path="", workers=None, drop_missing=Fals
     tasks = [(images_path, size, rows, paths[rows]) for rows in np.array_split(todo, max(1, len(todo) // CHUNK))]
     workers = workers or usable_cpus()
     bar = tqdm(total=len(done), initial=int(done.sum()), desc=f"caching at {size} px", unit="img")
-    # spawn: the same behaviour on Linux, macOS and Windows; Ctrl-C is the main process's to answer
-    with get_context("spawn").Pool(workers, ignore_interrupts) as pool:
+    with decoding_pool(workers) as pool:
         for rows in pool.imap_unordered(_fill_rows, [task for task in tasks if len(task[2])]):
             done[rows] = True
             save_cache_progress(folder, done)

@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-from multiprocessing import get_context
 from pathlib import Path
 
 from tqdm import tqdm
@@ -37,7 +36,7 @@ from fetch import (
     part_size_or_zero,
     read_manifest,
 )
-from images import ignore_interrupts
+from images import decoding_pool
 
 MANIFEST = Path(__file__).resolve().parent / "nih_files.csv"  # NIH's own addresses, MD5s and sizes
 LABEL_ROWS = 112_120  # rows of NIH's full label file
@@ -249,7 +248,7 @@ def download(args):
             (out / entry.name).unlink()  # used already: a run stopped before deleting it
     check_disk(todo, out, args, len(cache.row_of) if cache else 0)
     started, workers = time.monotonic(), args.workers or max(1, (os.cpu_count() or 1))
-    pool = get_context("spawn").Pool(workers, ignore_interrupts) if cache is not None and todo and workers > 1 else None
+    pool = decoding_pool(workers) if cache is not None and todo and workers > 1 else None
     remaining = sum((entry.bytes or 0) - _part_bytes(out, entry) for entry in todo if not (out / entry.name).is_file())
     total = tqdm(total=remaining, desc=f"{len(todo)} archive(s)", unit="B", unit_scale=True, unit_divisor=1024)
     try:

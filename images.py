@@ -105,6 +105,20 @@ def ignore_interrupts():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def decoding_pool(workers):
+    """A spawn Pool (the same on Linux, macOS and Windows) whose processes leave Ctrl-C to this one. They start with
+    SIGINT ignored: a new interpreter keeps an ignored SIGINT ignored, so one still importing its modules when Ctrl-C
+    comes prints no traceback; the initializer keeps it so."""
+    import signal
+    from multiprocessing import get_context
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return get_context("spawn").Pool(workers, ignore_interrupts)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def save_cache_progress(folder, done):
     temporary = folder / "done.tmp.npy"
     np.save(temporary, done)

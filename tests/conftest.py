@@ -24,6 +24,15 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def pytest_collection_modifyitems(config, items):
+    """In each file, the tests that need the trained run after those that do not: a process that reaches a file while
+    the other trains the run has work to do before it waits. Files keep their order, tests their order otherwise."""
+    first_seen = {}
+    for item in items:
+        first_seen.setdefault(item.path, len(first_seen))
+    items.sort(key=lambda item: (first_seen[item.path], "trained_run" in item.fixturenames))
+
+
 def shared(tmp_path_factory, name, make):
     """The folder `name`, made by make(folder) once for the whole test session, whichever process asks first."""
     root = tmp_path_factory.getbasetemp()

@@ -89,6 +89,7 @@ def run_train(data, out, **changes):
     return stopped.value.code
 
 
+@pytest.mark.slow  # three runs: about 20 s in the quick suite's processes (test_loaders checks the batches alike)
 def test_training_on_the_cache_equals_training_on_the_pngs(cached, tmp_path, capsys):
     """The same weights from the PNGs, from the cache through DataLoader workers, and from the cache held in
     memory with batches drawn by index (CACHE_ON_DEVICE): the pixels and each image's augmentation are equal."""

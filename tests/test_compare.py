@@ -146,7 +146,8 @@ def evaluated(trained_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("compared")
     for name in ("best.pth", "split.csv"):
         (run / name).write_bytes((trained_run / name).read_bytes())
-    evaluate.main(["--checkpoint", str(run / "best.pth"), "--bootstrap", "20", "--num_workers", "0", "--no-amp"])
+    arguments = ["--bootstrap", "20", "--num_workers", "0", "--no-amp", "--boxes", "none"]  # predictions alone
+    evaluate.main(["--checkpoint", str(run / "best.pth"), *arguments])
     return run
 
 

@@ -283,6 +283,7 @@ def _average_over_ranks(rank, port, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes, as tests/test_distributed.py's
 def test_the_logged_training_loss_is_every_ranks_not_rank_0s():
     import socket
 
