@@ -121,8 +121,8 @@ def training_parts(args, device, variant):
     precision and layout: train.py's defaults otherwise, the targets' rate of device_batches."""
     dtype = autocast_dtype(device, variant.amp)
     defaults = train.parse_settings([])
-    model_settings = replace(defaults.model, backbone=getattr(args, "backbone", "resnet50"), pretrained="none")
-    model_settings = replace(model_settings, trainable_layers=args.trainable_layers)
+    backbone, layers = getattr(args, "backbone", "resnet50"), args.trainable_layers
+    model_settings = replace(defaults.model, backbone=backbone, pretrained="none", trainable_layers=layers)
     counts = np.full(len(FINDINGS), 20), np.full(len(FINDINGS), 80)
     pos_weight = pos_weight_from_counts(*counts)
     parts = train.build_training(

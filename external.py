@@ -192,7 +192,8 @@ def _check_labeler_values(table, mapping, path):
         given = text.notna() & text.astype(str).str.strip().ne("")
         bad = given & ~pd.to_numeric(text, errors="coerce").isin(LABELER_VALUES)
         if bad.any():
-            row, value = int(np.flatnonzero(bad)[0]), text.iloc[bad.to_numpy()].iloc[0]
+            row = int(np.flatnonzero(bad)[0])
+            value = text.iloc[row]
             shown = f"{value:g}" if isinstance(value, (int, float, np.number)) else repr(str(value))
             raise DataError(
                 f"{path}, row {row + 2}: {column} is {shown}, one of {bad.sum()} such value(s); the "

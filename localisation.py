@@ -55,7 +55,7 @@ def read_boxes(path):
 def usable_boxes(boxes, source):
     """The boxes (x, y, w, h columns) of positive width and height: a swapped, zero-area or incomplete box measures
     nothing (with every box swapped, every figure was 0.000), so it is left out, counted and named."""
-    sizes = boxes[["w", "h"]].apply(lambda column: column.astype(float))
+    sizes = boxes[["w", "h"]].astype(float)
     bad = ~((sizes.w > 0) & (sizes.h > 0)).to_numpy() | boxes[["x", "y"]].isna().any(axis=1).to_numpy()
     if bad.any():
         first = "; ".join(

@@ -105,10 +105,14 @@ def best_epoch(history):
     return min((EpochMetrics.from_row(row) for row in history), key=lambda metrics: metrics.val_loss)
 
 
-def check_same_run(settings, saved_config, path):
-    """Refuses to resume a checkpoint trained with other RUN_DEFINING settings than `settings` (a Settings)."""
-    saved_config = {"BACKBONE": "resnet50", **saved_config}  # checkpoints from before BACKBONE were ResNet-50s
-    saved = from_config({**settings.as_config(), **saved_config}, path)
+def saved_settings(settings, saved_config, path):
+    """The Settings a checkpoint's run started with: its config, with today's values for settings added since (and
+    ResNet-50 for checkpoints from before BACKBONE)."""
+    return from_config({**settings.as_config(), "BACKBONE": "resnet50", **saved_config}, path)
+
+
+def check_same_run(settings, saved, path):
+    """Refuses to resume a checkpoint trained with other RUN_DEFINING settings than `settings` (both Settings)."""
     changed = {
         name: (saved.value(name), settings.value(name))
         for name in RUN_DEFINING
@@ -171,11 +175,10 @@ def open_run(settings, run_dir, is_main, log):
     if resume_path is None:
         return None, None
     checkpoint = load_checkpoint(resume_path, FINDINGS)  # onto the CPU; restore() moves what the device needs
-    check_same_run(settings, checkpoint["config"], resume_path)
+    started_with = saved_settings(settings, checkpoint["config"], resume_path)
+    check_same_run(settings, started_with, resume_path)
     learning_rate = checkpoint["history"][-1]["lr"] if checkpoint["history"] else settings.training.learning_rate
     state = (checkpoint["history"], Position(**checkpoint["position"]), learning_rate)
-    # settings added since the run began take today's values
-    started_with = from_config({**settings.as_config(), **checkpoint["config"]}, resume_path)
     ended_then, ended_now = finished(*state, started_with.training), finished(*state, settings.training)
     if ended_now:
         log(f"{resume_path}: this run has finished ({ended_now}). Raise --epochs or the patience to continue it.")

@@ -403,9 +403,9 @@ def validate(net, loader, pos_weight, loop):
     indices = gather_rows(indices, device, world_size).numpy()
     _, first = np.unique(indices, return_index=True)
     logits = gather_rows(logits, device, world_size)[first]
-    targets = gather_rows(targets, device, world_size)[first].numpy()
-    loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(targets), pos_weight=pos_weight.cpu()).item()
-    probabilities = torch.sigmoid(logits).numpy()
+    targets = gather_rows(targets, device, world_size)[first]
+    loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight.cpu()).item()
+    probabilities, targets = torch.sigmoid(logits).numpy(), targets.numpy()
     aurocs = auroc_per_finding(targets, probabilities)
     return Validation(loss, aurocs, mean_auroc(aurocs), targets, probabilities, crops)
 
