@@ -57,7 +57,7 @@ class Evaluation:
     raw: np.ndarray  # probabilities before calibration
     calibrated: np.ndarray | None  # after the checkpoint's (or this evaluation's) calibration; None without one
     fitted: tuple | None  # the calibration fitted here, on NIH's validation split; None elsewhere
-    features: np.ndarray  # pooled features, for the out-of-distribution percentiles
+    features: np.ndarray  # the OOD features (model.ood_features_and_logits), for the out-of-distribution percentiles
     rows: pd.DataFrame  # the films: image_name, path, patient_id, demographics
     thresholds: np.ndarray  # per name, on the raw scale; NaN where there is none
     reference: dict | None  # published AUROCs printed beside ours (CheXNet's, for NIH)
@@ -66,7 +66,7 @@ class Evaluation:
 
 
 def outputs_of(model, rows, request):
-    """(logits, readable, pooled features) of the rows' films: NIH's through its cache where one holds them."""
+    """(logits, readable, OOD features) of the rows' films: NIH's through its cache where one holds them."""
     data_dir = (request.data_dir or model.data.data_dir) if request.dataset == "nih" else None
     workers = worker_count(request.num_workers)
     return split_outputs(model, rows, data_dir, request.batch_size, workers, request.tta)

@@ -235,7 +235,7 @@ class TorchModel:
         self.net = model_from_checkpoint(self.checkpoint).to(self.device, memory_format=layout).eval()
         self.findings = list(self.checkpoint["findings"])
         self.image_size, self.load_size = self.data.image_size, self.data.load_size
-        self.statistics = statistics_of(self.checkpoint)
+        self.statistics = without_stale_ood(statistics_of(self.checkpoint), self.net, self.path)
         if thresholds and not Path(thresholds).is_file():
             raise DataError(
                 f"thresholds file not found: {thresholds}. evaluate.py writes one (evaluation/<checkpoint stem>/"
@@ -279,6 +279,21 @@ class TorchModel:
         return predictions(logits, features, self.statistics, self.calibrated)
 
 
+def without_stale_ood(statistics, net, path):
+    """The statistics without their OOD part where it was fitted on features of another width (a checkpoint from
+    before the features held the third block's halves): its distances would be meaningless."""
+    from model import ood_features_of
+
+    if statistics.ood is None or len(statistics.ood["mean"]) == ood_features_of(net):
+        return statistics
+    print(
+        f"warning: {path}'s out-of-distribution statistics were fitted on features of an older version of this project "
+        f"({len(statistics.ood['mean'])} wide, not {ood_features_of(net)}): no film is flagged. evaluate.py "
+        f"--checkpoint {path} fits them again and stores them in the checkpoint."
+    )
+    return statistics._replace(ood=None)
+
+
 def shown_thresholds(statistics, findings, calibrated):
     """{finding: threshold} on the scale of the probabilities shown (calibrated or raw)."""
     if not calibrated or not statistics.thresholds:
@@ -289,7 +304,8 @@ def shown_thresholds(statistics, findings, calibrated):
 
 
 def predictions(logits, features, statistics, calibrated=True):
-    """Predictions from the network's logits and pooled features, with a model's statistics."""
+    """Predictions from the network's logits and OOD features (model.ood_features_and_logits), with a model's
+    statistics."""
     raw = calibration.sigmoid(logits)
     shown = calibration.calibrated(logits, *statistics.calibration) if calibrated else raw
     distances = None if statistics.ood is None or features is None else ood.distances(statistics.ood, features)
@@ -311,20 +327,20 @@ def at_or_above(probabilities, findings, thresholds):
 
 
 def crop_outputs(net, crops, device, dtype=None, channels_last=False):
-    """uint8 [N, S, S] evaluation crops -> (float64 logits [N, findings], pooled features [N, F]), numpy: in batches,
+    """uint8 [N, S, S] evaluation crops -> (float64 logits [N, findings], OOD features [N, F]), numpy: in batches,
     under inference_mode and autocast, one forward pass each."""
     import torch
 
-    from model import pooled_features_and_logits
+    from model import ood_features_and_logits
     from transforms import normalize
 
     logits, features = [], []
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, len(crops), BATCH_SIZE):
             images = torch.from_numpy(np.asarray(crops[start : start + BATCH_SIZE])).unsqueeze(1).to(device)
-            pooled, outputs = pooled_features_and_logits(net, normalize(images, channels_last))
+            film_features, outputs = ood_features_and_logits(net, normalize(images, channels_last))
             logits.append(outputs.double().cpu().numpy())
-            features.append(pooled.double().cpu().numpy())
+            features.append(film_features.double().cpu().numpy())
     return np.concatenate(logits), np.concatenate(features)
 
 
@@ -340,10 +356,10 @@ def probability_graph(net, images, statistics=None, channels_last=False):
     calibration and the distance in one graph, what export.py exports."""
     import torch
 
-    from model import pooled_features_and_logits
+    from model import ood_features_and_logits
     from transforms import normalize
 
-    features, logits = pooled_features_and_logits(net, normalize(images, channels_last))
+    features, logits = ood_features_and_logits(net, normalize(images, channels_last))
     logits = logits.float()
     raw = torch.sigmoid(logits)
     if statistics is None:
@@ -362,12 +378,13 @@ def probability_graph(net, images, statistics=None, channels_last=False):
 
 def predict_logits(net, loader, prepare, dtype=None, progress=None, features=False):
     """Run a network over a loader of (uint8 images, companions); float32 logits and the companions (targets,
-    or whether each film was readable), on the CPU; with features=True also the pooled features, from the same pass.
+    or whether each film was readable), on the CPU; with features=True also the OOD features
+    (model.ood_features_and_logits), from the same pass.
 
-    prepare: turns a uint8 batch into the network's input on its device (normalised, in its layout)."""
+        prepare: turns a uint8 batch into the network's input on its device (normalised, in its layout)."""
     import torch
 
-    from model import pooled_features_and_logits
+    from model import ood_features_and_logits
 
     net.eval()
     all_logits, all_companions, all_features = [], [], []
@@ -376,8 +393,8 @@ def predict_logits(net, loader, prepare, dtype=None, progress=None, features=Fal
             images = prepare(images)
             with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
                 if features:
-                    pooled, logits = pooled_features_and_logits(net, images)
-                    all_features.append(pooled.float())
+                    film_features, logits = ood_features_and_logits(net, images)
+                    all_features.append(film_features.float())
                 else:
                     logits = net(images)
             all_logits.append(logits.float())
@@ -396,7 +413,7 @@ def with_ood_warnings(films, predictions):
 
 
 def outputs_over(model, loader, crops=1, progress=None):
-    """(logits [N, findings], readable [N] bool, pooled features [N, F]), float64 numpy, of a TorchModel over an
+    """(logits [N, findings], readable [N] bool, OOD features [N, F]), float64 numpy, of a TorchModel over an
     evaluation loader (loaders.evaluation_loader); with crops > 1 (five views a film) each the mean of a film's."""
     from transforms import normalize
 
@@ -411,7 +428,7 @@ def outputs_over(model, loader, crops=1, progress=None):
 
 
 def split_outputs(model, rows, data_dir=None, batch_size=64, workers=0, tta=False, cache="auto", progress=True):
-    """(logits, readable, pooled features) of a TorchModel for the rows' films (a path column, and image_name for
+    """(logits, readable, OOD features) of a TorchModel for the rows' films (a path column, and image_name for
     NIH's cache: data_dir, the NIH folder whose cache to read when it holds them, as the setting CACHE finds it; None
     reads the files), batched under inference_mode (AMP as in training), five crops each with tta (their mean)."""
     from tqdm import tqdm

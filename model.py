@@ -1,7 +1,7 @@
 """The networks (BACKBONE: torchvision's ResNet-50, DenseNet-121 or ConvNeXt-Tiny, ImageNet weights, early blocks
 frozen, a Dropout + Linear head) and checkpoint I/O: the only file that calls torch.save / torch.load (checkpoints
 always load onto the CPU). Only this file knows a backbone's insides: its blocks for TRAINABLE_LAYERS, its BatchNorm,
-its head, the layer Grad-CAM reads (cam_layer) and its feature size (features_of)."""
+its head, the layer Grad-CAM reads (cam_layer) and the features ood.py measures (ood_features_and_logits)."""
 
 import os
 import pickle
@@ -32,7 +32,8 @@ class Backbone(NamedTuple):
     blocks: dict  # BLOCKS name -> the modules that make it
     head: str  # the classifier Linear, replaced by Dropout + Linear(features, findings)
     cam_layer: str  # the last block's output, whose activations and gradients Grad-CAM reads
-    features: int  # the width of the pooled features the head reads
+    features: int  # the width of the pooled features the head reads: the last block's channels
+    layout_channels: int  # the third block's (layer3's) channels, whose halves ood.py measures too
 
 
 BACKBONES = {
@@ -50,6 +51,7 @@ BACKBONES = {
         head="fc",
         cam_layer="layer4",
         features=2048,
+        layout_channels=1024,
     ),
     "densenet121": Backbone(  # CheXNet's network; a transition (norm, conv, pool) starts the next block
         "DenseNet-121",
@@ -65,6 +67,7 @@ BACKBONES = {
         head="classifier",
         cam_layer="features",
         features=1024,
+        layout_channels=1024,
     ),
     "convnext_tiny": Backbone(  # LayerNorm, no BatchNorm; a downsampling layer starts each later stage
         "ConvNeXt-Tiny",
@@ -80,6 +83,7 @@ BACKBONES = {
         head="classifier.2",
         cam_layer="features.7",
         features=768,
+        layout_channels=384,
     ),
 }
 
@@ -120,7 +124,7 @@ def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", 
     net = spec.build(weights=None, **({"zero_init_residual": True} if backbone == "resnet50" else {}))
     if str(pretrained).lower() not in ("none", "false", ""):
         net.load_state_dict(_pretrained_state_dict(pretrained, backbone))
-    net.backbone = backbone  # a plain attribute: cam_layer and features_of read it
+    net.backbone = backbone  # a plain attribute: cam_layer and ood_features_of read it
     new_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.features, num_findings))
     parent, _, name = spec.head.rpartition(".")
     setattr(net.get_submodule(parent), name, new_head)
@@ -147,15 +151,37 @@ def cam_layer(net):
     return unwrap(net).get_submodule(BACKBONES[unwrap(net).backbone].cam_layer)
 
 
-def pooled_features_and_logits(net, images):
-    """(the pooled features the head reads [N, features], the logits [N, findings]) from one forward pass."""
-    captured = []
-    handle = head(net).register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+def ood_features_and_logits(net, images):
+    """(the features ood.py measures [N, ood_features_of(net)], the logits [N, findings]) from one forward pass: the
+    pooled last-block features the head reads, and the third block's feature map averaged over its upper and over
+    its lower half (both halves hold the middle row of an odd number). The head's features alone keep no layout: a
+    film upside down averaged to nearly a chest film's (one demo run in three let a fifth of them through), and the
+    last block's cells see nearly the whole film at the demo's 64 px, the third block's less of it."""
+    captured = {}
+    layers = {"layout": _layout_layer(net), "head": head(net)}
+    handles = [
+        layers["layout"].register_forward_hook(lambda module, inputs, output: captured.update(layout=output)),
+        layers["head"].register_forward_pre_hook(lambda module, inputs: captured.update(head=inputs[0])),
+    ]
     try:
         logits = net(images)
     finally:
-        handle.remove()
-    return captured[0], logits
+        for handle in handles:
+            handle.remove()
+    maps = captured["layout"]
+    rows = maps.shape[2]
+    upper, lower = maps[:, :, : (rows + 1) // 2], maps[:, :, rows // 2 :]
+    return torch.cat([captured["head"], upper.mean(dim=(2, 3)), lower.mean(dim=(2, 3))], dim=1), logits
+
+
+def ood_features_of(net):
+    """The width of ood_features_and_logits's features."""
+    spec = BACKBONES[unwrap(net).backbone]
+    return spec.features + 2 * spec.layout_channels
+
+
+def _layout_layer(net):
+    return unwrap(net).get_submodule(BACKBONES[unwrap(net).backbone].blocks["layer3"][-1])
 
 
 def init_head_bias(net, positives, negatives, pos_weight):

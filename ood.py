@@ -1,8 +1,8 @@
-"""Is this even the kind of film the model was trained on? The Mahalanobis distance of a film's pooled last-block
-features (model.pooled_features_and_logits) to the training films' distribution, in a reduced space (PCA to COMPONENTS
-dimensions) with a shrinkage covariance (Ledoit-Wolf), as Calli et al. (FRODO, MIDL 2019) did with a ResNet-50 on
-chest X-rays. A PNG or JPEG has no DICOM header to say that it is a hand, a lateral, a photo of a screen or a CT slice;
-its features say so: they lie far from any chest film's.
+"""Is this even the kind of film the model was trained on? The Mahalanobis distance of a film's features (the pooled
+last-block features and the third block's halves, model.ood_features_and_logits) to the training films' distribution,
+in a reduced space (PCA to COMPONENTS dimensions) with a shrinkage covariance (Ledoit-Wolf), as Calli et al. (FRODO,
+MIDL 2019) did with a ResNet-50 on chest X-rays. A PNG or JPEG has no DICOM header to say that it is a hand, a
+lateral, a photo of a screen or a CT slice; its features say so: they lie far from any chest film's.
 
 A film's distance is reported as a percentile of reference films' distances (the validation films', and the training
 films' each from a fit without its patient); above FLAG_PERCENTILE it is flagged.
@@ -11,7 +11,7 @@ Fitting needs scikit-learn; scoring is numpy (and the same arithmetic in the ONN
 
 import numpy as np
 
-COMPONENTS = 512  # the pooled features are reduced by PCA to this many dimensions (fewer when fewer films)
+COMPONENTS = 512  # the features are reduced by PCA to this many dimensions (fewer when fewer films)
 FLAG_PERCENTILE = 99.0  # a film further than this share of the validation films is flagged
 FIT_FILMS = 5000  # at most this many training films (a fixed sample) fit the distribution
 FOLDS = 5  # the training films' own reference distances come from fits without their patient

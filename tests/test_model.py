@@ -190,9 +190,26 @@ def test_every_backbone_has_its_blocks_head_features_and_heat_map_layer(backbone
     assert all(p.requires_grad for path in spec.blocks["layer4"] for p in net.get_submodule(path).parameters())
     assert not [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad]
     images = torch.randn(2, 3, 64, 64)
-    features, logits = model_module.pooled_features_and_logits(net, images)
-    assert logits.shape == (2, 14) and features.shape == (2, spec.features) and torch.equal(logits, net(images))
+    features, logits = model_module.ood_features_and_logits(net, images)
+    width = spec.features + 2 * spec.layout_channels
+    assert logits.shape == (2, 14) and features.shape == (2, width) and torch.equal(logits, net(images))
+    assert model_module.ood_features_of(net) == width
     assert model_module.cam_layer(net) is net.get_submodule(spec.cam_layer)
+
+
+def test_the_ood_features_are_the_heads_input_and_the_third_blocks_upper_and_lower_halves():
+    """At 80 px layer3's map is 5 x 5: the upper half is rows 0-2, the lower rows 2-4 (the middle row in both)."""
+    net = build_model(14, "none", "layer4", 0.5).eval()
+    images = torch.randn(2, 3, 80, 80)
+    with torch.no_grad():
+        features, logits = model_module.ood_features_and_logits(net, images)
+        stem = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        layer3 = net.layer3(net.layer2(net.layer1(stem)))
+        pooled = net.layer4(layer3).mean(dim=(2, 3))
+    assert layer3.shape[2] == 5
+    expected = torch.cat([pooled, layer3[:, :, :3].mean(dim=(2, 3)), layer3[:, :, 2:].mean(dim=(2, 3))], dim=1)
+    torch.testing.assert_close(features, expected)
+    torch.testing.assert_close(logits, net.fc(pooled))
 
 
 def test_the_settings_offer_exactly_the_backbones_and_blocks_model_builds():
