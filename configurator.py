@@ -83,14 +83,16 @@ def Between(low, high, *, low_included=True, high_included=False):  # noqa: N802
     return Rule(float, f"a number in {start}{low}, {high}{end}", check)
 
 
-def CommaList(*names, alone):  # noqa: N802
-    """A comma-separated list of some of `names`, or the single word `alone`."""
+def CommaList(*names, alone=None):  # noqa: N802
+    """A comma-separated list of some of `names`, each once, or the single word `alone`."""
 
     def check(value):
         chosen = [name.strip() for name in value.split(",") if name.strip()]
-        return chosen == [alone] or (bool(chosen) and all(name in names for name in chosen))
+        listed = bool(chosen) and all(name in names for name in chosen) and len(set(chosen)) == len(chosen)
+        return chosen == [alone] or listed
 
-    return Rule(str, f"{alone!r}, or a comma-separated list of {', '.join(names)}", check)
+    listed = f"a comma-separated list of {', '.join(names)}, each once"
+    return Rule(str, f"{alone!r}, or {listed}" if alone else listed, check)
 
 
 def _parse_bool(text):

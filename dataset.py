@@ -216,17 +216,20 @@ def read_split(path):
     return read_table(path, dtype={"image_name": str, "split": str})
 
 
-def split_record(labels, split, csv_path):
+def split_record(labels, split, label_files):
     """The split in a form a checkpoint can carry (plain types and a tensor: weights_only loading accepts it): the
-    image names, one code per image (SPLITS), and the label file's name and SHA-256."""
+    image names, one code per image (SPLITS), and the label files' names and SHA-256 (of their bytes in order)."""
     import torch  # here, not at the top: train.py's --help imports this file before torch
 
     codes = pd.Categorical(np.asarray(split, dtype=object), categories=SPLITS).codes
+    digest = hashlib.sha256()
+    for path in label_files:
+        digest.update(Path(path).read_bytes())
     return {
         "image_names": "\n".join(labels["image_name"]),
         "codes": torch.tensor(codes, dtype=torch.int8),
-        "label_file": Path(csv_path).name,
-        "label_sha256": hashlib.sha256(Path(csv_path).read_bytes()).hexdigest(),
+        "label_file": " and ".join(Path(path).name for path in label_files),
+        "label_sha256": digest.hexdigest(),
     }
 
 
@@ -291,10 +294,10 @@ def split_rows(split, source, data_dir, csv_path, parts, drop_missing=False, cac
 
 
 def count_positives(targets):
-    """Per finding: (positives, negatives) over the rows of a 0/1 target matrix."""
-    targets = np.asarray(targets)
-    positives = targets.sum(axis=0).astype(np.int64)
-    return positives, len(targets) - positives
+    """Per finding: (positives, negatives) over the labelled entries of a target matrix (1, 0, or NaN: unlabelled,
+    counted as neither)."""
+    targets = np.asarray(targets, dtype=float)
+    return (targets == 1).sum(axis=0).astype(np.int64), (targets == 0).sum(axis=0).astype(np.int64)
 
 
 def pos_weight_from_counts(positives, negatives, policy="ratio", cap=0.0):

@@ -15,6 +15,7 @@ numpy and Pillow (and dataset.py's FINDINGS) only.
 
 import argparse
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -394,15 +395,104 @@ def _write_tables(out, rows, boxes, test_patients):
     (out / "train_val_list.txt").write_text("\n".join(train_val) + "\n")
 
 
+CHEXPERT_COLUMNS = {  # CheXpert's labeler columns (train.csv's order) -> the demo findings that make each positive
+    "No Finding": (),
+    "Enlarged Cardiomediastinum": (),
+    "Cardiomegaly": ("Cardiomegaly",),
+    "Lung Opacity": (),
+    "Lung Lesion": ("Mass", "Nodule"),
+    "Edema": ("Edema",),
+    "Consolidation": ("Consolidation",),
+    "Pneumonia": ("Pneumonia",),
+    "Atelectasis": ("Atelectasis",),
+    "Pneumothorax": ("Pneumothorax",),
+    "Pleural Effusion": ("Effusion",),
+    "Pleural Other": (),
+    "Fracture": (),
+    "Support Devices": (),
+}
+CHEXPERT_UNCERTAIN = 0.1  # share of positive labels the CheXpert-layout demo writes as -1 (uncertain)
+CHEXPERT_BLANK = 0.7  # share of negative labels it leaves blank ("not mentioned", a negative)
+CHEXPERT_LATERALS = 0.2  # share of studies with a lateral film too (left out of training and evaluation)
+CHEXPERT_GAMMA = 0.8  # another hospital's scanner: the same phantoms, brighter mid-tones, saved as JPEG
+
+
+def write_chexpert_demo(out, patients=600, size=128, seed=0):
+    """The demo's phantoms in CheXpert-v1.0-small's layout: train.csv and valid.csv (Path, Sex, Age,
+    Frontal/Lateral, AP/PA and the 14 labeler columns: 1, 0, -1 or blank), train/ and valid/patientNNNNN/studyK/
+    view1_frontal.jpg (view2_lateral.jpg for some). The demo's test patients are valid.csv's. Returns the number of
+    films written."""
+    out = Path(out)
+    staging = out / "nih_layout.partial"
+    write_demo(staging, patients, size, seed)
+    with open(staging / "Data_Entry_2017_v2020.csv", newline="") as file:
+        entries = list(csv.DictReader(file))
+    test = set((staging / "test_list.txt").read_text().split())
+    paths = {path.name: path for path in staging.rglob("*.png")}
+    rng = np.random.default_rng([seed, 6])
+    tables, written = {"train": [], "valid": []}, 0
+    for entry in entries:
+        part = "valid" if entry["Image Index"] in test else "train"
+        study = int(entry["Follow-up #"]) + 1
+        labels = set(entry["Finding Labels"].split("|"))
+        values = {}
+        for column, findings in CHEXPERT_COLUMNS.items():
+            positive = bool(labels & set(findings))
+            if not findings and column != "No Finding":
+                values[column] = ""
+            elif column == "No Finding":
+                values[column] = "1.0" if labels == {"No Finding"} else ""
+            elif positive:
+                values[column] = "-1.0" if rng.random() < CHEXPERT_UNCERTAIN else "1.0"
+            else:
+                values[column] = "" if rng.random() < CHEXPERT_BLANK else "0.0"
+        pixels = np.asarray(Image.open(paths[entry["Image Index"]]), dtype=np.float64) / 255
+        film = Image.fromarray(np.round(255 * pixels**CHEXPERT_GAMMA).astype(np.uint8))
+        views = [("view1_frontal", "Frontal", entry["View Position"], film)]
+        if rng.random() < CHEXPERT_LATERALS:
+            views.append(("view2_lateral", "Lateral", "", film.transpose(Image.Transpose.ROTATE_90)))
+        for view, frontal, projection, image in views:
+            relative = f"{part}/patient{int(entry['Patient ID']):05d}/study{study}/{view}.jpg"
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            image.save(out / relative, quality=90)
+            sex = {"M": "Male", "F": "Female"}[entry["Patient Gender"]]
+            tables[part].append(
+                {
+                    "Path": f"CheXpert-v1.0-small/{relative}",
+                    "Sex": sex,
+                    "Age": entry["Patient Age"],
+                    "Frontal/Lateral": frontal,
+                    "AP/PA": projection,
+                    **values,
+                }
+            )
+            written += 1
+    for part, rows in tables.items():
+        with open(out / f"{part}.csv", "w", newline="") as file:
+            writer = csv.DictWriter(file, ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_COLUMNS])
+            writer.writeheader()
+            writer.writerows(rows)
+    shutil.rmtree(staging)
+    return written
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo", help="output folder (default: %(default)s)")
     parser.add_argument("--patients", type=int, default=600, help="patients (~3.4 images each; default: %(default)s)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--layout",
+        choices=("nih", "chexpert"),
+        default="nih",
+        help="NIH's files, or CheXpert-v1.0-small's (train.csv, valid.csv, JPEGs; -1 and blank labels) "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args()
-    count = write_demo(args.out, args.patients, args.size, args.seed)
-    print(f"wrote {count} images of {args.patients} patients ({args.size} px) to {args.out}")
+    write = write_chexpert_demo if args.layout == "chexpert" else write_demo
+    count = write(args.out, args.patients, args.size, args.seed)
+    print(f"wrote {count} images of {args.patients} patients ({args.size} px, {args.layout} layout) to {args.out}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pandas as pd
 import calibration
 import ood
 from dataset import FINDINGS, find_label_file, run_split, split_rows
+from datasets import is_nih_only
 from devices import worker_count
 from errors import DataError
 from external import EXPERT_MAPPING, EXPERT_UNSCORED, model_scores, read_external
@@ -95,6 +96,12 @@ def readable_only(rows, outputs, drop_missing_images, skipped):
 def evaluate_nih(model, request):
     """The run's test (or validation) split; thresholds and a calibration fitted on its validation split (and the
     out-of-distribution statistics, for a checkpoint that lacks them, on its training films)."""
+    if not is_nih_only(model.data):
+        raise DataError(
+            f"{request.checkpoint} was trained on {model.data.dataset}: evaluating it on its own split, one section "
+            "per dataset, is not built yet. Evaluate it on one dataset's files with --dataset NAME --data_dir FOLDER "
+            "(for CheXpert, valid.csv: the run's CheXpert test films)."
+        )
     split, source = run_split(model.checkpoint, request.checkpoint, request.test_list)
     has_validation = bool((split.split == "val").any())
     needs_ood = model.statistics.ood is None and has_validation and bool((split.split == "train").any())

@@ -29,12 +29,12 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from dataset import demographics, find_file, read_table
+from dataset import FINDINGS, demographics, find_file, read_table
 from errors import DataError
 from films import FRONTAL_VIEWS, LATERAL_VIEWS
 from images import index_images
 
-DATASETS = ("chexpert", "mimic", "padchest", "vindr", "rsna")
+DATASETS = ("chexpert", "mimic", "padchest", "vindr", "rsna", "csv")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 LABELER_VALUES = (1, 0, -1)  # CheXpert's labeler (CheXpert, MIMIC): positive, negative, uncertain; blank: not mentioned
 VINDR_RULES = ("any", "majority")  # a VinDr finding is positive when any radiologist marked it, or at least two
@@ -100,12 +100,16 @@ VINDR_MAPPING = {  # reported name: (VinDr class names, the model's findings)
     "Fibrosis": (("Pulmonary fibrosis",), ("Fibrosis",)),
 }
 RSNA_MAPPING = {"Pneumonia": (("Target",), ("Pneumonia",))}
+OWN_CSV_COLUMNS = ("path", "patient_id")  # a hospital's own CSV: these, any of the 14 findings, and OWN_CSV_OPTIONAL
+OWN_CSV_OPTIONAL = ("view", "sex", "age")  # optional: the view (frontal films kept) and, for the subgroup report
+OWN_CSV_VALUES = "a finding's column holds 1 (positive), 0 (negative), -1 (uncertain) or nothing (unlabelled)."
 MAPPINGS = {
     "chexpert": CHEXPERT_MAPPING,
     "mimic": CHEXPERT_MAPPING,
     "padchest": PADCHEST_MAPPING,
     "vindr": VINDR_MAPPING,
     "rsna": RSNA_MAPPING,
+    "csv": {finding: ((finding,), (finding,)) for finding in FINDINGS},  # the columns the file has of these
 }
 EXPERT_MAPPING = {  # Google's expert labels of NIH films: name -> the NIH findings (labels and model) behind it
     "Pneumothorax": ("Pneumothorax",),
@@ -143,6 +147,7 @@ def read_external(dataset, data_dir, csv_path="", uncertain="ignore", drop_missi
         "padchest": _read_padchest,
         "vindr": _read_vindr,
         "rsna": _read_rsna,
+        "csv": _read_own_csv,
     }[dataset]
     read = reader(data_dir, csv_path, options)
     views = read["views"].fillna("").astype(str).str.strip().str.upper()
@@ -156,7 +161,7 @@ def read_external(dataset, data_dir, csv_path="", uncertain="ignore", drop_missi
     boxes = read.get("boxes")
     if boxes is not None:
         boxes = boxes[boxes.image_name.isin(rows.image_name)].reset_index(drop=True)
-    mapping = {name: findings for name, (_, findings) in MAPPINGS[dataset].items()}
+    mapping = {name: findings for name, (_, findings) in read.get("mapping", MAPPINGS[dataset]).items()}
     other_views = len(views) - int(frontal.sum()) - laterals
     return External(rows, mapping, laterals, other_views, str(read["source"]), read.get("left_out", {}), skipped, boxes)
 
@@ -184,7 +189,12 @@ def _uncertain(values, uncertain):
     return values.replace(-1, {"ignore": np.nan, "zeros": 0, "ones": 1}[uncertain])
 
 
-def _check_labeler_values(table, mapping, path):
+def _check_labeler_values(
+    table,
+    mapping,
+    path,
+    advice="the CheXpert labeler writes 1 (positive), 0 (negative), -1 (uncertain) or nothing. Use the file unchanged.",
+):
     """CheXpert's labeler writes 1, 0, -1 or nothing in each finding's column; anything else (a 2, a "yes") is an
     error naming the file, the row and the value, not a negative in silence."""
     for column in [column for columns, _ in mapping.values() for column in columns if column in table.columns]:
@@ -195,10 +205,7 @@ def _check_labeler_values(table, mapping, path):
             row = int(np.flatnonzero(bad)[0])
             value = text.iloc[row]
             shown = f"{value:g}" if isinstance(value, (int, float, np.number)) else repr(str(value))
-            raise DataError(
-                f"{path}, row {row + 2}: {column} is {shown}, one of {bad.sum()} such value(s); the "
-                "CheXpert labeler writes 1 (positive), 0 (negative), -1 (uncertain) or nothing. Use the file unchanged."
-            )
+            raise DataError(f"{path}, row {row + 2}: {column} is {shown}, one of {bad.sum()} such value(s); {advice}")
 
 
 def _refuse_duplicates(table, columns, path, what):
@@ -438,6 +445,45 @@ def _read_rsna(data_dir, csv_path, options):
         }
     )
     return {"rows": rows, "views": pd.Series("FRONTAL", index=rows.index), "source": path, "boxes": boxes}
+
+
+def _read_own_csv(data_dir, csv_path, options):
+    """A hospital's own films: a CSV with path (relative to the data folder; PNG, JPEG or DICOM), patient_id, any of
+    the 14 findings' columns (1 positive, 0 negative, -1 uncertain, blank unlabelled), and optionally view, sex and
+    age. Without a view column every film is taken as frontal. A finding the file has no column for is unlabelled."""
+    if not csv_path:
+        raise DataError("--dataset csv needs the file: --csv my_films.csv (its paths relative to --data_dir)")
+    path = find_file(csv_path, data_dir, "label file")
+    table = read_table(path, dtype=str, keep_default_na=False)
+    table.columns = [str(column).strip() for column in table.columns]
+    absent = [column for column in OWN_CSV_COLUMNS if column not in table.columns]
+    if absent:
+        raise DataError(
+            f"{path}: missing column(s) {absent}; a film list needs path and patient_id, and any of the 14 findings"
+        )
+    unknown = [column for column in table.columns if column not in (*OWN_CSV_COLUMNS, *OWN_CSV_OPTIONAL, *FINDINGS)]
+    if unknown:
+        raise DataError(
+            f"{path}: column {unknown[0]!r} is no finding this model reads; use the 14 names as written: "
+            f"{', '.join(FINDINGS)} (and path, patient_id, view, sex, age)"
+        )
+    findings = [finding for finding in FINDINGS if finding in table.columns]
+    if not findings:
+        raise DataError(f"{path}: no finding column; add one or more of {', '.join(FINDINGS)}")
+    blank = table[OWN_CSV_COLUMNS[1]].str.strip() == ""
+    if blank.any():
+        raise DataError(f"{path}, row {int(np.flatnonzero(blank.to_numpy())[0]) + 2}: patient_id is empty")
+    mapping = {finding: ((finding,), (finding,)) for finding in findings}
+    values = table[findings].apply(lambda column: column.str.strip()).replace("", np.nan)
+    _check_labeler_values(values, mapping, path, OWN_CSV_VALUES)
+    _inside(table, "path", path)
+    _refuse_duplicates(table, ["path"], path, "film(s)")
+    labels = values.apply(pd.to_numeric).replace(-1, {"ignore": np.nan, "zeros": 0, "ones": 1}[options["uncertain"]])
+    rows = pd.DataFrame({"path": [str(Path(data_dir) / name) for name in table.path], "patient_id": table.patient_id})
+    rows = rows.assign(**demographics(table.get("sex"), table.get("age"), table.get("view")))
+    rows = pd.concat([rows, labels], axis=1)
+    views = table["view"] if "view" in table.columns else pd.Series("FRONTAL", index=table.index)
+    return {"rows": rows, "views": views, "source": path, "mapping": mapping}
 
 
 def read_expert_labels(path):

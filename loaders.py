@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dataset import FINDINGS
+from datasets import is_nih_only
 from devices import worker_count
 from errors import DataError
 from films import eval_crop, five_views
@@ -22,7 +23,7 @@ def make_loaders(data, loader, labels, split, device, rank, world_size, log):
     """(training batches, validation batches) of a settings.DataSettings and LoaderSettings: from images held in
     device memory when they fit there (CACHE_ON_DEVICE), else from DataLoader workers that read the cache or decode
     the PNGs."""
-    cache = find_cache(data.data_dir, data.load_size, data.cache)
+    cache = find_cache(data.data_dir, data.load_size, data.cache) if is_nih_only(data) else None
     rows = {part: labels[split == part] for part in ("train", "val")}
     if len(rows["train"]) < loader.batch_size * world_size or len(rows["val"]) == 0:
         raise DataError(f"{len(rows['train'])} training / {len(rows['val'])} validation images: too few for a batch.")
@@ -46,7 +47,8 @@ def make_loaders(data, loader, labels, split, device, rank, world_size, log):
             DeviceBatches(on_device["train"], targets["train"], train_sampler, loader.batch_size, drop_last=True),
             DeviceBatches(on_device["val"], targets["val"], val_sampler, loader.batch_size),
         )
-    log(f"images: {f'cache {cache}' if cache else 'decoding PNGs (python cache.py builds a faster cache)'}")
+    decoding = "decoding PNGs (python cache.py builds a faster cache)" if is_nih_only(data) else "decoding the films"
+    log(f"images: {f'cache {cache}' if cache else decoding}")
     augment = WorkerAugment(data.image_size) if loader.augment_on == "workers" else None
     workers = worker_count(loader.num_workers)
     common = {

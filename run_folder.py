@@ -27,6 +27,8 @@ TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch_totals")  # 
 
 # the settings a resumed run must share with its start, or it is another experiment
 RUN_DEFINING = (
+    "DATASET",
+    "UNCERTAIN",
     "BACKBONE",
     "IMAGE_SIZE",
     "LOAD_SIZE",

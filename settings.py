@@ -7,13 +7,18 @@ from dataclasses import asdict, dataclass, fields
 
 from errors import SettingsError
 
+# settings newer than some checkpoints, with the value every run before them had (they trained on NIH alone)
+ADDED_SINCE = {"DATASET": "nih", "UNCERTAIN": "ignore"}
+
 
 @dataclass(frozen=True)
 class DataSettings:
     """Which films, split how, and the pixels the network sees."""
 
-    data_dir: str
+    dataset: str  # "nih", another dataset, or a comma-separated union (datasets.py)
+    data_dir: str  # one folder per dataset, comma-separated in the same order
     csv: str
+    uncertain: str  # an uncertain label (-1): "ignore" (unlabelled), "zeros" or "ones"
     cache: str
     load_size: int
     image_size: int
@@ -103,6 +108,7 @@ def record_from_config(record_type, config, source="the settings"):
     """A record_type built from the settings its fields name, in a {NAME: value} mapping (`source` names it in the
     error when one is missing)."""
     names = [field.name for field in fields(record_type)]
+    config = {**ADDED_SINCE, **config}
     missing = [name.upper() for name in names if name.upper() not in config]
     if missing:
         raise SettingsError(

@@ -19,12 +19,15 @@ from configurator import Above, AtLeast, Between, CommaList, Flag, OneOf, Text
 from dataset import POS_WEIGHT_POLICIES
 
 LAYERS = CommaList("stem", "layer1", "layer2", "layer3", "layer4", "head", alone="all")  # model.BLOCKS, and the head
+DATASETS = CommaList("nih", "chexpert", "mimic", "padchest", "vindr", "rsna", "csv")  # datasets.TRAINING_DATASETS
 
 # ----------------------------------------------------------------------------- settings (python train.py --help)
 # NAME: what it may be = its default  # what it means. Edit a default here, or override it with a config file or
 # --name value; every value is checked against what it may be before the run writes or reads anything.
-DATA_DIR: Text = "data/nih"  # folder with the label CSV and the images (NIH archive layout or flat)
-CSV: Text = ""  # label file; empty: the one Data_Entry_2017*.csv below DATA_DIR
+DATASET: DATASETS = "nih"  # the films to train on, or a union: nih,chexpert (datasets.py)
+DATA_DIR: Text = "data/nih"  # the dataset's folder (label CSV and images); for a union one per dataset, comma-separated
+CSV: Text = ""  # label file; empty: the dataset's own (NIH: the Data_Entry_2017*.csv below DATA_DIR)
+UNCERTAIN: OneOf("ignore", "zeros", "ones") = "ignore"  # CheXpert/MIMIC -1: unlabelled (U-Ignore), negative, positive
 BACKBONE: OneOf("resnet50", "densenet121", "convnext_tiny") = "resnet50"  # the network (model.BACKBONES)
 IMAGE_SIZE: AtLeast(32) = 224  # side of the square crop the network sees
 LOAD_SIZE: AtLeast(32) = 256  # images are letterboxed to this square on load; training crops are taken from it
@@ -74,20 +77,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import (
-    FINDINGS,
-    attach_image_paths,
-    count_positives,
-    find_label_file,
-    make_split,
-    pos_weight_from_counts,
-    read_labels,
-    saved_split,
-    split_record,
-)
+from dataset import FINDINGS, count_positives, pos_weight_from_counts, saved_split, split_record
+from datasets import describe, is_nih_only, read_training_films
 from devices import autocast_dtype, compile_support, device_name, select_device, use_channels_last
 from distributed import gather_rows, setup_distributed, shut_down, sum_over_ranks
-from errors import CheckpointError, DataError, SettingsError, one_line_errors
+from errors import CheckpointError, SettingsError, one_line_errors
 from images import find_cache
 from inference import fit_run_statistics, predict_logits
 from loaders import close_workers, make_loaders
@@ -192,24 +186,17 @@ class StopRequest:
 
 
 def load_split_labels(data, checkpoint, checkpoint_path):
-    """(label file, labels with image paths, split per row) of a settings.DataSettings: a new split for a new run; for
-    a resumed run the checkpoint's own (checked against the split.csv beside it)."""
-    csv_path = find_label_file(data.data_dir, data.csv)
-    cache = find_cache(data.data_dir, data.load_size, data.cache)  # its films need no PNG on disk
-    labels = attach_image_paths(read_labels(csv_path), data.data_dir, data.drop_missing_images, cache=cache)
+    """The datasets.TrainingFilms of a settings.DataSettings: a new split for a new run; for a resumed run the
+    checkpoint's own (checked against the split.csv beside it)."""
+    cache = find_cache(data.data_dir, data.load_size, data.cache) if is_nih_only(data) else None  # no PNG needed
     if checkpoint is None:
-        return csv_path, labels, make_split(labels, csv_path, data.val_fraction, data.test_fraction, data.seed)
-    saved = saved_split(checkpoint.get("split"), Path(checkpoint_path).parent / "split.csv")
-    if saved is None:
-        raise CheckpointError(f"{checkpoint_path} carries no split and no split.csv lies beside it: cannot resume.")
-    missing = saved.image_name[~saved.image_name.isin(labels.image_name)]
-    if len(missing):
-        raise DataError(
-            f"{len(missing)} image(s) of the run's split are not below {data.data_dir} (first: {missing.iloc[0]})"
-        )
-    split = labels["image_name"].map(saved.set_index("image_name")["split"])
-    keep = split.notna().to_numpy()  # images added to the label file since the run started take no part
-    return csv_path, labels[keep].reset_index(drop=True), split[keep].reset_index(drop=True)
+        films = read_training_films(data, cache)
+    else:
+        saved = saved_split(checkpoint.get("split"), Path(checkpoint_path).parent / "split.csv")
+        if saved is None:
+            raise CheckpointError(f"{checkpoint_path} carries no split and no split.csv lies beside it: cannot resume.")
+        films = read_training_films(data, cache, saved)
+    return films
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -384,6 +371,19 @@ class Validation:
     crops: list  # this rank's first few validation crops (for the heat maps)
 
 
+class LabelledBCE(torch.nn.BCEWithLogitsLoss):
+    """BCEWithLogitsLoss with pos_weight, averaged over the labelled entries only: a NaN target (a finding the film's
+    dataset does not label, or an uncertain one under UNCERTAIN = "ignore") adds no loss and no gradient. Without NaN
+    it is BCEWithLogitsLoss's mean."""
+
+    def forward(self, logits, targets):
+        labelled = ~torch.isnan(targets)
+        losses = F.binary_cross_entropy_with_logits(
+            logits, torch.where(labelled, targets, 0), pos_weight=self.pos_weight, reduction="none"
+        )
+        return torch.where(labelled, losses, 0).sum() / labelled.sum().clamp(min=1)
+
+
 def validate(net, loader, pos_weight, loop):
     """A Validation of the model on the validation batches."""
     from metrics import auroc_per_finding, mean_auroc  # scikit-learn: imported here, not in every DataLoader worker
@@ -404,7 +404,7 @@ def validate(net, loader, pos_weight, loop):
     _, first = np.unique(indices, return_index=True)
     logits = gather_rows(logits, device, world_size)[first]
     targets = gather_rows(targets, device, world_size)[first]
-    loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight.cpu()).item()
+    loss = LabelledBCE(pos_weight=pos_weight.cpu())(logits, targets).item()
     probabilities, targets = torch.sigmoid(logits).numpy(), targets.numpy()
     aurocs = auroc_per_finding(targets, probabilities)
     return Validation(loss, aurocs, mean_auroc(aurocs), targets, probabilities, crops)
@@ -430,7 +430,7 @@ def build_training(model_settings, training_settings, counts, pos_weight, device
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, training_settings, steps),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        criterion=torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device)),
+        criterion=LabelledBCE(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device)),
     )
 
 
@@ -506,14 +506,15 @@ def start_run(settings):
         f"device: {device} ({device_name(device)}); autocast {dtype or 'off (fp32)'}; channels_last {channels_last}; "
         f"augmentation on the {settings.loader.augment_on}; {world_size} process(es)"
     )
-    csv_path, labels, split = load_split_labels(settings.data, checkpoint, resume_path)
-    counts, pos_weight = describe_data(settings, csv_path, labels, split, log)
+    films = load_split_labels(settings.data, checkpoint, resume_path)
+    labels, split = films.rows, films.split
+    counts, pos_weight = describe_data(settings, films, log)
     batches = make_loaders(settings.data, settings.loader, labels, split, device, rank, world_size, log)
     steps = len(batches[0])
     training = build_training(
         settings.model, settings.training, counts, pos_weight, device, dtype, channels_last, steps
     )
-    training.split = split_record(labels, split, csv_path)
+    training.split = split_record(labels, split, films.sources)
     history, position, totals = [], Position(), EpochTotals()
     if checkpoint is not None:
         history, position, totals = restore(training, checkpoint, device)
@@ -560,10 +561,14 @@ def make_loop(settings, device, dtype, channels_last, world_size, steps, trainin
     )
 
 
-def describe_data(settings, csv_path, labels, split, log):
-    """(the training split's (positives, negatives), the pos_weight from them), with the label file and the
-    split's sizes said."""
-    log(f"labels: {csv_path} ({len(labels):,} images)")
+def describe_data(settings, films, log):
+    """(the training split's labelled (positives, negatives), the pos_weight from them), with the label files, each
+    dataset's films, and the split's sizes said."""
+    labels, split = films.rows, films.split
+    log(f"labels: {', '.join(str(path) for path in films.sources)} ({len(labels):,} images)")
+    if not is_nih_only(settings.data):
+        for line in describe(films):
+            log(f"  {line}")
     counts = count_positives(labels[split == "train"][list(FINDINGS)].to_numpy())
     pos_weight = pos_weight_from_counts(*counts, settings.training.pos_weight, settings.training.pos_weight_cap)
     for part in ("train", "val", "test"):
@@ -619,6 +624,10 @@ def train_epochs(run, stop):
             f"epoch {epoch}: train loss {metrics.train_loss:.4f}, val loss {metrics.val_loss:.4f}, "
             f"mean AUROC {metrics.val_mean_auroc:.4f}, lr {metrics.lr:.1e}"
         )
+        datasets = run.labels.dataset[(run.split == "val").to_numpy()].to_numpy()
+        if len(set(datasets)) > 1:
+            by_dataset = auroc_by_dataset(validation, datasets)
+            log("  mean AUROC by dataset: " + ", ".join(f"{name} {value:.4f}" for name, value in by_dataset.items()))
         if run.is_main:
             save_and_log_epoch(run, metrics, validation)
         ended = finished(run.history, Position(epoch + 1, 0), metrics.lr, settings.training)
@@ -626,6 +635,18 @@ def train_epochs(run, stop):
             log(f"training ends: {ended}")
             break
     return 0
+
+
+def auroc_by_dataset(validation, datasets):
+    """{dataset: the mean validation AUROC over its own films} of a union (`datasets`: each validation film's)."""
+    from metrics import auroc_per_finding, mean_auroc
+
+    return {
+        name: mean_auroc(
+            auroc_per_finding(validation.targets[datasets == name], validation.probabilities[datasets == name])
+        )
+        for name in dict.fromkeys(datasets)
+    }
 
 
 def save_and_log_epoch(run, metrics, validation):

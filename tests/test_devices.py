@@ -43,7 +43,8 @@ def resume_onto(device, demo_dir, out, dtype=None):
     on `device` and restore the checkpoint into them; returns (checkpoint, parts, position)."""
     settings = train.parse_settings(tiny(demo_dir, out, epochs=2, resume="last"))
     path, checkpoint = run_folder.open_run(settings, out, True, print)
-    _, labels, split = train.load_split_labels(settings.data, checkpoint, path)  # numpy on the split's codes
+    films = train.load_split_labels(settings.data, checkpoint, path)
+    labels, split = films.rows, films.split  # numpy on the split's codes
     counts = count_positives(labels[split == "train"][list(FINDINGS)].to_numpy())
     pos_weight = pos_weight_from_counts(*counts, settings.training.pos_weight, settings.training.pos_weight_cap)
     parts = train.build_training(settings.model, settings.training, counts, pos_weight, device, dtype, False, 8)

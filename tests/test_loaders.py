@@ -28,7 +28,8 @@ def cached(demo_dir, tmp_path_factory):
 
 def loaders_of(data, tmp_path, **loader_changes):
     settings = train.parse_settings(tiny(data, tmp_path / "run"))
-    _, labels, split = train.load_split_labels(settings.data, None, None)
+    films = train.load_split_labels(settings.data, None, None)
+    labels, split = films.rows, films.split
     loader = replace(settings.loader, **loader_changes)
     return make_loaders(settings.data, loader, labels, split, CPU, 0, 1, print)
 
@@ -57,6 +58,7 @@ def test_a_setup_that_cannot_give_batches_is_refused_naming_why(demo_dir, cached
     with pytest.raises(DataError, match="too few for a batch"):
         loaders_of(demo_dir, tmp_path, batch_size=100_000)
     settings = train.parse_settings(tiny(cached, tmp_path / "run", load_size=48, cache=cached / "cache_40"))
-    _, labels, split = train.load_split_labels(settings.data, None, None)
+    films = train.load_split_labels(settings.data, None, None)
+    labels, split = films.rows, films.split
     with pytest.raises(DataError, match="holds 40-px images; LOAD_SIZE is 48"):
         make_loaders(settings.data, settings.loader, labels, split, CPU, 0, 1, print)

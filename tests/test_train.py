@@ -91,6 +91,8 @@ def test_older_epochs_keep_the_model_alone_and_a_resume_from_one_says_which_file
 
 
 RUN_DEFINING_CHANGES = {  # another valid value of each setting that defines a run (tiny() gives the first)
+    "DATASET": "chexpert",
+    "UNCERTAIN": "ones",
     "BACKBONE": "densenet121",
     "IMAGE_SIZE": 36,
     "LOAD_SIZE": 48,
