@@ -141,6 +141,7 @@ def fit_run_statistics(run_dir, data, batch_size, amp, labels, split, device, lo
     the training state (a resume starts from epoch_NN.pth or interrupted.pth); best_auroc.pth stays a link to
     best.pth when both are the same epoch's."""
     from dataset import FINDINGS
+    from datasets import is_nih_only
     from model import copy_checkpoint
     from run_folder import TRAINING_STATE
 
@@ -157,8 +158,9 @@ def fit_run_statistics(run_dir, data, batch_size, amp, labels, split, device, lo
             model = TorchModel(path, str(device), amp)
             epoch = model.checkpoint["epoch"]
             if epoch not in fitted:
+                folder = data.data_dir if is_nih_only(data) else None  # NIH's cache; the other datasets' files
                 outputs = {
-                    part: split_outputs(model, rows, data.data_dir, batch_size, cache=data.cache, progress=False)
+                    part: split_outputs(model, rows, folder, batch_size, cache=data.cache, progress=False)
                     for part, rows in parts.items()
                 }
                 targets = parts["val"][list(FINDINGS)].to_numpy(dtype=float)

@@ -7,6 +7,7 @@ half) trains once while the other process runs tests that need no trained model.
 
 import os
 import shutil
+import signal
 
 import pytest
 from filelock import FileLock
@@ -16,7 +17,11 @@ from helpers import ROOT
 
 
 def pytest_configure(config):
-    """Two processes on two cores: each torch uses its share of them (two threads each would contend)."""
+    """Two processes on two cores: each torch uses its share of them (two threads each would contend). Ctrl-C is
+    answered as in a terminal: a test run started in the background (`make test &`) inherits SIGINT ignored, and so
+    would the commands that the Ctrl-C tests start and interrupt."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
