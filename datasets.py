@@ -12,8 +12,9 @@ UNCERTAIN: "ignore" (unlabelled, the CheXpert paper's U-Ignore), "zeros" or "one
 datasets' authors read it. In a hospital's own CSV blank is unlabelled.
 
 Splits are by patient within each dataset, and patient ids of a union carry their dataset ("chexpert:64541"), so no
-patient is in two parts. The official splits are used where a dataset has one (OFFICIAL_SPLITS); the rest of a
-dataset is split by VAL_FRACTION and TEST_FRACTION.
+patient is in two parts. The official splits are used where a dataset has one (NIH's lists, CheXpert's valid.csv as
+the test part, MIMIC's split file; README, "Training on other datasets"); the rest of a dataset is split by
+VAL_FRACTION and TEST_FRACTION.
 """
 
 import os
@@ -23,20 +24,21 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from dataset import FINDINGS, SPLITS, attach_image_paths, find_label_file, make_split, read_labels, split_by_patient
+from dataset import (
+    FINDINGS,
+    SPLITS,
+    attach_image_paths,
+    check_patients_disjoint,
+    find_label_file,
+    make_split,
+    read_labels,
+    read_table,
+    split_by_patient,
+)
 from errors import DataError
 from external import read_external
 
 TRAINING_DATASETS = ("nih", "chexpert", "mimic", "padchest", "vindr", "rsna", "csv")  # train.py's DATASET values
-OFFICIAL_SPLITS = {  # what each dataset's own split is, as the README says it
-    "nih": "train_val_list.txt / test_list.txt beside the label file: test; VAL_FRACTION of train_val patients: val",
-    "chexpert": "valid.csv (radiologists' consensus labels): test; train.csv by VAL_FRACTION: train and val",
-    "mimic": "mimic-cxr-2.0.0-split.csv: train, validate (val) and test",
-    "padchest": "none: by VAL_FRACTION and TEST_FRACTION",
-    "vindr": "none read (the reader reads train.csv): by VAL_FRACTION and TEST_FRACTION",
-    "rsna": "none (stage 2's test labels are not public): by VAL_FRACTION and TEST_FRACTION",
-    "csv": "none: by VAL_FRACTION and TEST_FRACTION",
-}
 MIMIC_SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"
 MIMIC_SPLITS = {"train": "train", "validate": "val", "test": "test"}
 
@@ -92,8 +94,6 @@ def read_training_films(data, cache=None, saved_split=None):
         raise DataError(f"image {rows.image_name[rows.image_name.duplicated()].iloc[0]} is listed twice")
     if saved_split is not None:
         return _with_saved_split(rows, saved_split, sources, left_out, data.data_dir)
-    from dataset import check_patients_disjoint
-
     check_patients_disjoint(rows.patient_id, rows.split)
     return TrainingFilms(rows.drop(columns="split"), rows.split, sources, left_out)
 
@@ -174,8 +174,6 @@ def _mimic_split(rows, folder):
     path = Path(folder) / MIMIC_SPLIT_FILE
     if not path.is_file():
         return None
-    from dataset import read_table
-
     table = read_table(path, dtype=str)
     if not {"dicom_id", "split"} <= set(table.columns):
         raise DataError(f"{path}: missing column dicom_id or split; use MIMIC's file unchanged")

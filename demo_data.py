@@ -1,6 +1,6 @@
 """A synthetic ChestX-ray14 in NIH's exact layout, so everything runs with no download.
 
-    python demo_data.py --out data/demo [--patients 600] [--size 128] [--seed 0]
+    python demo_data.py --out data/demo [--patients 600] [--size 128] [--seed 0] [--layout nih|chexpert]
 
 Writes Data_Entry_2017_v2020.csv (the NIH columns), train_val_list.txt / test_list.txt (split by patient),
 BBox_List_2017.csv (NIH's format, for the 8 findings NIH boxed) and images_00K/images/PPPPPPPP_FFF.png. Each
@@ -11,6 +11,9 @@ positives in the test split; findings co-occur as on NIH (effusion with atelecta
 with infiltration and consolidation, mass with nodule); a chronic finding persists over a patient's follow-ups;
 and LABEL_NOISE of the labels disagree with the film, as NIH's text-mined labels do. Deterministic for a seed;
 numpy and Pillow (and dataset.py's FINDINGS) only.
+
+--layout chexpert writes the same phantoms as another hospital's: CheXpert-v1.0-small's train.csv and valid.csv
+(1, 0, -1 and blank labels, laterals beside some frontal films) and JPEGs (write_chexpert_demo).
 """
 
 import argparse
@@ -437,12 +440,11 @@ def write_chexpert_demo(out, patients=600, size=128, seed=0):
         labels = set(entry["Finding Labels"].split("|"))
         values = {}
         for column, findings in CHEXPERT_COLUMNS.items():
-            positive = bool(labels & set(findings))
-            if not findings and column != "No Finding":
-                values[column] = ""
-            elif column == "No Finding":
+            if column == "No Finding":
                 values[column] = "1.0" if labels == {"No Finding"} else ""
-            elif positive:
+            elif not findings:
+                values[column] = ""
+            elif labels & set(findings):
                 values[column] = "-1.0" if rng.random() < CHEXPERT_UNCERTAIN else "1.0"
             else:
                 values[column] = "" if rng.random() < CHEXPERT_BLANK else "0.0"

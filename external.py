@@ -36,6 +36,7 @@ from images import index_images
 
 DATASETS = ("chexpert", "mimic", "padchest", "vindr", "rsna", "csv")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
+UNCERTAIN_VALUES = {"ignore": np.nan, "zeros": 0, "ones": 1}  # what an uncertain label (-1) becomes under each policy
 LABELER_VALUES = (1, 0, -1)  # CheXpert's labeler (CheXpert, MIMIC): positive, negative, uncertain; blank: not mentioned
 VINDR_RULES = ("any", "majority")  # a VinDr finding is positive when any radiologist marked it, or at least two
 CHEXPERT_MAPPING = {  # reported name: (CheXpert labeler columns, the model's findings whose maximum scores it)
@@ -186,7 +187,7 @@ def _uncertain(values, uncertain):
     """CheXpert-labeler values (1, 0, -1, blank) as 1 / 0 / NaN (left out): blank is "not mentioned", a negative
     under every policy; -1 (uncertain) follows the policy: ignore -> NaN, zeros -> 0, ones -> 1."""
     values = pd.to_numeric(values, errors="coerce").fillna(0)
-    return values.replace(-1, {"ignore": np.nan, "zeros": 0, "ones": 1}[uncertain])
+    return values.replace(-1, UNCERTAIN_VALUES[uncertain])
 
 
 def _check_labeler_values(
@@ -478,7 +479,7 @@ def _read_own_csv(data_dir, csv_path, options):
     _check_labeler_values(values, mapping, path, OWN_CSV_VALUES)
     _inside(table, "path", path)
     _refuse_duplicates(table, ["path"], path, "film(s)")
-    labels = values.apply(pd.to_numeric).replace(-1, {"ignore": np.nan, "zeros": 0, "ones": 1}[options["uncertain"]])
+    labels = values.apply(pd.to_numeric).replace(-1, UNCERTAIN_VALUES[options["uncertain"]])
     rows = pd.DataFrame({"path": [str(Path(data_dir) / name) for name in table.path], "patient_id": table.patient_id})
     rows = rows.assign(**demographics(table.get("sex"), table.get("age"), table.get("view")))
     rows = pd.concat([rows, labels], axis=1)

@@ -383,7 +383,7 @@ def predict_logits(net, loader, prepare, dtype=None, progress=None, features=Fal
     or whether each film was readable), on the CPU; with features=True also the OOD features
     (model.ood_features_and_logits), from the same pass.
 
-        prepare: turns a uint8 batch into the network's input on its device (normalised, in its layout)."""
+    prepare: turns a uint8 batch into the network's input on its device (normalised, in its layout)."""
     import torch
 
     from model import ood_features_and_logits

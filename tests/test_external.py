@@ -119,6 +119,24 @@ def test_chexpert_frontal_films_mapped_findings_and_uncertain_labels(trained_run
     assert (tmp_path / "report" / "report.csv").is_file() and (tmp_path / "report" / "roc_curves.png").is_file()
 
 
+def test_a_hospitals_own_csv_is_evaluated_on_the_findings_it_has(trained_run, films, tmp_path):
+    """--dataset csv: the file's finding columns are scored (blank left out), its laterals left out."""
+    labels, images = films
+    table = []
+    for k, pixels in enumerate(images):
+        Image.fromarray(pixels).save(tmp_path / f"{k}.png")
+        effusion = "" if k % 5 == 0 else str(int(labels.Effusion[k]))
+        table.append({"path": f"{k}.png", "patient_id": labels.patient_id[k], "Effusion": effusion, "view": "PA"})
+    table[0]["view"] = "LATERAL"
+    pd.DataFrame(table).assign(Cardiomegaly=labels.Cardiomegaly.astype(int)).to_csv(tmp_path / "mine.csv", index=False)
+    report = run(trained_run, tmp_path, "csv", tmp_path, "--csv", "mine.csv")
+    assert report["images"] == len(labels) - 1 and report["laterals_left_out"] == 1
+    rows = {row["finding"]: row for row in report["findings"]}
+    assert list(rows) == ["Cardiomegaly", "Effusion"]
+    assert rows["Effusion"]["images"] == len(labels) - 1 - len(range(5, len(labels), 5))  # blanks left out
+    assert rows["Cardiomegaly"]["images"] == len(labels) - 1 and rows["Cardiomegaly"]["auroc"] > 0.75
+
+
 def test_mimic_layout_joins_studies_and_views(trained_run, films, tmp_path):
     labels, images = films
     data = tmp_path / "mimic-cxr-jpg"
