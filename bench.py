@@ -4,7 +4,8 @@
     python bench.py --quick --json bench.json      # seconds, for CI
     python bench.py --compile [--compile_mode reduce-overhead]   # adds torch.compile (CUDA graphs with that mode)
 
-(a) input pipeline images/s: decoding the PNGs vs reading the cache, same worker augmentation, same worker count;
+(a) input pipeline images/s: decoding the PNGs vs reading the cache, same worker augmentation, same worker count,
+    and the same for JPEGs in CheXpert's layout (CHEXPERT_SIZE px, as CheXpert-v1.0-small) and their cache;
     a worker's milliseconds per image with augmentation in the workers vs on the device (the worker only reads);
     the device augmentation's cost per image, and batches/s drawn from images held in device memory;
 (b) training-step and evaluation images/s of the real model on this device, in the configurations the device
@@ -44,6 +45,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import train
 from configurator import add_device_flags
 from dataset import FINDINGS, attach_image_paths, pos_weight_from_counts, read_labels
+from datasets import cache_films
 from devices import (
     autocast_dtype,
     compile_support,
@@ -62,6 +64,7 @@ from transforms import WorkerAugment, augment_batch, augmentation_params, normal
 NIH_TRAIN_IMAGES = 77_872  # train_val_list.txt (86,524) less a 10% validation split by patient
 NIH_VAL_IMAGES = 8_652  # that validation split: evaluated after every epoch
 SOURCE_SIZE = 1024  # NIH films are 1024 x 1024 PNGs
+CHEXPERT_SIZE = 320  # CheXpert-v1.0-small's JPEGs: about 320 px on their shorter side
 CPU_STEP = {"image_size": 128, "batch_size": 32}  # the CPU fp32-vs-AMP step: all layers trainable (the demo, CI)
 WORKER_IMAGES = 256  # images per timing of a worker's cost
 HOST_BOUND = 0.9  # a step whose kernels take the host at least this share of its time to queue is CPU-bound
@@ -402,6 +405,18 @@ def make_images(folder, count, load_size, workers):
     return attach_image_paths(read_labels(folder / "Data_Entry_2017_v2020.csv"), folder)
 
 
+def make_jpegs(folder, count, load_size, workers):
+    """About `count` frontal JPEGs in CheXpert's layout (demo_data.py --layout chexpert) and their cache (cache.py
+    --dataset chexpert); their rows as a run reads them (image_name: the cache's key)."""
+    patients = max(1, count // 3)
+    for command in (
+        ["demo_data.py", "--layout", "chexpert", "--out", folder, "--patients", patients, "--size", CHEXPERT_SIZE],
+        ["cache.py", "--dataset", "chexpert", "--data_dir", folder, "--size", load_size, "--workers", max(workers, 1)],
+    ):
+        subprocess.run([sys.executable, *map(str, command)], cwd=Path(__file__).parent, check=True, capture_output=True)
+    return cache_films("chexpert", folder)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300, help="synthetic 1024-px PNGs to generate (default: 300)")
@@ -441,6 +456,10 @@ def input_section(args, device):
         targets = labels[list(FINDINGS)].to_numpy()
         worker_aug_ms, worker_read_ms = worker_costs(cached_images, targets, args)
         device_aug_ms, device_batches_per_s = device_input_rates(cached_images, targets, args, device)
+    with tempfile.TemporaryDirectory() as folder:
+        print(f"    and {CHEXPERT_SIZE}-px JPEGs in CheXpert's layout and their cache ...")
+        jpegs = make_jpegs(Path(folder), args.images, args.load_size, args.workers)
+        jpeg_raw, jpeg_cached = input_rates(jpegs, folder, args)
     per_worker = max(args.workers, 1)
     print(
         f"    {len(labels)} images, {args.workers} workers, batch {args.batch_size}, worker augmentation at "
@@ -448,6 +467,11 @@ def input_section(args, device):
     )
     print(f"    decoding PNGs  {raw:9.1f} img/s  ({raw / per_worker:8.1f} per worker)")
     print(f"    reading cache  {cached:9.1f} img/s  ({cached / per_worker:8.1f} per worker)   {cached / raw:.1f}x")
+    print(f"    decoding JPEGs {jpeg_raw:9.1f} img/s  ({jpeg_raw / per_worker:8.1f} per worker), {len(jpegs)} films")
+    print(
+        f"    their cache    {jpeg_cached:9.1f} img/s  ({jpeg_cached / per_worker:8.1f} per worker)   "
+        f"{jpeg_cached / jpeg_raw:.1f}x"
+    )
     print(
         f"    a worker's time per cached image: augmenting {worker_aug_ms:.3f} ms, only reading {worker_read_ms:.3f} ms"
     )
@@ -459,6 +483,9 @@ def input_section(args, device):
         "input_raw_img_s": raw,
         "input_cached_img_s": cached,
         "input_cached_over_raw": cached / raw,
+        "input_jpeg_img_s": jpeg_raw,
+        "input_jpeg_cached_img_s": jpeg_cached,
+        "input_jpeg_cached_over_raw": jpeg_cached / jpeg_raw,
         "input_worker_ms_per_img": worker_aug_ms,
         "input_worker_ms_per_img_device_aug": worker_read_ms,
         "device_aug_ms_per_img": device_aug_ms,

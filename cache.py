@@ -1,12 +1,15 @@
 """The one-time preprocessed image cache: decode and resize every image once, not every epoch.
 
     python cache.py --data_dir data/nih [--size 256] [--workers N]
+    python cache.py --dataset chexpert --data_dir data/CheXpert-v1.0-small     # any dataset train.py reads
 
 Writes DATA_DIR/cache_SIZE/: images.npy (uint8, N x SIZE x SIZE, read memory-mapped: a worker's RAM stays
 small and the OS page cache serves repeated epochs), index.csv (the image name of each row) and done.npy
-(which rows are written). Interrupted, it resumes where it stopped. The pixels are exactly those of the PNG
-path (the same films.load_image), so training on the cache equals training on the PNGs. Full NIH at 256 px:
-112,120 x 256 x 256 bytes = 7.3 GB.
+(which rows are written). Interrupted, it resumes where it stopped. The pixels are exactly those of the file
+path (the same films.load_image, for PNG, JPEG and DICOM), so training on the cache equals training on the files.
+Full NIH at 256 px: 112,120 x 256 x 256 bytes = 7.3 GB. Each dataset's cache lies in its own folder, keyed by its
+own names (NIH's image names, the others' paths below their folder: CheXpert's train/patient00001/study1/
+view1_frontal.jpg), and holds the frontal films train.py reads of it; a union reads each dataset's.
 
 When the images of a run fit comfortably in the device's memory (CACHE_ON_DEVICE in train.py), DeviceBatches
 holds them there and draws batches by index: no DataLoader, no workers, no host-to-device copy per step.
@@ -17,7 +20,7 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
-from dataset import attach_image_paths, find_label_file, read_labels
+from datasets import TRAINING_DATASETS, cache_films
 from devices import usable_cpus
 from errors import one_line_errors
 from films import load_image
@@ -36,9 +39,9 @@ def _fill_rows(task):
     return rows
 
 
-def build_cache(data_dir, size=256, csv_path="", workers=None, drop_missing=False):
-    """Write (or finish) the cache of every image in the label file; returns its folder."""
-    labels = attach_image_paths(read_labels(find_label_file(data_dir, csv_path)), data_dir, drop_missing)
+def build_cache(data_dir, size=256, csv_path="", workers=None, drop_missing=False, dataset="nih"):
+    """Write (or finish) the cache of every film of the dataset a run may read; returns its folder."""
+    labels = cache_films(dataset, data_dir, csv_path, drop_missing)
     folder = cache_folder(data_dir, size)
     images_path, done = open_cache(folder, labels["image_name"], size)
     todo = np.flatnonzero(~done)
@@ -57,15 +60,18 @@ def build_cache(data_dir, size=256, csv_path="", workers=None, drop_missing=Fals
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--dataset", default="nih", choices=TRAINING_DATASETS, help="the dataset in data_dir (default: nih)"
+    )
     parser.add_argument("--data_dir", required=True, help="dataset folder (label CSV and images)")
     parser.add_argument("--size", type=int, default=256, help="side in pixels; train.py's LOAD_SIZE (default: 256)")
-    parser.add_argument("--csv", default="", help="label file (default: the Data_Entry_2017*.csv in data_dir)")
+    parser.add_argument("--csv", default="", help="label file (default: the dataset's, as train.py finds it)")
     parser.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
     parser.add_argument("--drop_missing_images", action="store_true", help="cache the images present")
     args = parser.parse_args(argv)
     kept = "the rows written so far are kept, and the same command resumes where this one stopped"
     with one_line_errors(interrupted=kept):
-        folder = build_cache(args.data_dir, args.size, args.csv, args.workers, args.drop_missing_images)
+        folder = build_cache(args.data_dir, args.size, args.csv, args.workers, args.drop_missing_images, args.dataset)
     print(f"cache ready: {folder} ({(folder / 'images.npy').stat().st_size / 1e9:.2f} GB)")
 
 

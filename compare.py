@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from configurator import AtLeast, add_device_flags, add_out_flag, check_out_folder, flag_type
 from dataset import FINDINGS, run_split, split_rows
+from datasets import is_nih_only
 from devices import worker_count
 from errors import DataError, one_line_errors
 from images import find_cache
@@ -65,6 +66,11 @@ def predictions_of(path, args):
         print(f"{path}: read the predictions evaluate.py wrote for it ({len(current):,} films)")
         return current
     model = TorchModel(path, args.device, args.amp)
+    if not is_nih_only(model.data):
+        raise DataError(
+            f"{path} trained on {model.data.dataset}: evaluate it first (python evaluate.py --checkpoint {path}); "
+            "compare.py then reads the predictions.csv evaluate.py wrote"
+        )
     split, source = run_split(model.checkpoint, path, args.test_list)
     data_dir = args.data_dir or model.data.data_dir
     parts, _ = split_rows(

@@ -57,8 +57,17 @@ class Rule:
 
 _KIND_NAMES = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}
 
+
+def _weights(value):
+    try:
+        return value.strip() == "" or all(math.isfinite(w) and w > 0 for w in map(float, value.split(",")))
+    except ValueError:
+        return False
+
+
 Text = Rule(str, "text")
 Flag = Rule(bool, "true or false")
+Weights = Rule(str, "empty, or comma-separated numbers above 0 (1,1)", _weights)
 
 
 def OneOf(*values):  # noqa: N802 (read as a type in annotations: NAME: OneOf(...) = value)

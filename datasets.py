@@ -13,7 +13,7 @@ datasets' authors read it. In a hospital's own CSV blank is unlabelled.
 
 Splits are by patient within each dataset, and patient ids of a union carry their dataset ("chexpert:64541"), so no
 patient is in two parts. The official splits are used where a dataset has one (NIH's lists, CheXpert's valid.csv as
-the test part, MIMIC's split file; README, "Training on other datasets"); the rest of a dataset is split by
+the test part, MIMIC's split file, VinDr's test.csv; README, "Training on other datasets"); the rest is split by
 VAL_FRACTION and TEST_FRACTION.
 """
 
@@ -32,15 +32,13 @@ from dataset import (
     find_label_file,
     make_split,
     read_labels,
-    read_table,
     split_by_patient,
 )
 from errors import DataError
-from external import read_external
+from external import DATASETS, REGISTRY, read_external
+from images import find_cache
 
-TRAINING_DATASETS = ("nih", "chexpert", "mimic", "padchest", "vindr", "rsna", "csv")  # train.py's DATASET values
-MIMIC_SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"
-MIMIC_SPLITS = {"train": "train", "validate": "val", "test": "test"}
+TRAINING_DATASETS = ("nih", *DATASETS)  # train.py's DATASET values
 
 
 class TrainingFilms(NamedTuple):
@@ -62,6 +60,11 @@ def dataset_names(data):
             f"DATASET {data.dataset!r} names {len(names)} dataset(s) but DATA_DIR {data.data_dir!r} {len(folders)} "
             "folder(s): give one folder per dataset, in the same order (--data_dir data/nih,data/CheXpert-v1.0-small)"
         )
+    if data.cache not in ("auto", "off") and len(names) > 1:
+        raise DataError(
+            f"CACHE {data.cache!r} with a union ({data.dataset}): each dataset's cache is found in its own folder "
+            "(cache_<LOAD_SIZE>, python cache.py --dataset NAME --data_dir FOLDER); set CACHE to auto or off"
+        )
     if data.csv and len(names) > 1:
         raise DataError(
             f"CSV {data.csv!r} with a union ({data.dataset}): each dataset's label file is found in its "
@@ -70,17 +73,66 @@ def dataset_names(data):
     return names, folders
 
 
+def dataset_weights(data):
+    """DATASET_WEIGHTS as one weight per dataset, or None: each dataset in proportion to its size."""
+    if not data.dataset_weights.strip():
+        return None
+    names, _ = dataset_names(data)
+    weights = [float(weight) for weight in data.dataset_weights.split(",")]
+    if len(weights) != len(names):
+        raise DataError(
+            f"DATASET_WEIGHTS {data.dataset_weights!r} gives {len(weights)} weight(s) for {len(names)} dataset(s) "
+            f"({data.dataset}): one per dataset, in the same order (1,1 for equal shares)"
+        )
+    return weights
+
+
+def sampling(data, rows, split):
+    """A line saying each dataset's share of a training epoch (a union's: `rows` and `split` of its TrainingFilms),
+    and why it is that share."""
+    train = rows.dataset[(split == "train").to_numpy()]
+    sizes = train.value_counts().reindex(dataset_names(data)[0]).to_numpy()
+    weights = dataset_weights(data)
+    shares = sizes / sizes.sum() if weights is None else np.asarray(weights) / sum(weights)
+    rule = "in proportion to its size" if weights is None else f"by DATASET_WEIGHTS {data.dataset_weights}"
+    said = ", ".join(f"{name} {share:.0%}" for name, share in zip(dataset_names(data)[0], shares))
+    return f"each epoch draws from each dataset {rule}: {said}"
+
+
+def image_groups(rows, data):
+    """The rows' films per dataset, as images.dataset_images takes them: (the dataset's folder, each film's name in
+    its cache, their paths, their positions in `rows`). A cache is keyed by the dataset's own names (NIH's image
+    name, the others' path below their folder), the run's names without their "dataset:" prefix."""
+    folder_of = dict(zip(*dataset_names(data)))
+    datasets = rows["dataset"].to_numpy()
+    groups = []
+    for name in dict.fromkeys(datasets):
+        positions = np.flatnonzero(datasets == name)
+        part = rows.iloc[positions]
+        keys = [image.removeprefix(f"{name}:") for image in part.image_name]
+        groups.append((folder_of[name], keys, part.path.to_numpy(), positions))
+    return groups
+
+
+def cache_films(name, folder, csv_path="", drop_missing=False):
+    """image_name (the dataset's own: the cache's key) and path of every film a run on this dataset may read, for
+    cache.py: for NIH every film of its label file, for the others their frontal films of the training files."""
+    if name == "nih":
+        return attach_image_paths(read_labels(find_label_file(folder, csv_path)), folder, drop_missing)
+    return _read_registered(name, folder, csv_path, "ignore", drop_missing)[0]
+
+
 def is_nih_only(data):
     return [name.strip() for name in data.dataset.split(",")] == ["nih"]
 
 
-def read_training_films(data, cache=None, saved_split=None):
+def read_training_films(data, saved_split=None):
     """The TrainingFilms of a settings.DataSettings; with `saved_split` (a resumed run's image_name/split table) that
-    split instead of a new one. `cache` (NIH alone): a cache folder whose films need no PNG on disk."""
+    split instead of a new one. NIH's films in its complete cache need no PNG on disk (download.py --cache_only)."""
     names, folders = dataset_names(data)
     parts, sources, left_out = [], [], {}
     for name, folder in zip(names, folders):
-        rows, official, label_files, dropped = _read_one(name, folder, data, cache if name == "nih" else None)
+        rows, official, label_files, dropped = _read_one(name, folder, data)
         if len(names) > 1 or name != "nih":  # a union's ids and names carry their dataset; NIH alone stays as it is
             rows["patient_id"] = name + ":" + rows["patient_id"].astype(str)
             rows["image_name"] = name + ":" + rows["image_name"].astype(str)
@@ -110,36 +162,38 @@ def _with_saved_split(rows, saved, sources, left_out, data_dir):
     return TrainingFilms(rows, split[keep].reset_index(drop=True), sources, left_out)
 
 
-def _read_one(name, folder, data, cache):
-    """(rows with the 14 findings, the official split per row or None, the label files read, films left out) of one
-    dataset."""
+def _read_one(name, folder, data):
+    """(rows with the 14 findings, the official split per row ("" where it has none), the label files read, films
+    left out) of one dataset: its registry entry's training files (external.REGISTRY) and official split."""
     if name == "nih":
+        cache = find_cache(folder, data.load_size, data.cache)
         csv_path = find_label_file(folder, data.csv)
         rows = attach_image_paths(read_labels(csv_path), folder, data.drop_missing_images, cache=cache)
         rows[list(FINDINGS)] = rows[list(FINDINGS)].astype(float)
         official = make_split(rows, csv_path, data.val_fraction, data.test_fraction, data.seed)
         return rows, official, [csv_path], {}
-    if name == "chexpert":
-        return _read_chexpert(folder, data)
-    external = read_external(name, folder, data.csv, data.uncertain, data.drop_missing_images)
-    rows = _training_rows(external, folder)
-    official = _mimic_split(rows, folder) if name == "mimic" else None
-    return rows, official, [Path(external.source)], _left_out(external)
+    return _read_registered(name, folder, data.csv, data.uncertain, data.drop_missing_images)
 
 
-def _read_chexpert(folder, data):
-    """CheXpert: train.csv is training (and validation) films, valid.csv the test films where it is present."""
-    train = read_external("chexpert", folder, data.csv or "train.csv", data.uncertain, data.drop_missing_images)
-    rows, left_out = [_training_rows(train, folder)], _left_out(train)
-    official = [pd.Series("", index=rows[0].index)]
-    sources = [Path(train.source)]
-    if not data.csv and (Path(folder) / "valid.csv").is_file():
-        test = read_external("chexpert", folder, "valid.csv", data.uncertain, data.drop_missing_images)
-        rows.append(_training_rows(test, folder))
-        official.append(pd.Series("test", index=rows[-1].index))
-        sources.append(Path(test.source))
-        left_out = {key: left_out.get(key, 0) + value for key, value in _left_out(test).items()}
-    return pd.concat(rows, ignore_index=True), pd.concat(official, ignore_index=True), sources, left_out
+def _read_registered(name, folder, csv_path, uncertain, drop_missing):
+    """_read_one of a dataset of external.REGISTRY."""
+    entry = REGISTRY[name]
+    (first, first_part), *others = entry.training_files
+    files = [(csv_path or first, first_part)]
+    files += [] if csv_path else [(file, part) for file, part in others if (Path(folder) / file).is_file()]
+    tables, official, sources, left_out = [], [], [], {}
+    for file, part in files:
+        external = read_external(name, folder, file, uncertain, drop_missing)
+        tables.append(_training_rows(external, folder))
+        official.append(pd.Series(part, index=tables[-1].index))
+        sources.append(Path(external.source))
+        left_out = {key: left_out.get(key, 0) + value for key, value in _left_out(external).items()}
+    rows = pd.concat(tables, ignore_index=True)
+    official = pd.concat(official, ignore_index=True)
+    if entry.official_split is not None:
+        given = entry.official_split(rows, folder)
+        official = official if given is None else given
+    return rows, official, sources, left_out
 
 
 def _training_rows(external, folder):
@@ -169,31 +223,11 @@ def _left_out(external):
     return {"laterals": external.laterals, "other views": external.other_views, **external.left_out}
 
 
-def _mimic_split(rows, folder):
-    """MIMIC's own split by dicom_id (the film's file name), when mimic-cxr-2.0.0-split.csv lies in its folder."""
-    path = Path(folder) / MIMIC_SPLIT_FILE
-    if not path.is_file():
-        return None
-    table = read_table(path, dtype=str)
-    if not {"dicom_id", "split"} <= set(table.columns):
-        raise DataError(f"{path}: missing column dicom_id or split; use MIMIC's file unchanged")
-    unknown = ~table.split.isin(MIMIC_SPLITS)
-    if unknown.any():
-        row = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise DataError(f"{path}, row {row + 2}: split {table.split.iloc[row]!r} is not train, validate or test")
-    part = rows.path.map(lambda value: Path(value).stem).map(table.set_index("dicom_id").split.map(MIMIC_SPLITS))
-    if part.isna().any():
-        raise DataError(f"{path} lacks {part.isna().sum()} of the films (first: {rows.path[part.isna()].iloc[0]})")
-    return part
-
-
 def _split(rows, official, data, name):
     """Each row's part: the official split where the dataset has one (its parts missing made by patient), else by
     patient with VAL_FRACTION and TEST_FRACTION."""
     if name == "nih":
         return official.to_numpy()
-    if official is None:
-        official = pd.Series("", index=rows.index)
     split = official.to_numpy(dtype=object).copy()
     rest = split == ""
     if rest.any():

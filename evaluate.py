@@ -4,16 +4,18 @@
     python evaluate.py --checkpoint C --expert_labels google2019_nih-chest-xray-labels.csv
     python evaluate.py --checkpoint C --dataset chexpert|mimic|padchest|vindr|rsna --data_dir DIR [--uncertain ignore]
 
-NIH: evaluates on exactly the split the training run used (carried in the checkpoint, and in split.csv beside it),
-never on images the model trained or was selected on. Per finding: AUROC with a 95% bootstrap confidence interval
-(resampling patients), average precision, prevalence, positives and negatives, and an operating point (threshold
-chosen on the validation split: Youden's J, or --sensitivity) with sensitivity, specificity, PPV and F1 on the
-evaluated split. With NIH's boxes (BBox_List_2017.csv beside the label file, or --boxes): heat-map localisation as
-Wang et al. scored it. With Google's expert labels: their four findings scored against NIH's labels and the experts'
-on the same test films, side by side. Other datasets: the same figures on their frontal films, for the findings that
-map onto ours (external.py), and for VinDr-CXR and RSNA the localisation on their radiologists' boxes.
+By default it evaluates on exactly the split the training run used (carried in the checkpoint, and in split.csv
+beside it), never on images the model trained or was selected on: NIH's, or that of the datasets the run trained on
+(a union's report has a section per dataset and a pooled one). Per finding: AUROC with a 95% bootstrap confidence
+interval (resampling patients), average precision, prevalence, positives and negatives, and an operating point
+(threshold chosen on the validation split: Youden's J, or --sensitivity) with sensitivity, specificity, PPV and F1
+on the evaluated split. With NIH's boxes (BBox_List_2017.csv beside the label file, or --boxes): heat-map
+localisation as Wang et al. scored it. With Google's expert labels: their four findings scored against NIH's labels
+and the experts' on the same test films, side by side. Other datasets: the same figures on their frontal films, for
+the findings that map onto ours (external.py), and for VinDr-CXR and RSNA the localisation on their radiologists'
+boxes.
 Writes report.json, report.csv, roc_curves.png, predictions.csv (each film's labels and probabilities, which
-compare.py reads), thresholds.json (which predict.py uses; NIH only),
+compare.py reads), thresholds.json (which predict.py uses; the run's own split only),
 localisation.png (with boxes) and expert_labels.csv (with expert labels). Films missing or unreadable stop the report,
 naming them, unless --drop_missing_images leaves them out (report.json's "skipped" names them).
 """
@@ -75,7 +77,10 @@ def parse_args(argv):
     parser.add_argument("--data_dir", help="dataset folder (default: the one the run trained on)")
     parser.add_argument("--csv", default="", help="label file, as given or below data_dir (default: the dataset's)")
     parser.add_argument(
-        "--dataset", default="nih", choices=("nih", *DATASETS), help="NIH (the run's split) or another (default: nih)"
+        "--dataset",
+        default="nih",
+        choices=("nih", *DATASETS),
+        help="nih: the run's own split (whichever datasets it trained on); or another dataset's films (default: nih)",
     )
     parser.add_argument(
         "--uncertain",
@@ -193,8 +198,11 @@ def write_report(args, request, model, evaluated, experts, out):
         args.bootstrap,
         evaluated.reference,
     )
-    print(format_report(table, summary, "CheXNet" if args.dataset == "nih" else "-"))
+    print(format_report(table, summary, "CheXNet" if evaluated.reference else "-"))
     report = {**about, "tta": args.tta, "bootstrap_replicates": args.bootstrap, **summary}
+    if "dataset" in evaluated.rows.columns and evaluated.rows.dataset.nunique() > 1:
+        report["datasets"] = dataset_sections(evaluated, args.bootstrap)
+        report["pooled"] = {"images": len(evaluated.rows), **summary, "findings": records(table)}
     written = ["report.json", "report.csv", "roc_curves.png"]
     written += statistics_sections(args, model, evaluated, table, report, out, sha256)
     report["subgroups"], said = subgroups.report_section(
@@ -211,10 +219,34 @@ def write_report(args, request, model, evaluated, experts, out):
         report["expert_labels"] = expert_section(request, experts, evaluated.rows, evaluated.raw, out)
         written.append("expert_labels.csv")
     table.to_csv(out / "report.csv", index=False)
-    report["findings"] = json.loads(table.to_json(orient="records"))
+    report["findings"] = records(table)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_roc_curves(evaluated.names, evaluated.targets, evaluated.raw, table, out / "roc_curves.png")
     return report, written
+
+
+def records(table):
+    return json.loads(table.to_json(orient="records"))
+
+
+def dataset_sections(evaluated, bootstrap):
+    """A union's report per dataset: each one's films alone, with the same thresholds (report.json's "datasets")."""
+    sections = {}
+    for name in dict.fromkeys(evaluated.rows.dataset):
+        mine = (evaluated.rows.dataset == name).to_numpy()
+        patients = evaluated.rows.patient_id.to_numpy()[mine]
+        table, summary = build_report(
+            evaluated.names, evaluated.targets[mine], evaluated.raw[mine], patients, evaluated.thresholds, bootstrap
+        )
+        low, high = summary["mean_auroc_ci"]
+        print(f"{name}: {mine.sum():,} films, mean AUROC {summary['mean_auroc']:.3f} [{low:.3f}, {high:.3f}]")
+        sections[name] = {
+            "images": int(mine.sum()),
+            "patients": len(set(patients)),
+            **summary,
+            "findings": records(table),
+        }
+    return sections
 
 
 def statistics_sections(args, model, evaluated, table, report, out, sha256):

@@ -1,9 +1,10 @@
-"""What evaluate.py reports on, computed: the films of a run's NIH split, or of another dataset, through a trained
-model (an Evaluation), with the thresholds and calibration that go with them; and Google's expert labels scored
-beside NIH's on the same films. evaluate.py turns them into the report, its tables and its plots.
+"""What evaluate.py reports on, computed: the films of a run's own split (of NIH, or of the datasets it trained on),
+or of another dataset, through a trained model (an Evaluation), with the thresholds and calibration that go with
+them; and Google's expert labels scored beside NIH's on the same films. evaluate.py turns them into the report, its
+tables and its plots.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,11 @@ import pandas as pd
 import calibration
 import ood
 from dataset import FINDINGS, find_label_file, run_split, split_rows
-from datasets import is_nih_only
+from datasets import image_groups, is_nih_only, read_training_films
 from devices import worker_count
 from errors import DataError
 from external import EXPERT_MAPPING, EXPERT_UNSCORED, model_scores, read_external
-from images import find_cache
+from images import dataset_images, find_cache
 from inference import fit_statistics, split_outputs, store_statistics
 from localisation import read_boxes, usable_boxes
 from report import CHEXNET_AUROC, format_two_label_table, two_label_table
@@ -66,10 +67,14 @@ class Evaluation:
     about: dict  # what was evaluated and what was left out, for report.json
 
 
-def outputs_of(model, rows, request):
-    """(logits, readable, OOD features) of the rows' films: NIH's through its cache where one holds them."""
-    data_dir = (request.data_dir or model.data.data_dir) if request.dataset == "nih" else None
+def outputs_of(model, rows, request, data=None):
+    """(logits, readable, OOD features) of the rows' films: NIH's through its cache where one holds them, a run's
+    other datasets (`data`: its settings.DataSettings) each through its own."""
     workers = worker_count(request.num_workers)
+    if data is not None and not is_nih_only(data):
+        images = dataset_images(image_groups(rows, data), model.load_size)
+        return split_outputs(model, rows, None, request.batch_size, workers, request.tta, images=images)
+    data_dir = (request.data_dir or model.data.data_dir) if request.dataset == "nih" else None
     return split_outputs(model, rows, data_dir, request.batch_size, workers, request.tta)
 
 
@@ -94,22 +99,14 @@ def readable_only(rows, outputs, drop_missing_images, skipped):
 
 
 def evaluate_nih(model, request):
-    """The run's test (or validation) split; thresholds and a calibration fitted on its validation split (and the
-    out-of-distribution statistics, for a checkpoint that lacks them, on its training films)."""
-    if not is_nih_only(model.data):
-        raise DataError(
-            f"{request.checkpoint} was trained on {model.data.dataset}: evaluating it on its own split, one section "
-            "per dataset, is not built yet. Evaluate it on one dataset's files with --dataset NAME --data_dir FOLDER "
-            "(for CheXpert, valid.csv: the run's CheXpert test films)."
-        )
+    """The run's test (or validation) split, of NIH or of the datasets it trained on; thresholds and a calibration
+    fitted on its validation split (and the out-of-distribution statistics, for a checkpoint that lacks them, on its
+    training films)."""
     split, source = run_split(model.checkpoint, request.checkpoint, request.test_list)
     has_validation = bool((split.split == "val").any())
     needs_ood = model.statistics.ood is None and has_validation and bool((split.split == "train").any())
     wanted = [request.split] + (["val"] if has_validation else []) + (["train"] if needs_ood else [])
-    data_dir = request.data_dir or model.data.data_dir
-    cache = find_cache(data_dir, model.load_size)  # a complete cache's films need no PNG (download.py --cache_only)
-    csv = request.csv or model.data.csv
-    parts, missing = split_rows(split, source, data_dir, csv, wanted, request.drop_missing_images, cache)
+    data, parts, missing = run_parts(model, request, split, source, wanted)
     skipped = {"missing": missing, "unreadable": []}
     if missing:
         print(f"warning: {len(missing)} film(s) missing and left out (first: {missing[0]})")
@@ -120,14 +117,16 @@ def evaluate_nih(model, request):
     )
     thresholds, fitted = np.full(len(FINDINGS), np.nan), None
     if has_validation:
-        statistics = fit_on_validation(model, parts, needs_ood, request, skipped)
+        statistics = fit_on_validation(model, parts, needs_ood, request, skipped, data)
         thresholds = np.array([statistics.thresholds[finding] for finding in FINDINGS])
         fitted = statistics.calibration
     else:
         print("no validation split: no operating thresholds and no calibration (thresholds.json will hold none)")
-    outputs = outputs_of(model, rows, request)
+    outputs = outputs_of(model, rows, request, data)
     rows, logits, features = readable_only(rows, outputs, request.drop_missing_images, skipped)
+    nih = is_nih_only(data)
     about = {
+        "dataset": "nih" if nih else data.dataset,
         "split": request.split,
         "split_source": source,
         "images": len(rows),
@@ -143,20 +142,45 @@ def evaluate_nih(model, request):
         features=features,
         rows=rows,
         thresholds=thresholds,
-        reference=CHEXNET_AUROC,
-        boxes=nih_boxes(request, model.data),
+        reference=CHEXNET_AUROC if nih else None,
+        boxes=nih_boxes(request, model.data) if nih else None,
         about=about,
     )
 
 
-def fit_on_validation(model, parts, needs_ood, request, skipped):
+def run_parts(model, request, split, source, wanted):
+    """(the run's settings.DataSettings, {part: rows} of the wanted parts of its split, the films missing): NIH's
+    rows from its label file (a complete cache's films need no PNG: download.py --cache_only), the other datasets'
+    as train.py read them, with their dataset (datasets.read_training_films)."""
+    changes = {"data_dir": request.data_dir} if request.data_dir else {}
+    data = replace(model.data, drop_missing_images=request.drop_missing_images, **changes)
+    if is_nih_only(data):
+        cache = find_cache(data.data_dir, model.load_size)
+        csv = request.csv or data.csv
+        parts, missing = split_rows(split, source, data.data_dir, csv, wanted, request.drop_missing_images, cache)
+        return data, parts, missing
+    if request.test_list or request.csv:
+        raise DataError(
+            f"{request.checkpoint} trained on {data.dataset}: its split is evaluated as it was read; --test_list and "
+            "--csv are for NIH runs"
+        )
+    films = read_training_films(data, saved_split=split)
+    parts = {}
+    for part in dict.fromkeys(wanted):
+        parts[part] = films.rows[(films.split == part).to_numpy()].reset_index(drop=True)
+        if parts[part].empty:
+            raise DataError(f"the {part} part of {source} is empty")
+    return data, parts, []
+
+
+def fit_on_validation(model, parts, needs_ood, request, skipped, data=None):
     """The statistics of inference.fit_statistics: thresholds (this evaluation's policy) and a calibration on the
     validation split; and for a checkpoint without out-of-distribution statistics (written before they were kept)
     those too, on a sample of its training films, stored in it as train.py does at a run's end."""
-    outputs = outputs_of(model, parts["val"], request)
+    outputs = outputs_of(model, parts["val"], request, data)
     validation, val_logits, val_features = readable_only(parts["val"], outputs, request.drop_missing_images, skipped)
     sample = ood.fit_sample(parts["train"], model.data.seed) if needs_ood else None
-    train_features = outputs_of(model, sample, request)[2] if needs_ood else None
+    train_features = outputs_of(model, sample, request, data)[2] if needs_ood else None
     statistics = fit_statistics(
         FINDINGS,
         val_logits,

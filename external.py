@@ -22,6 +22,7 @@ NaN (left out of that name's figures).
 import ast
 import re
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -34,7 +35,6 @@ from errors import DataError
 from films import FRONTAL_VIEWS, LATERAL_VIEWS
 from images import index_images
 
-DATASETS = ("chexpert", "mimic", "padchest", "vindr", "rsna", "csv")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 UNCERTAIN_VALUES = {"ignore": np.nan, "zeros": 0, "ones": 1}  # what an uncertain label (-1) becomes under each policy
 LABELER_VALUES = (1, 0, -1)  # CheXpert's labeler (CheXpert, MIMIC): positive, negative, uncertain; blank: not mentioned
@@ -104,14 +104,10 @@ RSNA_MAPPING = {"Pneumonia": (("Target",), ("Pneumonia",))}
 OWN_CSV_COLUMNS = ("path", "patient_id")  # a hospital's own CSV: these, any of the 14 findings, and OWN_CSV_OPTIONAL
 OWN_CSV_OPTIONAL = ("view", "sex", "age")  # optional: the view (frontal films kept) and, for the subgroup report
 OWN_CSV_VALUES = "a finding's column holds 1 (positive), 0 (negative), -1 (uncertain) or nothing (unlabelled)."
-MAPPINGS = {
-    "chexpert": CHEXPERT_MAPPING,
-    "mimic": CHEXPERT_MAPPING,
-    "padchest": PADCHEST_MAPPING,
-    "vindr": VINDR_MAPPING,
-    "rsna": RSNA_MAPPING,
-    "csv": {finding: ((finding,), (finding,)) for finding in FINDINGS},  # the columns the file has of these
-}
+OWN_CSV_MAPPING = {finding: ((finding,), (finding,)) for finding in FINDINGS}  # of these, the columns the file has
+MIMIC_SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"  # MIMIC's official split, by dicom_id
+MIMIC_SPLITS = {"train": "train", "validate": "val", "test": "test"}  # its parts, as our split names them
+VINDR_TEST_FILE = "test.csv"  # VinDr's test labels (the five radiologists' consensus), its films in DIR/test/
 EXPERT_MAPPING = {  # Google's expert labels of NIH films: name -> the NIH findings (labels and model) behind it
     "Pneumothorax": ("Pneumothorax",),
     "Nodule or mass": ("Mass", "Nodule"),
@@ -119,6 +115,28 @@ EXPERT_MAPPING = {  # Google's expert labels of NIH films: name -> the NIH findi
 }
 EXPERT_UNSCORED = ("Fracture",)  # labelled by the experts, with no NIH finding to score it
 EXPERT_COLUMNS = ("Image Index", *EXPERT_UNSCORED, *EXPERT_MAPPING, "Set Id")
+
+
+class Read(NamedTuple):
+    """What a dataset's reader gives read_external, which keeps the frontal films and checks they are on disk."""
+
+    rows: pd.DataFrame  # path, patient_id, sex/age/view where known, one column per reported name (1, 0 or NaN)
+    views: pd.Series  # each row's view as the dataset writes it
+    source: Path  # the label file read
+    mapping: dict | None = None  # the reported names where they depend on the file (an own CSV's); else the entry's
+    left_out: dict | None = None  # other films left out, and why: {reason: count}
+    boxes: pd.DataFrame | None = None  # VinDr and RSNA: image_name, name (reported), x, y, w, h
+
+
+class Entry(NamedTuple):
+    """A dataset of the registry (REGISTRY): adding one is an entry and its tests."""
+
+    reader: Callable  # (data_dir, csv_path, options) -> Read
+    mapping: dict  # reported name: (the dataset's labels, the model's findings whose maximum scores it)
+    patient: str  # where the patient comes from (README, "Training on other datasets")
+    training_files: tuple  # (label file, the part its films take: "" split by patient) that train.py reads; the first
+    # ("": the reader's default) is replaced by --csv, the others are read when present and --csv is not given
+    official_split: Callable | None = None  # (rows, data_dir) -> each row's part from the dataset's split file, or None
 
 
 class External(NamedTuple):
@@ -142,29 +160,21 @@ def read_external(dataset, data_dir, csv_path="", uncertain="ignore", drop_missi
     if not data_dir.is_dir():
         raise DataError(f"{dataset} data folder not found: {data_dir}")
     options = {"uncertain": uncertain, "min_age": min_age, "rule": rule}
-    reader = {
-        "chexpert": _read_chexpert,
-        "mimic": _read_mimic,
-        "padchest": _read_padchest,
-        "vindr": _read_vindr,
-        "rsna": _read_rsna,
-        "csv": _read_own_csv,
-    }[dataset]
-    read = reader(data_dir, csv_path, options)
-    views = read["views"].fillna("").astype(str).str.strip().str.upper()
+    read = REGISTRY[dataset].reader(data_dir, csv_path, options)
+    views = read.views.fillna("").astype(str).str.strip().str.upper()
     frontal = views.isin(FRONTAL_VIEWS).to_numpy()
     laterals = int(views.isin(LATERAL_VIEWS).sum())
-    rows = read["rows"][frontal].reset_index(drop=True)
+    rows = read.rows[frontal].reset_index(drop=True)
     rows.insert(0, "image_name", rows.path)
-    rows, skipped = _missing_films(rows, read["source"], drop_missing)
+    rows, skipped = _missing_films(rows, read.source, drop_missing)
     if rows.empty:
-        raise DataError(f"no frontal (PA/AP) film in {read['source']}")
-    boxes = read.get("boxes")
+        raise DataError(f"no frontal (PA/AP) film in {read.source}")
+    boxes = read.boxes
     if boxes is not None:
         boxes = boxes[boxes.image_name.isin(rows.image_name)].reset_index(drop=True)
-    mapping = {name: findings for name, (_, findings) in read.get("mapping", MAPPINGS[dataset]).items()}
+    mapping = {name: findings for name, (_, findings) in (read.mapping or REGISTRY[dataset].mapping).items()}
     other_views = len(views) - int(frontal.sum()) - laterals
-    return External(rows, mapping, laterals, other_views, str(read["source"]), read.get("left_out", {}), skipped, boxes)
+    return External(rows, mapping, laterals, other_views, str(read.source), read.left_out or {}, skipped, boxes)
 
 
 def _missing_films(rows, source, drop_missing):
@@ -265,7 +275,7 @@ def _read_chexpert(data_dir, csv_path, options):
     rows = rows.assign(**demographics(table.get("Sex"), table.get("Age"), table.get("AP/PA")))
     rows = pd.concat([rows, _labelled(table, CHEXPERT_MAPPING, options["uncertain"])], axis=1)
     frontal = table["Frontal/Lateral"].astype(str).str.lower() == "frontal"
-    return {"rows": rows, "views": pd.Series(np.where(frontal, "FRONTAL", "LATERAL")), "source": path}
+    return Read(rows, pd.Series(np.where(frontal, "FRONTAL", "LATERAL")), path)
 
 
 def _read_mimic(data_dir, csv_path, options):
@@ -295,7 +305,7 @@ def _read_mimic(data_dir, csv_path, options):
     ]
     rows = pd.DataFrame({"path": paths, "patient_id": table.subject_id, **demographics(None, None, table.ViewPosition)})
     rows = pd.concat([rows, _labelled(table, CHEXPERT_MAPPING, options["uncertain"])], axis=1)
-    return {"rows": rows, "views": table.ViewPosition, "source": labels_path}
+    return Read(rows, table.ViewPosition, labels_path)
 
 
 def _read_padchest(data_dir, csv_path, options):
@@ -345,7 +355,7 @@ def _read_padchest(data_dir, csv_path, options):
     )
     for name, (labels, _) in PADCHEST_MAPPING.items():
         rows[name] = labelled.map(partial(_padchest_value, set(labels), set(PADCHEST_UNCLEAR.get(name, ()))))
-    return {"rows": rows, "views": table.Projection, "source": path, "left_out": left_out}
+    return Read(rows, table.Projection, path, left_out=left_out)
 
 
 def _padchest_value(positive, unclear, found):
@@ -378,18 +388,22 @@ def _padchest_labels(text):
 
 def _read_vindr(data_dir, csv_path, options):
     """VinDr-CXR: DIR/train.csv (image_id, class_name, rad_id, x_min, y_min, x_max, y_max: a row per radiologist and
-    finding, "No finding" rows without a box) and DIR/train/IMAGE_ID.dicom."""
+    finding, "No finding" rows without a box) and DIR/train/IMAGE_ID.dicom; or its test labels (DIR/test.csv, the five
+    radiologists' consensus: rad_id may be absent, one reading a film) and DIR/test/IMAGE_ID.dicom."""
     path = find_file(csv_path or "train.csv", data_dir, "label file")
     table = read_table(path)
+    films_folder = data_dir / ("test" if "test" in path.stem.lower() else "train")
+    if "rad_id" not in table.columns:
+        table["rad_id"] = "consensus"
     needed = ("image_id", "class_name", "rad_id", "x_min", "y_min", "x_max", "y_max")
     absent = [column for column in needed if column not in table.columns]
     if absent:
-        raise DataError(f"{path}: missing column(s) {absent}; is this VinDr-CXR's train.csv?")
+        raise DataError(f"{path}: missing column(s) {absent}; is this VinDr-CXR's train.csv or test labels?")
     _refuse_duplicates(table, needed, path, "reading(s) (the same film, finding, radiologist and box)")
     films = pd.Index(table.image_id.drop_duplicates())
     readers = table.groupby("image_id").rad_id.nunique()
-    rows = pd.DataFrame({"path": [str(data_dir / "train" / f"{image}.dicom") for image in films]})
-    rows["patient_id"] = np.arange(len(films))  # VinDr names no patients: each film counts as its own
+    rows = pd.DataFrame({"path": [str(films_folder / f"{image}.dicom") for image in films]})
+    rows["patient_id"] = films.astype(str)  # VinDr names no patients: each film (its image_id) counts as its own
     needed_readers = 1 if options["rule"] == "any" else 2
     boxes = []
     for name, (classes, _) in VINDR_MAPPING.items():
@@ -401,7 +415,7 @@ def _read_vindr(data_dir, csv_path, options):
         boxes.append(
             pd.DataFrame(
                 {
-                    "image_name": [str(data_dir / "train" / f"{image}.dicom") for image in on_positive.image_id],
+                    "image_name": [str(films_folder / f"{image}.dicom") for image in on_positive.image_id],
                     "name": name,
                     "x": on_positive.x_min.to_numpy(),
                     "y": on_positive.y_min.to_numpy(),
@@ -411,7 +425,7 @@ def _read_vindr(data_dir, csv_path, options):
             )
         )
     views = pd.Series("FRONTAL", index=rows.index)  # VinDr-CXR holds frontal films only
-    return {"rows": rows, "views": views, "source": path, "boxes": pd.concat(boxes, ignore_index=True)}
+    return Read(rows, views, path, boxes=pd.concat(boxes, ignore_index=True))
 
 
 def _read_rsna(data_dir, csv_path, options):
@@ -432,7 +446,7 @@ def _read_rsna(data_dir, csv_path, options):
     films = table.groupby("patientId", sort=False).Target.max()
     images = data_dir / "stage_2_train_images"
     rows = pd.DataFrame({"path": [str(images / f"{film}.dcm") for film in films.index]})
-    rows["patient_id"] = np.arange(len(films))  # one film per patientId
+    rows["patient_id"] = films.index.astype(str)  # one film per patientId
     rows["Pneumonia"] = films.to_numpy(dtype=float)
     marked = table[table.Target == 1].dropna(subset=["x"])
     boxes = pd.DataFrame(
@@ -445,7 +459,7 @@ def _read_rsna(data_dir, csv_path, options):
             "h": marked.height.to_numpy(),
         }
     )
-    return {"rows": rows, "views": pd.Series("FRONTAL", index=rows.index), "source": path, "boxes": boxes}
+    return Read(rows, pd.Series("FRONTAL", index=rows.index), path, boxes=boxes)
 
 
 def _read_own_csv(data_dir, csv_path, options):
@@ -474,7 +488,7 @@ def _read_own_csv(data_dir, csv_path, options):
     blank = table[OWN_CSV_COLUMNS[1]].str.strip() == ""
     if blank.any():
         raise DataError(f"{path}, row {int(np.flatnonzero(blank.to_numpy())[0]) + 2}: patient_id is empty")
-    mapping = {finding: ((finding,), (finding,)) for finding in findings}
+    mapping = {finding: OWN_CSV_MAPPING[finding] for finding in findings}
     values = table[findings].apply(lambda column: column.str.strip()).replace("", np.nan)
     _check_labeler_values(values, mapping, path, OWN_CSV_VALUES)
     _inside(table, "path", path)
@@ -484,7 +498,41 @@ def _read_own_csv(data_dir, csv_path, options):
     rows = rows.assign(**demographics(table.get("sex"), table.get("age"), table.get("view")))
     rows = pd.concat([rows, labels], axis=1)
     views = table["view"] if "view" in table.columns else pd.Series("FRONTAL", index=table.index)
-    return {"rows": rows, "views": views, "source": path, "mapping": mapping}
+    return Read(rows, views, path, mapping=mapping)
+
+
+def _mimic_split(rows, data_dir):
+    """MIMIC's own split by dicom_id (the film's file name), when mimic-cxr-2.0.0-split.csv lies in its folder."""
+    path = Path(data_dir) / MIMIC_SPLIT_FILE
+    if not path.is_file():
+        return None
+    table = read_table(path, dtype=str)
+    if not {"dicom_id", "split"} <= set(table.columns):
+        raise DataError(f"{path}: missing column dicom_id or split; use MIMIC's file unchanged")
+    unknown = ~table.split.isin(MIMIC_SPLITS)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise DataError(f"{path}, row {row + 2}: split {table.split.iloc[row]!r} is not train, validate or test")
+    part = rows.path.map(lambda value: Path(value).stem).map(table.set_index("dicom_id").split.map(MIMIC_SPLITS))
+    if part.isna().any():
+        raise DataError(f"{path} lacks {part.isna().sum()} of the films (first: {rows.path[part.isna()].iloc[0]})")
+    return part
+
+
+REGISTRY = {  # the datasets besides NIH (dataset.py), for evaluate.py and train.py alike
+    "chexpert": Entry(
+        _read_chexpert, CHEXPERT_MAPPING, "Path's patientNNNNN folder", (("train.csv", ""), ("valid.csv", "test"))
+    ),
+    "mimic": Entry(_read_mimic, CHEXPERT_MAPPING, "subject_id", (("", ""),), _mimic_split),
+    "padchest": Entry(_read_padchest, PADCHEST_MAPPING, "PatientID", (("", ""),)),
+    "vindr": Entry(
+        _read_vindr, VINDR_MAPPING, "none: each film its own", (("train.csv", ""), (VINDR_TEST_FILE, "test"))
+    ),
+    "rsna": Entry(_read_rsna, RSNA_MAPPING, "none: each film (patientId) its own", (("", ""),)),
+    "csv": Entry(_read_own_csv, OWN_CSV_MAPPING, "patient_id", (("", ""),)),
+}
+DATASETS = tuple(REGISTRY)
+MAPPINGS = {name: entry.mapping for name, entry in REGISTRY.items()}
 
 
 def read_expert_labels(path):

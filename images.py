@@ -1,7 +1,8 @@
 """Where a run's pixels come from: image files found below a dataset folder, decoded on every access (FilmImages),
 the memory-mapped cache that cache.py builds (CachedImages), or the cached images held in device memory
 (images_on_device), with how much of that memory they may take. Each gives uint8 [L, L] images, letterboxed to the
-run's LOAD_SIZE by films.load_image, the same pixels whichever the source.
+run's LOAD_SIZE by films.load_image, the same pixels whichever the source. A union of datasets reads each dataset's
+own cache, in its own folder and keyed by its own names (dataset_images: MixedImages).
 
 torch is imported where a function needs it: dataset.py imports this file, and train.py's --help answers from
 dataset.py's names before torch is loaded.
@@ -92,7 +93,7 @@ def open_cache(folder, names, size):
         return images_path, np.load(done_path)
     folder.mkdir(parents=True, exist_ok=True)
     np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(len(names), size, size)).flush()
-    np.save(done_path, np.zeros(len(names), dtype=bool))
+    save_cache_progress(folder, np.zeros(len(names), dtype=bool))  # atomic: a reader never sees half a file
     pd.DataFrame({"image_name": names}).to_csv(index_path, index=False)  # last: marks a usable folder
     return images_path, np.load(done_path)
 
@@ -163,18 +164,63 @@ class CachedImages:
         return {**self.__dict__, "_images": None}
 
 
+class MixedImages:
+    """The images of several sources (a union's datasets) as one, in the run's order: item i is
+    sources[which[i]][position[i]]."""
+
+    def __init__(self, sources, which, position):
+        self.sources, self.which, self.position = sources, np.asarray(which), np.asarray(position)
+        sizes = {getattr(source, "size", None) for source in sources}
+        self.size = sizes.pop() if len(sizes) == 1 else None
+
+    def __len__(self):
+        return len(self.which)
+
+    def __getitem__(self, index):
+        return self.sources[self.which[index]][self.position[index]]
+
+
+def dataset_images(groups, load_size, setting="auto", strict=False):
+    """The images of films from one or more datasets, in order. `groups`: per dataset (its folder, the films' names
+    in its cache, their paths, their positions in the whole). Each dataset's images come from its own cache (CACHE:
+    DATA_DIR/cache_<LOAD_SIZE> when built, "off", or a folder) when it holds them all at this size, else from the
+    files; `strict` (training): a cache found but incomplete, without some films, or of another size is an error,
+    not a slower run in silence."""
+    sources, total = [], sum(len(positions) for *_, positions in groups)
+    which, position = np.zeros(total, dtype=np.int64), np.zeros(total, dtype=np.int64)
+    for k, (folder, names, paths, positions) in enumerate(groups):
+        sources.append(_one_dataset(folder, names, paths, load_size, setting, strict))
+        which[positions], position[positions] = k, np.arange(len(positions))
+    return sources[0] if len(sources) == 1 else MixedImages(sources, which, position)
+
+
+def _one_dataset(folder, names, paths, load_size, setting, strict):
+    cache = find_cache(folder, load_size, setting)
+    if cache is None:
+        return FilmImages(paths, load_size)
+    try:
+        images = CachedImages(cache, names)
+    except DataError:
+        if strict:
+            raise
+        return FilmImages(paths, load_size)  # incomplete, or without some of these images: the files then
+    if images.size != load_size:
+        if strict:
+            raise DataError(f"the cache {cache} holds {images.size}-px images; LOAD_SIZE is {load_size}")
+        return FilmImages(paths, load_size)
+    return images
+
+
+def all_cached(images):
+    """Whether every image comes from a cache (what holding them in device memory needs)."""
+    sources = images.sources if isinstance(images, MixedImages) else [images]
+    return all(isinstance(source, CachedImages) for source in sources)
+
+
 def evaluation_images(rows, data_dir, load_size, setting="auto"):
     """The rows' images from the dataset's cache when one holds them all at this size (no PNG decoding), else the
     image files (rows: image_name and path columns)."""
-    folder = find_cache(data_dir, load_size, setting)
-    if folder is not None:
-        try:
-            images = CachedImages(folder, rows["image_name"])
-            if images.size == load_size:
-                return images
-        except DataError:  # incomplete, or without some of these images: the files then
-            pass
-    return FilmImages(rows["path"], load_size)
+    return _one_dataset(data_dir, rows["image_name"], rows["path"], load_size, setting, strict=False)
 
 
 def memory_for_images(device, processes=None):
@@ -203,18 +249,28 @@ def memory_for_images(device, processes=None):
     return room, of_what
 
 
-def images_on_device(cached_images, device, view=None):
-    """The rows of a CachedImages as one uint8 tensor [N, L, L] on `device`, or their view(pixels) when given (the
-    evaluation crops: deterministic, so made once, not every epoch). Read from the memmap and copied UPLOAD_CHUNK
-    images at a time, so the host holds one chunk, not the whole set (eight ranks of NIH: 8 x 5.7 GB otherwise)."""
+def images_on_device(images, device, view=None):
+    """The images of a CachedImages (or a MixedImages of them) as one uint8 tensor [N, L, L] on `device`, or their
+    view(pixels) when given (the evaluation crops: deterministic, so made once, not every epoch). Read from the
+    memmaps and copied UPLOAD_CHUNK images at a time, so the host holds one chunk, not the whole set (eight ranks of
+    NIH: 8 x 5.7 GB otherwise)."""
     import torch
 
-    array, rows = np.load(cached_images.path, mmap_mode="r"), cached_images.rows
-    shape = array.shape[1:] if view is None else view(np.array(array[rows[0]])).shape
-    images = torch.empty((len(rows), *shape), dtype=torch.uint8, device=device)
-    for start in range(0, len(rows), UPLOAD_CHUNK):
-        chunk = array[rows[start : start + UPLOAD_CHUNK]]  # fancy indexing copies this chunk into RAM
-        if view is not None:
-            chunk = np.stack([view(pixels) for pixels in chunk])
-        images[start : start + len(chunk)].copy_(torch.from_numpy(chunk))
-    return images
+    if isinstance(images, MixedImages):
+        places = [np.flatnonzero(images.which == k) for k in range(len(images.sources))]
+        parts = [(source, where, images.position[where]) for source, where in zip(images.sources, places)]
+    else:
+        parts = [(images, np.arange(len(images)), np.arange(len(images)))]
+    parts = [(source.path, source.rows[items], where) for source, where, items in parts if len(where)]
+    first = np.array(np.load(parts[0][0], mmap_mode="r")[parts[0][1][0]])
+    shape = first.shape if view is None else view(first).shape
+    result = torch.empty((len(images), *shape), dtype=torch.uint8, device=device)
+    for path, rows, where in parts:  # each source's images: its memmap's rows, and where they go in the result
+        array = np.load(path, mmap_mode="r")
+        for start in range(0, len(rows), UPLOAD_CHUNK):
+            chunk = array[rows[start : start + UPLOAD_CHUNK]]  # fancy indexing copies this chunk into RAM
+            if view is not None:
+                chunk = np.stack([view(pixels) for pixels in chunk])
+            places = torch.as_tensor(where[start : start + len(chunk)], device=device)
+            result[places] = torch.from_numpy(chunk).to(device)
+    return result

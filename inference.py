@@ -141,7 +141,8 @@ def fit_run_statistics(run_dir, data, batch_size, amp, labels, split, device, lo
     the training state (a resume starts from epoch_NN.pth or interrupted.pth); best_auroc.pth stays a link to
     best.pth when both are the same epoch's."""
     from dataset import FINDINGS
-    from datasets import is_nih_only
+    from datasets import image_groups
+    from images import dataset_images
     from model import copy_checkpoint
     from run_folder import TRAINING_STATE
 
@@ -158,11 +159,10 @@ def fit_run_statistics(run_dir, data, batch_size, amp, labels, split, device, lo
             model = TorchModel(path, str(device), amp)
             epoch = model.checkpoint["epoch"]
             if epoch not in fitted:
-                folder = data.data_dir if is_nih_only(data) else None  # NIH's cache; the other datasets' files
-                outputs = {
-                    part: split_outputs(model, rows, folder, batch_size, cache=data.cache, progress=False)
-                    for part, rows in parts.items()
-                }
+                outputs = {}
+                for part, rows in parts.items():
+                    images = dataset_images(image_groups(rows, data), model.load_size, data.cache)
+                    outputs[part] = split_outputs(model, rows, batch_size=batch_size, progress=False, images=images)
                 targets = parts["val"][list(FINDINGS)].to_numpy(dtype=float)
                 train_patients = parts["train"].patient_id.to_numpy()
                 statistics = fit_statistics(
@@ -429,18 +429,21 @@ def outputs_over(model, loader, crops=1, progress=None):
     return logits.double().numpy(), readable.numpy() == 1, features.double().numpy()
 
 
-def split_outputs(model, rows, data_dir=None, batch_size=64, workers=0, tta=False, cache="auto", progress=True):
+def split_outputs(
+    model, rows, data_dir=None, batch_size=64, workers=0, tta=False, cache="auto", progress=True, images=None
+):
     """(logits, readable, OOD features) of a TorchModel for the rows' films (a path column, and image_name for
     NIH's cache: data_dir, the NIH folder whose cache to read when it holds them, as the setting CACHE finds it; None
-    reads the files), batched under inference_mode (AMP as in training), five crops each with tta (their mean)."""
+    reads the files; or `images`, the rows' images as images.dataset_images gives them), batched under
+    inference_mode (AMP as in training), five crops each with tta (their mean)."""
     from tqdm import tqdm
 
     from images import FilmImages, evaluation_images
     from loaders import evaluation_loader
 
-    if data_dir is not None:
+    if images is None and data_dir is not None:
         images = evaluation_images(rows, data_dir, model.load_size, cache)
-    else:
+    elif images is None:
         images = FilmImages(rows["path"], model.load_size)
     loader = evaluation_loader(images, model.image_size, batch_size, workers, model.device, five=tta)
 
@@ -464,8 +467,9 @@ def prediction_table(rows, names, targets, probabilities, ood_percentile):
 
 
 def current_predictions(checkpoint_path, split="test", test_list=None):
-    """The predictions.csv that evaluate.py wrote for this very checkpoint (by its SHA-256) on this split, without
-    TTA, in its evaluation folder; None when there is none, or it belongs to another checkpoint or split."""
+    """The predictions.csv that evaluate.py wrote for this very checkpoint (by its SHA-256) on this split of its own
+    (a report of another dataset's films has no "split"), without TTA, in its evaluation folder; None when there is
+    none, or it belongs to another checkpoint or split."""
     folder = evaluation_folder(checkpoint_path)
     report_path, table_path = folder / "report.json", folder / "predictions.csv"
     if not (report_path.is_file() and table_path.is_file()):
@@ -476,7 +480,6 @@ def current_predictions(checkpoint_path, split="test", test_list=None):
         return None
     wanted = {
         "checkpoint_sha256": checkpoint_sha256(checkpoint_path),
-        "dataset": "nih",
         "split": split,
         "tta": False,
         "test_list": str(Path(test_list).resolve()) if test_list else None,

@@ -1,5 +1,5 @@
 """A training run's batches: from the cached images held in device memory when they fit there (CACHE_ON_DEVICE: no
-DataLoader, no workers, no copy per step), else from DataLoader workers that read the cache or decode the PNGs.
+DataLoader, no workers, no copy per step), else from DataLoader workers that read the cache or decode the films.
 Training images leave as loaded, with their augmentation seeds (augmented on the device, AUGMENT_ON = "device"),
 or augmented in the workers; validation images leave as evaluation crops (films.eval_crop)."""
 
@@ -11,44 +11,37 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dataset import FINDINGS
-from datasets import is_nih_only
+from datasets import dataset_names, dataset_weights, image_groups
 from devices import worker_count
 from errors import DataError
 from films import eval_crop, five_views
-from images import CachedImages, FilmImages, find_cache, images_on_device, memory_for_images
+from images import CachedImages, MixedImages, all_cached, dataset_images, images_on_device, memory_for_images
 from transforms import WorkerAugment, mix_seed
 
 
 def make_loaders(data, loader, labels, split, device, rank, world_size, log):
     """(training batches, validation batches) of a settings.DataSettings and LoaderSettings: from images held in
-    device memory when they fit there (CACHE_ON_DEVICE), else from DataLoader workers that read the cache or decode
-    the PNGs."""
-    cache = find_cache(data.data_dir, data.load_size, data.cache) if is_nih_only(data) else None
+    device memory when they fit there (CACHE_ON_DEVICE), else from DataLoader workers that read the cache (each
+    dataset's own) or decode the films."""
     rows = {part: labels[split == part] for part in ("train", "val")}
     if len(rows["train"]) < loader.batch_size * world_size or len(rows["val"]) == 0:
         raise DataError(f"{len(rows['train'])} training / {len(rows['val'])} validation images: too few for a batch.")
-    if cache is None:
-        images = {part: FilmImages(rows[part]["path"], data.load_size) for part in rows}
-    else:
-        images = {part: CachedImages(cache, rows[part]["image_name"]) for part in rows}
-        if images["train"].size != data.load_size:
-            size = images["train"].size
-            raise DataError(f"the cache {cache} holds {size}-px images; LOAD_SIZE is {data.load_size}")
+    images = {
+        part: dataset_images(image_groups(rows[part], data), data.load_size, data.cache, strict=True) for part in rows
+    }
+    cached = all(all_cached(part) for part in images.values())
     targets = {part: rows[part][list(FINDINGS)].to_numpy() for part in rows}
-    train_sampler = SeededSampler(
-        DistributedSampler(range(len(rows["train"])), world_size, rank, seed=data.seed), data.seed
-    )
+    train_sampler = SeededSampler(epoch_order(data, rows["train"], world_size, rank), data.seed)
     val_sampler = DistributedSampler(range(len(rows["val"])), world_size, rank, shuffle=False)
     crop = partial(eval_crop, image_size=data.image_size)
     count = sum(len(part) for part in rows.values())
-    if cache_on_device(loader, data.load_size, cache, count, device, log):
+    if cache_on_device(loader, data.load_size, cached, count, device, log):
         on_device = {part: images_on_device(images[part], device, crop if part == "val" else None) for part in rows}
         return (
             DeviceBatches(on_device["train"], targets["train"], train_sampler, loader.batch_size, drop_last=True),
             DeviceBatches(on_device["val"], targets["val"], val_sampler, loader.batch_size),
         )
-    decoding = "decoding PNGs (python cache.py builds a faster cache)" if is_nih_only(data) else "decoding the films"
-    log(f"images: {f'cache {cache}' if cache else decoding}")
+    log(f"images: {images_said(rows['train'], images['train'])}")
     augment = WorkerAugment(data.image_size) if loader.augment_on == "workers" else None
     workers = worker_count(loader.num_workers)
     common = {
@@ -67,6 +60,57 @@ def make_loaders(data, loader, labels, split, device, rank, world_size, log):
         DataLoader(train_set, sampler=train_sampler, drop_last=True, **common),
         DataLoader(val_set, sampler=val_sampler, **common),
     )
+
+
+def epoch_order(data, rows, world_size, rank):
+    """This process's order of the training films each epoch: a shuffle of them all (each dataset of a union in
+    proportion to its size), or, with DATASET_WEIGHTS, each dataset's share of the epoch drawn (SharesSampler)."""
+    weights = dataset_weights(data)
+    if weights is None:
+        return DistributedSampler(range(len(rows)), world_size, rank, seed=data.seed)
+    datasets = rows["dataset"].to_numpy()
+    groups = [np.flatnonzero(datasets == name) for name in dataset_names(data)[0]]
+    return SharesSampler(groups, weights, data.seed, world_size, rank)
+
+
+class SharesSampler(torch.utils.data.Sampler):
+    """An epoch of as many draws as there are training films, of which each dataset takes its weight's share: a
+    dataset drawn more often than it has films is drawn whole, again and again (a fresh order each pass), one drawn
+    less often is drawn without repeats. Yields (index, pass) for SeededSampler, in an order that depends on
+    (seed, epoch) alone, split among processes as DistributedSampler splits (padded to an equal count)."""
+
+    def __init__(self, groups, weights, seed, world_size=1, rank=0):
+        self.groups = [np.asarray(group) for group in groups]
+        if any(len(group) == 0 for group in self.groups):
+            raise DataError("DATASET_WEIGHTS: a dataset of the union has no training film")
+        total, shares = sum(len(group) for group in self.groups), np.asarray(weights, dtype=float)
+        exact = total * shares / shares.sum()
+        self.quotas = np.floor(exact).astype(int)
+        largest = np.argsort(-(exact - self.quotas), kind="stable")[: total - self.quotas.sum()]
+        self.quotas[largest] += 1  # largest remainders: the quotas add up to the films
+        self.seed, self.world_size, self.rank, self.epoch = seed, world_size, rank, 0
+        self.count = -(-total // world_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        generator = np.random.default_rng([self.seed, self.epoch])
+        indices, passes = [], []
+        for group, quota in zip(self.groups, self.quotas):
+            for number in range(-(-quota // len(group))):
+                drawn = generator.permutation(group)[: quota - number * len(group)]
+                indices.append(drawn)
+                passes.append(np.full(len(drawn), number))
+        indices, passes = np.concatenate(indices), np.concatenate(passes)
+        order = generator.permutation(len(indices))
+        order = np.concatenate([order, order[: self.count * self.world_size - len(order)]])[
+            self.rank :: self.world_size
+        ]
+        return zip(indices[order].tolist(), passes[order].tolist())
 
 
 def leave_stop_signals_to_the_main_process(worker_id):
@@ -94,20 +138,34 @@ def close_workers(*loaders):
         loader._iterator = None
 
 
-def cache_on_device(loader, load_size, cache, count, device, log):
+def images_said(rows, images):
+    """Where the run's images come from, in a line: each dataset's cache, or its files decoded."""
+    names = list(dict.fromkeys(rows["dataset"]))
+    sources = images.sources if isinstance(images, MixedImages) else [images]
+    said = []
+    for name, source in zip(names, sources):
+        if isinstance(source, CachedImages):
+            said.append(f"cache {source.path.parent}")
+        else:
+            flag = "" if name == "nih" else f" --dataset {name}"
+            said.append(f"decoding the films (python cache.py{flag} builds a faster cache)")
+    return "; ".join(f"{name}: {what}" for name, what in zip(names, said)) if len(names) > 1 else said[0]
+
+
+def cache_on_device(loader, load_size, cached, count, device, log):
     """Whether to hold the run's cached images in device memory (CACHE_ON_DEVICE), saying why not when asked."""
     wanted = loader.cache_on_device
     if wanted == "off":
         return False
-    if cache is None or loader.augment_on != "device":
-        needs = "the image cache (python cache.py)" if cache is None else 'AUGMENT_ON = "device"'
+    if not cached or loader.augment_on != "device":
+        needs = "the image cache of every dataset (python cache.py)" if not cached else 'AUGMENT_ON = "device"'
         if wanted == "on":
             raise DataError(f"CACHE_ON_DEVICE = on needs {needs}.")
         return False
     size = count * load_size**2
     room, of_what = memory_for_images(device)
     if wanted == "auto" and size > room:
-        log(f"images: {size / 1e9:.2f} GB do not fit in {of_what}: reading the cache {cache} with workers instead")
+        log(f"images: {size / 1e9:.2f} GB do not fit in {of_what}: reading the cache with workers instead")
         return False
     log(f"images: {count:,} cached images ({size / 1e9:.2f} GB) held in {device} memory; batches drawn by index")
     return True
@@ -180,7 +238,8 @@ class ReadableFilms(torch.utils.data.Dataset):
 class SeededSampler(torch.utils.data.Sampler):
     """Wraps a sampler with set_epoch (DistributedSampler) and yields (index, seed) items for ChestXrayDataset.
 
-    The order depends on (seed, epoch) and each image's augmentation seed on (seed, epoch, index), so
+    The order depends on (seed, epoch) and each image's augmentation seed on (seed, epoch, index, and the pass of
+    a film that SharesSampler draws again), so
     resuming at any step of any epoch replays exactly what an uninterrupted run would have seen. `skip`
     drops the first items of the epoch (the batches a resumed run has already trained on).
     """
@@ -196,9 +255,11 @@ class SeededSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
     def __iter__(self):
-        for position, index in enumerate(self.sampler):
+        for position, item in enumerate(self.sampler):
             if position >= self.skip:
-                yield index, mix_seed(self.seed, self.epoch, index)
+                index, repeat = item if isinstance(item, tuple) else (item, 0)
+                seed = mix_seed(self.seed, self.epoch, index)
+                yield index, mix_seed(seed, repeat) if repeat else seed  # a film drawn again: other augmentation
 
 
 class DeviceBatches:

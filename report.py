@@ -49,7 +49,7 @@ def build_report(names, targets, probabilities, patient_ids, thresholds, replica
             "auroc_ci_low": low,
             "auroc_ci_high": high,
             "average_precision": average_precision_per_finding(targets, probabilities),
-            "prevalence": np.nanmean(targets, axis=0),
+            "prevalence": positives / np.where(known.any(axis=0), known.sum(axis=0), np.nan),  # NaN: unlabelled
             "positives": positives,
             "negatives": known.sum(axis=0) - positives,
             "images": known.sum(axis=0),

@@ -25,10 +25,14 @@ HEAT_MAP_IMAGES = 4  # validation films drawn with the heat map of their top fin
 LOG_EVERY = 10  # training steps between TensorBoard points
 TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch_totals")  # what only a resume needs
 
+BY_NAME = {"aurocs": "auroc_", "dataset_aurocs": "val_auroc_"}  # EpochMetrics' dicts: their columns' prefixes
+NOT_SCALARS = ("epoch", "seconds")  # EpochMetrics' fields that TensorBoard does not plot
+
 # the settings a resumed run must share with its start, or it is another experiment
 RUN_DEFINING = (
     "DATASET",
     "UNCERTAIN",
+    "DATASET_WEIGHTS",
     "BACKBONE",
     "IMAGE_SIZE",
     "LOAD_SIZE",
@@ -84,22 +88,29 @@ class EpochMetrics:
     lr: float
     seconds: float
     aurocs: dict = field(default_factory=dict)  # finding: validation AUROC
+    dataset_aurocs: dict = field(default_factory=dict)  # a union's dataset: the mean validation AUROC of its films
 
     def scalars(self):
         """{field: value} of the epoch's figures (what TensorBoard plots per epoch)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("epoch", "seconds", "aurocs")}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in (*NOT_SCALARS, *BY_NAME)}
+        return {**values, **{f"val_auroc_{name}": value for name, value in self.dataset_aurocs.items()}}
 
     def row(self):
-        """The flat row of metrics.csv and of a checkpoint's history (auroc_FINDING columns)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "aurocs"}
-        return {**values, **{f"auroc_{finding}": float(value) for finding, value in self.aurocs.items()}}
+        """The flat row of metrics.csv and of a checkpoint's history (auroc_FINDING and val_auroc_DATASET columns)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in BY_NAME}
+        for name, prefix in BY_NAME.items():
+            values.update({f"{prefix}{key}": float(value) for key, value in getattr(self, name).items()})
+        return values
 
     @classmethod
     def from_row(cls, row):
         """The record of a metrics.csv or history row; a field an older run did not write is NaN."""
-        names = [f.name for f in fields(cls) if f.name != "aurocs"]
-        aurocs = {name[len("auroc_") :]: value for name, value in row.items() if name.startswith("auroc_")}
-        return cls(**{name: row.get(name, float("nan")) for name in names}, aurocs=aurocs)
+        names = [f.name for f in fields(cls) if f.name not in BY_NAME]
+        by_name = {
+            name: {key[len(prefix) :]: value for key, value in row.items() if key.startswith(prefix)}
+            for name, prefix in BY_NAME.items()
+        }
+        return cls(**{name: row.get(name, float("nan")) for name in names}, **by_name)
 
 
 def best_epoch(history):
@@ -309,10 +320,17 @@ def summary(history, run_dir):
     """The table printed at the end of training, with the best epoch marked."""
     epochs = [EpochMetrics.from_row(row) for row in history]
     best = best_epoch(history)
-    widths = [len(fmt.format(0)) for _, _, fmt in SUMMARY_COLUMNS]
-    lines = [" ".join(f"{header:>{width}}" for (_, header, _), width in zip(SUMMARY_COLUMNS, widths))]
+    datasets = list(dict.fromkeys(name for metrics in epochs for name in metrics.dataset_aurocs))  # a union's
+    headers = [header for _, header, _ in SUMMARY_COLUMNS] + [f"{name} AUROC" for name in datasets]
+    formats = [fmt for _, _, fmt in SUMMARY_COLUMNS] + [
+        f"{{:>{len(header)}.4f}}" for header in headers[len(SUMMARY_COLUMNS) :]
+    ]
+    widths = [len(fmt.format(0)) for fmt in formats]
+    lines = [" ".join(f"{header:>{width}}" for header, width in zip(headers, widths))]
     for metrics in epochs:
-        cells = " ".join(fmt.format(getattr(metrics, name)) for name, _, fmt in SUMMARY_COLUMNS)
+        values = [getattr(metrics, name) for name, _, _ in SUMMARY_COLUMNS]
+        values += [metrics.dataset_aurocs.get(name, float("nan")) for name in datasets]
+        cells = " ".join(fmt.format(value) for fmt, value in zip(formats, values))
         lines.append(cells + ("  <- best" if metrics.epoch == best.epoch else ""))
     lines.append(
         f"best epoch {best.epoch}: val loss {best.val_loss:.4f}, mean AUROC {best.val_mean_auroc:.4f} "

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from errors import SettingsError
 
 # settings newer than some checkpoints, with the value every run before them had (they trained on NIH alone)
-ADDED_SINCE = {"DATASET": "nih", "UNCERTAIN": "ignore"}
+ADDED_SINCE = {"DATASET": "nih", "UNCERTAIN": "ignore", "DATASET_WEIGHTS": ""}
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class DataSettings:
     data_dir: str  # one folder per dataset, comma-separated in the same order
     csv: str
     uncertain: str  # an uncertain label (-1): "ignore" (unlabelled), "zeros" or "ones"
+    dataset_weights: str  # a union's share of each epoch per dataset: "" by size, or one weight each ("1,1")
     cache: str
     load_size: int
     image_size: int

@@ -15,7 +15,7 @@ branches a run into a new folder); a finished run says so instead of training on
 import sys
 
 import configurator
-from configurator import Above, AtLeast, Between, CommaList, Flag, OneOf, Text
+from configurator import Above, AtLeast, Between, CommaList, Flag, OneOf, Text, Weights
 from dataset import POS_WEIGHT_POLICIES
 
 LAYERS = CommaList("stem", "layer1", "layer2", "layer3", "layer4", "head", alone="all")  # model.BLOCKS, and the head
@@ -28,10 +28,11 @@ DATASET: DATASETS = "nih"  # the films to train on, or a union: nih,chexpert (da
 DATA_DIR: Text = "data/nih"  # the dataset's folder (label CSV and images); for a union one per dataset, comma-separated
 CSV: Text = ""  # label file; empty: the dataset's own (NIH: the Data_Entry_2017*.csv below DATA_DIR)
 UNCERTAIN: OneOf("ignore", "zeros", "ones") = "ignore"  # CheXpert/MIMIC -1: unlabelled (U-Ignore), negative, positive
+DATASET_WEIGHTS: Weights = ""  # a union's share of each epoch per dataset: empty, by size; 1,1: equal shares
 BACKBONE: OneOf("resnet50", "densenet121", "convnext_tiny") = "resnet50"  # the network (model.BACKBONES)
 IMAGE_SIZE: AtLeast(32) = 224  # side of the square crop the network sees
 LOAD_SIZE: AtLeast(32) = 256  # images are letterboxed to this square on load; training crops are taken from it
-CACHE: Text = "auto"  # "auto": DATA_DIR/cache_<LOAD_SIZE> when built (python cache.py), "off" (read PNGs), or a folder
+CACHE: Text = "auto"  # "auto": each DATA_DIR's cache_<LOAD_SIZE> when built (cache.py), "off" (read films), or a folder
 BATCH_SIZE: AtLeast(1) = 64  # images per step on each GPU
 EPOCHS: AtLeast(1) = 10  # passes over the training split
 LEARNING_RATE: Above(0.0) = 1e-5  # AdamW learning rate; low, as suits fine-tuning pretrained weights
@@ -78,11 +79,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import FINDINGS, count_positives, pos_weight_from_counts, saved_split, split_record
-from datasets import describe, is_nih_only, read_training_films
+from datasets import describe, is_nih_only, read_training_films, sampling
 from devices import autocast_dtype, compile_support, device_name, select_device, use_channels_last
 from distributed import gather_rows, setup_distributed, shut_down, sum_over_ranks
 from errors import CheckpointError, SettingsError, one_line_errors
-from images import find_cache
 from inference import fit_run_statistics, predict_logits
 from loaders import close_workers, make_loaders
 from model import build_model, frozen_blocks, init_head_bias, save_checkpoint
@@ -188,14 +188,13 @@ class StopRequest:
 def load_split_labels(data, checkpoint, checkpoint_path):
     """The datasets.TrainingFilms of a settings.DataSettings: a new split for a new run; for a resumed run the
     checkpoint's own (checked against the split.csv beside it)."""
-    cache = find_cache(data.data_dir, data.load_size, data.cache) if is_nih_only(data) else None  # no PNG needed
     if checkpoint is None:
-        films = read_training_films(data, cache)
+        films = read_training_films(data)
     else:
         saved = saved_split(checkpoint.get("split"), Path(checkpoint_path).parent / "split.csv")
         if saved is None:
             raise CheckpointError(f"{checkpoint_path} carries no split and no split.csv lies beside it: cannot resume.")
-        films = read_training_films(data, cache, saved)
+        films = read_training_films(data, saved)
     return films
 
 
@@ -481,6 +480,8 @@ def train(settings):
         run.tensorboard.close(settings, run.history, run.loop.dtype)
     if code == 0 and run.history:
         run.log(summary(run.history, run.run_dir))
+        if len(run.labels.dataset.unique()) > 1:
+            run.log(sampling(settings.data, run.labels, run.split))
         if run.is_main:
             batch_size, amp = settings.loader.batch_size, settings.run.amp
             fit_run_statistics(run.run_dir, settings.data, batch_size, amp, run.labels, run.split, run.device, run.log)
@@ -569,6 +570,8 @@ def describe_data(settings, films, log):
     if not is_nih_only(settings.data):
         for line in describe(films):
             log(f"  {line}")
+    if len(films.rows.dataset.unique()) > 1:
+        log(f"  {sampling(settings.data, films.rows, films.split)}")
     counts = count_positives(labels[split == "train"][list(FINDINGS)].to_numpy())
     pos_weight = pos_weight_from_counts(*counts, settings.training.pos_weight, settings.training.pos_weight_cap)
     for part in ("train", "val", "test"):
@@ -619,15 +622,17 @@ def train_epochs(run, stop):
             seconds=time.perf_counter() - started,
             aurocs={finding: float(value) for finding, value in zip(FINDINGS, validation.aurocs)},
         )
+        datasets = run.labels.dataset[(run.split == "val").to_numpy()].to_numpy()
+        if len(set(datasets)) > 1:
+            metrics.dataset_aurocs = auroc_by_dataset(validation, datasets)
         run.history.append(metrics.row())
         log(
             f"epoch {epoch}: train loss {metrics.train_loss:.4f}, val loss {metrics.val_loss:.4f}, "
             f"mean AUROC {metrics.val_mean_auroc:.4f}, lr {metrics.lr:.1e}"
         )
-        datasets = run.labels.dataset[(run.split == "val").to_numpy()].to_numpy()
-        if len(set(datasets)) > 1:
-            by_dataset = auroc_by_dataset(validation, datasets)
-            log("  mean AUROC by dataset: " + ", ".join(f"{name} {value:.4f}" for name, value in by_dataset.items()))
+        if metrics.dataset_aurocs:
+            said = ", ".join(f"{name} {value:.4f}" for name, value in metrics.dataset_aurocs.items())
+            log(f"  mean AUROC by dataset: {said}")
         if run.is_main:
             save_and_log_epoch(run, metrics, validation)
         ended = finished(run.history, Position(epoch + 1, 0), metrics.lr, settings.training)

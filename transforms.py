@@ -145,7 +145,10 @@ _NORMALISATION = {}  # device -> (scale, shift), each [1, 3, 1, 1]: (x - mean) /
 
 
 def _normalisation(device):
-    if device not in _NORMALISATION:
-        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        _NORMALISATION[device] = ((1 / std).to(device), (-mean / std).to(device))
-    return _NORMALISATION[device]
+    if device in _NORMALISATION:
+        return _NORMALISATION[device]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    constants = ((1 / std).to(device), (-mean / std).to(device))
+    if type(constants[0]) is torch.Tensor:  # made while tracing (export.py's ONNX export), they are fake: not kept
+        _NORMALISATION[device] = constants
+    return constants

@@ -213,22 +213,145 @@ def test_one_folder_per_dataset_is_asked_for(union_dirs):
             read_training_films(data_settings(dataset, folders))
 
 
-@pytest.mark.slow  # three runs from scratch: about 2 minutes on 2 cores
-def test_a_union_run_learns_both_datasets_and_resumes_exactly(union_dirs, tmp_path):
-    """Trained on the union, then the same run in two halves: the same weights; each dataset's validation films
-    are ranked above chance by the model."""
+def test_vindr_trains_with_its_test_folder_as_the_test_part(tmp_path):
+    """train.csv (three readers a film) gives train and val, test.csv (the consensus, without rad_id) the test part
+    with its films in test/."""
+    from helpers import write_dicom
+
+    data, nan = tmp_path / "vindr", np.nan
+    readings = {"train": [], "test": []}
+    for k in range(40):
+        finding = "Cardiomegaly" if k % 4 == 0 else "No finding"
+        readings["train"] += [[f"t{k}", finding, f"R{reader}", nan, nan, nan, nan] for reader in (1, 2, 3)]
+    readings["test"] = [["x1", "Cardiomegaly", 1, 2, 9, 9], ["x2", "No finding"] + [nan] * 4]
+    readings["test"] += [["x3", "Pleural effusion", 3, 3, 8, 8]]
+    corners = ["x_min", "y_min", "x_max", "y_max"]
+    for part, rows in readings.items():
+        (data / part).mkdir(parents=True)
+        for image_id in {row[0] for row in rows}:
+            write_dicom(data / part / f"{image_id}.dicom", np.full((16, 16), 1000))
+        columns = ["image_id", "class_name", *(["rad_id"] if part == "train" else []), *corners]
+        pd.DataFrame(rows, columns=columns).to_csv(data / f"{part}.csv", index=False)
+    films = read_training_films(data_settings("vindr", str(data)))
+    part = pd.Series(films.split.to_numpy(), index=films.rows.image_name)
+    assert set(part.index[part == "test"]) == {f"vindr:test/x{k}.dicom" for k in (1, 2, 3)}
+    assert set(part[part.index.str.startswith("vindr:train/")]) == {"train", "val"}
+    labels = films.rows.set_index("image_name")
+    assert (
+        labels.loc["vindr:test/x1.dicom", "Cardiomegaly"] == 1
+        and labels.loc["vindr:test/x2.dicom", list(FINDINGS)].max() == 0
+    )
+    assert (
+        labels.loc["vindr:test/x3.dicom", "Effusion"] == 1 and labels.loc["vindr:train/t4.dicom", "Cardiomegaly"] == 1
+    )
+    assert labels.Emphysema.isna().all()  # VinDr has no Emphysema class: unlabelled
+
+
+def test_dataset_weights_give_each_dataset_its_share_of_an_epoch():
+    """1,1 over 90 and 10 films: 50 draws each; the small dataset's films five times each, with other augmentation
+    seeds each time; the order a function of (seed, epoch), split between processes without loss."""
+    from loaders import SeededSampler, SharesSampler
+
+    groups = [np.arange(90), np.arange(90, 100)]
+    sampler = SeededSampler(SharesSampler(groups, [1, 1], seed=3), 3)
+    sampler.set_epoch(1)
+    items = list(sampler)
+    indices = np.array([index for index, _ in items])
+    assert len(items) == 100 == len(sampler)
+    assert (indices < 90).sum() == 50 and len(set(indices[indices < 90])) == 50
+    assert np.bincount(indices[indices >= 90] - 90, minlength=10).tolist() == [5] * 10
+    assert len({seed for index, seed in items if index == 95}) == 5
+    assert list(sampler) == items
+    sampler.set_epoch(2)
+    assert list(sampler) != items
+    whole = SharesSampler(groups, [1, 1], seed=3)
+    halves = [SharesSampler(groups, [1, 1], seed=3, world_size=2, rank=rank) for rank in (0, 1)]
+    for each in (whole, *halves):
+        each.set_epoch(1)
+    assert sorted(list(halves[0]) + list(halves[1])) == sorted(whole) and len(halves[0]) == 50
+    assert SharesSampler([np.arange(60), np.arange(60, 101)], [1, 2], seed=0).quotas.tolist() == [34, 67]
+
+
+def test_dataset_weights_are_one_per_dataset(union_dirs):
+    from configurator import rules
+    from datasets import dataset_weights
+
+    nih, chexpert = union_dirs
+    with pytest.raises(DataError, match="one per dataset"):
+        dataset_weights(data_settings("nih,chexpert", f"{nih},{chexpert}", dataset_weights="1,2,3"))
+    assert dataset_weights(data_settings("nih,chexpert", f"{nih},{chexpert}", dataset_weights="1,2")) == [1, 2]
+    for bad in ("0,1", "1,x", "-1"):
+        with pytest.raises(Exception, match="numbers above 0"):
+            rules(train)["DATASET_WEIGHTS"].validate("DATASET_WEIGHTS", bad)
+
+
+def test_each_dataset_of_a_union_reads_its_own_cache_keyed_by_its_own_paths(union_dirs, tmp_path):
+    """cache.py --dataset chexpert keys its films by their path below the folder; a union's images come from that
+    cache for CheXpert and from the files for NIH (no cache), the same pixels either way, in the run's order."""
+    import shutil
+
+    from cache import build_cache
+    from datasets import image_groups
+    from films import load_image
+    from images import CachedImages, FilmImages, MixedImages, dataset_images, images_on_device
+
+    nih, chexpert = (shutil.copytree(folder, tmp_path / folder.name) for folder in union_dirs)
+    folder = build_cache(chexpert, 40, workers=1, dataset="chexpert")
+    keys = pd.read_csv(folder / "index.csv").image_name
+    assert keys.str.match(r"^(train|valid)/patient\d+/study\d+/view\d_frontal\.jpg$").all()
+    data = data_settings("nih,chexpert", f"{nih},{chexpert}", load_size=40)
+    rows = read_training_films(data).rows
+    images = dataset_images(image_groups(rows, data), 40, strict=True)
+    assert [type(source) for source in images.sources] == [FilmImages, CachedImages]
+    for position in (0, len(rows) // 3, len(rows) - 1, *np.flatnonzero(rows.dataset == "chexpert")[:3]):
+        assert np.array_equal(images[position], load_image(rows.path[position], 40))
+    cached = [CachedImages(folder, keys[:6]), CachedImages(folder, keys[6:10])]
+    mixed = MixedImages(cached, [1, 0, 0, 1, 0], [0, 0, 1, 1, 2])
+    expected = np.stack([cached[1][0], cached[0][0], cached[0][1], cached[1][1], cached[0][2]])
+    assert np.array_equal(images_on_device(mixed, torch.device("cpu")).numpy(), expected)
+
+
+def test_the_summary_and_metrics_rows_carry_each_datasets_validation_auroc(tmp_path):
+    from run_folder import EpochMetrics, summary
+
+    metrics = EpochMetrics(1, 0.5, 0.4, 0.7, 1e-3, 3.0, {"Hernia": 0.9}, {"nih": 0.75, "chexpert": 0.625})
+    row = metrics.row()
+    assert row["val_auroc_nih"] == 0.75 and row["val_auroc_chexpert"] == 0.625 and row["auroc_Hernia"] == 0.9
+    assert EpochMetrics.from_row(row) == metrics
+    table = summary([row], tmp_path).splitlines()
+    assert table[0].split()[-4:] == ["nih", "AUROC", "chexpert", "AUROC"]
+    assert table[1].split()[-4:] == ["0.7500", "0.6250", "<-", "best"]
+
+
+@pytest.mark.slow  # three runs from scratch and an evaluation: about 3 minutes on 2 cores
+def test_a_union_run_learns_both_datasets_resumes_exactly_and_is_evaluated_per_dataset(union_dirs, tmp_path):
+    """Trained on the union from each dataset's cache, in equal shares, then the same run in two halves: the same
+    weights; each dataset's validation films are ranked above chance by the model; evaluate.py reports the run's
+    test split pooled and per dataset, each section the AUROC of that dataset's films in predictions.csv."""
+    import json
+    import shutil
+
+    from sklearn.metrics import roc_auc_score
+
+    import evaluate
+    from cache import build_cache
     from films import eval_crop, load_image
     from helpers import assert_same_weights, weights
     from inference import TorchModel
     from metrics import auroc_per_finding, mean_auroc
 
-    nih, chexpert = union_dirs
+    nih, chexpert = (shutil.copytree(folder, tmp_path / folder.name) for folder in union_dirs)
+    build_cache(nih, 56, workers=1)
+    build_cache(chexpert, 56, workers=1, dataset="chexpert")
     settings = {"dataset": "nih,chexpert", "epochs": 4, "image_size": 48, "load_size": 56, "trainable_layers": "all"}
+    settings["dataset_weights"] = "1,1"
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     assert run(tiny(f"{nih},{chexpert}", straight, **settings)) == 0
     assert run(tiny(f"{nih},{chexpert}", halves, **{**settings, "epochs": 2})) == 0
     assert run(tiny(f"{nih},{chexpert}", halves, **settings, resume="last")) == 0
     assert_same_weights(weights(straight / "epoch_04.pth"), weights(halves / "epoch_04.pth"))
+    metrics = pd.read_csv(straight / "metrics.csv")
+    assert metrics[["val_auroc_nih", "val_auroc_chexpert"]].notna().all().all()
     split = pd.read_csv(straight / "split.csv").set_index("image_name").split
     assert split.index.str.startswith(("nih:", "chexpert:")).all()
     model = TorchModel(straight / "best.pth", device="cpu")
@@ -241,3 +364,21 @@ def test_a_union_run_learns_both_datasets_and_resumes_exactly(union_dirs, tmp_pa
         score = mean_auroc(auroc_per_finding(rows[list(FINDINGS)].to_numpy()[mine], probabilities[mine]))
         print(name, score)
         assert score > 0.6, (name, score)
+    out = tmp_path / "report"
+    evaluate.main(
+        ["--checkpoint", str(straight / "best.pth"), "--out", str(out), "--bootstrap", "20", "--device", "cpu"]
+    )
+    report = json.loads((out / "report.json").read_text())
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert set(predictions.image_name) == set(split.index[split == "test"]) and report["dataset"] == "nih,chexpert"
+    assert report["pooled"]["mean_auroc"] == report["mean_auroc"]
+    for name in ("nih", "chexpert"):
+        section, mine = report["datasets"][name], predictions[predictions.image_name.str.startswith(f"{name}:")]
+        assert section["images"] == len(mine)
+        for finding in section["findings"]:
+            labelled = mine[f"label_{finding['finding']}"].notna()
+            labels, scores = mine[f"label_{finding['finding']}"][labelled], mine[f"prob_{finding['finding']}"][labelled]
+            if labels.nunique() == 2:
+                assert finding["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+            else:
+                assert finding["auroc"] is None  # NaN in JSON: no AUROC without both classes

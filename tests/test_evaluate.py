@@ -91,6 +91,7 @@ def test_thresholds_json_holds_the_thresholds_of_the_validation_splits_own_predi
         assert predicted[targets[:, k].numpy() == 1].mean() >= sensitivity
 
 
+@pytest.mark.slow  # kept out of the quick suite for its time (about 10-30 s)
 def test_tta_averages_five_crops(report, trained_run, tmp_path):
     plain = report  # the same films without TTA
     (tmp_path / "tta").mkdir()

@@ -1,6 +1,7 @@
 """run_folder.py: what a run writes and finds again: checkpoints kept slim or whole, the epoch records of its
 history (older histories included), the best epoch, and when a run has finished."""
 
+import pytest
 import torch
 
 import run_folder
@@ -29,6 +30,7 @@ def test_keep_training_state_all_leaves_every_epoch_resumable(tmp_path, monkeypa
         assert all(name in kept for name in run_folder.TRAINING_STATE), epoch
 
 
+@pytest.mark.slow  # kept out of the quick suite for its time (about 10-30 s)
 def test_an_early_stopped_run_stays_stopped_unless_the_patience_is_raised(demo_dir, tmp_path, capsys):
     from dataclasses import replace
 
@@ -61,6 +63,7 @@ def test_the_best_epoch_is_the_lowest_validation_loss_and_the_summary_marks_it(t
     assert lines[-1].startswith("best epoch 2: val loss 0.5500")
 
 
+@pytest.mark.slow  # kept out of the quick suite for its time (about 10-30 s)
 def test_a_run_whose_history_lacks_a_field_resumes(demo_dir, tmp_path):
     """A run started by an older train.py wrote its history without a field added since (here `seconds`); resuming
     it raised KeyError. Its rows now read with NaN there, and the run continues."""

@@ -93,6 +93,7 @@ def test_older_epochs_keep_the_model_alone_and_a_resume_from_one_says_which_file
 RUN_DEFINING_CHANGES = {  # another valid value of each setting that defines a run (tiny() gives the first)
     "DATASET": "chexpert",
     "UNCERTAIN": "ones",
+    "DATASET_WEIGHTS": "1",
     "BACKBONE": "densenet121",
     "IMAGE_SIZE": 36,
     "LOAD_SIZE": 48,
@@ -156,6 +157,7 @@ def test_warmup_and_cosine_schedule_resume_exactly_mid_epoch(demo_dir, tmp_path,
     assert_same_weights(weights(tmp_path / "straight" / "epoch_02.pth"), weights(tmp_path / "resumed" / "epoch_02.pth"))
 
 
+@pytest.mark.slow  # kept out of the quick suite for its time (about 10-30 s)
 def test_each_epochs_dropout_is_its_own_stream_seeded_by_seed_and_epoch(demo_dir, tmp_path, monkeypatch):
     """An epoch's dropout masks are a function of (SEED, epoch) alone: whatever ran before (a resume, another epoch's
     length), epoch e starts from the stream that torch.manual_seed(mix_seed(SEED, e)) gives."""
@@ -257,6 +259,7 @@ def test_settings_that_waste_a_run_are_warned_about(demo_dir, tmp_path, capsys):
     assert "per epoch at" not in printed  # 8 steps an epoch: too few for an estimate
 
 
+@pytest.mark.slow  # kept out of the quick suite for its time (about 10-30 s)
 def test_the_time_of_an_epoch_and_of_the_run_is_estimated_within_a_short_first_epoch(demo_dir, tmp_path, capsys):
     assert run(tiny(demo_dir, tmp_path, epochs=2)) == 0  # 10 steps an epoch
     estimates = [line for line in capsys.readouterr().out.splitlines() if "of training per epoch" in line]
@@ -264,6 +267,7 @@ def test_the_time_of_an_epoch_and_of_the_run_is_estimated_within_a_short_first_e
     assert "of training left in this run (epochs 1-2" in estimates[0]
 
 
+@pytest.mark.slow  # kept out of the quick suite for its time (about 10-30 s)
 def test_tensorboard_events_cover_each_step_once_across_a_resume(demo_dir, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -91,3 +91,18 @@ def test_normalize_makes_three_imagenet_channels():
     assert out.shape == (2, 3, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
     expected = (1 - torch.tensor(transforms.IMAGENET_MEAN)) / torch.tensor(transforms.IMAGENET_STD)
     torch.testing.assert_close(out[0, :, 0, 0], expected)
+
+
+def test_a_first_normalize_while_tracing_leaves_no_fake_tensors_for_later_inference(monkeypatch):
+    """export.py's ONNX export traces under fake tensors; had that first call cached its constants, every later
+    normalize in the process would hand out fake tensors (".numpy() is not supported for tensor subclasses")."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(transforms, "_NORMALISATION", {})
+    with FakeTensorMode() as mode:
+        traced = normalize(mode.from_tensor(torch.zeros(1, 1, 4, 4, dtype=torch.uint8)))
+    assert type(traced) is not torch.Tensor  # it did run under the fake mode
+    out = normalize(torch.full((1, 1, 4, 4), 255, dtype=torch.uint8))
+    assert type(out) is torch.Tensor
+    expected = (1 - torch.tensor(transforms.IMAGENET_MEAN)) / torch.tensor(transforms.IMAGENET_STD)
+    torch.testing.assert_close(out[0, :, 0, 0].numpy(), expected.numpy())

@@ -192,6 +192,7 @@ def test_films_of_a_demo_set_drawn_with_another_seed_are_rarely_flagged(trained_
     assert len(paths) > 120 and flagged.mean() <= 0.03, (flagged.sum(), len(paths))
 
 
+@pytest.mark.slow  # kept out of the quick suite for its time (about 10-30 s)
 def test_ood_statistics_of_features_of_another_width_are_refitted_not_used(trained_run, tmp_path, capsys):
     """A checkpoint from before the OOD features held the third block's halves carries 2048-wide statistics: they
     are left out with a warning (no distance from a mismatched fit), and evaluate.py fits and stores new ones."""
