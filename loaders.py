@@ -146,9 +146,10 @@ def images_said(rows, images):
     for name, source in zip(names, sources):
         if isinstance(source, CachedImages):
             said.append(f"cache {source.path.parent}")
+        elif name == "nih":
+            said.append("decoding PNGs (python cache.py builds a faster cache)")
         else:
-            flag = "" if name == "nih" else f" --dataset {name}"
-            said.append(f"decoding the films (python cache.py{flag} builds a faster cache)")
+            said.append(f"decoding the films (python cache.py --dataset {name} builds a faster cache)")
     return "; ".join(f"{name}: {what}" for name, what in zip(names, said)) if len(names) > 1 else said[0]
 
 
