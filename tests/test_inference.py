@@ -105,3 +105,23 @@ def test_a_thresholds_file_without_a_usable_threshold_is_an_error_not_a_silent_f
     empty.write_text(json.dumps({"policy": "sensitivity 1.5", "thresholds": {"Hernia": None, "Mass": None}}))
     with pytest.raises(DataError, match="no usable threshold"):
         TorchModel(trained_run / "best.pth", device="cpu", thresholds=empty)
+
+
+def test_bf16_inference_on_a_cpu_stays_close_to_fp32(trained_run, learn_dir):
+    """What predict.py, the page and evaluate.py run on a CPU with native bf16 (autocast), against fp32, on the
+    trained demo model's held-out test films: forced to bf16 here whatever CPU runs the test."""
+    import torch
+
+    from dataset import FINDINGS, run_split, split_rows
+    from films import eval_crop, load_image
+    from inference import crop_probabilities
+    from metrics import auroc_per_finding
+
+    model = TorchModel(trained_run / "best.pth", device="cpu", amp=False)
+    rows = split_rows(*run_split(model.checkpoint, trained_run / "best.pth"), learn_dir, "", ["test"])[0]["test"]
+    crops = np.stack([eval_crop(load_image(path, model.load_size), model.image_size) for path in rows.path])
+    fp32 = crop_probabilities(model.net, crops, torch.device("cpu"))
+    bf16 = crop_probabilities(model.net, crops, torch.device("cpu"), torch.bfloat16)
+    assert 0 < np.abs(fp32 - bf16).max() <= 0.02  # it did run in bf16, and moved no probability far
+    targets = rows[list(FINDINGS)].to_numpy(dtype=float)
+    assert np.abs(auroc_per_finding(targets, fp32) - auroc_per_finding(targets, bf16)).max() <= 0.002
