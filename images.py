@@ -211,10 +211,14 @@ def _one_dataset(folder, names, paths, load_size, setting, strict):
     return images
 
 
+def sources_of(images):
+    """The sources of dataset_images' images, one per dataset: CachedImages or FilmImages."""
+    return images.sources if isinstance(images, MixedImages) else [images]
+
+
 def all_cached(images):
     """Whether every image comes from a cache (what holding them in device memory needs)."""
-    sources = images.sources if isinstance(images, MixedImages) else [images]
-    return all(isinstance(source, CachedImages) for source in sources)
+    return all(isinstance(source, CachedImages) for source in sources_of(images))
 
 
 def evaluation_images(rows, data_dir, load_size, setting="auto"):

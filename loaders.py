@@ -15,7 +15,7 @@ from datasets import dataset_names, dataset_weights, image_groups
 from devices import worker_count
 from errors import DataError
 from films import eval_crop, five_views
-from images import CachedImages, MixedImages, all_cached, dataset_images, images_on_device, memory_for_images
+from images import CachedImages, all_cached, dataset_images, images_on_device, memory_for_images, sources_of
 from transforms import WorkerAugment, mix_seed
 
 
@@ -68,8 +68,11 @@ def epoch_order(data, rows, world_size, rank):
     weights = dataset_weights(data)
     if weights is None:
         return DistributedSampler(range(len(rows)), world_size, rank, seed=data.seed)
-    datasets = rows["dataset"].to_numpy()
-    groups = [np.flatnonzero(datasets == name) for name in dataset_names(data)[0]]
+    datasets, names = rows["dataset"].to_numpy(), dataset_names(data)[0]
+    groups = [np.flatnonzero(datasets == name) for name in names]
+    empty = [name for name, group in zip(names, groups) if len(group) == 0]
+    if empty:
+        raise DataError(f"DATASET_WEIGHTS gives {empty[0]} a share, but it has no training film: leave it out")
     return SharesSampler(groups, weights, data.seed, world_size, rank)
 
 
@@ -80,9 +83,7 @@ class SharesSampler(torch.utils.data.Sampler):
     (seed, epoch) alone, split among processes as DistributedSampler splits (padded to an equal count)."""
 
     def __init__(self, groups, weights, seed, world_size=1, rank=0):
-        self.groups = [np.asarray(group) for group in groups]
-        if any(len(group) == 0 for group in self.groups):
-            raise DataError("DATASET_WEIGHTS: a dataset of the union has no training film")
+        self.groups = [np.asarray(group) for group in groups]  # none empty (epoch_order says which otherwise)
         total, shares = sum(len(group) for group in self.groups), np.asarray(weights, dtype=float)
         exact = total * shares / shares.sum()
         self.quotas = np.floor(exact).astype(int)
@@ -141,9 +142,8 @@ def close_workers(*loaders):
 def images_said(rows, images):
     """Where the run's images come from, in a line: each dataset's cache, or its files decoded."""
     names = list(dict.fromkeys(rows["dataset"]))
-    sources = images.sources if isinstance(images, MixedImages) else [images]
     said = []
-    for name, source in zip(names, sources):
+    for name, source in zip(names, sources_of(images)):
         if isinstance(source, CachedImages):
             said.append(f"cache {source.path.parent}")
         elif name == "nih":

@@ -321,16 +321,12 @@ def summary(history, run_dir):
     epochs = [EpochMetrics.from_row(row) for row in history]
     best = best_epoch(history)
     datasets = list(dict.fromkeys(name for metrics in epochs for name in metrics.dataset_aurocs))  # a union's
-    headers = [header for _, header, _ in SUMMARY_COLUMNS] + [f"{name} AUROC" for name in datasets]
-    formats = [fmt for _, _, fmt in SUMMARY_COLUMNS] + [
-        f"{{:>{len(header)}.4f}}" for header in headers[len(SUMMARY_COLUMNS) :]
-    ]
-    widths = [len(fmt.format(0)) for fmt in formats]
-    lines = [" ".join(f"{header:>{width}}" for header, width in zip(headers, widths))]
+    columns = list(SUMMARY_COLUMNS) + [(name, f"{name} AUROC", f"{{:>{len(name) + 6}.4f}}") for name in datasets]
+    widths = [len(fmt.format(0)) for _, _, fmt in columns]
+    lines = [" ".join(f"{header:>{width}}" for (_, header, _), width in zip(columns, widths))]
     for metrics in epochs:
-        values = [getattr(metrics, name) for name, _, _ in SUMMARY_COLUMNS]
-        values += [metrics.dataset_aurocs.get(name, float("nan")) for name in datasets]
-        cells = " ".join(fmt.format(value) for fmt, value in zip(formats, values))
+        values = {**vars(metrics), **metrics.dataset_aurocs}  # a dataset's name never is a field's
+        cells = " ".join(fmt.format(values.get(name, float("nan"))) for name, _, fmt in columns)
         lines.append(cells + ("  <- best" if metrics.epoch == best.epoch else ""))
     lines.append(
         f"best epoch {best.epoch}: val loss {best.val_loss:.4f}, mean AUROC {best.val_mean_auroc:.4f} "

@@ -280,6 +280,11 @@ def test_dataset_weights_are_one_per_dataset(union_dirs):
     with pytest.raises(DataError, match="one per dataset"):
         dataset_weights(data_settings("nih,chexpert", f"{nih},{chexpert}", dataset_weights="1,2,3"))
     assert dataset_weights(data_settings("nih,chexpert", f"{nih},{chexpert}", dataset_weights="1,2")) == [1, 2]
+    from loaders import epoch_order
+
+    weighted = data_settings("nih,chexpert", f"{nih},{chexpert}", dataset_weights="1,1")
+    with pytest.raises(DataError, match="gives chexpert a share, but it has no training film"):
+        epoch_order(weighted, pd.DataFrame({"dataset": ["nih"] * 5}), 1, 0)
     for bad in ("0,1", "1,x", "-1"):
         with pytest.raises(Exception, match="numbers above 0"):
             rules(train)["DATASET_WEIGHTS"].validate("DATASET_WEIGHTS", bad)
