@@ -1,6 +1,7 @@
 """A local web page for a trained model: drop a chest film (PNG, JPEG or DICOM), see its 14 findings and heat maps.
 
     python app.py --checkpoint checkpoints/resnet50/best.pth [--port 7860] [--host 127.0.0.1] [--max_file_size 200]
+    python app.py --onnx model_int8.onnx        # an export.py file (fp32 or --int8) in ONNX Runtime: no heat maps
 
 The page shows any warning about the film in a banner above everything else (a DICOM header that says it is not a
 frontal chest film; a film unlike the training films), the film itself, the findings as bars sorted by their
@@ -32,7 +33,7 @@ from configurator import add_checkpoint_flag, add_device_flags
 from errors import DataError, one_line_errors
 from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 from heatmaps import film_overlays
-from inference import TorchModel, at_or_above, with_ood_warnings
+from inference import at_or_above, load_model, with_ood_warnings
 
 CAM_FINDINGS = 3  # heat maps of this many top findings per film (--top)
 MAX_FILE_MB = 200  # the largest upload the page accepts, in MB (--max_file_size)
@@ -140,7 +141,10 @@ def analyse(model, path, top):
         return {}, None, [], banner([str(error).replace(str(path), name)], "error"), None, []
     finally:
         forget(path)
-    predictions = model.predict(film.crop[None])
+    if hasattr(model, "predict_with_maps"):  # PyTorch: the heat maps from the same pass
+        predictions, class_maps = model.predict_with_maps(film.crop[None])
+    else:  # an ONNX export: findings alone
+        predictions, class_maps = model.predict(film.crop[None]), None
     (film,) = with_ood_warnings([film], predictions)
     probabilities = predictions.probabilities[0]
     findings, thresholds = model.findings, model.thresholds
@@ -155,7 +159,9 @@ def analyse(model, path, top):
         ]
         for k in np.argsort(-probabilities)
     ]
-    maps = [(np.asarray(image), finding) for finding, image in film_overlays(model, film, probabilities, top)]
+    film_maps = None if class_maps is None else class_maps[0]
+    drawn = film_overlays(model, film, probabilities, top, film_maps) if hasattr(model, "net") else []
+    maps = [(np.asarray(image), finding) for finding, image in drawn]
     chart = probability_chart(probabilities, findings, thresholds, "calibrated" if model.calibrated else "raw")
     return label, chart, table, banner(list(film.warnings), "warning"), film.original, maps
 
@@ -189,7 +195,9 @@ def build_page(model, checkpoint, top=CAM_FINDINGS):
                     headers=["finding", "probability", "threshold", "above"], elem_id="table", interactive=False
                 )
         maps = gr.Gallery(
-            label=f"Grad-CAM heat maps of the top {top} findings",
+            label=f"Grad-CAM heat maps of the top {top} findings"
+            if hasattr(model, "net")
+            else "Heat maps: none from an ONNX model (app.py --checkpoint draws them)",
             columns=top,
             height=620,
             object_fit="contain",
@@ -206,7 +214,9 @@ def build_page(model, checkpoint, top=CAM_FINDINGS):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_flag(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    add_checkpoint_flag(source, required=False)  # the group requires one of the two
+    source.add_argument("--onnx", help="a model written by export.py (fp32 or --int8): ONNX Runtime, no heat maps")
     parser.add_argument("--port", type=int, default=7860, help="default: %(default)s")
     parser.add_argument(
         "--host", default="127.0.0.1", help="127.0.0.1 (default): this computer only; 0.0.0.0: every network it is on"
@@ -218,12 +228,12 @@ def main(argv=None):
     add_device_flags(parser)
     args = parser.parse_args(argv)
     with one_line_errors():
-        model = TorchModel(args.checkpoint, args.device, args.amp)
+        model = load_model(args.checkpoint, args.onnx, args.device, args.amp)
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"])
     if hasattr(signal, "SIGTERM"):  # stopped by a service manager: close as on Ctrl-C, so the films are removed
         signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt())
     try:
-        build_page(model, args.checkpoint, args.top).launch(
+        build_page(model, args.checkpoint or args.onnx, args.top).launch(
             server_name=args.host,
             server_port=args.port,
             share=False,

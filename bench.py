@@ -2,22 +2,26 @@
 
     python bench.py [--images 300] [--workers 2] [--image_size 224] [--batch_size 64] [--json bench.json]
     python bench.py --quick --json bench.json      # seconds, for CI
-    python bench.py --compile [--compile_mode reduce-overhead]   # adds torch.compile (CUDA graphs with that mode)
+    python bench.py --compile --batch_size 64 256 --trainable_layers layer4 all   # adds compiled (and graphed) rows
 
 (a) input pipeline images/s: decoding the PNGs vs reading the cache, same worker augmentation, same worker count,
     and the same for JPEGs in CheXpert's layout (CHEXPERT_SIZE px, as CheXpert-v1.0-small) and their cache;
     a worker's milliseconds per image with augmentation in the workers vs on the device (the worker only reads);
     the device augmentation's cost per image, and batches/s drawn from images held in device memory;
 (b) training-step and evaluation images/s of the real model on this device, in the configurations the device
-    supports (fp32, AMP, channels_last, torch.compile): train.py's own loop (train.train_epoch over images held in
-    device memory, the default on a GPU: no host-to-device copy per step, fused AdamW, cuDNN benchmark) against a bare
-    forward/backward/step loop of the same model and batch; on a GPU, the share of a step the host needs to queue
-    its kernels (near 100%: the step is CPU-bound by launch overhead, and a faster GPU would not help); on the CPU,
-    fp32 against the project's CPU choice (bf16 autocast + channels_last where the CPU has native bf16);
+    supports (fp32, AMP, channels_last; the frozen blocks' BatchNorm unfolded and folded into their convolutions,
+    as train.py builds them; with --compile, torch.compile and, on CUDA, its CUDA graphs, mode reduce-overhead), for
+    each --batch_size and --trainable_layers, with the operations of one step (eager rows): train.py's own loop
+    (train.train_epoch over images held in device memory, the default on a GPU: no host-to-device copy per step, fused
+    AdamW, cuDNN benchmark) against a bare forward/backward/step loop of the same model and batch; on a GPU, the
+    share of a step the host needs to queue its kernels (near 100%: the step is CPU-bound by launch overhead, and a
+    faster GPU would not help); on the CPU, fp32 against the project's CPU choice (bf16 autocast + channels_last
+    where the CPU has native bf16);
 (c) the projected time of one NIH epoch (training and validation) for each configuration;
-(d) what a training step asks of the device, counted on any device: operations of a forward pass (torchvision's
-    FrozenBatchNorm2d against model.FrozenBatchNorm under bf16 autocast), and per step of train.py's loop the
-    operations and the reads back to the host (item, bool, tolist: each one a wait for a GPU) and blocking uploads.
+(d) what a training step asks of the device, counted on any device: operations of a forward pass under bf16
+    autocast (torchvision's FrozenBatchNorm2d, model.FrozenBatchNorm, and the BatchNorm folded into the convolution),
+    and per step of train.py's loop the operations (unfolded and folded) and the reads back to the host (item, bool,
+    tolist: each one a wait for a GPU) and blocking uploads.
 """
 
 import argparse
@@ -57,7 +61,7 @@ from devices import (
 )
 from images import CachedImages, FilmImages, cache_folder, images_on_device
 from loaders import ChestXrayDataset, DeviceBatches, SeededSampler
-from model import FrozenBatchNorm, build_model
+from model import FrozenBatchNorm, build_model, cast_frozen
 from run_folder import EpochTotals
 from transforms import WorkerAugment, augment_batch, augmentation_params, normalize
 
@@ -116,7 +120,8 @@ class Variant(NamedTuple):
 
     amp: bool
     channels_last: bool
-    compile: bool = False
+    compile: str = ""  # a torch.compile mode ("default"; "reduce-overhead": CUDA graphs), or "" for eager
+    fold: bool = True  # the frozen blocks' BatchNorm folded into their convolutions (model.fold_frozen_batchnorm)
 
 
 def training_parts(args, device, variant):
@@ -129,7 +134,7 @@ def training_parts(args, device, variant):
     counts = np.full(len(FINDINGS), 20), np.full(len(FINDINGS), 80)
     pos_weight = pos_weight_from_counts(*counts)
     parts = train.build_training(
-        model_settings, defaults.training, counts, pos_weight, device, dtype, variant.channels_last, 1
+        model_settings, defaults.training, counts, pos_weight, device, dtype, variant.channels_last, 1, variant.fold
     )
     return parts, dtype
 
@@ -144,9 +149,10 @@ def device_batches(args, device, steps):
 
 
 def step_rates(args, device, variant):
-    """(project loop, bare loop, eval) images/s and the host's share of a bare step for one Variant."""
+    """(project loop, bare loop, eval) images/s, the host's share of a bare step and its operations (None compiled:
+    its kernels are not aten operations) for one Variant."""
     parts, dtype = training_parts(args, device, variant)
-    net = torch.compile(parts.net, mode=args.compile_mode) if variant.compile else parts.net
+    net = torch.compile(parts.net, mode=variant.compile) if variant.compile else parts.net
     loop = train.Loop(device, dtype, variant.channels_last, image_size=args.image_size, show_progress=False)
     warmup, measured = device_batches(args, device, args.warmup), device_batches(args, device, args.steps)
     inputs = normalize(
@@ -171,6 +177,11 @@ def step_rates(args, device, variant):
             project.append(args.steps * args.batch_size / seconds)
             bare.append(args.batch_size / _seconds_per_call(bare_step, args, device))
         host_share = host_share_of_step(bare_step, device)
+        operations = None
+        if not variant.compile:
+            with OperationCount() as count:
+                bare_step()
+            operations = count.operations
     finally:
         stop.restore()
     net.eval()
@@ -180,7 +191,7 @@ def step_rates(args, device, variant):
             net(inputs)
 
     evaluation = args.batch_size / _seconds_per_call(eval_step, args, device)
-    return statistics.median(project), statistics.median(bare), evaluation, host_share
+    return statistics.median(project), statistics.median(bare), evaluation, host_share, operations
 
 
 def host_share_of_step(step, device):
@@ -301,12 +312,14 @@ class DeviceWaits(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def forward_operations(frozen_class, trainable_layers="layer4", size=64):
+def forward_operations(frozen_class=None, trainable_layers="layer4", size=64):
     """Operations of one forward pass under bf16 autocast on the CPU (the count does not depend on the CPU having
-    native bf16), with the frozen blocks' BatchNorm as `frozen_class`."""
-    net = build_model(len(FINDINGS), "none", trainable_layers, 0.5).eval()
-    if frozen_class is not FrozenBatchNorm:
+    native bf16), with the frozen blocks' BatchNorm as `frozen_class`, or (None) folded into their convolutions, as
+    train.py builds them (cast to bf16 once, as train.py does)."""
+    net = build_model(len(FINDINGS), "none", trainable_layers, 0.5, fold=frozen_class is None).eval()
+    if frozen_class not in (None, FrozenBatchNorm):
         _swap_frozen_batchnorm(net, frozen_class)
+    cast_frozen(net, torch.bfloat16)
     images = torch.randn(2, 3, size, size)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), OperationCount() as count:
         net(images)
@@ -323,10 +336,10 @@ def _swap_frozen_batchnorm(module, frozen_class):
             _swap_frozen_batchnorm(child, frozen_class)
 
 
-def loop_counts(steps=COUNTED_STEPS, size=32, batch_size=4):
+def loop_counts(steps=COUNTED_STEPS, size=32, batch_size=4, fold=True):
     """(operations, reads, uploads) per step of train.py's loop on the CPU, over `steps` steps of a small ResNet-50
     step from images held in memory (the operations depend on the model, not on the image size)."""
-    run = _loop_steps(torch.device("cpu"), steps, size, batch_size)
+    run = _loop_steps(torch.device("cpu"), steps, size, batch_size, fold)
     with OperationCount() as operations, DeviceWaits() as waits:
         run()
     return operations.operations / steps, waits.reads / steps, waits.uploads / steps
@@ -349,11 +362,11 @@ def gpu_syncs_per_step(device, steps=COUNTED_STEPS, size=64, batch_size=16):
     return sum("synchroniz" in str(warning.message) for warning in caught) / steps
 
 
-def _loop_steps(device, steps, size, batch_size):
+def _loop_steps(device, steps, size, batch_size, fold=True):
     """A function that runs `steps` steps of train.py's loop (one epoch of that many) on `device`, from images held in
     its memory; what it needs is made here, outside what is counted."""
     args = argparse.Namespace(trainable_layers="layer4", batch_size=batch_size, load_size=size + 8)
-    parts, dtype = training_parts(args, device, Variant(amp=True, channels_last=device.type != "mps"))
+    parts, dtype = training_parts(args, device, Variant(amp=True, channels_last=device.type != "mps", fold=fold))
     loop = train.Loop(device, dtype, device.type != "mps", image_size=size, show_progress=False)
     batches = device_batches(args, device, steps)
     batches.sampler.set_epoch(1)
@@ -383,15 +396,25 @@ def _seconds_per_call(function, args, device):
 
 
 def configurations(device, with_compile):
-    """What the device supports: AMP and channels_last on CUDA, and on CPUs with native bf16; the last row is what
-    train.py does there (and, with --compile, the same compiled)."""
+    """What the device supports: AMP and channels_last on CUDA, and on CPUs with native bf16, each with the frozen
+    BatchNorm unfolded; then what train.py does there (the last of those, folded), and with --compile the same
+    compiled and, on CUDA, replayed as CUDA graphs (mode reduce-overhead)."""
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
-        configs = [(False, False, False), (True, False, False), (True, True, False)]
+        layouts = [(False, False), (True, False), (True, True)]
     else:
-        configs = [(False, False, False), (False, True, False)]
+        layouts = [(False, False), (False, True)]
+    variants = [Variant(amp, channels_last, fold=False) for amp, channels_last in layouts]
+    variants.append(variants[-1]._replace(fold=True))
     if with_compile:
-        configs.append((configs[-1][0], configs[-1][1], True))
-    return [Variant(*config) for config in configs]
+        variants.append(variants[-1]._replace(compile="default"))
+        if device.type == "cuda":
+            variants.append(variants[-1]._replace(compile="reduce-overhead"))
+    return variants
+
+
+def train_py_variant(device):
+    """The Variant train.py trains with on this device (without COMPILE)."""
+    return configurations(device, False)[-1]
 
 
 def make_images(folder, count, load_size, workers):
@@ -423,25 +446,36 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for (a) (default: 2)")
     parser.add_argument("--image_size", type=int, default=224, help="network input (default: 224)")
     parser.add_argument("--load_size", type=int, default=256, help="cache / resize size (default: 256)")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per step, as train.py (default: 64)")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        nargs="+",
+        default=[64],
+        help="images per step, as train.py; (b) times each (default: 64; the first for (a))",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round and configuration (default: 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
     parser.add_argument("--rounds", type=int, default=3, help="alternated timings; medians reported (default: 3)")
-    parser.add_argument("--trainable_layers", default="layer4", help="as in train.py (default: layer4)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
     parser.add_argument(
-        "--compile_mode",
-        default="default",
-        choices=("default", "reduce-overhead", "max-autotune"),
-        help="torch.compile mode; reduce-overhead replays the step as CUDA graphs (default: %(default)s)",
+        "--trainable_layers",
+        nargs="+",
+        default=["layer4"],
+        help="TRAINABLE_LAYERS values, as in train.py; (b) times "
+        "each (default: layer4, the seed recipe; 'all' is the full fine-tune)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile, and on CUDA its CUDA graphs (minutes)"
     )
     add_device_flags(parser, amp=False)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, figures mean little")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     args.cpu_step = CPU_STEP
+    args.batch_sizes, args.recipes = args.batch_size, args.trainable_layers
+    args.batch_size, args.trainable_layers = args.batch_sizes[0], args.recipes[0]
     if args.quick:  # that it runs, in seconds: every size small
-        args.images, args.batch_size, args.steps, args.warmup, args.rounds = 12, 4, 2, 1, 1
+        args.images, args.batch_sizes, args.steps, args.warmup, args.rounds = 12, [4], 2, 1, 1
+        args.batch_size = 4
         args.image_size, args.load_size, args.cpu_step = 64, 73, {"image_size": 64, "batch_size": 8}
     return args
 
@@ -494,42 +528,62 @@ def input_section(args, device):
 
 
 def step_section(args, device, with_compile, cached):
-    """(b) and (c): each Variant's step rates and projected NIH epoch (`cached`: this machine's cached input rate),
-    printed; a row of figures per Variant."""
+    """(b) and (c): each Variant's step rates and projected NIH epoch (`cached`: this machine's cached input rate) for
+    each batch size and recipe, printed; a row of figures per Variant."""
+    rows = []
+    for layers in args.recipes:
+        for batch_size in args.batch_sizes:
+            setting = argparse.Namespace(**{**vars(args), "batch_size": batch_size, "trainable_layers": layers})
+            rows += _step_rows(setting, device, with_compile, cached)
+    default = _train_py_row(rows, device)
+    if default["host_share_of_step"] is not None and default["host_share_of_step"] >= HOST_BOUND:
+        print(
+            f"    the step is CPU-bound: the host needs {default['host_share_of_step']:.0%} of it to queue the kernels "
+            "(launch overhead); a larger batch, or --compile (CUDA graphs: its reduce-overhead row), helps"
+        )
+    return rows
+
+
+def _step_rows(args, device, with_compile, cached):
     print(f"(b) model steps at {args.image_size} px, batch {args.batch_size}, trainable {args.trainable_layers}")
     print(
-        f"    {'amp':>5} {'ch_last':>7} {'compile':>7} {'train img/s':>12} {'bare img/s':>11} {'loop/bare':>9} "
-        f"{'eval img/s':>11} {'host share':>10} {'NIH epoch':>10} {'(c) w/ cache here':>18}"
+        f"    {'amp':>5} {'ch_last':>7} {'folded':>6} {'compile':>15} {'train img/s':>12} {'bare img/s':>11} "
+        f"{'loop/bare':>9} {'ops/step':>8} {'eval img/s':>11} {'host share':>10} {'NIH epoch':>10} "
+        f"{'(c) w/ cache here':>18}"
     )
     rows = []
     for variant in configurations(device, with_compile):
-        project, bare, evaluation, host_share = step_rates(args, device, variant)
+        project, bare, evaluation, host_share, operations = step_rates(args, device, variant)
         epoch = NIH_TRAIN_IMAGES / project + NIH_VAL_IMAGES / evaluation
         epoch_here = NIH_TRAIN_IMAGES / min(project, cached) + NIH_VAL_IMAGES / min(evaluation, cached)
         rows.append(
             {
                 **variant._asdict(),
+                "batch_size": args.batch_size,
+                "trainable_layers": args.trainable_layers,
                 "train_img_s": project,
                 "bare_train_img_s": bare,
                 "eval_img_s": evaluation,
                 "host_share_of_step": host_share,
+                "ops_per_step": operations,
                 "nih_epoch_s": epoch,
                 "nih_epoch_with_this_input_s": epoch_here,
             }
         )
         share = "" if host_share is None else f"{host_share:.0%}"
+        ops = "-" if operations is None else str(operations)
         print(
-            f"    {variant.amp!s:>5} {variant.channels_last!s:>7} {variant.compile!s:>7} {project:12.1f} "
-            f"{bare:11.1f} {project / bare:9.2f} {evaluation:11.1f} {share:>10} {epoch / 60:9.1f}m "
-            f"{epoch_here / 60:17.1f}m"
-        )
-    default = rows[len(configurations(device, False)) - 1]  # what train.py does on this device
-    if default["host_share_of_step"] is not None and default["host_share_of_step"] >= HOST_BOUND:
-        print(
-            f"    the step is CPU-bound: the host needs {default['host_share_of_step']:.0%} of it to queue the kernels "
-            "(launch overhead); a larger batch, or --compile --compile_mode reduce-overhead (CUDA graphs), helps"
+            f"    {variant.amp!s:>5} {variant.channels_last!s:>7} {variant.fold!s:>6} {variant.compile or '-':>15} "
+            f"{project:12.1f} {bare:11.1f} {project / bare:9.2f} {ops:>8} {evaluation:11.1f} {share:>10} "
+            f"{epoch / 60:9.1f}m {epoch_here / 60:17.1f}m"
         )
     return rows
+
+
+def _train_py_row(rows, device):
+    """The row of what train.py does on this device, for the first batch size and recipe."""
+    variant = train_py_variant(device)._asdict()
+    return next(row for row in rows if all(row[key] == value for key, value in variant.items()))
 
 
 def cpu_section(args, device):
@@ -548,20 +602,26 @@ def cpu_section(args, device):
 def loop_section(device):
     """(d): operations, reads and uploads per step of the loop, printed; their figures."""
     frozen_torchvision, frozen_ours = forward_operations(FrozenBatchNorm2d), forward_operations(FrozenBatchNorm)
+    folded = forward_operations()
+    unfolded_operations = loop_counts(fold=False)[0]
     operations, reads, uploads = loop_counts()
     gpu_syncs = gpu_syncs_per_step(device)
     print(
         f"(d) a forward pass under bf16 autocast (layer4 + head trainable): {frozen_torchvision} operations with "
-        f"torchvision's FrozenBatchNorm2d, {frozen_ours} with model.FrozenBatchNorm"
+        f"torchvision's FrozenBatchNorm2d, {frozen_ours} with model.FrozenBatchNorm, {folded} with it folded into "
+        "the convolutions (train.py)"
     )
     print(
-        f"    train.py's loop, per step: {operations:.0f} operations, {reads:.2f} reads back to the host, "
+        f"    train.py's loop, per step: {unfolded_operations:.0f} operations unfolded, {operations:.0f} folded (what "
+        f"train.py runs), {reads:.2f} reads back to the host, "
         f"{uploads:.2f} blocking uploads (train.SYNC_EVERY = {train.SYNC_EVERY})"
         + ("" if gpu_syncs is None else f"; on this GPU, synchronising operations per step: {gpu_syncs:.2f}")
     )
     return {
         "forward_ops_torchvision_frozen_bn": frozen_torchvision,
         "forward_ops_frozen_bn": frozen_ours,
+        "forward_ops_folded": folded,
+        "loop_ops_per_step_unfolded": unfolded_operations,
         "loop_ops_per_step": operations,
         "loop_reads_per_step": reads,
         "loop_uploads_per_step": uploads,
@@ -580,7 +640,7 @@ def main(argv=None):
         print(f"    no torch.compile figures: {compile_support(device)[1]}")
     inputs = input_section(args, device)
     rows = step_section(args, device, with_compile, inputs["input_cached_img_s"])
-    default = rows[len(configurations(device, False)) - 1]  # what train.py does on this device
+    default = _train_py_row(rows, device)
     cpu = cpu_section(args, device)
     print(
         f"(c) one NIH epoch = {NIH_TRAIN_IMAGES:,} training + {NIH_VAL_IMAGES:,} validation images; 'w/ cache here' "

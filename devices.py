@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import time
+from pathlib import Path
 
 import torch
 
@@ -111,7 +112,22 @@ def device_name(device):
         return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
     if device.type == "mps":
         return f"Apple {platform.machine()} GPU (MPS)"
-    return f"{platform.machine()} CPU, {usable_cpus()} cores, {torch.get_num_threads()} torch threads"
+    native = [name for name in ("avx512_bf16", "amx_bf16") if _cpu_capabilities().get(name)]
+    features = ", ".join(native) or "no native bf16"
+    model = cpu_model()
+    model += "" if "cpu" in model.lower() else " CPU"
+    return f"{model} ({platform.machine()}, {features}), {usable_cpus()} cores, {torch.get_num_threads()} torch threads"
+
+
+def cpu_model():
+    """The CPU's model name, as /proc/cpuinfo gives it on Linux (machines differ: every figure names its own), else
+    as the platform module does."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 # ----------------------------------------------------------------------------- precision and layout
@@ -120,8 +136,12 @@ def device_name(device):
 def cpu_has_native_bf16():
     """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast trains about twice as
     fast as fp32; elsewhere it is emulated and slower."""
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    capabilities = _cpu_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def _cpu_capabilities():
+    return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
 
 
 def autocast_dtype(device, enabled=True):

@@ -6,6 +6,7 @@ tables and its plots.
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,8 @@ from datasets import image_groups, is_nih_only, read_training_films
 from devices import worker_count
 from errors import DataError
 from external import EXPERT_MAPPING, EXPERT_UNSCORED, model_scores, read_external
-from images import dataset_images, find_cache
+from films import eval_crop
+from images import dataset_images, evaluation_images, find_cache
 from inference import fit_statistics, split_outputs, store_statistics
 from localisation import read_boxes, usable_boxes
 from report import CHEXNET_AUROC, format_two_label_table, two_label_table
@@ -171,6 +173,23 @@ def run_parts(model, request, split, source, wanted):
         if parts[part].empty:
             raise DataError(f"the {part} part of {source} is empty")
     return data, parts, []
+
+
+def part_crops(model, part="val"):
+    """(rows with their findings' labels, uint8 evaluation crops [N, S, S]) of one part of a TorchModel's own split,
+    read as evaluate.py reads it (each dataset through its cache where one holds its films): export.py --int8
+    calibrates on the validation part and checks the quantized model there."""
+    request = SimpleNamespace(
+        checkpoint=str(model.path), data_dir=None, csv=None, test_list=None, drop_missing_images=False
+    )
+    split, source = run_split(model.checkpoint, request.checkpoint)
+    data, parts, _ = run_parts(model, request, split, source, [part])
+    rows = parts[part]
+    if is_nih_only(data):
+        images = evaluation_images(rows, data.data_dir, model.load_size)
+    else:
+        images = dataset_images(image_groups(rows, data), model.load_size)
+    return rows, np.stack([eval_crop(images[index], model.image_size) for index in range(len(rows))])
 
 
 def fit_on_validation(model, parts, needs_ood, request, skipped, data=None):

@@ -16,6 +16,11 @@ Writes synthetic demo data, then runs, each as a user would run it:
   predict          predict.py --cam on three test films: probabilities and heat maps written
   onnx             export.py, then predict.py --onnx (ONNX Runtime) against predict.py (PyTorch, fp32) on the same films
   bench            bench.py at 224 px, batch 64: images/s, the host's share of a step, waits for the GPU per step
+                   (with torch.compile's rows on CUDA unless --skip_compile)
+  folded           from bench's figures: the frozen BatchNorm folded into the convolutions (train.py's model) must
+                   train faster than unfolded, in train.py's loop
+  graphed          from bench's figures: torch.compile's CUDA graphs (mode reduce-overhead) must train faster than
+                   the eager step (skipped without them: --skip_compile, or not CUDA)
 On a machine without a GPU it says so and exits 0. Exit code 1 when a check failed.
 """
 
@@ -217,10 +222,11 @@ def check_onnx(work, device):
     )
 
 
-def check_bench(work, device, quick):
+def check_bench(work, device, quick, with_compile):
     figures_path = work / "bench.json"
     size = ["--quick"] if quick else ["--images", "96", "--workers", "4"]
-    command("bench.py", *size, "--device", device, "--json", figures_path)
+    compiled = ["--compile"] if with_compile and str(device).startswith("cuda") else []
+    command("bench.py", *size, *compiled, "--device", device, "--json", figures_path, timeout=1800)
     figures = json.loads(figures_path.read_text())
     syncs = figures.get("loop_gpu_syncs_per_step")
     ok = figures["train_img_s"] > 0 and (syncs is None or syncs <= 2 / 10)
@@ -230,6 +236,25 @@ def check_bench(work, device, quick):
         f"{figures['settings']['batch_size']} (bare loop {figures['bare_train_img_s']:.0f}); eval "
         f"{figures['eval_img_s']:.0f} img/s; host share of a step {'-' if share is None else f'{share:.0%}'}; "
         f"waits for the GPU per step {syncs}; NIH epoch {figures['nih_epoch_s'] / 60:.1f} min"
+    )
+
+
+def faster_row(figures, faster, than, what):
+    """PASS when bench's row `faster` (a dict of Variant fields) trained faster in train.py's loop than row `than`;
+    SKIP when either is missing."""
+    rows = [] if figures is None else figures["configurations"]
+
+    def row(wanted):
+        found = [each for each in rows if all(each.get(key) == value for key, value in wanted.items())]
+        return found[0] if found else None
+
+    first, second = row(faster), row(than)
+    if first is None or second is None:
+        return "SKIP", f"bench.py has no such rows ({what})"
+    ratio = first["train_img_s"] / second["train_img_s"]
+    ops = f"; {second['ops_per_step']} and {first['ops_per_step']} ops/step" if first.get("ops_per_step") else ""
+    return ("PASS" if ratio > 1 else "FAIL"), (
+        f"{what}: {first['train_img_s']:.0f} against {second['train_img_s']:.0f} img/s ({ratio:.2f}x){ops}"
     )
 
 
@@ -265,8 +290,14 @@ def main(argv=None):
         checks.run("evaluate", lambda: check_evaluate(work, device))
         checks.run("predict", lambda: check_predict(work, device))
         checks.run("onnx", lambda: check_onnx(work, device))
-        checks.run("bench", lambda: check_bench(work, device, args.quick))
+        checks.run("bench", lambda: check_bench(work, device, args.quick, not args.skip_compile))
         figures = json.loads((work / "bench.json").read_text()) if (work / "bench.json").exists() else None
+        eager = {"amp": True, "channels_last": True, "compile": "", "fold": True}
+        checks.run(
+            "folded", lambda: faster_row(figures, eager, {**eager, "fold": False}, "folded against unfolded BatchNorm")
+        )
+        graphed = {**eager, "compile": "reduce-overhead"}
+        checks.run("graphed", lambda: faster_row(figures, graphed, eager, "CUDA graphs against the eager step"))
     results = {"device": device_name(device), "torch": torch.__version__, "checks": checks.results, "bench": figures}
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     failed = checks.failed()

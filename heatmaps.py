@@ -1,7 +1,9 @@
-"""Grad-CAM heat maps: the raw map of a finding (the grad-cam library on the backbone's last block, model.cam_layer),
-and the same map drawn on the film a person reads, at 512 px or more, labelled with the finding, its probability and
-its threshold, with a colour scale; one sheet per film beside its top maps. predict.py, app.py, evaluate.py's
-localisation and train.py's TensorBoard maps all use these.
+"""Grad-CAM heat maps: the raw map of a finding on the backbone's last block (model.cam_layer): in closed form from the
+prediction's own forward pass where the head reads that block through a global average pool alone (ResNet-50:
+model.cam_weights), else by the grad-cam library with the gradient started at that block (no input gradient, no
+backward through the backbone); and the same map drawn on the film a person reads, at 512 px or more, labelled with
+the finding, its probability and its threshold, with a colour scale; one sheet per film beside its top maps.
+predict.py, app.py, evaluate.py's localisation and train.py's TensorBoard maps all use these.
 """
 
 import numpy as np
@@ -10,11 +12,13 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from calibration import sigmoid
 from films import crop_to_original
-from inference import crop_probabilities
-from model import cam_layer
+from inference import crop_outputs
+from model import cam_layer, cam_weights
 from transforms import normalize
 
 DISPLAY_SHORT_SIDE = (512, 1024)  # the drawn film's short side: at least 512 px (readable), at most 1024 (file size)
@@ -24,9 +28,28 @@ SCALE_WIDTH = 84  # px: the colour scale beside the film
 SHEET_HEIGHT = 512  # px: each panel of a sheet
 
 
+class LayerGradCAM(GradCAM):
+    """grad-cam's GradCAM over the network's last block, with the autograd graph started at that block's output:
+    Grad-CAM needs the gradient of the head alone, so the input needs none and no backward runs through the
+    backbone, whose blocks may all be frozen. A context manager: it removes its hooks on exit."""
+
+    def __init__(self, net):
+        layer = cam_layer(net)
+        # registered before grad-cam's hooks, so theirs see (and hook the gradient of) the restarted output; a clone,
+        # which the head may change in place (DenseNet's ReLU), as it could the layer's own output
+        self.restart = layer.register_forward_hook(
+            lambda module, inputs, output: output.detach().requires_grad_().clone()
+        )
+        super().__init__(model=net, target_layers=[layer])
+
+    def __exit__(self, *exc_info):
+        self.restart.remove()
+        return super().__exit__(*exc_info)
+
+
 def grad_cam(net):
     """A Grad-CAM over the network's last block (use as a context manager: it removes its hooks on exit)."""
-    return GradCAM(model=net, target_layers=[cam_layer(net)])
+    return LayerGradCAM(net)
 
 
 def heat_map(cam, image, finding_index, device):
@@ -36,10 +59,32 @@ def heat_map(cam, image, finding_index, device):
 
 
 def heat_maps(cam, image, finding_indices, device):
-    """Grad-CAM of several findings of one crop, in one forward and backward pass (the crop repeated as a batch)."""
+    """Grad-CAM of several findings of one crop by the grad-cam library, in one forward and backward pass (the crop
+    repeated as a batch)."""
     batch = torch.as_tensor(image).unsqueeze(0).expand(len(finding_indices), -1, -1, -1).to(device)
-    input_tensor = normalize(batch).requires_grad_(True)  # a gradient even when the last block is frozen
-    return list(cam(input_tensor=input_tensor, targets=[ClassifierOutputTarget(k) for k in finding_indices]))
+    return list(cam(input_tensor=normalize(batch), targets=[ClassifierOutputTarget(k) for k in finding_indices]))
+
+
+def finding_masks(net, image, finding_indices, device, class_maps=None):
+    """Grad-CAM of some findings of one uint8 [1, S, S] evaluation crop, each float32 [S, S] in [0, 1]: in closed
+    form where the backbone has one (model.cam_weights), from `class_maps` (inference.crop_outputs's maps of this
+    crop, [findings, h, w]: the prediction's own forward pass) or from a forward pass made here; else by the
+    grad-cam library (heat_maps)."""
+    if cam_weights(net) is None:
+        with grad_cam(net) as cam:
+            return heat_maps(cam, image, finding_indices, device)
+    if class_maps is None:
+        class_maps = crop_outputs(net, np.asarray(image)[None, 0], torch.device(device), maps=True)[2][0]
+    size = tuple(np.asarray(image).shape[-2:][::-1])
+    return [closed_form_mask(class_maps[k], size) for k in finding_indices]
+
+
+def closed_form_mask(class_map, size):
+    """A class activation map [h, w] as grad-cam turns its own maps into a mask: ReLU, scaled to [0, 1] and resized
+    to `size` (width, height), then the mean over its one layer, ReLU and scaling again (BaseCAM.compute_cam_per_layer
+    and aggregate_multi_layers), so the two paths' masks are equal."""
+    scaled = scale_cam_image(np.maximum(np.asarray(class_map, dtype=np.float32)[None], 0), size)
+    return scale_cam_image(np.maximum(scaled, 0))[0]
 
 
 def display_size(original_size):
@@ -135,13 +180,13 @@ def sheet(original, name, overlays):
     return out
 
 
-def film_overlays(model, film, probabilities, top):
-    """[(finding, overlay image)] of a film's top findings (model: an inference.TorchModel; film: films.prepare's):
-    the one heat-map drawing of predict.py and the page."""
+def film_overlays(model, film, probabilities, top, class_maps=None):
+    """[(finding, overlay image)] of a film's top findings (model: an inference.TorchModel; film: films.prepare's;
+    class_maps: this film's from TorchModel.predict_with_maps, where it has them): the one heat-map drawing of
+    predict.py and the page."""
     order = [int(k) for k in np.argsort(-probabilities)[:top]]
     geometry = film_geometry(film.original, model.load_size, model.image_size)
-    with grad_cam(model.net) as cam:
-        masks = heat_maps(cam, film.crop[None], order, model.device)
+    masks = finding_masks(model.net, film.crop[None], order, model.device, class_maps)
     drawn = []
     for k, mask in zip(order, masks):
         finding = model.findings[k]
@@ -156,11 +201,12 @@ def top_finding_overlays(net, crops, findings, device):
     was_training = net.training
     net.eval()
     drawn = []
-    probabilities = crop_probabilities(net, np.stack(crops), device) if len(crops) else []
-    with grad_cam(net) as cam:
-        for crop, row in zip(crops, probabilities):
+    if len(crops):
+        logits, _, class_maps = crop_outputs(net, np.stack(crops), torch.device(device), maps=True)
+        for index, (crop, row) in enumerate(zip(crops, sigmoid(logits))):
             k = int(row.argmax())
-            mask = heat_map(cam, crop[None], k, device)
+            film_maps = None if class_maps is None else class_maps[index]
+            (mask,) = finding_masks(net, crop[None], [k], device, film_maps)
             drawn.append(np.asarray(overlay(crop, mask, (1, 0, 1, 0), findings[k], float(row[k]))))
     net.train(was_training)
     return drawn

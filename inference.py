@@ -224,7 +224,7 @@ class TorchModel:
 
         from dataset import FINDINGS
         from devices import autocast_dtype, select_device, use_channels_last
-        from model import load_checkpoint, model_from_checkpoint
+        from model import cast_frozen, load_checkpoint, model_from_checkpoint
         from settings import DataSettings, record_from_config
 
         self.path = Path(checkpoint_path)
@@ -235,6 +235,7 @@ class TorchModel:
         self.dtype, self.channels_last = autocast_dtype(self.device, amp), use_channels_last(self.device, amp)
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.net = model_from_checkpoint(self.checkpoint).to(self.device, memory_format=layout).eval()
+        cast_frozen(self.net, self.dtype or torch.float32)
         self.findings = list(self.checkpoint["findings"])
         self.image_size, self.load_size = self.data.image_size, self.data.load_size
         self.statistics = without_stale_ood(statistics_of(self.checkpoint), self.net, self.path)
@@ -277,8 +278,13 @@ class TorchModel:
 
     def predict(self, crops):
         """Predictions for uint8 [N, S, S] evaluation crops."""
-        logits, features = crop_outputs(self.net, crops, self.device, self.dtype, self.channels_last)
-        return predictions(logits, features, self.statistics, self.calibrated)
+        return self.predict_with_maps(crops, maps=False)[0]
+
+    def predict_with_maps(self, crops, maps=True):
+        """(Predictions, each finding's class activation map [N, findings, h, w], or None where the backbone's
+        Grad-CAM has no closed form: crop_outputs) for uint8 [N, S, S] evaluation crops, from one forward pass."""
+        logits, features, *class_maps = crop_outputs(self.net, crops, self.device, self.dtype, self.channels_last, maps)
+        return predictions(logits, features, self.statistics, self.calibrated), (class_maps or [None])[0]
 
 
 def without_stale_ood(statistics, net, path):
@@ -328,22 +334,44 @@ def at_or_above(probabilities, findings, thresholds):
     return np.asarray(probabilities) >= limits
 
 
-def crop_outputs(net, crops, device, dtype=None, channels_last=False):
+def crop_outputs(net, crops, device, dtype=None, channels_last=False, maps=False):
     """uint8 [N, S, S] evaluation crops -> (float64 logits [N, findings], OOD features [N, F]), numpy: in batches,
-    under inference_mode and autocast, one forward pass each."""
+    under inference_mode and autocast, one forward pass each. With maps, also each finding's class activation map
+    [N, findings, h, w] (float32, from the last block's activations of the same pass, computed in fp32) where Grad-CAM
+    has a closed form (model.cam_weights; heatmaps.finding_masks draws them), else None."""
     import torch
 
-    from model import ood_features_and_logits
+    from model import cam_layer, cam_weights, ood_features_and_logits
     from transforms import normalize
 
-    logits, features = [], []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for start in range(0, len(crops), BATCH_SIZE):
-            images = torch.from_numpy(np.asarray(crops[start : start + BATCH_SIZE])).unsqueeze(1).to(device)
-            film_features, outputs = ood_features_and_logits(net, normalize(images, channels_last))
-            logits.append(outputs.double().cpu().numpy())
-            features.append(film_features.double().cpu().numpy())
-    return np.concatenate(logits), np.concatenate(features)
+    weights = cam_weights(net) if maps else None
+    logits, features, class_maps, captured = [], [], [], {}
+    handle = cam_layer(net).register_forward_hook(lambda module, inputs, output: captured.update(maps=output))
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for start in range(0, len(crops), BATCH_SIZE):
+                images = torch.from_numpy(np.asarray(crops[start : start + BATCH_SIZE])).unsqueeze(1).to(device)
+                film_features, outputs = ood_features_and_logits(net, normalize(images, channels_last))
+                logits.append(outputs.double().cpu().numpy())
+                features.append(film_features.double().cpu().numpy())
+                if weights is not None:
+                    class_maps.append(_class_maps(weights, captured["maps"], device))
+    finally:
+        handle.remove()
+    outputs = np.concatenate(logits), np.concatenate(features)
+    if not maps:
+        return outputs
+    return (*outputs, np.concatenate(class_maps) if weights is not None else None)
+
+
+def _class_maps(weights, activations, device):
+    """Each finding's class activation map, sum_c weight_kc * activation_c / cells: [N, findings, h, w] float32, in
+    fp32 outside autocast whatever precision the forward pass ran in."""
+    import torch
+
+    with torch.autocast(device.type, enabled=False):
+        cells = activations.shape[2] * activations.shape[3]
+        return (torch.einsum("kc,nchw->nkhw", weights.float(), activations.float()) / cells).cpu().numpy()
 
 
 def crop_probabilities(net, crops, device, dtype=None, channels_last=False):

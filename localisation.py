@@ -17,7 +17,7 @@ from tqdm import tqdm
 from dataset import FINDINGS, read_table
 from errors import DataError
 from films import crop_to_original, prepare
-from heatmaps import COLORMAP, HEAT_ALPHA, grad_cam, heat_maps, map_on_film
+from heatmaps import COLORMAP, HEAT_ALPHA, finding_masks, map_on_film
 
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)  # Wang et al.'s T(IoBB)
 IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # and T(IoU)
@@ -143,25 +143,24 @@ def localise(model, boxes, rows, threshold=BOX_THRESHOLD):
     records, examples, corrected = defaultdict(list), [], {"clipped": 0, "off_film": 0, "first_off_film": []}
     if "name" not in boxes:  # what the results are reported under: the finding, or another dataset's own name
         boxes = boxes.assign(name=boxes.finding)
-    with grad_cam(model.net) as cam:
-        for image_name, group in tqdm(boxes.groupby("image_name", sort=True), desc="localisation", unit="film"):
-            film = prepare(paths[image_name], model.load_size, model.image_size)
-            geometry = crop_to_original(film.original.shape[::-1], model.load_size, model.image_size)
-            masks = heat_maps(cam, film.crop[None], [FINDINGS.index(f) for f in group.finding], model.device)
-            for box, mask in zip(group.itertuples(), masks):
-                given = (box.x, box.y, box.x + box.w, box.y + box.h)
-                truth = on_film(given, *film.original.shape[::-1])
-                if truth is None:
-                    corrected["off_film"] += 1
-                    if len(corrected["first_off_film"]) < 3:
-                        corrected["first_off_film"].append(f"{image_name} {box.name} {given}")
-                    continue
-                corrected["clipped"] += truth != given
-                predicted = [to_original(found, geometry) for found in boxes_from_map(mask, threshold)]
-                x, y = peak(mask) if mask.max() > 0 else (-1.0, -1.0)
-                records[box.name].append((truth, predicted, to_original((x, y, x, y), geometry)[:2]))
-                if len(examples) < EXAMPLES and sum(example[1] == box.name for example in examples) < 2:
-                    examples.append((film, box.name, mask, geometry, truth, predicted))
+    for image_name, group in tqdm(boxes.groupby("image_name", sort=True), desc="localisation", unit="film"):
+        film = prepare(paths[image_name], model.load_size, model.image_size)
+        geometry = crop_to_original(film.original.shape[::-1], model.load_size, model.image_size)
+        masks = finding_masks(model.net, film.crop[None], [FINDINGS.index(f) for f in group.finding], model.device)
+        for box, mask in zip(group.itertuples(), masks):
+            given = (box.x, box.y, box.x + box.w, box.y + box.h)
+            truth = on_film(given, *film.original.shape[::-1])
+            if truth is None:
+                corrected["off_film"] += 1
+                if len(corrected["first_off_film"]) < 3:
+                    corrected["first_off_film"].append(f"{image_name} {box.name} {given}")
+                continue
+            corrected["clipped"] += truth != given
+            predicted = [to_original(found, geometry) for found in boxes_from_map(mask, threshold)]
+            x, y = peak(mask) if mask.max() > 0 else (-1.0, -1.0)
+            records[box.name].append((truth, predicted, to_original((x, y, x, y), geometry)[:2]))
+            if len(examples) < EXAMPLES and sum(example[1] == box.name for example in examples) < 2:
+                examples.append((film, box.name, mask, geometry, truth, predicted))
     order = sorted(records, key=lambda name: FINDINGS.index(name) if name in FINDINGS else len(FINDINGS))
     return {name: accuracy(records[name]) for name in order}, examples, outside, corrected
 

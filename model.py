@@ -1,7 +1,8 @@
 """The networks (BACKBONE: torchvision's ResNet-50, DenseNet-121 or ConvNeXt-Tiny, ImageNet weights, early blocks
 frozen, a Dropout + Linear head) and checkpoint I/O: the only file that calls torch.save / torch.load (checkpoints
-always load onto the CPU). Only this file knows a backbone's insides: its blocks for TRAINABLE_LAYERS, its BatchNorm,
-its head, the layer Grad-CAM reads (cam_layer) and the features ood.py measures (ood_features_and_logits)."""
+always load onto the CPU). Only this file knows a backbone's insides: its blocks for TRAINABLE_LAYERS, its BatchNorm
+(frozen, and folded into the convolution before it), its head, the layer Grad-CAM reads (cam_layer, and cam_weights
+where Grad-CAM has a closed form) and the features ood.py measures (ood_features_and_logits)."""
 
 import os
 import pickle
@@ -34,6 +35,8 @@ class Backbone(NamedTuple):
     cam_layer: str  # the last block's output, whose activations and gradients Grad-CAM reads
     features: int  # the width of the pooled features the head reads: the last block's channels
     layout_channels: int  # the third block's (layer3's) channels, whose halves ood.py measures too
+    folds: tuple = ()  # (convolution, BatchNorm) child names of one module where the BatchNorm reads the conv alone
+    pooled_head: bool = False  # the head reads cam_layer through a global average pool alone: Grad-CAM's closed form
 
 
 BACKBONES = {
@@ -52,6 +55,8 @@ BACKBONES = {
         cam_layer="layer4",
         features=2048,
         layout_channels=1024,
+        folds=(("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("0", "1")),  # the stem, blocks, downsample
+        pooled_head=True,
     ),
     "densenet121": Backbone(  # CheXNet's network; a transition (norm, conv, pool) starts the next block
         "DenseNet-121",
@@ -68,6 +73,7 @@ BACKBONES = {
         cam_layer="features",
         features=1024,
         layout_channels=1024,
+        folds=(("conv0", "norm0"), ("conv1", "norm2")),  # the stem; a dense layer's bottleneck (norm1 precedes it)
     ),
     "convnext_tiny": Backbone(  # LayerNorm, no BatchNorm; a downsampling layer starts each later stage
         "ConvNeXt-Tiny",
@@ -101,21 +107,133 @@ class FrozenBatchNorm(FrozenBatchNorm2d):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
+        self.refold()
+
+    def refold(self):
+        """The scale and shift from the statistics, as new tensors: a model built on the meta device gets real ones
+        when its weights are assigned. They keep the dtype cast_frozen gave them."""
+        scale, shift = self.scale_and_shift()
+        self.scale = scale.view(1, -1, 1, 1).to(self.scale.dtype)
+        self.shift = shift.view(1, -1, 1, 1).to(self.shift.dtype)
+
+    def scale_and_shift(self):
+        """(scale, shift) per channel in fp32, from the statistics alone: the same whatever dtype the buffers were
+        cast to, so that a resumed run folds exactly as the fresh one did."""
         with torch.no_grad():  # the statistics never change afterwards: fold them once
-            scale = self.weight * (self.running_var + self.eps).rsqrt()
-            self.scale.copy_(scale.view(1, -1, 1, 1))
-            self.shift.copy_((self.bias - self.running_mean * scale).view(1, -1, 1, 1))
+            scale = self.weight.float() * (self.running_var.float() + self.eps).rsqrt()
+            return scale, self.bias.float() - self.running_mean.float() * scale
 
     def forward(self, x):
         return torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
 
 
-def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", dropout=0.5, backbone="resnet50"):
+class FoldedAway(FrozenBatchNorm):
+    """A frozen BatchNorm whose FoldedConv applies it: the identity, with the same state dict (checkpoints keep
+    their format, and the statistics stay where torchvision keeps them)."""
+
+    def forward(self, x):
+        return x
+
+
+class FoldedConv(nn.Conv2d):
+    """A frozen convolution with the frozen BatchNorm that reads it folded in: weight * scale per output channel,
+    shift as its bias, held in the dtype the blocks run in (cast_frozen). One convolution instead of a convolution,
+    a multiply-add and, under autocast, a cast of the weight on every step (autocast caches casts only of tensors that
+    require grad). Same state dict as the Conv2d: the folded weights are not saved."""
+
+    def __init__(self, conv, batchnorm):
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+        )
+        self.weight, self.bias = conv.weight, conv.bias
+        self.batchnorm = (batchnorm,)  # a tuple: not a child module, so its state stays the FoldedAway's alone
+        self.register_buffer("folded_weight", None, persistent=False)
+        self.register_buffer("folded_bias", None, persistent=False)
+        self.refold()
+
+    def refold(self):
+        batchnorm = self.batchnorm[0]
+        dtype = self.weight.dtype if self.folded_weight is None else self.folded_weight.dtype
+        scale, shift = batchnorm.scale_and_shift()
+        with torch.no_grad():
+            bias = shift if self.bias is None else shift + self.bias.float() * scale
+            folded = self.weight.float() * scale.view(-1, 1, 1, 1)
+            self.folded_weight = torch.empty_like(self.weight, dtype=dtype).copy_(folded)  # the weight's layout
+            self.folded_bias = bias.to(dtype)
+
+    def forward(self, x):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        weight, bias = self.folded_weight, self.folded_bias
+        if weight.dtype != dtype:  # a pass in another precision than the blocks were cast to: correct, one cast more
+            weight, bias = weight.to(dtype), bias.to(dtype)
+        return self._conv_forward(x, weight, bias)
+
+
+def fold_frozen_batchnorm(net):
+    """Fold each frozen BatchNorm into the frozen convolution it reads, where the backbone has such pairs
+    (Backbone.folds); refolded whenever the model's weights are loaded. The trainable blocks keep theirs."""
+    pairs = BACKBONES[net.backbone].folds
+    for module in list(net.modules()):
+        for conv_name, batchnorm_name in pairs:
+            conv, batchnorm = getattr(module, conv_name, None), getattr(module, batchnorm_name, None)
+            frozen = type(batchnorm) is FrozenBatchNorm and type(conv) is nn.Conv2d and not conv.weight.requires_grad
+            if not frozen:
+                continue
+            folded_away = FoldedAway(batchnorm.weight.numel(), batchnorm.eps)
+            for name in ("weight", "bias", "running_mean", "running_var", "scale", "shift"):
+                setattr(folded_away, name, getattr(batchnorm, name))
+            setattr(module, batchnorm_name, folded_away)
+            setattr(module, conv_name, FoldedConv(conv, folded_away))
+    net.register_load_state_dict_post_hook(lambda module, incompatible: _refold(module))
+
+
+def _refold(net):
+    for module in net.modules():
+        if isinstance(module, FoldedConv):
+            module.refold()
+
+
+def derived_buffers(net):
+    """The names of the buffers made from the frozen blocks' weights (folded weights, BatchNorm scales): equal on
+    every process, so DistributedDataParallel need not broadcast them (8.5M values a step for ResNet-50)."""
+    derived = {FrozenBatchNorm: ("scale", "shift"), FoldedAway: ("scale", "shift")}
+    derived[FoldedConv] = ("folded_weight", "folded_bias")
+    return [
+        f"{name}.{buffer}" if name else buffer
+        for name, module in unwrap(net).named_modules()
+        for buffer in derived.get(type(module), ())
+    ]
+
+
+def cast_frozen(net, dtype):
+    """The frozen blocks' folded weights and BatchNorm scales in `dtype`, once: the autocast dtype of the run (bf16
+    or fp16), or float32. Their fp32 originals, which checkpoints hold, are left as they are."""
+    for module in unwrap(net).modules():
+        if isinstance(module, FrozenBatchNorm):
+            module.scale, module.shift = module.scale.to(dtype), module.shift.to(dtype)
+    for module in unwrap(net).modules():
+        if isinstance(module, FoldedConv):
+            module.folded_weight, module.folded_bias = module.folded_weight.to(dtype), module.folded_bias.to(dtype)
+
+
+def build_model(
+    num_findings, pretrained="imagenet", trainable_layers="layer4", dropout=0.5, backbone="resnet50", fold=True
+):
     """A backbone of BACKBONES with its classifier replaced by Dropout(dropout) -> Linear(features, num_findings).
 
     pretrained: "imagenet" (torchvision download and cache), "none" (random init) or a path to a local state dict of
     the same torchvision network. trainable_layers: comma-separated BLOCKS that train, "all" or "head"; the head
-    always trains. Frozen blocks' BatchNorm becomes FrozenBatchNorm, so its statistics cannot drift in train mode.
+    always trains. Frozen blocks' BatchNorm becomes FrozenBatchNorm, so its statistics cannot drift in train mode,
+    and with fold (bench.py times both) is folded into the frozen convolution before it.
     """
     spec = backbone_spec(backbone)
     # zero_init_residual: each residual block starts as the identity (Goyal et al. 2017), which trains a random init
@@ -132,6 +250,8 @@ def build_model(num_findings, pretrained="imagenet", trainable_layers="layer4", 
         for path in spec.blocks[block]:
             net.get_submodule(path).requires_grad_(False)
     _freeze_batchnorm(net)
+    if fold:
+        fold_frozen_batchnorm(net)
     return net
 
 
@@ -149,6 +269,15 @@ def head(net):
 def cam_layer(net):
     """The module whose output Grad-CAM reads: the last block's (layer4's) feature map."""
     return unwrap(net).get_submodule(BACKBONES[unwrap(net).backbone].cam_layer)
+
+
+def cam_weights(net):
+    """The head's Linear weights [findings, channels] where the head reads cam_layer through a global average pool
+    alone (Backbone.pooled_head: ResNet-50): there d logit_k / d activation_c at every cell is weight_kc / cells, so
+    Grad-CAM is ReLU(sum_c weight_kc * activation_c) up to scale, read from a forward pass. None elsewhere."""
+    if not BACKBONES[unwrap(net).backbone].pooled_head:
+        return None
+    return head(net)[-1].weight
 
 
 def ood_features_and_logits(net, images):
@@ -346,11 +475,17 @@ def load_checkpoint(path, findings):
 
 
 def model_from_checkpoint(checkpoint):
-    """The trained model, rebuilt from the checkpoint's own config and backbone (no constants here to drift)."""
+    """The trained model, rebuilt from the checkpoint's own config and backbone (no constants here to drift): built on
+    the meta device (no 25M random numbers drawn only to be overwritten), then given the checkpoint's tensors."""
     built = {**checkpoint["config"], "BACKBONE": checkpoint["backbone"], "PRETRAINED": "none"}
     settings = record_from_config(ModelSettings, built, "the checkpoint")
-    net = build_model(
-        len(checkpoint["findings"]), settings.pretrained, settings.trainable_layers, settings.dropout, settings.backbone
-    )
-    net.load_state_dict(checkpoint["model"])
+    with torch.device("meta"):
+        net = build_model(
+            len(checkpoint["findings"]),
+            settings.pretrained,
+            settings.trainable_layers,
+            settings.dropout,
+            settings.backbone,
+        )
+    net.load_state_dict(checkpoint["model"], assign=True)
     return net

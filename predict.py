@@ -102,11 +102,12 @@ def predictions_table(films, predictions, findings, thresholds):
     return table
 
 
-def write_heat_maps(model, film, stem, probabilities, top, out):
-    """The top findings' overlays of one film (STEM_FINDING_P.png) and its sheet (STEM_sheet.png)."""
+def write_heat_maps(model, film, stem, probabilities, top, out, class_maps=None):
+    """The top findings' overlays of one film (STEM_FINDING_P.png) and its sheet (STEM_sheet.png); class_maps: the
+    film's from TorchModel.predict_with_maps, where it has them."""
     from heatmaps import film_overlays, sheet  # grad-cam and matplotlib: the PyTorch path only
 
-    drawn = film_overlays(model, film, probabilities, top)
+    drawn = film_overlays(model, film, probabilities, top, class_maps)
     for finding, image in drawn:
         probability = probabilities[model.findings.index(finding)]
         image.save(out / f"{stem}_{finding}_{probability:.2f}.png", pnginfo=image.info["pnginfo"])
@@ -169,7 +170,9 @@ def predict(args):
             print(f"skipped {name}: {error}")
     if not films:
         raise DataError("no readable image among the inputs")
-    predictions = model.predict(np.stack([film.crop for film in films]))
+    crops = np.stack([film.crop for film in films])
+    # with --cam, the heat maps come from this very forward pass where the backbone allows (heatmaps.finding_masks)
+    predictions, class_maps = model.predict_with_maps(crops) if args.cam else (model.predict(crops), None)
     films = with_ood_warnings(films, predictions)
     if args.strict and predictions.ood_flagged.any():
         for film, flagged in zip(films, predictions.ood_flagged):
@@ -178,6 +181,7 @@ def predict(args):
         kept = ~predictions.ood_flagged
         films = [film for film, keep in zip(films, kept) if keep]
         predictions = type(predictions)(*(part[kept] for part in predictions))
+        class_maps = None if class_maps is None else class_maps[kept]
         if not films:
             raise DataError("no film among the inputs is like the training films (--strict)")
     print(f"probabilities: {scale_note(model)}; '*': at or above the finding's threshold")
@@ -191,8 +195,9 @@ def predict(args):
         top = min(args.top, len(model.findings))
         if top < args.top:
             print(f"--top {args.top}: the model has {top} findings; drawing {top} per film")
-        for film, stem, row in zip(films, file_stems([film.name for film in films]), predictions.probabilities):
-            write_heat_maps(model, film, stem, row, top, out)
+        stems = file_stems([film.name for film in films])
+        for index, (film, stem, row) in enumerate(zip(films, stems, predictions.probabilities)):
+            write_heat_maps(model, film, stem, row, top, out, None if class_maps is None else class_maps[index])
         print(f"wrote heat maps of the top {top} findings per film, and a sheet per film, to {out}")
     return table
 

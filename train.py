@@ -85,7 +85,7 @@ from distributed import gather_rows, setup_distributed, shut_down, sum_over_rank
 from errors import CheckpointError, SettingsError, one_line_errors
 from inference import fit_run_statistics, predict_logits
 from loaders import close_workers, make_loaders
-from model import build_model, frozen_blocks, init_head_bias, save_checkpoint
+from model import build_model, cast_frozen, derived_buffers, frozen_blocks, init_head_bias, save_checkpoint
 from run_folder import (
     HEAT_MAP_IMAGES,
     EpochMetrics,
@@ -409,14 +409,18 @@ def validate(net, loader, pos_weight, loop):
     return Validation(loss, aurocs, mean_auroc(aurocs), targets, probabilities, crops)
 
 
-def build_training(model_settings, training_settings, counts, pos_weight, device, dtype, channels_last, steps):
+def build_training(
+    model_settings, training_settings, counts, pos_weight, device, dtype, channels_last, steps, fold=True
+):
     """A run_folder.Training of a settings.ModelSettings and TrainingSettings: the model (head bias at the weighted
-    base rate), AdamW on its trainable parameters, the scheduler (`steps` per epoch), the loss scaler (fp16 only) and
-    the pos_weight-ed loss."""
+    base rate; the frozen blocks' BatchNorm folded into their convolutions and cast to `dtype` once, unless not
+    `fold`, which bench.py times), AdamW on its trainable parameters, the scheduler (`steps` per epoch), the loss
+    scaler (fp16 only) and the pos_weight-ed loss."""
     built = model_settings
-    net = build_model(len(FINDINGS), built.pretrained, built.trainable_layers, built.dropout, built.backbone)
+    net = build_model(len(FINDINGS), built.pretrained, built.trainable_layers, built.dropout, built.backbone, fold)
     init_head_bias(net, *counts, pos_weight)
     net = net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    cast_frozen(net, dtype or torch.float32)
     trainable = [parameter for parameter in net.parameters() if parameter.requires_grad]
     # fused: one kernel for all parameters (on this CPU 18 ms a step instead of 44 for the whole ResNet-50); on CUDA
     # it also takes GradScaler's scale and inf check on the device, so fp16 steps need no wait for the device
@@ -583,6 +587,8 @@ def describe_data(settings, films, log):
 def wrapped(net, compile_wanted, world_size, device, log):
     """The network as the loop runs it: in DistributedDataParallel under torchrun, compiled when COMPILE asks."""
     if world_size > 1:
+        ignored = derived_buffers(net)  # the same on every process: not broadcast every step
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, ignored)
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )

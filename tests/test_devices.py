@@ -318,3 +318,19 @@ def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_exits_0(tmp_path):
 def test_zero_workers_means_none_and_minus_one_means_from_the_cpus(requested, expected):
     assert devices.worker_count(requested, cpus=8, processes=1, system="Linux") == expected
     assert devices.worker_count(-1, cpus=8, processes=2, system="Linux") == 3  # 4 CPUs a process, one feeds it
+
+
+def test_gpu_checks_of_bench_rows_fail_when_the_faster_path_is_not_and_skip_without_it():
+    import gpu_check
+
+    eager = {"amp": True, "channels_last": True, "compile": "", "fold": True}
+    graphed = {**eager, "compile": "reduce-overhead"}
+    figures = {
+        "configurations": [{**eager, "train_img_s": 100.0, "ops_per_step": 353}, {**graphed, "train_img_s": 90.0}]
+    }
+    status, said = gpu_check.faster_row(figures, graphed, eager, "graphs")
+    assert status == "FAIL" and "90 against 100 img/s (0.90x)" in said
+    figures["configurations"][1]["train_img_s"] = 150.0
+    assert gpu_check.faster_row(figures, graphed, eager, "graphs")[0] == "PASS"
+    assert gpu_check.faster_row(figures, {**eager, "fold": False}, eager, "folded")[0] == "SKIP"
+    assert gpu_check.faster_row(None, graphed, eager, "graphs")[0] == "SKIP"

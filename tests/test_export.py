@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -117,3 +118,61 @@ def test_export_never_replaces_a_file_without_overwrite_nor_the_checkpoint_itsel
             export.main(["--checkpoint", str(checkpoint), *extra])
         assert said in str(stopped.value.code), extra
     assert checkpoint.read_bytes() == before and (tmp_path / "model.onnx").read_bytes() == b"the user's own file"
+
+
+@pytest.mark.slow  # four exports, three of them quantized and checked on 78 films: about a minute on 2 cores
+def test_an_int8_export_is_checked_on_the_validation_split_and_refused_beyond_the_limits(
+    trained_run, tmp_path, monkeypatch
+):
+    """export.py --int8: the convolutions quantized (QDQ nodes in the graph), calibrated on validation films of the
+    checkpoint's own split; its metadata's check equals the AUROCs and differences recomputed here from both files
+    on those films; a model beyond the limits is refused with its numbers, and nothing is written, unless --force."""
+    import onnx
+
+    from evaluation import part_crops
+    from inference import OnnxModel, TorchModel
+    from metrics import auroc_per_finding, mean_auroc
+
+    checkpoint = str(trained_run / "best.pth")
+    fp32, int8 = tmp_path / "model.onnx", tmp_path / "model_int8.onnx"
+    export.main(["--checkpoint", checkpoint, "--out", str(fp32)])
+    export.main(["--checkpoint", checkpoint, "--out", str(int8), "--int8", "--calibration_films", "16"])
+    proto = onnx.load(str(int8))
+    operators = {node.op_type for node in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= operators
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    check = json.loads(metadata["int8"])
+    assert json.loads(metadata["findings"]) == list(FINDINGS) and check["calibration_films"] == 16
+    assert not check["forced"]
+
+    rows, crops = part_crops(TorchModel(checkpoint, device="cpu", amp=False), "val")
+    split = pd.read_csv(trained_run / "split.csv")
+    assert sorted(rows.image_name) == sorted(split.image_name[split.split == "val"])
+    targets = rows[list(FINDINGS)].to_numpy(dtype=float)
+    found = {path: OnnxModel(path).predict(crops).probabilities for path in (fp32, int8)}
+    assert check["validation_films"] == len(crops)
+    assert check["mean_auroc_fp32"] == pytest.approx(mean_auroc(auroc_per_finding(targets, found[fp32])))
+    assert check["mean_auroc_int8"] == pytest.approx(mean_auroc(auroc_per_finding(targets, found[int8])))
+    difference = np.abs(found[int8] - found[fp32]).max()
+    assert check["largest_probability_difference"] == pytest.approx(difference) and 0 < difference <= 0.02
+
+    import app  # the page takes the int8 file as any export: the findings, no heat maps
+
+    film = next(iter(sorted(Path(rows.path.iloc[0]).parent.glob("*.png"))))
+    from films import prepare
+
+    quantized = OnnxModel(int8)
+    label, *_, maps = app.analyse(quantized, str(film), 3)
+    expected = quantized.predict(prepare(film, quantized.load_size, quantized.image_size).crop[None]).probabilities[0]
+    assert maps == [] and [label[finding] for finding in FINDINGS] == pytest.approx(expected.tolist(), abs=1e-6)
+
+    monkeypatch.setattr(export, "INT8_MAX_PROBABILITY_DIFFERENCE", difference / 2)
+    refused = tmp_path / "refused.onnx"
+    with pytest.raises(SystemExit) as stopped:
+        export.main(["--checkpoint", checkpoint, "--out", str(refused), "--int8", "--calibration_films", "16"])
+    said = str(stopped.value.code)
+    assert "refused and nothing was written" in said and f"{difference:.4f}" in said and "--force" in said
+    assert not refused.exists() and not list(tmp_path.glob("tmp*"))  # no temporary folder left either
+    export.main(["--checkpoint", checkpoint, "--out", str(refused), "--int8", "--calibration_films", "16", "--force"])
+    forced = {entry.key: entry.value for entry in onnx.load(str(refused)).metadata_props}
+    assert json.loads(forced["int8"])["forced"]

@@ -61,7 +61,7 @@ def perfect_report(trained_run, learn_dir, tmp_path_factory, monkeypatch_module)
         current["name"], current["size"] = Path(path).name, film.original.shape
         return film
 
-    def box_maps(cam, image, indices, device):
+    def box_maps(net, image, indices, device):
         rows = boxes[boxes.image_name == current["name"]].set_index("finding")
         masks = []
         for k in indices:
@@ -73,7 +73,7 @@ def perfect_report(trained_run, learn_dir, tmp_path_factory, monkeypatch_module)
         return masks
 
     monkeypatch_module.setattr(localisation, "prepare", remembering)
-    monkeypatch_module.setattr(localisation, "heat_maps", box_maps)
+    monkeypatch_module.setattr(localisation, "finding_masks", box_maps)
     out = tmp_path_factory.mktemp("perfect")
     arguments = ["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "10", "--num_workers", "0"]
     return evaluate.evaluate(evaluate.parse_args([*arguments, "--out", str(out)])), out

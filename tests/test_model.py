@@ -75,6 +75,7 @@ def test_frozen_layers_and_their_batchnorm_do_not_move_in_training():
     ]
     assert frozen_bn and all(isinstance(m, FrozenBatchNorm2d) for m in frozen_bn)
     before = {name: value.clone() for name, value in net.state_dict().items()}
+    kept = {name: buffer.clone() for name, buffer in net.named_buffers() if name.endswith("folded_weight")}
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     net.train()
     for _ in range(2):
@@ -90,6 +91,8 @@ def test_frozen_layers_and_their_batchnorm_do_not_move_in_training():
     assert all(name.startswith(("layer4", "fc")) for name in moved), sorted(moved)[:5]
     assert "layer4.0.bn1.running_mean" in moved  # the trainable block's BatchNorm does update (test can fail)
     assert "layer3.0.bn1.running_mean" not in moved
+    folded = {name: buffer for name, buffer in net.named_buffers() if name.endswith("folded_weight")}
+    assert len(folded) == 43 and all(torch.equal(folded[name], kept[name]) for name in folded)
 
 
 def test_output_shape_and_eval_is_deterministic():
@@ -290,3 +293,83 @@ def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path):
         with pytest.raises(CheckpointError) as error:
             load_checkpoint(tmp_path / name, FINDINGS)
         assert message in str(error.value) and "would run their code" not in str(error.value), name
+
+
+def _with_random_batchnorm_statistics(net, seed=0):
+    """Statistics unlike BatchNorm's initial ones (mean 0, variance 1, weight 1, bias 0), where folding is the
+    identity and a wrong fold would go unseen."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            count = module.num_features
+            module.running_mean.copy_(torch.randn(count, generator=generator) * 0.2)
+            module.running_var.copy_(torch.rand(count, generator=generator) * 1.5 + 0.5)
+            module.weight.data.copy_(torch.rand(count, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(count, generator=generator) * 0.2)
+    return net
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "densenet121"])
+def test_folding_the_frozen_batchnorm_computes_torchvisions_network(backbone, tmp_path):
+    """The frozen blocks' BatchNorm folded into the convolution before it (43 pairs in each): the same outputs as
+    torchvision's own network on the same weights, the same state dict (checkpoints keep their format), folded again
+    when other weights are loaded, and under bf16 autocast fewer operations."""
+    from torchvision import models
+
+    from bench import OperationCount
+    from model import FoldedConv, cast_frozen
+
+    torch.manual_seed(0)
+    reference = _with_random_batchnorm_statistics(getattr(models, backbone)(weights=None)).eval()
+    torch.save(reference.state_dict(), tmp_path / "weights.pth")
+    net = build_model(14, str(tmp_path / "weights.pth"), "layer4", 0.5, backbone).eval()
+    unfolded = build_model(14, str(tmp_path / "weights.pth"), "layer4", 0.5, backbone, fold=False).eval()
+    assert sum(isinstance(module, FoldedConv) for module in net.modules()) == 43
+    assert list(net.state_dict()) == list(unfolded.state_dict())
+    head = model_module.BACKBONES[backbone].head
+    setattr(reference, head, model_module.head(net))  # the same head: the backbones are compared
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(images)
+        torch.testing.assert_close(net(images), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+        changed = {name: value.clone() for name, value in net.state_dict().items()}
+        for name in changed:
+            if name.endswith("running_var") and ".1." not in name:  # frozen and trainable BatchNorm alike
+                changed[name] *= 3
+        net.load_state_dict(changed)
+        reference.load_state_dict(changed)
+        expected = reference(images)
+        torch.testing.assert_close(net(images), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+        cast_frozen(net, torch.bfloat16)
+        cast_frozen(unfolded, torch.bfloat16)
+        unfolded.load_state_dict(changed)
+        counts = {}
+        for name, each in (("folded", net), ("unfolded", unfolded)):
+            with torch.autocast("cpu", dtype=torch.bfloat16), OperationCount() as count:
+                found = each(images).float()
+            counts[name] = count.operations
+            torch.testing.assert_close(found, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+    assert counts["folded"] < counts["unfolded"] - 43  # at least one operation fewer per folded pair
+
+
+def test_a_model_from_a_checkpoint_is_built_on_the_meta_device_and_equals_the_saved_one():
+    """No 25M random numbers drawn to be overwritten: every tensor comes from the checkpoint, none is left on the
+    meta device, the frozen blocks stay frozen and folded, and the outputs are the saved model's."""
+    torch.manual_seed(0)
+    saved = _with_random_batchnorm_statistics(build_model(14, "none", "layer4")).eval()
+    drawn = []
+    initialise = torch.nn.init.kaiming_normal_  # torchvision's initialisation of every convolution
+    try:
+        torch.nn.init.kaiming_normal_ = lambda tensor, *args, **kwargs: drawn.append(tensor.device.type) or tensor
+        rebuilt = model_from_checkpoint(checkpoint_of(saved)).eval()
+    finally:
+        torch.nn.init.kaiming_normal_ = initialise
+    assert len(drawn) == 53 and set(drawn) == {"meta"}  # the random initialisation touched meta tensors only
+    tensors = dict(rebuilt.named_parameters()) | dict(rebuilt.named_buffers())
+    assert not [name for name, tensor in tensors.items() if tensor.is_meta]
+    assert [p.requires_grad for p in rebuilt.parameters()] == [p.requires_grad for p in saved.parameters()]
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), saved(images))

@@ -108,7 +108,7 @@ def test_heat_maps_of_boxed_findings_are_not_empty(trained_run, learn_dir):
     from functools import partial
 
     from films import eval_crop
-    from heatmaps import grad_cam, heat_maps
+    from heatmaps import finding_masks
     from images import FilmImages, index_images
     from inference import TorchModel
 
@@ -122,11 +122,10 @@ def test_heat_maps_of_boxed_findings_are_not_empty(trained_run, learn_dir):
     paths, config = index_images(learn_dir), checkpoint["config"]
     view = partial(eval_crop, image_size=config["IMAGE_SIZE"])
     empty = 0
-    with grad_cam(net) as cam:
-        for name, group in boxes.groupby("image"):
-            crop = view(FilmImages([paths[name]], config["LOAD_SIZE"])[0])
-            maps = heat_maps(cam, crop[None], [FINDINGS.index(finding) for finding in group.f], "cpu")
-            empty += sum(heat.max() == 0 for heat in maps)
+    for name, group in boxes.groupby("image"):
+        crop = view(FilmImages([paths[name]], config["LOAD_SIZE"])[0])
+        maps = finding_masks(net, crop[None], [FINDINGS.index(finding) for finding in group.f], "cpu")
+        empty += sum(heat.max() == 0 for heat in maps)
     print(f"{empty} of {len(boxes)} heat maps empty")
     assert len(boxes) >= 100 and empty <= len(boxes) // 10, f"{empty} of {len(boxes)} heat maps empty"
 

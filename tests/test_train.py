@@ -251,6 +251,7 @@ def test_a_finished_run_says_so_and_raising_epochs_continues_it(straight_run, de
     assert (tmp_path / "run" / "epoch_03.pth").exists()
 
 
+@pytest.mark.slow  # short runs, each warned about: about 12 s on 2 cores
 def test_settings_that_waste_a_run_are_warned_about(demo_dir, tmp_path, capsys):
     assert run(tiny(demo_dir, tmp_path, epochs=1, trainable_layers="layer4", image_size=48, load_size=40)) == 0
     printed = capsys.readouterr().out
