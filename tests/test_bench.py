@@ -25,5 +25,12 @@ def test_quick_bench_runs_on_cpu_and_writes_its_json(tmp_path):
     for key in keys:
         assert figures[key] > 0, key
     assert figures["device_type"] == "cpu" and "CPU" in figures["device"]
-    assert figures["settings"]["quick"] and len(figures["configurations"]) in (2, 3)  # 3 with native bf16
+    # fp32, channels_last (and bf16 with native bf16) unfolded, then train.py's own: folded
+    assert figures["settings"]["quick"] and len(figures["configurations"]) in (3, 4)
+    assert [row["fold"] for row in figures["configurations"]][-2:] == [False, True]
+    assert all(row["ops_per_step"] > 0 for row in figures["configurations"])
+    assert figures["loop_ops_per_step"] < figures["loop_ops_per_step_unfolded"]
+    assert (
+        figures["forward_ops_folded"] < figures["forward_ops_frozen_bn"] < figures["forward_ops_torchvision_frozen_bn"]
+    )
     assert all(row["nih_epoch_s"] > 0 for row in figures["configurations"])
