@@ -1,7 +1,7 @@
 """A trained checkpoint as an ONNX model, to deploy without PyTorch (ONNX Runtime; predict.py --onnx uses it).
 
     python export.py --checkpoint checkpoints/resnet50/best.pth --out model.onnx
-    python export.py --checkpoint checkpoints/resnet50/best.pth --out model_int8.onnx --int8   # ~3x faster on a CPU
+    python export.py --checkpoint checkpoints/resnet50/best.pth --out model_int8.onnx --int8   # 2.4x faster on a CPU
 
 The input contract (also in the file's metadata, "input"): input "image", uint8 [N, 1, S, S], N free: each film as
 8-bit grayscale (DICOM windowed), letterboxed to LOAD_SIZE x LOAD_SIZE (longer side resized, centred on black),
@@ -15,11 +15,11 @@ the probabilities are calibrated, the thresholds on their scale (and on the raw 
 threshold and the validation films' distances (for percentiles), the training run's config and its SHA-256, the
 checkpoint's epoch.
 
---int8: the convolutions quantized to 8 bits (ONNX Runtime's static QDQ quantization, weights per channel), their
-activation ranges calibrated on films of the checkpoint's own validation split. The whole validation split is then
-predicted by both models: the metadata's "int8" records the mean AUROC of each, the largest difference of a
-probability and the films it was measured on, and the export is refused when the int8 model's mean AUROC falls more
-than INT8_MAX_AUROC_DROP below fp32's, or a probability moves more than INT8_MAX_PROBABILITY_DIFFERENCE (--force
+--int8: the convolutions but the first quantized to 8 bits (ONNX Runtime's static QDQ quantization, weights per
+channel), their activation ranges calibrated on films of the checkpoint's own validation split. The whole validation
+split is then predicted by both models: the metadata's "int8" records the mean AUROC of each, the largest difference
+of a probability and the films it was measured on, and the export is refused when the int8 model's mean AUROC falls
+more than INT8_MAX_AUROC_DROP below fp32's, or a probability moves more than INT8_MAX_PROBABILITY_DIFFERENCE (--force
 writes it anyway, saying so). predict.py --onnx and app.py take it as any export.
 """
 
