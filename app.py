@@ -141,10 +141,7 @@ def analyse(model, path, top):
         return {}, None, [], banner([str(error).replace(str(path), name)], "error"), None, []
     finally:
         forget(path)
-    if hasattr(model, "predict_with_maps"):  # PyTorch: the heat maps from the same pass
-        predictions, class_maps = model.predict_with_maps(film.crop[None])
-    else:  # an ONNX export: findings alone
-        predictions, class_maps = model.predict(film.crop[None]), None
+    predictions, class_maps = model.predict_with_maps(film.crop[None])  # heat maps from the same pass (PyTorch)
     (film,) = with_ood_warnings([film], predictions)
     probabilities = predictions.probabilities[0]
     findings, thresholds = model.findings, model.thresholds

@@ -19,7 +19,7 @@ from devices import worker_count
 from errors import DataError
 from external import EXPERT_MAPPING, EXPERT_UNSCORED, model_scores, read_external
 from films import eval_crop
-from images import dataset_images, evaluation_images, find_cache
+from images import FilmImages, dataset_images, evaluation_images, find_cache
 from inference import fit_statistics, split_outputs, store_statistics
 from localisation import read_boxes, usable_boxes
 from report import CHEXNET_AUROC, format_two_label_table, two_label_table
@@ -73,11 +73,21 @@ def outputs_of(model, rows, request, data=None):
     """(logits, readable, OOD features) of the rows' films: NIH's through its cache where one holds them, a run's
     other datasets (`data`: its settings.DataSettings) each through its own."""
     workers = worker_count(request.num_workers)
-    if data is not None and not is_nih_only(data):
-        images = dataset_images(image_groups(rows, data), model.load_size)
-        return split_outputs(model, rows, None, request.batch_size, workers, request.tta, images=images)
     data_dir = (request.data_dir or model.data.data_dir) if request.dataset == "nih" else None
-    return split_outputs(model, rows, data_dir, request.batch_size, workers, request.tta)
+    images = rows_images(model, rows, data, data_dir)
+    return split_outputs(model, rows, None, request.batch_size, workers, request.tta, images=images)
+
+
+def rows_images(model, rows, data, data_dir):
+    """The rows' images as evaluation reads them: a run's other datasets (`data` not NIH alone) each through its own
+    cache, NIH's through the cache of data_dir where one holds them, else the files."""
+    if data is not None and not is_nih_only(data):
+        return dataset_images(image_groups(rows, data), model.load_size)
+    return (
+        evaluation_images(rows, data_dir, model.load_size)
+        if data_dir is not None
+        else FilmImages(rows["path"], model.load_size)
+    )
 
 
 def readable_only(rows, outputs, drop_missing_images, skipped):
@@ -185,10 +195,9 @@ def part_crops(model, part="val"):
     split, source = run_split(model.checkpoint, request.checkpoint)
     data, parts, _ = run_parts(model, request, split, source, [part])
     rows = parts[part]
-    if is_nih_only(data):
-        images = evaluation_images(rows, data.data_dir, model.load_size)
-    else:
-        images = dataset_images(image_groups(rows, data), model.load_size)
+    if rows.empty:
+        raise DataError(f"the {part} part of {source} holds no film")
+    images = rows_images(model, rows, data, data.data_dir)
     return rows, np.stack([eval_crop(images[index], model.image_size) for index in range(len(rows))])
 
 

@@ -167,7 +167,13 @@ def export_int8(checkpoint_path, out, thresholds_file=None, calibration_films=CA
         quantized = Path(folder) / "int8.onnx"
         quantize(fp32, quantized, crops[np.sort(chosen)])
         check = int8_check(fp32, quantized, crops, rows[list(model.findings)].to_numpy(dtype=float), len(chosen))
-        too_far = check["mean_auroc_drop"] > INT8_MAX_AUROC_DROP
+        if not np.isfinite(check["mean_auroc_drop"]) and not force:
+            raise DataError(
+                f"no finding has both positive and negative films among the {len(crops)} validation films of "
+                f"{checkpoint_path}: the int8 model's AUROC cannot be checked, and it is refused (nothing written). "
+                "Use the fp32 export (leave --int8 out), or add --force to write it unchecked"
+            )
+        too_far = not check["mean_auroc_drop"] <= INT8_MAX_AUROC_DROP  # NaN (unchecked, with --force) included
         too_far |= check["largest_probability_difference"] > INT8_MAX_PROBABILITY_DIFFERENCE
         said = (
             f"int8 against fp32 on the {check['validation_films']} validation films: mean AUROC "

@@ -52,12 +52,6 @@ def grad_cam(net):
     return LayerGradCAM(net)
 
 
-def heat_map(cam, image, finding_index, device):
-    """Grad-CAM of one finding for one uint8 [1, S, S] evaluation crop: float32 [S, S] in [0, 1] (all 0 where no
-    location raises the finding's score)."""
-    return heat_maps(cam, image, [finding_index], device)[0]
-
-
 def heat_maps(cam, image, finding_indices, device):
     """Grad-CAM of several findings of one crop by the grad-cam library, in one forward and backward pass (the crop
     repeated as a batch)."""

@@ -346,7 +346,9 @@ def crop_outputs(net, crops, device, dtype=None, channels_last=False, maps=False
 
     weights = cam_weights(net) if maps else None
     logits, features, class_maps, captured = [], [], [], {}
-    handle = cam_layer(net).register_forward_hook(lambda module, inputs, output: captured.update(maps=output))
+    handle = None  # the last block's output is captured only when its maps are wanted
+    if weights is not None:
+        handle = cam_layer(net).register_forward_hook(lambda module, inputs, output: captured.update(maps=output))
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             for start in range(0, len(crops), BATCH_SIZE):
@@ -357,7 +359,8 @@ def crop_outputs(net, crops, device, dtype=None, channels_last=False, maps=False
                 if weights is not None:
                     class_maps.append(_class_maps(weights, captured["maps"], device))
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     outputs = np.concatenate(logits), np.concatenate(features)
     if not maps:
         return outputs
@@ -548,6 +551,10 @@ class OnnxModel:
         thresholds = json.loads(metadata.get(key, metadata.get("thresholds", "{}")))
         self.thresholds = {finding: value for finding, value in thresholds.items() if value is not None}
         self.ood = json.loads(metadata["ood"]) if "ood" in metadata else None
+
+    def predict_with_maps(self, crops):
+        """(Predictions, None): heat maps need PyTorch (TorchModel.predict_with_maps)."""
+        return self.predict(crops), None
 
     def predict(self, crops):
         images = np.asarray(crops, dtype=np.uint8)[:, None]

@@ -100,6 +100,8 @@ class FrozenBatchNorm(FrozenBatchNorm2d):
     under bf16 autocast each frozen block's activations left it in fp32 and were converted back before every
     convolution (bench.py counts the operations of a forward pass)."""
 
+    DERIVED = ("scale", "shift")  # buffers made from the statistics: cast_frozen and derived_buffers read this
+
     def __init__(self, num_features, eps=1e-5):
         super().__init__(num_features, eps)
         self.register_buffer("scale", torch.ones(1, num_features, 1, 1), persistent=False)
@@ -140,6 +142,8 @@ class FoldedConv(nn.Conv2d):
     shift as its bias, held in the dtype the blocks run in (cast_frozen). One convolution instead of a convolution,
     a multiply-add and, under autocast, a cast of the weight on every step (autocast caches casts only of tensors that
     require grad). Same state dict as the Conv2d: the folded weights are not saved."""
+
+    DERIVED = ("folded_weight", "folded_bias")  # made from the weights: cast_frozen and derived_buffers read this
 
     def __init__(self, conv, batchnorm):
         super().__init__(
@@ -205,12 +209,10 @@ def _refold(net):
 def derived_buffers(net):
     """The names of the buffers made from the frozen blocks' weights (folded weights, BatchNorm scales): equal on
     every process, so DistributedDataParallel need not broadcast them (8.5M values a step for ResNet-50)."""
-    derived = {FrozenBatchNorm: ("scale", "shift"), FoldedAway: ("scale", "shift")}
-    derived[FoldedConv] = ("folded_weight", "folded_bias")
     return [
         f"{name}.{buffer}" if name else buffer
         for name, module in unwrap(net).named_modules()
-        for buffer in derived.get(type(module), ())
+        for buffer in getattr(module, "DERIVED", ())
     ]
 
 
@@ -218,11 +220,8 @@ def cast_frozen(net, dtype):
     """The frozen blocks' folded weights and BatchNorm scales in `dtype`, once: the autocast dtype of the run (bf16
     or fp16), or float32. Their fp32 originals, which checkpoints hold, are left as they are."""
     for module in unwrap(net).modules():
-        if isinstance(module, FrozenBatchNorm):
-            module.scale, module.shift = module.scale.to(dtype), module.shift.to(dtype)
-    for module in unwrap(net).modules():
-        if isinstance(module, FoldedConv):
-            module.folded_weight, module.folded_bias = module.folded_weight.to(dtype), module.folded_bias.to(dtype)
+        for buffer in getattr(module, "DERIVED", ()):
+            setattr(module, buffer, getattr(module, buffer).to(dtype))
 
 
 def build_model(
