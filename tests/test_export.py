@@ -134,6 +134,9 @@ def test_an_int8_export_is_checked_on_the_validation_split_and_refused_beyond_th
     from metrics import auroc_per_finding, mean_auroc
 
     checkpoint = str(trained_run / "best.pth")
+    # the 64-px demo model's largest difference on 78 films was 0.017 in one training and 0.023 in another (one or
+    # two torch threads): the mechanism is tested here, under a limit the model meets; the refusal below
+    monkeypatch.setattr(export, "INT8_MAX_PROBABILITY_DIFFERENCE", 0.05)
     fp32, int8 = tmp_path / "model.onnx", tmp_path / "model_int8.onnx"
     export.main(["--checkpoint", checkpoint, "--out", str(fp32)])
     export.main(["--checkpoint", checkpoint, "--out", str(int8), "--int8", "--calibration_films", "16"])
@@ -154,7 +157,7 @@ def test_an_int8_export_is_checked_on_the_validation_split_and_refused_beyond_th
     assert check["mean_auroc_fp32"] == pytest.approx(mean_auroc(auroc_per_finding(targets, found[fp32])))
     assert check["mean_auroc_int8"] == pytest.approx(mean_auroc(auroc_per_finding(targets, found[int8])))
     difference = np.abs(found[int8] - found[fp32]).max()
-    assert check["largest_probability_difference"] == pytest.approx(difference) and 0 < difference <= 0.02
+    assert check["largest_probability_difference"] == pytest.approx(difference) and 0 < difference <= 0.05
 
     import app  # the page takes the int8 file as any export: the findings, no heat maps
 
@@ -176,3 +179,11 @@ def test_an_int8_export_is_checked_on_the_validation_split_and_refused_beyond_th
     export.main(["--checkpoint", checkpoint, "--out", str(refused), "--int8", "--calibration_films", "16", "--force"])
     forced = {entry.key: entry.value for entry in onnx.load(str(refused)).metadata_props}
     assert json.loads(forced["int8"])["forced"]
+
+    # a validation part where no finding has both classes: its AUROC cannot be checked, so refused in one line
+    unlabelled = rows.assign(**{finding: 0 for finding in FINDINGS})
+    monkeypatch.setattr("evaluation.part_crops", lambda model, part: (unlabelled, crops))
+    unchecked = tmp_path / "unchecked.onnx"
+    with pytest.raises(SystemExit) as stopped:
+        export.main(["--checkpoint", checkpoint, "--out", str(unchecked), "--int8", "--calibration_films", "16"])
+    assert "cannot be checked" in str(stopped.value.code) and not unchecked.exists()
