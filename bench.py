@@ -10,7 +10,8 @@
     the device augmentation's cost per image, and batches/s drawn from images held in device memory;
 (b) training-step and evaluation images/s of the real model on this device, in the configurations the device
     supports (fp32, AMP, channels_last; the frozen blocks' BatchNorm unfolded and folded into their convolutions,
-    as train.py builds them; with --compile, torch.compile and, on CUDA, its CUDA graphs, mode reduce-overhead), for
+    as train.py builds them; on CUDA the whole step replayed as one CUDA graph, as CUDA_GRAPHS does; with --compile,
+    torch.compile, and on CUDA its own CUDA graphs (mode reduce-overhead) and compiled inside train.py's graph), for
     each --batch_size and --trainable_layers, with the operations of one step (eager rows): train.py's own loop
     (train.train_epoch over images held in device memory, the default on a GPU: no host-to-device copy per step, fused
     AdamW, cuDNN benchmark) against a bare forward/backward/step loop of the same model and batch; on a GPU, the
@@ -122,6 +123,7 @@ class Variant(NamedTuple):
     channels_last: bool
     compile: str = ""  # a torch.compile mode ("default"; "reduce-overhead": CUDA graphs), or "" for eager
     fold: bool = True  # the frozen blocks' BatchNorm folded into their convolutions (model.fold_frozen_batchnorm)
+    graphs: bool = False  # train.py's CUDA_GRAPHS: the whole step replayed as one CUDA graph (cuda_graphs.py)
 
 
 def training_parts(args, device, variant):
@@ -149,24 +151,32 @@ def device_batches(args, device, steps):
 
 
 def step_rates(args, device, variant):
-    """(project loop, bare loop, eval) images/s, the host's share of a bare step and its operations (None compiled:
-    its kernels are not aten operations) for one Variant."""
+    """(project loop, bare loop, eval) images/s, the host's share of a bare step and its operations (None compiled
+    or graphed: its kernels are not aten operations, or are replayed without them) for one Variant."""
     parts, dtype = training_parts(args, device, variant)
     net = torch.compile(parts.net, mode=variant.compile) if variant.compile else parts.net
     loop = train.Loop(device, dtype, variant.channels_last, image_size=args.image_size, show_progress=False)
+    loop.graphed = train.graphed_step(variant.graphs, net, parts, loop, print)
     warmup, measured = device_batches(args, device, args.warmup), device_batches(args, device, args.steps)
     inputs = normalize(
         torch.randint(0, 256, (args.batch_size, 1, args.image_size, args.image_size), dtype=torch.uint8, device=device),
         variant.channels_last,
     )
     labels = (torch.rand(args.batch_size, len(FINDINGS), device=device) < 0.2).float()
+    films = torch.randint(
+        0, 256, (args.batch_size, 1, args.load_size, args.load_size), dtype=torch.uint8, device=device
+    )
+    params = train.augmentation_on_device(torch.arange(args.batch_size), args.load_size, loop)
 
     def project_loop(batches, epoch):
         batches.sampler.set_epoch(epoch)
         train.train_epoch(net, batches, parts, loop, epoch, 0, EpochTotals(), stop)
 
-    def bare_step():  # train.py's step on one ready batch: no sampling, augmentation or loss bookkeeping
-        train.optimizer_step(net, inputs, labels, parts, loop)
+    def bare_step():  # train.py's step on one ready batch: no sampling, augmentation (but in a graph) or bookkeeping
+        if loop.graphed is not None:
+            loop.graphed(films, params, labels)
+        else:
+            train.optimizer_step(net, inputs, labels, parts, loop)
 
     stop = train.StopRequest()
     try:
@@ -178,7 +188,7 @@ def step_rates(args, device, variant):
             bare.append(args.batch_size / _seconds_per_call(bare_step, args, device))
         host_share = host_share_of_step(bare_step, device)
         operations = None
-        if not variant.compile:
+        if not variant.compile and loop.graphed is None:
             with OperationCount() as count:
                 bare_step()
             operations = count.operations
@@ -271,7 +281,7 @@ def device_input_rates(cached_images, targets, args, device):
     def epoch():
         sampler.set_epoch(1)
         for images, _, seeds in batches:
-            train.model_input(images, seeds, loop)
+            train.model_input(images, train.augmentation_on_device(seeds, images.shape[-1], loop), loop)
 
     rate = len(batches) * args.rounds / sum(timed(epoch, device) for _ in range(args.rounds))
     return augment_seconds / args.batch_size * 1000, rate
@@ -397,24 +407,29 @@ def _seconds_per_call(function, args, device):
 
 def configurations(device, with_compile):
     """What the device supports: AMP and channels_last on CUDA, and on CPUs with native bf16, each with the frozen
-    BatchNorm unfolded; then what train.py does there (the last of those, folded), and with --compile the same
-    compiled and, on CUDA, replayed as CUDA graphs (mode reduce-overhead)."""
+    BatchNorm unfolded; then what train.py does there (the last of those, folded); on CUDA the same replayed as one
+    CUDA graph (CUDA_GRAPHS); and with --compile the same compiled and, on CUDA, compiled with torch.compile's own
+    CUDA graphs (mode reduce-overhead) and compiled inside train.py's graph (COMPILE and CUDA_GRAPHS)."""
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
         layouts = [(False, False), (True, False), (True, True)]
     else:
         layouts = [(False, False), (False, True)]
     variants = [Variant(amp, channels_last, fold=False) for amp, channels_last in layouts]
-    variants.append(variants[-1]._replace(fold=True))
+    folded = variants[-1]._replace(fold=True)
+    variants.append(folded)
+    cuda = device.type == "cuda"
+    if cuda:
+        variants.append(folded._replace(graphs=True))
     if with_compile:
-        variants.append(variants[-1]._replace(compile="default"))
-        if device.type == "cuda":
-            variants.append(variants[-1]._replace(compile="reduce-overhead"))
+        variants.append(folded._replace(compile="default"))
+        if cuda:
+            variants += [folded._replace(compile="reduce-overhead"), folded._replace(compile="default", graphs=True)]
     return variants
 
 
 def train_py_variant(device):
-    """The Variant train.py trains with on this device (without COMPILE)."""
-    return configurations(device, False)[-1]
+    """The Variant train.py trains with on this device by default (no COMPILE, no CUDA_GRAPHS)."""
+    return next(variant for variant in configurations(device, False) if variant.fold)
 
 
 def make_images(folder, count, load_size, workers):
@@ -539,7 +554,7 @@ def step_section(args, device, with_compile, cached):
     if default["host_share_of_step"] is not None and default["host_share_of_step"] >= HOST_BOUND:
         print(
             f"    the step is CPU-bound: the host needs {default['host_share_of_step']:.0%} of it to queue the kernels "
-            "(launch overhead); a larger batch, or --compile (CUDA graphs: its reduce-overhead row), helps"
+            "(launch overhead); a larger batch, or CUDA graphs (CUDA_GRAPHS; its graphs rows), helps"
         )
     return rows
 
@@ -547,8 +562,8 @@ def step_section(args, device, with_compile, cached):
 def _step_rows(args, device, with_compile, cached):
     print(f"(b) model steps at {args.image_size} px, batch {args.batch_size}, trainable {args.trainable_layers}")
     print(
-        f"    {'amp':>5} {'ch_last':>7} {'folded':>6} {'compile':>15} {'train img/s':>12} {'bare img/s':>11} "
-        f"{'loop/bare':>9} {'ops/step':>8} {'eval img/s':>11} {'host share':>10} {'NIH epoch':>10} "
+        f"    {'amp':>5} {'ch_last':>7} {'folded':>6} {'compile':>15} {'graphs':>6} {'train img/s':>12} "
+        f"{'bare img/s':>11} {'loop/bare':>9} {'ops/step':>8} {'eval img/s':>11} {'host share':>10} {'NIH epoch':>10} "
         f"{'(c) w/ cache here':>18}"
     )
     rows = []
@@ -574,6 +589,7 @@ def _step_rows(args, device, with_compile, cached):
         ops = "-" if operations is None else str(operations)
         print(
             f"    {variant.amp!s:>5} {variant.channels_last!s:>7} {variant.fold!s:>6} {variant.compile or '-':>15} "
+            f"{variant.graphs!s:>6} "
             f"{project:12.1f} {bare:11.1f} {project / bare:9.2f} {ops:>8} {evaluation:11.1f} {share:>10} "
             f"{epoch / 60:9.1f}m {epoch_here / 60:17.1f}m"
         )

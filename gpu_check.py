@@ -11,6 +11,9 @@ Writes synthetic demo data, then runs, each as a user would run it:
   compile          1 epoch with COMPILE (skipped, saying why, where torch.compile cannot: no Triton)
   resume           a run stopped by SIGTERM during epoch 2, then --resume last: its weights and validation loss
                    against the uninterrupted run's (equal up to cuDNN, whose algorithms differ between processes)
+  cuda_graphs      the resume check's settings with CUDA_GRAPHS: every epoch's validation loss against the
+                   uninterrupted eager run's, within RESUME_TOLERANCE (the two eager runs' difference is printed
+                   beside it); a capture that failed, and fell back to eager steps, fails the check
   torchrun         2 processes on 2 GPUs (skipped with one GPU)
   evaluate         evaluate.py on the trained run: the report's mean AUROC above chance
   predict          predict.py --cam on three test films: probabilities and heat maps written
@@ -19,8 +22,13 @@ Writes synthetic demo data, then runs, each as a user would run it:
                    (with torch.compile's rows on CUDA unless --skip_compile)
   folded           from bench's figures: the frozen BatchNorm folded into the convolutions (train.py's model) must
                    train faster than unfolded, in train.py's loop
-  graphed          from bench's figures: torch.compile's CUDA graphs (mode reduce-overhead) must train faster than
-                   the eager step (skipped without them: --skip_compile, or not CUDA)
+  graphed          from bench's figures: the step replayed as one CUDA graph (CUDA_GRAPHS) must train faster
+                   than the eager step, in train.py's loop (skipped where there are no graphs: not CUDA)
+  reduce_overhead  the same for torch.compile's own CUDA graphs (mode reduce-overhead) against the eager step
+  compiled_graphs  COMPILE inside train.py's graph (COMPILE and CUDA_GRAPHS) against CUDA_GRAPHS alone: with the
+                   two above, which is fastest says what to turn on (both skipped with --skip_compile)
+  goal             on an H100/H200, the fastest row at batch 64 against GOAL: the seed recipe and the full
+                   fine-tune (bench's rows for both), with its compile and graphs settings and the host's share
 On a machine without a GPU it says so and exits 0. Exit code 1 when a check failed.
 """
 
@@ -39,6 +47,7 @@ import pandas as pd
 import torch
 
 from configurator import add_device_flags
+from cuda_graphs import graph_support
 from dataset import FINDINGS
 from devices import device_name, select_device
 from errors import one_line_errors
@@ -48,6 +57,8 @@ ROOT = Path(__file__).resolve().parent
 DEMO = {"patients": 300, "size": 128}  # about 1,000 films: seconds of training on a GPU
 FILMS = 3  # test films predicted, with heat maps and through ONNX
 ONNX_TOLERANCE = 5e-3  # fp32 convolutions on Ampere and later use TF32 by default (about 1e-3 relative)
+GOAL = {"layer4": 15_000, "all": 3_000}  # img/s at batch 64 on an H100/H200 (issue 29): seed recipe, full fine-tune
+GOAL_GPUS = ("H100", "H200")
 RESUME_TOLERANCE = 0.01  # relative difference of validation loss allowed between a resumed and an uninterrupted run
 # (on a CPU they are equal; on a GPU cuDNN picks its algorithms per process, and two uninterrupted runs differ too)
 
@@ -155,6 +166,28 @@ def check_resume(data, work, device):
     )
 
 
+def check_cuda_graphs(data, work, device):
+    """check_resume's settings trained with CUDA_GRAPHS, against its uninterrupted eager runs (run before)."""
+    possible, why = graph_support(torch.device(device), 1, None)  # the dtype's reason (fp16) the run itself says
+    if not possible:
+        return "SKIP", f"CUDA_GRAPHS: {why}"
+    settings = ["--epochs=2", "--batch_size=8", "--tensorboard=false", f"--device={device}", "--cuda_graphs=true"]
+    printed = train(data, work / "graphed", *settings)
+    said = next((line for line in printed.splitlines() if line.startswith("CUDA_GRAPHS:")), None)
+    if said and "failed" not in said:
+        return "SKIP", said
+    reference, again = history(work / "straight").val_loss, history(work / "straight_again").val_loss
+    graphed = history(work / "graphed").val_loss
+    differences = ((graphed - reference).abs() / reference).tolist()
+    noise = ((again - reference).abs() / reference).tolist()
+    ok = said is None and max(differences) <= RESUME_TOLERANCE
+    return ("PASS" if ok else "FAIL"), (
+        f"validation loss per epoch {', '.join(f'{value:.4f}' for value in graphed)}: differs from the eager run's "
+        f"by {', '.join(f'{value:.2%}' for value in differences)} (two eager runs: "
+        f"{', '.join(f'{value:.2%}' for value in noise)})" + (f"; {said}" if said else "")
+    )
+
+
 def weight_difference(first, second):
     """The largest difference between two checkpoints' float tensors, relative to each tensor's largest value."""
     first, second = (load_checkpoint(path, FINDINGS)["model"] for path in (first, second))
@@ -224,7 +257,7 @@ def check_onnx(work, device):
 
 def check_bench(work, device, quick, with_compile):
     figures_path = work / "bench.json"
-    size = ["--quick"] if quick else ["--images", "96", "--workers", "4"]
+    size = ["--quick"] if quick else ["--images", "96", "--workers", "4", "--trainable_layers", *GOAL]
     compiled = ["--compile"] if with_compile and str(device).startswith("cuda") else []
     command("bench.py", *size, *compiled, "--device", device, "--json", figures_path, timeout=1800)
     figures = json.loads(figures_path.read_text())
@@ -258,6 +291,26 @@ def faster_row(figures, faster, than, what):
     )
 
 
+def check_goal(figures, gpu):
+    """On an H100/H200: the fastest of bench's rows at batch 64 per recipe against GOAL; SKIP on other devices."""
+    if not any(name in gpu for name in GOAL_GPUS):
+        return "SKIP", f"the goal is set for an {' or '.join(GOAL_GPUS)}, not {gpu}"
+    rows = [row for row in (figures or {}).get("configurations", []) if row["batch_size"] == 64]
+    said, ok = [], True
+    for recipe, goal in GOAL.items():
+        mine = [row for row in rows if row["trainable_layers"] == recipe]
+        if not mine:
+            return "SKIP", f"bench.py has no rows for TRAINABLE_LAYERS {recipe} at batch 64"
+        best = max(mine, key=lambda row: row["train_img_s"])
+        ok &= best["train_img_s"] >= goal
+        share = best["host_share_of_step"]
+        said.append(
+            f"{recipe}: {best['train_img_s']:,.0f} img/s (goal {goal:,}) with compile {best['compile'] or 'off'}, "
+            f"graphs {best.get('graphs', False)}, host share {'-' if share is None else f'{share:.0%}'}"
+        )
+    return ("PASS" if ok else "FAIL"), "; ".join(said)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="gpu_check.json", help="where to write the results (default: %(default)s)")
@@ -286,18 +339,29 @@ def main(argv=None):
         else:
             checks.run("compile", lambda: check_compile(data, work, device))
         checks.run("resume", lambda: check_resume(data, work, device))
+        checks.run("cuda_graphs", lambda: check_cuda_graphs(data, work, device))
         checks.run("torchrun", lambda: check_torchrun(data, work))
         checks.run("evaluate", lambda: check_evaluate(work, device))
         checks.run("predict", lambda: check_predict(work, device))
         checks.run("onnx", lambda: check_onnx(work, device))
         checks.run("bench", lambda: check_bench(work, device, args.quick, not args.skip_compile))
         figures = json.loads((work / "bench.json").read_text()) if (work / "bench.json").exists() else None
-        eager = {"amp": True, "channels_last": True, "compile": "", "fold": True}
+        eager = {"amp": True, "channels_last": True, "compile": "", "fold": True, "graphs": False}
         checks.run(
             "folded", lambda: faster_row(figures, eager, {**eager, "fold": False}, "folded against unfolded BatchNorm")
         )
-        graphed = {**eager, "compile": "reduce-overhead"}
-        checks.run("graphed", lambda: faster_row(figures, graphed, eager, "CUDA graphs against the eager step"))
+        graphed = {**eager, "graphs": True}
+        checks.run("graphed", lambda: faster_row(figures, graphed, eager, "CUDA_GRAPHS against the eager step"))
+        reduce_overhead, both = {**eager, "compile": "reduce-overhead"}, {**eager, "compile": "default", "graphs": True}
+        checks.run(
+            "reduce_overhead",
+            lambda: faster_row(figures, reduce_overhead, eager, "compile mode reduce-overhead against the eager step"),
+        )
+        checks.run(
+            "compiled_graphs",
+            lambda: faster_row(figures, both, graphed, "COMPILE inside CUDA_GRAPHS against graphs alone"),
+        )
+        checks.run("goal", lambda: check_goal(figures, device_name(device)))
     results = {"device": device_name(device), "torch": torch.__version__, "checks": checks.results, "bench": figures}
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     failed = checks.failed()

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, fields
 
 from errors import SettingsError
 
-# settings newer than some checkpoints, with the value every run before them had (they trained on NIH alone)
-ADDED_SINCE = {"DATASET": "nih", "UNCERTAIN": "ignore", "DATASET_WEIGHTS": ""}
+# settings newer than some checkpoints, with the value every run before them had (NIH alone, no CUDA graphs)
+ADDED_SINCE = {"DATASET": "nih", "UNCERTAIN": "ignore", "DATASET_WEIGHTS": "", "CUDA_GRAPHS": False}
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class RunSettings:
     amp: bool
     channels_last: bool
     compile: bool
+    cuda_graphs: bool
     tensorboard: bool
     out_dir: str
     resume: str

@@ -57,6 +57,7 @@ CACHE_ON_DEVICE: OneOf("auto", "on", "off") = "auto"  # hold the cached images i
 AMP: Flag = True  # mixed precision: bf16 (fp16 with loss scaling before Ampere GPUs) and on CPUs with native bf16
 CHANNELS_LAST: Flag = True  # NHWC memory layout on CUDA and the CPU (faster convolutions)
 COMPILE: Flag = False  # torch.compile the model (faster steps after a slow first one; needs Triton on a GPU)
+CUDA_GRAPHS: Flag = False  # replay the whole training step as one CUDA graph (one CUDA GPU; cuda_graphs.py)
 TENSORBOARD: Flag = True  # write TensorBoard events to OUT_DIR (tensorboard --logdir checkpoints)
 SEED: AtLeast(0) = 0  # seeds the split, the data order, augmentation and dropout
 DEVICE: Text = "auto"  # "auto" (cuda, else mps, else cpu), or a torch device such as "cuda:1" or "cpu"
@@ -78,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cuda_graphs import GraphedStep, graph_support
 from dataset import FINDINGS, count_positives, pos_weight_from_counts, saved_split, split_record
 from datasets import describe, is_nih_only, read_training_films, sampling
 from devices import autocast_dtype, compile_support, device_name, select_device, use_channels_last
@@ -214,6 +216,7 @@ class Loop:
     epochs: int = 1  # for the progress bar and the run's time estimate
     steps_per_epoch: int = 0
     step_scheduler: object = None  # the cosine schedule, stepped every step; None for plateau (stepped per epoch)
+    graphed: object = None  # a cuda_graphs.GraphedStep that runs each step (CUDA_GRAPHS); None: steps run eagerly
     tensorboard: object = None
     show_progress: bool = True
     estimated: bool = False  # the run's time estimate has been printed
@@ -236,13 +239,22 @@ def make_scheduler(optimizer, training, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def model_input(images, seeds, loop):
-    """A training batch as the model takes it: augmented on the device from each image's seed (or already in the
+def augmentation_on_device(seeds, load_size, loop):
+    """The batch's augmentation parameters (transforms.augmentation_params) on the device, from each image's seed;
+    None when the workers augment. On CUDA they are copied from pinned memory, which does not wait for the GPU."""
+    if loop.augment_on != "device":
+        return None
+    params = torch.from_numpy(augmentation_params(seeds.numpy(), load_size))
+    if loop.device.type == "cuda":
+        params = params.pin_memory()
+    return params.to(loop.device, non_blocking=True)
+
+
+def model_input(images, params, loop):
+    """A training batch on the device as the model takes it: augmented by `params` (or, None, already in the
     workers), normalised, in the chosen memory layout."""
-    images = images.to(loop.device, non_blocking=True)
-    if loop.augment_on == "device":
-        params = torch.from_numpy(augmentation_params(seeds.numpy(), images.shape[-1]))
-        images = augment_batch(images, params.to(loop.device, non_blocking=True), loop.image_size)
+    if params is not None:
+        images = augment_batch(images, params, loop.image_size)
     return normalize(images, loop.channels_last)
 
 
@@ -272,16 +284,46 @@ class StepLosses:
 def optimizer_step(net, images, targets, training, loop):
     """One step of a run_folder.Training on a model-ready batch; the loss, left on the device (reading it would wait
     for the GPU)."""
-    with torch.autocast(loop.device.type, dtype=loop.dtype, enabled=loop.dtype is not None):
+    # no autocast cache: each weight is cast once a forward anyway, and torch's CUDA graph notes ask for it off
+    with torch.autocast(loop.device.type, dtype=loop.dtype, enabled=loop.dtype is not None, cache_enabled=False):
         logits = net(images)
     loss = training.criterion(logits.float(), targets)
     training.optimizer.zero_grad(set_to_none=True)
     training.scaler.scale(loss).backward()
     training.scaler.step(training.optimizer)
     training.scaler.update()
+    return loss
+
+
+def train_step(net, images, targets, seeds, training, loop):
+    """One training step of a loader's batch (uint8 images, targets, augmentation seeds), replayed as a CUDA graph
+    when the loop has one; the loss, left on the device. The cosine schedule steps after it, on the host."""
+    images = images.to(loop.device, non_blocking=True)
+    targets = targets.to(loop.device, non_blocking=True)
+    params = augmentation_on_device(seeds, images.shape[-1], loop)
+    if loop.graphed is not None:
+        loss = loop.graphed(images, params, targets)
+    else:
+        loss = optimizer_step(net, model_input(images, params, loop), targets, training, loop)
     if loop.step_scheduler is not None:
         loop.step_scheduler.step()
     return loss
+
+
+def graphed_step(wanted, net, training, loop, log):
+    """train.py's step as a cuda_graphs.GraphedStep when `wanted` (CUDA_GRAPHS) and this run can capture it; else
+    None, saying why."""
+    if not wanted:
+        return None
+    possible, why = graph_support(loop.device, loop.world_size, loop.dtype)
+    if not possible:
+        log(f"CUDA_GRAPHS: {why}; training without graphs")
+        return None
+
+    def step(images, params, targets):
+        return optimizer_step(net, model_input(images, params, loop), targets, training, loop)
+
+    return GraphedStep(step, training.optimizer, capture=loop.device.type == "cuda", log=log)
 
 
 def train_epoch(net, batches, training, loop, epoch, step, totals, stop):
@@ -294,8 +336,7 @@ def train_epoch(net, batches, training, loop, epoch, step, totals, stop):
     bar = tqdm(total=steps, initial=step, desc=f"epoch {epoch}/{loop.epochs} train", disable=not loop.show_progress)
     window, started, learning_rates = StepLosses(loop.device), time.perf_counter(), []
     for images, targets, seeds in batches:
-        targets = targets.to(loop.device, non_blocking=True)
-        loss = optimizer_step(net, model_input(images, seeds, loop), targets, training, loop)
+        loss = train_step(net, images, targets, seeds, training, loop)
         step += 1
         window.add(loss)
         learning_rates.append(training.optimizer.param_groups[0]["lr"])
@@ -462,7 +503,9 @@ class Run:
     train_batches: object
     val_batches: object
     training: Training
-    net: object  # training.net, or its DDP or compiled wrapper
+    net: object  # what trains: training.net, or its DDP or compiled wrapper
+    validation_net: object  # training.net or its DDP wrapper, uncompiled: eval mode and a short last batch would
+    # compile (or, under reduce-overhead, record graphs) again
     loop: Loop
     tensorboard: TensorBoard
     history: list
@@ -526,10 +569,12 @@ def start_run(settings):
         log(f"resumed from {resume_path} at epoch {position.epoch}, step {position.step}")
     if is_main and (checkpoint is None or not (run_dir / "split.csv").is_file()):
         write_run_folder(run_dir, labels, split, settings, pos_weight)  # only now: the run is known to start
-    net = wrapped(training.net, settings.run.compile, world_size, device, log)
+    validation_net = distributed(training.net, world_size, device)
+    net = compiled(validation_net, settings.run.compile, device, log)
     done = (position.epoch - 1) * steps + position.step
     tensorboard = TensorBoard(run_dir, is_main and settings.run.tensorboard, done + 1, log)  # purge what a crash left
     loop = make_loop(settings, device, dtype, channels_last, world_size, steps, training, tensorboard, is_main)
+    loop.graphed = graphed_step(settings.run.cuda_graphs, net, training, loop, log)
     return Run(
         settings,
         run_dir,
@@ -541,6 +586,7 @@ def start_run(settings):
         *batches,
         training,
         net,
+        validation_net,
         loop,
         tensorboard,
         history,
@@ -584,15 +630,13 @@ def describe_data(settings, films, log):
     return counts, pos_weight
 
 
-def wrapped(net, compile_wanted, world_size, device, log):
-    """The network as the loop runs it: in DistributedDataParallel under torchrun, compiled when COMPILE asks."""
-    if world_size > 1:
-        ignored = derived_buffers(net)  # the same on every process: not broadcast every step
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, ignored)
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    return compiled(net, compile_wanted, device, log)
+def distributed(net, world_size, device):
+    """The network in DistributedDataParallel under torchrun; else the network."""
+    if world_size == 1:
+        return net
+    ignored = derived_buffers(net)  # the same on every process: not broadcast every step
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, ignored)
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def train_epochs(run, stop):
@@ -616,7 +660,7 @@ def train_epochs(run, stop):
                 "the same command plus --resume last"
             )
             return 128 + (stop.signal or 0)
-        validation = validate(run.net, run.val_batches, training.criterion.pos_weight, loop)
+        validation = validate(run.validation_net, run.val_batches, training.criterion.pos_weight, loop)
         if settings.training.lr_schedule == "plateau":
             training.scheduler.step(validation.loss)
         metrics = EpochMetrics(

@@ -1,8 +1,10 @@
 import json
 
 import pytest
+import torch
 
 import bench
+from bench import Variant
 
 
 @pytest.mark.slow  # every section of bench.py, on the CPU: about 15 s on 2 cores
@@ -34,3 +36,12 @@ def test_quick_bench_runs_on_cpu_and_writes_its_json(tmp_path):
         figures["forward_ops_folded"] < figures["forward_ops_frozen_bn"] < figures["forward_ops_torchvision_frozen_bn"]
     )
     assert all(row["nih_epoch_s"] > 0 for row in figures["configurations"])
+
+
+def test_on_cuda_the_rows_include_graphed_steps_beside_train_pys_default_eager_one():
+    rows = bench.configurations(torch.device("cuda"), with_compile=True)
+    folded = {(row.compile, row.graphs) for row in rows if row.fold}
+    assert folded == {("", False), ("", True), ("default", False), ("reduce-overhead", False), ("default", True)}
+    assert bench.train_py_variant(torch.device("cuda")) == Variant(amp=True, channels_last=True)
+    assert Variant(amp=True, channels_last=True, graphs=True) in bench.configurations(torch.device("cuda"), False)
+    assert not any(row.graphs for row in bench.configurations(torch.device("cpu"), with_compile=True))  # no graphs

@@ -205,6 +205,27 @@ def test_compile_needs_triton_on_a_gpu_and_cl_on_a_windows_cpu(monkeypatch):
     assert not possible and "cl.exe" in why
 
 
+def test_a_compiled_run_validates_with_the_uncompiled_module(demo_dir, tmp_path, monkeypatch):
+    """Eval mode and the short last validation batch would make torch.compile compile again (and reduce-overhead
+    record more CUDA graphs): validation goes around the compiled module."""
+    modes = []
+
+    class Compiled(torch.nn.Module):  # stands for torch.compile's wrapper: records the mode of each call
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images):
+            modes.append(self.net.training)
+            return self.net(images)
+
+    monkeypatch.setattr(train, "compile_support", lambda device: (True, ""))
+    monkeypatch.setattr(torch, "compile", lambda net, **kwargs: Compiled(net))
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny(demo_dir, tmp_path, epochs=1, compile="true"))
+    assert stopped.value.code == 0 and modes and all(modes)  # it trained, and never in eval mode
+
+
 def test_a_run_that_cannot_compile_says_why_and_trains_uncompiled(demo_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "compile_support", lambda device: (False, "no Triton here"))
     monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: pytest.fail("compiled"))
@@ -323,8 +344,8 @@ def test_zero_workers_means_none_and_minus_one_means_from_the_cpus(requested, ex
 def test_gpu_checks_of_bench_rows_fail_when_the_faster_path_is_not_and_skip_without_it():
     import gpu_check
 
-    eager = {"amp": True, "channels_last": True, "compile": "", "fold": True}
-    graphed = {**eager, "compile": "reduce-overhead"}
+    eager = {"amp": True, "channels_last": True, "compile": "", "fold": True, "graphs": False}
+    graphed = {**eager, "graphs": True}
     figures = {
         "configurations": [{**eager, "train_img_s": 100.0, "ops_per_step": 353}, {**graphed, "train_img_s": 90.0}]
     }
@@ -334,3 +355,53 @@ def test_gpu_checks_of_bench_rows_fail_when_the_faster_path_is_not_and_skip_with
     assert gpu_check.faster_row(figures, graphed, eager, "graphs")[0] == "PASS"
     assert gpu_check.faster_row(figures, {**eager, "fold": False}, eager, "folded")[0] == "SKIP"
     assert gpu_check.faster_row(None, graphed, eager, "graphs")[0] == "SKIP"
+
+
+def test_the_goal_line_judges_the_fastest_row_of_each_recipe_on_an_h100_or_h200_only():
+    import gpu_check
+
+    def row(recipe, rate, **variant):
+        return {"batch_size": 64, "trainable_layers": recipe, "train_img_s": rate, "host_share_of_step": 0.5,
+                "compile": "", "graphs": False, **variant}  # fmt: skip
+
+    figures = {"configurations": [row("layer4", 5_000), row("layer4", 16_000, graphs=True), row("all", 2_900)]}
+    status, said = gpu_check.check_goal(figures, "NVIDIA H200 (cuda:0)")
+    assert status == "FAIL" and "layer4: 16,000 img/s (goal 15,000)" in said and "graphs True" in said
+    figures["configurations"].append(row("all", 3_100, compile="default"))
+    assert gpu_check.check_goal(figures, "NVIDIA H100 80GB HBM3")[0] == "PASS"
+    assert gpu_check.check_goal(figures, "Tesla T4")[0] == "SKIP"
+    assert gpu_check.check_goal({"configurations": figures["configurations"][:2]}, "NVIDIA H200")[0] == "SKIP"
+
+
+def test_the_cuda_graphs_line_fails_a_curve_off_the_eager_one_or_a_capture_that_fell_back(tmp_path, monkeypatch):
+    import pandas as pd
+
+    import gpu_check
+
+    def curve(name, losses):
+        (tmp_path / name).mkdir(exist_ok=True)
+        pd.DataFrame({"epoch": [1, 2], "val_loss": losses}).to_csv(tmp_path / name / "metrics.csv", index=False)
+
+    curve("straight", [1.0, 0.8])
+    curve("straight_again", [1.001, 0.8016])
+    printed = {"text": "device: cuda:0\n"}
+
+    def train_graphed(data, out, *settings):
+        assert "--cuda_graphs=true" in settings
+        curve(Path(out).name, losses)
+        return printed["text"]
+
+    monkeypatch.setattr(gpu_check, "train", train_graphed)
+    losses = [1.002, 0.803]
+    status, said = gpu_check.check_cuda_graphs(None, tmp_path, "cuda")
+    assert status == "PASS" and "0.20%, 0.38%" in said and "(two eager runs: 0.10%, 0.20%)" in said
+    losses = [1.002, 0.85]  # 6% off the eager curve
+    assert gpu_check.check_cuda_graphs(None, tmp_path, "cuda")[0] == "FAIL"
+    losses = [1.0, 0.8]
+    printed["text"] = "CUDA_GRAPHS: capturing the training step failed (...); training on without graphs\n"
+    assert gpu_check.check_cuda_graphs(None, tmp_path, "cuda")[0] == "FAIL"
+    printed["text"] = "CUDA_GRAPHS: fp16 loss scaling (GPUs before Ampere) ...; training without graphs\n"
+    assert gpu_check.check_cuda_graphs(None, tmp_path, "cuda")[0] == "SKIP"
+    monkeypatch.setattr(gpu_check, "train", lambda *args: pytest.fail("trained where graphs cannot be"))
+    status, said = gpu_check.check_cuda_graphs(None, tmp_path, "mps")
+    assert status == "SKIP" and "not on mps" in said

@@ -130,6 +130,32 @@ def test_sigterm_mid_epoch_saves_a_state_that_resumes_exactly(straight_run, demo
     assert not (tmp_path / "interrupted.pth").exists()
 
 
+def test_graphed_steps_train_as_eager_ones_and_stop_and_resume_exactly(straight_run, demo_dir, tmp_path, monkeypatch):
+    """CUDA_GRAPHS, allowed on this CPU: every step goes through cuda_graphs.GraphedStep's static buffers and device
+    learning rate (the path a captured graph replays, nothing captured here); a SIGTERM is honoured within
+    SYNC_EVERY steps, and the run resumed with graphs ends with the uninterrupted eager run's weights."""
+    calls = []
+
+    class CountedStep(train.GraphedStep):
+        def __call__(self, *tensors):
+            calls.append(1)
+            return super().__call__(*tensors)
+
+    monkeypatch.setattr(train, "graph_support", lambda device, world_size, dtype: (True, ""))
+    monkeypatch.setattr(train, "GraphedStep", CountedStep)
+    monkeypatch.setattr(train, "SYNC_EVERY", 2)
+    eager_input = train.model_input
+    interrupt_at_step(monkeypatch, 3)
+    assert run(tiny(demo_dir, tmp_path, cuda_graphs="true")) == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "interrupted.pth", FINDINGS)["position"] == {"epoch": 1, "step": 4}
+    assert len(calls) == 4
+    monkeypatch.setattr(train, "model_input", eager_input)
+    assert run(tiny(demo_dir, tmp_path, cuda_graphs="true", resume="last")) == 0
+    split = pd.read_csv(straight_run / "split.csv")
+    assert len(calls) == 2 * ((split.split == "train").sum() // 16)  # every step of both runs (2 epochs, batch 16)
+    assert_same_weights(weights(straight_run / "epoch_02.pth"), weights(tmp_path / "epoch_02.pth"))
+
+
 def interrupt_at_step(monkeypatch, step):
     """Send this process a SIGTERM while the training loop prepares its `step`-th batch."""
     calls = []
@@ -145,15 +171,18 @@ def interrupt_at_step(monkeypatch, step):
 
 
 @pytest.mark.slow  # three runs: about 15 s on 2 cores
-def test_warmup_and_cosine_schedule_resume_exactly_mid_epoch(demo_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cuda_graphs", ["false", "true"])  # the resumed run's: the learning rate as a device tensor
+def test_warmup_and_cosine_schedule_resume_exactly_mid_epoch(demo_dir, tmp_path, monkeypatch, cuda_graphs):
     cosine = {"lr_schedule": "cosine", "warmup_epochs": 0.5, "epochs": 2}
     assert run(tiny(demo_dir, tmp_path / "straight", **cosine)) == 0
     rates = pd.read_csv(tmp_path / "straight" / "metrics.csv")["lr"]
     assert rates[0] > rates[1] == 0  # decaying after the warmup, reaching 0 after the last step
+    monkeypatch.setattr(train, "graph_support", lambda device, world_size, dtype: (True, ""))  # allowed on the CPU
+    eager_input = train.model_input
     interrupt_at_step(monkeypatch, 4)
-    assert run(tiny(demo_dir, tmp_path / "resumed", **cosine)) == 128 + signal.SIGTERM
-    monkeypatch.undo()
-    assert run(tiny(demo_dir, tmp_path / "resumed", **cosine, resume="last")) == 0
+    assert run(tiny(demo_dir, tmp_path / "resumed", **cosine, cuda_graphs=cuda_graphs)) == 128 + signal.SIGTERM
+    monkeypatch.setattr(train, "model_input", eager_input)
+    assert run(tiny(demo_dir, tmp_path / "resumed", **cosine, cuda_graphs=cuda_graphs, resume="last")) == 0
     assert_same_weights(weights(tmp_path / "straight" / "epoch_02.pth"), weights(tmp_path / "resumed" / "epoch_02.pth"))
 
 
@@ -193,7 +222,9 @@ def test_each_epochs_dropout_is_its_own_stream_seeded_by_seed_and_epoch(demo_dir
         assert torch.equal(dropped[epoch], expected & (inputs != 0)), epoch
 
 
-def test_a_nan_loss_stops_naming_epoch_and_step(demo_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cuda_graphs", ["false", "true"])
+def test_a_nan_loss_stops_naming_epoch_and_step(demo_dir, tmp_path, monkeypatch, cuda_graphs):
+    monkeypatch.setattr(train, "graph_support", lambda device, world_size, dtype: (True, ""))  # CUDA_GRAPHS' path
     calls = []
     train_input = train.model_input
 
@@ -202,7 +233,7 @@ def test_a_nan_loss_stops_naming_epoch_and_step(demo_dir, tmp_path, monkeypatch)
         return train_input(*args) * (float("nan") if len(calls) == 2 else 1.0)
 
     monkeypatch.setattr(train, "model_input", poisoned)
-    message = run(tiny(demo_dir, tmp_path))
+    message = run(tiny(demo_dir, tmp_path, cuda_graphs=cuda_graphs))
     assert "epoch 1, step 2" in message and "diverged" in message
     assert not list(tmp_path.glob("epoch_*.pth"))
 
