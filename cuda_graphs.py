@@ -43,7 +43,7 @@ class GraphedStep:
     def __init__(self, step, optimizer, capture, log=print):
         self.step, self.optimizer, self.capture, self.log = step, optimizer, capture, log
         self.inputs = None  # the static buffers
-        self.rates, self.rate_values = None, None  # a float32 device tensor per param group, and the floats in it
+        self.rates, self.rate_values = None, None  # a rate_tensor per param group, and the floats in them
         self.graph, self.loss = None, None
         self.calls = 0
 
@@ -125,5 +125,6 @@ class GraphedStep:
             with self._rates_in_groups():
                 return self.step(*self.inputs)
         self.graph, self.loss = graph, loss
+        self.log("CUDA_GRAPHS: step 2 captured as one CUDA graph; every later step replays it")
         graph.replay()
         return loss

@@ -384,7 +384,7 @@ def test_the_cuda_graphs_line_fails_a_curve_off_the_eager_one_or_a_capture_that_
 
     curve("straight", [1.0, 0.8])
     curve("straight_again", [1.001, 0.8016])
-    printed = {"text": "device: cuda:0\n"}
+    printed = {"text": "device: cuda:0\nCUDA_GRAPHS: step 2 captured as one CUDA graph; every later step replays it\n"}
 
     def train_graphed(data, out, *settings):
         assert "--cuda_graphs=true" in settings
@@ -398,6 +398,8 @@ def test_the_cuda_graphs_line_fails_a_curve_off_the_eager_one_or_a_capture_that_
     losses = [1.002, 0.85]  # 6% off the eager curve
     assert gpu_check.check_cuda_graphs(None, tmp_path, "cuda")[0] == "FAIL"
     losses = [1.0, 0.8]
+    printed["text"] = "device: cuda:0\n"  # no graph captured: the curve is eager's, and proves nothing
+    assert gpu_check.check_cuda_graphs(None, tmp_path, "cuda")[0] == "FAIL"
     printed["text"] = "CUDA_GRAPHS: capturing the training step failed (...); training on without graphs\n"
     assert gpu_check.check_cuda_graphs(None, tmp_path, "cuda")[0] == "FAIL"
     printed["text"] = "CUDA_GRAPHS: fp16 loss scaling (GPUs before Ampere) ...; training without graphs\n"
