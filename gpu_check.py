@@ -137,11 +137,16 @@ def check_compile(data, work, device):
     return ("PASS" if np.isfinite(loss) else "FAIL"), f"val loss {loss:.3f} after 1 compiled epoch"
 
 
+def resume_settings(device):
+    """The settings of check_resume's runs, which check_cuda_graphs compares against."""
+    return ["--epochs=2", "--batch_size=8", "--tensorboard=false", f"--device={device}"]
+
+
 def check_resume(data, work, device):
     """A run sent SIGTERM as its first epoch ends, resumed, against an uninterrupted run; and a second uninterrupted
     run against the first, for the noise that cuDNN's choice of algorithms (per process) leaves on a GPU. Batch 8,
     so that epoch 2 has enough steps for the signal to land inside it."""
-    settings = ["--epochs=2", "--batch_size=8", "--tensorboard=false", f"--device={device}"]
+    settings = resume_settings(device)
     train(data, work / "straight", *settings)
     train(data, work / "straight_again", *settings)
     stopped = work / "stopped"
@@ -172,8 +177,7 @@ def check_cuda_graphs(data, work, device):
     possible, why = graph_support(torch.device(device), 1, None)  # the dtype's reason (fp16) the run itself says
     if not possible:
         return "SKIP", f"CUDA_GRAPHS: {why}"
-    settings = ["--epochs=2", "--batch_size=8", "--tensorboard=false", f"--device={device}", "--cuda_graphs=true"]
-    printed = train(data, work / "graphed", *settings)
+    printed = train(data, work / "graphed", *resume_settings(device), "--cuda_graphs=true")
     said = [line for line in printed.splitlines() if line.startswith("CUDA_GRAPHS:")]
     refused = next((line for line in said if "training without graphs" in line), None)
     if refused:
@@ -309,7 +313,7 @@ def check_goal(figures, gpu):
         share = best["host_share_of_step"]
         said.append(
             f"{recipe}: {best['train_img_s']:,.0f} img/s (goal {goal:,}) with compile {best['compile'] or 'off'}, "
-            f"graphs {best.get('graphs', False)}, host share {'-' if share is None else f'{share:.0%}'}"
+            f"graphs {best['graphs']}, host share {'-' if share is None else f'{share:.0%}'}"
         )
     return ("PASS" if ok else "FAIL"), "; ".join(said)
 

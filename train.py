@@ -304,10 +304,15 @@ def train_step(net, images, targets, seeds, training, loop):
     if loop.graphed is not None:
         loss = loop.graphed(images, params, targets)
     else:
-        loss = optimizer_step(net, model_input(images, params, loop), targets, training, loop)
+        loss = augmented_step(net, images, params, targets, training, loop)
     if loop.step_scheduler is not None:
         loop.step_scheduler.step()
     return loss
+
+
+def augmented_step(net, images, params, targets, training, loop):
+    """optimizer_step on device images augmented by `params`: the step, eager or captured as a CUDA graph."""
+    return optimizer_step(net, model_input(images, params, loop), targets, training, loop)
 
 
 def graphed_step(wanted, net, training, loop, log):
@@ -321,7 +326,7 @@ def graphed_step(wanted, net, training, loop, log):
         return None
 
     def step(images, params, targets):
-        return optimizer_step(net, model_input(images, params, loop), targets, training, loop)
+        return augmented_step(net, images, params, targets, training, loop)
 
     return GraphedStep(step, training.optimizer, capture=loop.device.type == "cuda", log=log)
 
@@ -569,7 +574,7 @@ def start_run(settings):
         log(f"resumed from {resume_path} at epoch {position.epoch}, step {position.step}")
     if is_main and (checkpoint is None or not (run_dir / "split.csv").is_file()):
         write_run_folder(run_dir, labels, split, settings, pos_weight)  # only now: the run is known to start
-    validation_net = distributed(training.net, world_size, device)
+    validation_net = data_parallel(training.net, world_size, device)
     net = compiled(validation_net, settings.run.compile, device, log)
     done = (position.epoch - 1) * steps + position.step
     tensorboard = TensorBoard(run_dir, is_main and settings.run.tensorboard, done + 1, log)  # purge what a crash left
@@ -630,7 +635,7 @@ def describe_data(settings, films, log):
     return counts, pos_weight
 
 
-def distributed(net, world_size, device):
+def data_parallel(net, world_size, device):
     """The network in DistributedDataParallel under torchrun; else the network."""
     if world_size == 1:
         return net
