@@ -9,7 +9,7 @@ calibrated probability with each finding's operating threshold marked, the same 
 maps of the top findings drawn on the film. A file it cannot read gets its reason, naming the file, in the banner.
 Its API endpoint is /predict (gradio_client: Client(url).predict(handle_file(path), api_name="/predict")), whose first
 output is a label: {finding: calibrated probability}. The same preprocessing (films.prepare), predictions
-(inference.py) and heat maps (heatmaps.py) as predict.py.
+(inference.py) and heat maps (heat_maps.py) as predict.py.
 
 Uploaded films are patients' films: they go to a temporary folder of the page's own (GRADIO_TEMP_DIR), each deleted
 once read, what the page sends back deleted a minute later, and the folder removed when the page stops. It listens
@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-import calibration
-from configurator import add_checkpoint_flag, add_device_flags
-from errors import DataError, one_line_errors
-from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
-from heatmaps import film_overlays
-from inference import at_or_above, load_model, with_ood_warnings
+from cxr14 import calibration
+from cxr14.configurator import add_checkpoint_flag, add_device_flags
+from cxr14.errors import DataError, one_line_errors
+from cxr14.films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
+from cxr14.heat_maps import film_overlays
+from cxr14.onnx_model import load_model
+from cxr14.statistics import at_or_above, with_ood_warnings
 
 CAM_FINDINGS = 3  # heat maps of this many top findings per film (--top)
 MAX_FILE_MB = 200  # the largest upload the page accepts, in MB (--max_file_size)

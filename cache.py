@@ -20,11 +20,11 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
-from datasets import TRAINING_DATASETS, cache_films
-from devices import usable_cpus
-from errors import one_line_errors
-from films import load_image
-from images import cache_folder, decoding_pool, open_cache, save_cache_progress
+from cxr14.devices import usable_cpus
+from cxr14.errors import one_line_errors
+from cxr14.films import load_image
+from cxr14.pixels import cache_folder, decoding_pool, open_cache, save_cache_progress
+from cxr14.training_films import TRAINING_DATASETS, cache_films
 
 CHUNK = 256  # images per task: large enough to amortise the task, small enough to resume with little lost
 

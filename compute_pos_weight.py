@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr14.errors import DataError, one_line_errors
 from dataset import FINDINGS, POS_WEIGHT_POLICIES, count_positives, pos_weight_from_counts, read_labels
-from errors import DataError, one_line_errors
 
 
 def select_rows(labels, train_list):

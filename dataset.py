@@ -2,7 +2,7 @@
 disk (or in the cache), patient-level splits (NIH's official lists or a seeded one) and the split a run keeps, and the
 pos_weight counts. Every user CSV is read through read_table.
 
-Data flows one way: this file knows nothing of models or training; the pixels are images.py's and loaders.py's.
+Data flows one way: this file knows nothing of models or training; the pixels are pixels.py's and loaders.py's.
 """
 
 import hashlib
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from errors import DataError
-from images import cached_names, index_images
+from cxr14.errors import DataError
+from cxr14.pixels import cached_names, index_images
 
 # The 14 findings in the order of the NIH paper and CheXNet; model outputs follow this order.
 FINDINGS = (
@@ -235,10 +235,11 @@ def split_record(labels, split, label_files):
 
 def saved_split(record, split_path):
     """The split a run trained with, as image_name and split columns: the checkpoint's own record, checked against
-    split.csv when one lies beside the checkpoint; split.csv alone for checkpoints without a record; else None."""
-    on_disk = read_split(split_path) if Path(split_path).is_file() else None
+    split.csv when one lies beside the checkpoint; None for a checkpoint without one (checkpoints.upgrade gives the
+    oldest theirs from split.csv)."""
     if record is None:
-        return on_disk
+        return None
+    on_disk = read_split(split_path) if Path(split_path).is_file() else None
     names = record["image_names"].split("\n")
     table = pd.DataFrame({"image_name": names, "split": np.array(SPLITS)[record["codes"].numpy()]})
     if on_disk is not None:
@@ -342,7 +343,8 @@ def attach_image_paths(
         message = f"{missing.sum()} of {len(labels)} images in the CSV are not below {data_dir} (first: {names})"
         if not drop_missing:
             raise DataError(
-                f"{message}. Extract all 12 NIH archives there (see README), or set {flag} to use the images present."
+                f"{message}. Extract all 12 NIH archives there (see docs/data.md, 'Getting the data'), or set "
+                f"{flag} to use the images present."
             )
         warnings.warn(f"{message}; they are left out.", stacklevel=2)
     labels = labels[~missing].copy()
@@ -352,7 +354,7 @@ def attach_image_paths(
 
 def find_file(path, folder, what="file"):
     """A file named in a setting or flag: as given (absolute, or from the current folder), else below the dataset
-    folder (a README command's --csv train.csv means the dataset's own); an error naming both places otherwise."""
+    folder (a documented command's --csv train.csv means the dataset's own); an error naming both places otherwise."""
     path = Path(path)
     if path.is_file():
         return path
@@ -370,9 +372,9 @@ def find_label_file(data_dir, csv_path=""):
     found = sorted(data_dir.rglob("Data_Entry_2017*.csv")) if data_dir.is_dir() else []
     if not found:
         raise DataError(
-            f"no Data_Entry_2017*.csv in {data_dir.resolve()}. Download NIH ChestX-ray14 into it (README, "
-            "'Getting the data'), or try the synthetic demo: python demo_data.py --out data/demo, then "
-            "python train.py config/demo.py"
+            f"no Data_Entry_2017*.csv in {data_dir.resolve()}. Download NIH ChestX-ray14 into it "
+            "(docs/data.md, 'Getting the data'), or try the synthetic demo: python demo_data.py --out data/demo, "
+            "then python train.py config/demo.py"
         )
     if len(found) > 1:
         raise DataError(f"several label files below {data_dir}: {[str(p) for p in found]}; set CSV to one.")

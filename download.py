@@ -23,9 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from configurator import AtLeast, flag_type
-from errors import DataError, one_line_errors
-from fetch import (
+from cxr14.archives import (
     BY_HAND_FROM,
     Unreadable,
     cache_archive,
@@ -36,9 +34,11 @@ from fetch import (
     part_size_or_zero,
     read_manifest,
 )
-from images import decoding_pool
+from cxr14.configurator import AtLeast, flag_type
+from cxr14.errors import DataError, one_line_errors
+from cxr14.pixels import decoding_pool
 
-MANIFEST = Path(__file__).resolve().parent / "nih_files.csv"  # NIH's own addresses, MD5s and sizes
+MANIFEST = Path(__file__).resolve().parent / "cxr14" / "nih_files.csv"  # NIH's own addresses, MD5s and sizes
 LABEL_ROWS = 112_120  # rows of NIH's full label file
 STATE = ".download"  # inside --out: what each archive became (its files, or its cache rows)
 
@@ -46,7 +46,7 @@ STATE = ".download"  # inside --out: what each archive became (its files, or its
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="the dataset folder (train.py's DATA_DIR)")
-    parser.add_argument("--manifest", default=str(MANIFEST), help="the list of files (default: nih_files.csv)")
+    parser.add_argument("--manifest", default=str(MANIFEST), help="the list of files (default: cxr14/nih_files.csv)")
     parser.add_argument(
         "--cache_only", action="store_true", help="decode the films into the cache at --load_size; keep no PNG"
     )
@@ -146,10 +146,10 @@ def _has_size(path, size):
 
 
 class Cache:
-    """The cache download.py fills: images.open_cache's array and progress, rows by image name."""
+    """The cache download.py fills: pixels.open_cache's array and progress, rows by image name."""
 
     def __init__(self, out, label_file, size):
-        from images import cache_folder, open_cache
+        from cxr14.pixels import cache_folder, open_cache
 
         names = check_label_file(label_file)["image_name"]
         self.folder, self.size = cache_folder(out, size), size
@@ -157,7 +157,7 @@ class Cache:
         self.row_of = dict(zip(names, range(len(names))))
 
     def mark(self, rows):
-        from images import save_cache_progress
+        from cxr14.pixels import save_cache_progress
 
         self.done[rows] = True
         save_cache_progress(self.folder, self.done)

@@ -30,10 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-import calibration
-import ood
-import subgroups
-from configurator import (
+from cxr14 import calibration, ood, subgroups
+from cxr14.configurator import (
     AtLeast,
     Between,
     add_checkpoint_flag,
@@ -42,24 +40,10 @@ from configurator import (
     check_out_folder,
     flag_type,
 )
-from dataset import FINDINGS
-from errors import one_line_errors
-from evaluation import EvaluationSettings, evaluate_external, evaluate_nih, expert_section
-from external import (
-    DATASETS,
-    UNCERTAIN_POLICIES,
-    VINDR_RULES,
-    read_expert_labels,
-)
-from inference import (
-    TorchModel,
-    calibrated_thresholds,
-    checkpoint_sha256,
-    evaluation_folder,
-    prediction_table,
-    write_thresholds,
-)
-from localisation import (
+from cxr14.errors import one_line_errors
+from cxr14.external import DATASETS, read_expert_labels
+from cxr14.inference import TorchModel
+from cxr14.localisation import (
     BOX_THRESHOLD,
     IOBB_THRESHOLDS,
     IOU_THRESHOLDS,
@@ -68,12 +52,46 @@ from localisation import (
     localise,
     plot_examples,
 )
-from report import build_report, format_report, plot_roc_curves
+from cxr14.mappings import UNCERTAIN_POLICIES, VINDR_RULES
+from cxr14.report import build_report, format_report, plot_roc_curves
+from cxr14.scoring import EvaluationSettings, evaluate_external, evaluate_nih, expert_section
+from cxr14.statistics import (
+    calibrated_thresholds,
+    checkpoint_sha256,
+    evaluation_folder,
+    prediction_table,
+    write_thresholds,
+)
+from dataset import FINDINGS
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flag(parser)
+    add_data_flags(parser)
+    parser.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default: test)")
+    parser.add_argument("--test_list", help="evaluate on these images (e.g. NIH's test_list.txt), not the run's split")
+    add_out_flag(parser, None, "report folder", "evaluation/<checkpoint stem>/ beside the checkpoint")
+    parser.add_argument("--tta", action="store_true", help="average five crops per image (default: off)")
+    parser.add_argument(
+        "--sensitivity",
+        type=flag_type(Between(0, 1, low_included=False)),
+        help="choose thresholds for this sensitivity (above 0, below 1), not Youden's J",
+    )
+    parser.add_argument(
+        "--bootstrap", type=flag_type(AtLeast(1)), default=1000, help="bootstrap replicates (default: 1000)"
+    )
+    parser.add_argument("--batch_size", type=flag_type(AtLeast(1)), default=64, help="default: 64")
+    parser.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers; -1: from the CPU count")
+    add_device_flags(parser)
+    args = parser.parse_args(argv)
+    if args.expert_labels and args.dataset != "nih":
+        parser.error("--expert_labels scores NIH films: leave --dataset out")
+    return args
+
+
+def add_data_flags(parser):
+    """The flags that choose the films and their labels, boxes and expert labels."""
     parser.add_argument("--data_dir", help="dataset folder (default: the one the run trained on)")
     parser.add_argument("--csv", default="", help="label file, as given or below data_dir (default: the dataset's)")
     parser.add_argument(
@@ -115,25 +133,6 @@ def parse_args(argv):
         default=BOX_THRESHOLD,
         help="share of a map's maximum cut into boxes (default: %(default)s)",
     )
-    parser.add_argument("--split", default="test", choices=("test", "val"), help="split to evaluate (default: test)")
-    parser.add_argument("--test_list", help="evaluate on these images (e.g. NIH's test_list.txt), not the run's split")
-    add_out_flag(parser, None, "report folder", "evaluation/<checkpoint stem>/ beside the checkpoint")
-    parser.add_argument("--tta", action="store_true", help="average five crops per image (default: off)")
-    parser.add_argument(
-        "--sensitivity",
-        type=flag_type(Between(0, 1, low_included=False)),
-        help="choose thresholds for this sensitivity (above 0, below 1), not Youden's J",
-    )
-    parser.add_argument(
-        "--bootstrap", type=flag_type(AtLeast(1)), default=1000, help="bootstrap replicates (default: 1000)"
-    )
-    parser.add_argument("--batch_size", type=flag_type(AtLeast(1)), default=64, help="default: 64")
-    parser.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers; -1: from the CPU count")
-    add_device_flags(parser)
-    args = parser.parse_args(argv)
-    if args.expert_labels and args.dataset != "nih":
-        parser.error("--expert_labels scores NIH films: leave --dataset out")
-    return args
 
 
 REPORT_FILES = (  # everything an evaluation may write: a file of an earlier evaluation that this one did not write goes

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from configurator import add_checkpoint_flag, add_out_flag
-from errors import DataError, one_line_errors
-from films import EVAL_CROP_FRACTION
-from inference import TorchModel, probability_graph
-from ood import FLAG_PERCENTILE
+from cxr14.configurator import add_checkpoint_flag, add_out_flag
+from cxr14.errors import DataError, one_line_errors
+from cxr14.films import EVAL_CROP_FRACTION
+from cxr14.inference import TorchModel, probability_graph
+from cxr14.ood import FLAG_PERCENTILE
 from transforms import IMAGENET_MEAN, IMAGENET_STD
 
 OPSET = 18  # ONNX Runtime 1.16 and later run it
@@ -155,7 +155,7 @@ def export_int8(checkpoint_path, out, thresholds_file=None, calibration_films=CA
     metadata. Refused (DataError, nothing written) beyond the INT8_MAX_ limits unless `force`."""
     import onnx
 
-    from evaluation import part_crops
+    from cxr14.scoring import part_crops
 
     model = TorchModel(checkpoint_path, device="cpu", amp=False, thresholds=thresholds_file)
     rows, crops = part_crops(model, "val")
@@ -236,8 +236,8 @@ def quantize(fp32, out, calibration_crops):
 def int8_check(fp32, int8, crops, targets, calibration_films):
     """The int8 model against the fp32 one on the validation crops: each one's mean AUROC (over the labelled films
     of each finding), the drop, the largest probability difference, and how many films."""
-    from inference import OnnxModel
-    from metrics import auroc_per_finding, mean_auroc
+    from cxr14.metrics import auroc_per_finding, mean_auroc
+    from cxr14.onnx_model import OnnxModel
 
     probabilities = {
         name: OnnxModel(path).predict(crops).probabilities for name, path in (("fp32", fp32), ("int8", int8))

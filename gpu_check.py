@@ -47,12 +47,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from configurator import add_device_flags
-from cuda_graphs import graph_support
+from cxr14.checkpoints import load_checkpoint
+from cxr14.configurator import add_device_flags
+from cxr14.cuda_graphs import graph_support
+from cxr14.devices import device_name, select_device
+from cxr14.errors import one_line_errors
 from dataset import FINDINGS
-from devices import device_name, select_device
-from errors import one_line_errors
-from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 DEMO = {"patients": 300, "size": 128}  # about 1,000 films: seconds of training on a GPU

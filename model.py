@@ -4,10 +4,6 @@ always load onto the CPU). Only this file knows a backbone's insides: its blocks
 (frozen, and folded into the convolution before it), its head, the layer Grad-CAM reads (cam_layer, and cam_weights
 where Grad-CAM has a closed form) and the features ood.py measures (ood_features_and_logits)."""
 
-import os
-import pickle
-import shutil
-import tempfile
 import urllib.error
 from pathlib import Path
 from typing import NamedTuple
@@ -18,8 +14,7 @@ from torch import nn
 from torchvision import models
 from torchvision.ops import FrozenBatchNorm2d
 
-from errors import CheckpointError
-from settings import ModelSettings, record_from_config
+from cxr14.errors import CheckpointError
 
 BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")  # every backbone's blocks, in forward order
 
@@ -304,7 +299,12 @@ def ood_features_and_logits(net, images):
 
 def ood_features_of(net):
     """The width of ood_features_and_logits's features."""
-    spec = BACKBONES[unwrap(net).backbone]
+    return ood_feature_width(unwrap(net).backbone)
+
+
+def ood_feature_width(backbone):
+    """The width of the features ood.py measures for a BACKBONE: the head's, and the third block's two halves."""
+    spec = BACKBONES[backbone]
     return spec.features + 2 * spec.layout_channels
 
 
@@ -379,112 +379,3 @@ def unwrap(net):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def _write_atomically(path, write):
-    """write(temporary_path) beside `path`, then rename over it: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def save_checkpoint(checkpoint, path):
-    _write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
-
-
-def copy_checkpoint(source, destination):
-    """best.pth from epoch_NN.pth, atomically, without serialising the state a second time: a hard link where the
-    file system has them (no bytes written; checkpoints are only ever replaced, never changed in place), else a
-    copy."""
-
-    def link_or_copy(temporary):
-        os.remove(temporary)
-        try:
-            os.link(source, temporary)
-        except OSError:
-            shutil.copyfile(source, temporary)
-
-    _write_atomically(destination, link_or_copy)
-
-
-def add_to_checkpoint(path, drop=(), **entries):
-    """Rewrite a checkpoint (atomically) with entries added, e.g. the statistics inference needs, and those named in
-    drop left out."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    save_checkpoint({**{key: value for key, value in checkpoint.items() if key not in drop}, **entries}, path)
-
-
-def load_checkpoint(path, findings):
-    """Load a checkpoint with weights_only=True (a .pth from elsewhere is code otherwise) and check that it is a
-    cxr14 checkpoint of a backbone this code builds and of the same findings. Always onto the CPU: the split's codes
-    and the RNG state must stay there (numpy, torch.set_rng_state), and the model, optimizer and scaler move their own
-    tensors to the device as their state is loaded."""
-    path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            found = sorted(child.name for child in path.glob("*.pth"))
-            listed = f"its checkpoints: {', '.join(found[:10])}" if found else "it holds no .pth file"
-            raise CheckpointError(f"{path} is a folder, not a checkpoint: give one file ({listed})")
-        raise CheckpointError(f"checkpoint not found: {path}")
-    with open(path, "rb") as file:
-        head = file.read(4096)
-    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"onnx" in head.lower()):
-        raise CheckpointError(
-            f"{path} is not a checkpoint of this project: it is an ONNX model (export.py writes them), not a "
-            "checkpoint: give it as --onnx"
-        )
-    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive (legacy: a pickle stream)
-        raise CheckpointError(
-            f"{path} is not a checkpoint of this project: it is not a PyTorch checkpoint (torch.save writes a zip "
-            f"archive; this file starts with {head[:8]!r}). Checkpoints are the .pth files train.py writes "
-            "(epoch_NN.pth, best.pth)."
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # of many kinds: each means "not a checkpoint of this project"
-        if isinstance(error, pickle.UnpicklingError):
-            what = "it holds Python objects besides tensors and numbers, and loading those would run their code"
-        else:
-            what = "it is not a file that torch.save wrote"
-        raise CheckpointError(
-            f"{path} is not a checkpoint of this project: {what}. Checkpoints are the .pth files train.py writes "
-            "(epoch_NN.pth, best.pth, interrupted.pth); load only those, or files of a source you trust."
-        ) from None
-    if isinstance(checkpoint, dict) and "architecture" in checkpoint and "backbone" not in checkpoint:
-        checkpoint["backbone"] = checkpoint.pop("architecture")  # its name until checkpoints took the setting's
-    missing = [key for key in ("model", "config", "findings", "backbone") if key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{path} is not a cxr14 training checkpoint (missing {missing}).")
-    if checkpoint["backbone"] not in BACKBONES:
-        raise CheckpointError(
-            f"{path} holds a {checkpoint['backbone']!r} model; this code builds {', '.join(BACKBONES)}."
-        )
-    if list(checkpoint["findings"]) != list(findings):
-        raise CheckpointError(
-            f"{path} was trained on findings {list(checkpoint['findings'])}, which differ from {list(findings)}."
-        )
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint):
-    """The trained model, rebuilt from the checkpoint's own config and backbone (no constants here to drift): built on
-    the meta device (no 25M random numbers drawn only to be overwritten), then given the checkpoint's tensors."""
-    built = {**checkpoint["config"], "BACKBONE": checkpoint["backbone"], "PRETRAINED": "none"}
-    settings = record_from_config(ModelSettings, built, "the checkpoint")
-    with torch.device("meta"):
-        net = build_model(
-            len(checkpoint["findings"]),
-            settings.pretrained,
-            settings.trainable_layers,
-            settings.dropout,
-            settings.backbone,
-        )
-    net.load_state_dict(checkpoint["model"], assign=True)
-    return net

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import calibration
-from configurator import add_checkpoint_flag, add_device_flags, add_out_flag, check_out_folder
-from errors import DataError, one_line_errors
-from films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
-from inference import at_or_above, load_model, with_ood_warnings
+from cxr14 import calibration
+from cxr14.configurator import add_checkpoint_flag, add_device_flags, add_out_flag, check_out_folder
+from cxr14.errors import DataError, one_line_errors
+from cxr14.films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
+from cxr14.onnx_model import load_model
+from cxr14.statistics import at_or_above, with_ood_warnings
 
 # No torch import up here, nor in inference.py: predict.py --onnx runs where only onnxruntime is installed.
 CAM_FINDINGS = 3  # heat maps for this many top findings per film (--top)
@@ -105,7 +106,7 @@ def predictions_table(films, predictions, findings, thresholds):
 def write_heat_maps(model, film, stem, probabilities, top, out, class_maps=None):
     """The top findings' overlays of one film (STEM_FINDING_P.png) and its sheet (STEM_sheet.png); class_maps: the
     film's from TorchModel.predict_with_maps, where it has them."""
-    from heatmaps import film_overlays, sheet  # grad-cam and matplotlib: the PyTorch path only
+    from cxr14.heat_maps import film_overlays, sheet  # grad-cam and matplotlib: the PyTorch path only
 
     drawn = film_overlays(model, film, probabilities, top, class_maps)
     for finding, image in drawn:
@@ -171,7 +172,7 @@ def predict(args):
     if not films:
         raise DataError("no readable image among the inputs")
     crops = np.stack([film.crop for film in films])
-    # with --cam, the heat maps come from this very forward pass where the backbone allows (heatmaps.finding_masks)
+    # with --cam, the heat maps come from this very forward pass where the backbone allows (heat_maps.finding_masks)
     predictions, class_maps = model.predict_with_maps(crops) if args.cam else (model.predict(crops), None)
     films = with_ood_warnings(films, predictions)
     if args.strict and predictions.ood_flagged.any():

@@ -7,7 +7,7 @@ Connection errors, time-outs and 5xx answers are retried with a doubling wait, a
 is an error naming the file and the URL. A finished file's size and MD5 are checked before it is used: on a mismatch
 it is moved aside (NAME.bad) and fetched once more. An archive (.tar.gz) is read as a stream: its members are checked
 (no absolute path, no '..', no link or device) and written into a temporary folder inside the output folder, moved
-into place only when the whole archive has been read, or decoded straight into the image cache (images.open_cache,
+into place only when the whole archive has been read, or decoded straight into the image cache (pixels.open_cache,
 the same films.load_image as cache.py: no PNG written). Stdlib HTTP only (urllib): nothing to install.
 """
 
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-from errors import DataError
+from cxr14.errors import DataError
 
 CHUNK = 1 << 20  # bytes read and written at a time
 RETRIES = 6  # consecutive failed attempts at one file (without a byte received) before giving up
@@ -296,7 +296,7 @@ def films_of(archive):
 
 
 def cache_archive(archive, folder, row_of, size, pool=None, workers=1, bar=None):
-    """Decode every PNG of an archive into the cache at folder (images.open_cache's array, rows by image name in
+    """Decode every PNG of an archive into the cache at folder (pixels.open_cache's array, rows by image name in
     row_of) at size, in a pool of `workers` processes when one is given. Returns (rows written, names not in row_of).
     At most 2 x workers batches are in flight: the archive is read no faster than the films are decoded."""
     images_path = Path(folder) / "images.npy"
@@ -333,7 +333,7 @@ def _decode_rows(images_path, size, batch):
     """In a worker process: decode films (bytes) with films.load_image and write them into the cache's rows."""
     import numpy as np
 
-    from films import load_image
+    from cxr14.films import load_image
 
     images = np.load(images_path, mmap_mode="r+")
     for row, name, data in batch:

@@ -95,7 +95,7 @@ def brier(targets, probabilities):
 def plot_reliability(names, targets, before, after, path, bins=BINS):
     """reliability.png: a panel per finding, predicted against observed rate over equal-mass bins, before (raw
     sigmoid) and after calibration, with the diagonal of perfect calibration and the films per bin."""
-    from report import finding_panels, save_panels
+    from cxr14.report import finding_panels, save_panels
 
     figure, panels = finding_panels(names, 5, (3.2, 3.3))
     for k, (name, panel) in enumerate(panels):

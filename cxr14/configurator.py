@@ -22,7 +22,7 @@ import sys
 import tokenize
 from pathlib import Path
 
-from errors import DataError, SettingsError
+from cxr14.errors import DataError, SettingsError
 
 
 class Rule:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from errors import DeviceError
+from cxr14.errors import DeviceError
 
 PYTORCH_INDEX = "https://download.pytorch.org/whl"  # PyTorch's own wheels, one index per CUDA version
 LEGACY_CUDA = "cu126"  # the PyTorch 2.14 build that still carries Maxwell, Pascal and Volta kernels (sm_50 to sm_90)
@@ -63,7 +63,8 @@ def unused_gpu_message():
             f"an NVIDIA GPU seems to be here (nvidia-smi or CUDA_VISIBLE_DEVICES), but this PyTorch "
             f"({torch.__version__}) is a CPU-only build (pip's default on Windows), so training would run on the CPU. "
             f"Install a CUDA build in this venv: pip install torch=={torch.__version__.split('+')[0]} "
-            f"torchvision --index-url {PYTORCH_INDEX}/cu130 (older GPUs: {LEGACY_CUDA}); see README, 'GPU setup'."
+            f"torchvision --index-url {PYTORCH_INDEX}/cu130 (older GPUs: {LEGACY_CUDA}); "
+            "see docs/training.md, 'GPU setup'."
         )
     return (
         f"an NVIDIA GPU seems to be here, but this PyTorch (built for CUDA {torch.version.cuda}) cannot use it: the "
@@ -101,7 +102,7 @@ def check_cuda_build(device):
         f"{name} (compute capability {capability[0]}.{capability[1]}, sm_{capability[0]}{capability[1]}) is not among "
         f"the GPUs this PyTorch build ({torch.__version__}) has kernels for: {', '.join(arch_list)}. Install the "
         f"build that still carries them: pip install torch=={torch.__version__.split('+')[0]} torchvision "
-        f"--index-url {PYTORCH_INDEX}/{LEGACY_CUDA} (README, 'GPU setup'), or train on a newer GPU "
+        f"--index-url {PYTORCH_INDEX}/{LEGACY_CUDA} (docs/training.md, 'GPU setup'), or train on a newer GPU "
         "(compute capability 7.5 or more: T4, RTX 20xx and later)."
     )
 

@@ -30,91 +30,32 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from cxr14.errors import DataError
+from cxr14.films import FRONTAL_VIEWS, LATERAL_VIEWS
+from cxr14.mappings import (
+    CHEXPERT_MAPPING,
+    EXPERT_COLUMNS,
+    EXPERT_MAPPING,
+    EXPERT_UNSCORED,
+    LABELER_VALUES,
+    OWN_CSV_MAPPING,
+    PADCHEST_EXCLUDED,
+    PADCHEST_MAPPING,
+    PADCHEST_UNCLEAR,
+    RSNA_MAPPING,
+    UNCERTAIN_POLICIES,
+    UNCERTAIN_VALUES,
+    VINDR_MAPPING,
+)
+from cxr14.pixels import index_images
 from dataset import FINDINGS, demographics, find_file, read_table
-from errors import DataError
-from films import FRONTAL_VIEWS, LATERAL_VIEWS
-from images import index_images
 
-UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
-UNCERTAIN_VALUES = {"ignore": np.nan, "zeros": 0, "ones": 1}  # what an uncertain label (-1) becomes under each policy
-LABELER_VALUES = (1, 0, -1)  # CheXpert's labeler (CheXpert, MIMIC): positive, negative, uncertain; blank: not mentioned
-VINDR_RULES = ("any", "majority")  # a VinDr finding is positive when any radiologist marked it, or at least two
-CHEXPERT_MAPPING = {  # reported name: (CheXpert labeler columns, the model's findings whose maximum scores it)
-    "Atelectasis": (("Atelectasis",), ("Atelectasis",)),
-    "Cardiomegaly": (("Cardiomegaly",), ("Cardiomegaly",)),
-    "Consolidation": (("Consolidation",), ("Consolidation",)),
-    "Edema": (("Edema",), ("Edema",)),
-    "Effusion": (("Pleural Effusion",), ("Effusion",)),
-    "Pneumonia": (("Pneumonia",), ("Pneumonia",)),
-    "Pneumothorax": (("Pneumothorax",), ("Pneumothorax",)),
-    "Mass/Nodule": (("Lung Lesion",), ("Mass", "Nodule")),  # one lesion label for both of NIH's
-}
-PADCHEST_MAPPING = {  # reported name: (PadChest labels, as PadChest spells them, the model's findings)
-    "Atelectasis": (
-        (
-            "atelectasis",
-            "laminar atelectasis",
-            "lobar atelectasis",
-            "segmental atelectasis",
-            "total atelectasis",
-            "atelectasis basal",
-            "round atelectasis",
-        ),
-        ("Atelectasis",),
-    ),
-    "Cardiomegaly": (("cardiomegaly",), ("Cardiomegaly",)),
-    "Effusion": (("pleural effusion", "loculated pleural effusion", "loculated fissural effusion"), ("Effusion",)),
-    "Infiltration": (("infiltrates",), ("Infiltration",)),
-    "Mass": (("mass", "pulmonary mass"), ("Mass",)),
-    "Nodule": (("nodule", "multiple nodules"), ("Nodule",)),
-    "Pneumonia": (("pneumonia", "atypical pneumonia"), ("Pneumonia",)),
-    "Pneumothorax": (("pneumothorax", "hydropneumothorax"), ("Pneumothorax",)),
-    "Consolidation": (("consolidation", "air bronchogram"), ("Consolidation",)),
-    "Edema": (("pulmonary edema",), ("Edema",)),
-    "Emphysema": (("emphysema",), ("Emphysema",)),
-    "Fibrosis": (("pulmonary fibrosis",), ("Fibrosis",)),
-    "Pleural_Thickening": (
-        ("pleural thickening", "apical pleural thickening", "calcified pleural thickening"),
-        ("Pleural_Thickening",),
-    ),
-    "Hernia": (("hiatal hernia",), ("Hernia",)),
-}
-PADCHEST_UNCLEAR = {  # labels that may or may not be NIH's finding: such films are left out of it (NaN)
-    "Infiltration": (
-        "alveolar pattern",
-        "interstitial pattern",
-        "reticular interstitial pattern",
-        "reticulonodular interstitial pattern",
-        "ground glass pattern",
-    ),
-}
-PADCHEST_EXCLUDED = "exclude"  # PadChest's own mark for films not to be used
-VINDR_MAPPING = {  # reported name: (VinDr class names, the model's findings)
-    "Atelectasis": (("Atelectasis",), ("Atelectasis",)),
-    "Cardiomegaly": (("Cardiomegaly",), ("Cardiomegaly",)),
-    "Consolidation": (("Consolidation",), ("Consolidation",)),
-    "Infiltration": (("Infiltration",), ("Infiltration",)),
-    "Mass/Nodule": (("Nodule/Mass",), ("Mass", "Nodule")),
-    "Effusion": (("Pleural effusion",), ("Effusion",)),
-    "Pleural_Thickening": (("Pleural thickening",), ("Pleural_Thickening",)),
-    "Pneumothorax": (("Pneumothorax",), ("Pneumothorax",)),
-    "Fibrosis": (("Pulmonary fibrosis",), ("Fibrosis",)),
-}
-RSNA_MAPPING = {"Pneumonia": (("Target",), ("Pneumonia",))}
 OWN_CSV_COLUMNS = ("path", "patient_id")  # a hospital's own CSV: these, any of the 14 findings, and OWN_CSV_OPTIONAL
 OWN_CSV_OPTIONAL = ("view", "sex", "age")  # optional: the view (frontal films kept) and, for the subgroup report
 OWN_CSV_VALUES = "a finding's column holds 1 (positive), 0 (negative), -1 (uncertain) or nothing (unlabelled)."
-OWN_CSV_MAPPING = {finding: ((finding,), (finding,)) for finding in FINDINGS}  # of these, the columns the file has
 MIMIC_SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"  # MIMIC's official split, by dicom_id
 MIMIC_SPLITS = {"train": "train", "validate": "val", "test": "test"}  # its parts, as our split names them
 VINDR_TEST_FILE = "test.csv"  # VinDr's test labels (the five radiologists' consensus), its films in DIR/test/
-EXPERT_MAPPING = {  # Google's expert labels of NIH films: name -> the NIH findings (labels and model) behind it
-    "Pneumothorax": ("Pneumothorax",),
-    "Nodule or mass": ("Mass", "Nodule"),
-    "Airspace opacity": ("Consolidation", "Pneumonia", "Infiltration"),
-}
-EXPERT_UNSCORED = ("Fracture",)  # labelled by the experts, with no NIH finding to score it
-EXPERT_COLUMNS = ("Image Index", *EXPERT_UNSCORED, *EXPERT_MAPPING, "Set Id")
 
 
 class Read(NamedTuple):
@@ -133,7 +74,7 @@ class Entry(NamedTuple):
 
     reader: Callable  # (data_dir, csv_path, options) -> Read
     mapping: dict  # reported name: (the dataset's labels, the model's findings whose maximum scores it)
-    patient: str  # where the patient comes from (README, "Training on other datasets")
+    patient: str  # where the patient comes from (docs/data.md, "Training on other datasets")
     training_files: tuple  # (label file, the part its films take: "" split by patient) that train.py reads; the first
     # ("": the reader's default) is replaced by --csv, the others are read when present and --csv is not given
     official_split: Callable | None = None  # (rows, data_dir) -> each row's part from the dataset's split file, or None
@@ -556,10 +497,3 @@ def read_expert_labels(path):
             raise DataError(f"{path}, row {row + 2}: {name} is {table[name][row]!r}, not YES or NO")
         labels[name] = answer.map({"YES": 1.0, "NO": 0.0})
     return labels
-
-
-def model_scores(probabilities, mapping, findings):
-    """[images, reported names]: each name's score is the highest probability among its mapped findings."""
-    return np.stack(
-        [probabilities[:, [findings.index(f) for f in mapped]].max(axis=1) for mapped in mapping.values()], axis=1
-    )

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
-from errors import DataError
+from cxr14.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what the dataset indexes (NIH ships PNG)
 DICOM_SUFFIXES = (".dcm", ".dicom")  # predict.py and app.py read these too

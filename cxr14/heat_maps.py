@@ -15,9 +15,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from calibration import sigmoid
-from films import crop_to_original
-from inference import crop_outputs
+from cxr14.calibration import sigmoid
+from cxr14.films import crop_to_original
+from cxr14.inference import crop_outputs
 from model import cam_layer, cam_weights
 from transforms import normalize
 

@@ -14,10 +14,10 @@ from collections import defaultdict
 import numpy as np
 from tqdm import tqdm
 
+from cxr14.errors import DataError
+from cxr14.films import crop_to_original, prepare
+from cxr14.heat_maps import COLORMAP, HEAT_ALPHA, finding_masks, map_on_film
 from dataset import FINDINGS, read_table
-from errors import DataError
-from films import crop_to_original, prepare
-from heatmaps import COLORMAP, HEAT_ALPHA, finding_masks, map_on_film
 
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)  # Wang et al.'s T(IoBB)
 IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # and T(IoU)

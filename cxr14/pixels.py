@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from errors import DataError
-from films import IMAGE_SUFFIXES, load_image
+from cxr14.errors import DataError
+from cxr14.films import IMAGE_SUFFIXES, load_image
 
 DEVICE_SHARE = 0.25  # the images may take this share of the device's free memory (a GPU) or of the RAM (a CPU),
 # divided among the processes that share it; the rest stays for activations, the optimizer and the evaluation
@@ -233,7 +233,7 @@ def memory_for_images(device, processes=None):
     (and an Apple GPU's unified memory), those placed on the same GPU for a GPU."""
     import torch
 
-    from devices import local_world_size
+    from cxr14.devices import local_world_size
 
     processes = local_world_size() if processes is None else processes
     if device.type == "cuda":

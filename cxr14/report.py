@@ -7,7 +7,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from metrics import auroc_per_finding, average_precision_per_finding, bootstrap_auroc_ci, mean_auroc, operating_point
+from cxr14.metrics import (
+    auroc_per_finding,
+    average_precision_per_finding,
+    bootstrap_auroc_ci,
+    mean_auroc,
+    operating_point,
+)
 
 CHEXNET_AUROC = {  # Rajpurkar et al. 2017, "CheXNet", Table 1 (a random patient split, not NIH's official one)
     "Atelectasis": 0.8094,

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr14.checkpoints import copy_checkpoint, load_checkpoint, save_checkpoint
+from cxr14.devices import dtype_name, rng_state, set_rng_state
+from cxr14.errors import CheckpointError, DataError
+from cxr14.settings import from_config
 from dataset import FINDINGS, save_split
-from devices import dtype_name, rng_state, set_rng_state
-from errors import CheckpointError, DataError
-from model import copy_checkpoint, load_checkpoint, save_checkpoint, unwrap
-from settings import from_config
+from model import unwrap
 
 HEAT_MAP_IMAGES = 4  # validation films drawn with the heat map of their top finding, per epoch
 LOG_EVERY = 10  # training steps between TensorBoard points
@@ -119,9 +120,9 @@ def best_epoch(history):
 
 
 def saved_settings(settings, saved_config, path):
-    """The Settings a checkpoint's run started with: its config, with today's values for settings added since (and
-    ResNet-50 for checkpoints from before BACKBONE)."""
-    return from_config({**settings.as_config(), "BACKBONE": "resnet50", **saved_config}, path)
+    """The Settings a checkpoint's run started with: its config (checkpoints.upgrade fills in the settings added
+    since format 1), with today's values for any setting it still lacks."""
+    return from_config({**settings.as_config(), **saved_config}, path)
 
 
 def check_same_run(settings, saved, path):

@@ -11,18 +11,19 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-import calibration
-import ood
+from cxr14 import calibration, ood
+from cxr14.devices import worker_count
+from cxr14.errors import DataError
+from cxr14.external import read_external
+from cxr14.films import eval_crop
+from cxr14.fitting import fit_statistics, store_statistics
+from cxr14.inference import split_outputs
+from cxr14.localisation import read_boxes, usable_boxes
+from cxr14.mappings import EXPERT_MAPPING, EXPERT_UNSCORED, model_scores
+from cxr14.pixels import FilmImages, dataset_images, evaluation_images, find_cache
+from cxr14.report import CHEXNET_AUROC, format_two_label_table, two_label_table
+from cxr14.training_films import image_groups, is_nih_only, read_training_films
 from dataset import FINDINGS, find_label_file, run_split, split_rows
-from datasets import image_groups, is_nih_only, read_training_films
-from devices import worker_count
-from errors import DataError
-from external import EXPERT_MAPPING, EXPERT_UNSCORED, model_scores, read_external
-from films import eval_crop
-from images import FilmImages, dataset_images, evaluation_images, find_cache
-from inference import fit_statistics, split_outputs, store_statistics
-from localisation import read_boxes, usable_boxes
-from report import CHEXNET_AUROC, format_two_label_table, two_label_table
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def evaluate_nih(model, request):
 def run_parts(model, request, split, source, wanted):
     """(the run's settings.DataSettings, {part: rows} of the wanted parts of its split, the films missing): NIH's
     rows from its label file (a complete cache's films need no PNG: download.py --cache_only), the other datasets'
-    as train.py read them, with their dataset (datasets.read_training_films)."""
+    as train.py read them, with their dataset (training_films.read_training_films)."""
     changes = {"data_dir": request.data_dir} if request.data_dir else {}
     data = replace(model.data, drop_missing_images=request.drop_missing_images, **changes)
     if is_nih_only(data):
@@ -202,7 +203,7 @@ def part_crops(model, part="val"):
 
 
 def fit_on_validation(model, parts, needs_ood, request, skipped, data=None):
-    """The statistics of inference.fit_statistics: thresholds (this evaluation's policy) and a calibration on the
+    """The statistics of fitting.fit_statistics: thresholds (this evaluation's policy) and a calibration on the
     validation split; and for a checkpoint without out-of-distribution statistics (written before they were kept)
     those too, on a sample of its training films, stored in it as train.py does at a run's end."""
     outputs = outputs_of(model, parts["val"], request, data)

@@ -5,17 +5,14 @@ setting's name in lower case, the same as its --flag, so renaming a setting touc
 
 from dataclasses import asdict, dataclass, fields
 
-from errors import SettingsError
-
-# settings newer than some checkpoints, with the value every run before them had (NIH alone, no CUDA graphs)
-ADDED_SINCE = {"DATASET": "nih", "UNCERTAIN": "ignore", "DATASET_WEIGHTS": "", "CUDA_GRAPHS": False}
+from cxr14.errors import SettingsError
 
 
 @dataclass(frozen=True)
 class DataSettings:
     """Which films, split how, and the pixels the network sees."""
 
-    dataset: str  # "nih", another dataset, or a comma-separated union (datasets.py)
+    dataset: str  # "nih", another dataset, or a comma-separated union (training_films.py)
     data_dir: str  # one folder per dataset, comma-separated in the same order
     csv: str
     uncertain: str  # an uncertain label (-1): "ignore" (unlabelled), "zeros" or "ones"
@@ -110,7 +107,6 @@ def record_from_config(record_type, config, source="the settings"):
     """A record_type built from the settings its fields name, in a {NAME: value} mapping (`source` names it in the
     error when one is missing)."""
     names = [field.name for field in fields(record_type)]
-    config = {**ADDED_SINCE, **config}
     missing = [name.upper() for name in names if name.upper() not in config]
     if missing:
         raise SettingsError(

@@ -10,7 +10,7 @@ positive of a finding, is said to be so rather than given a meaningless figure.
 import numpy as np
 import pandas as pd
 
-from metrics import auroc_per_finding, bootstrap_auroc_ci, mean_auroc, operating_point
+from cxr14.metrics import auroc_per_finding, bootstrap_auroc_ci, mean_auroc, operating_point
 
 MIN_FILMS = 30  # fewer films than this: the group's figures are not reported
 AGE_BANDS = ((0, 19), (20, 39), (40, 59), (60, 79), (80, None))  # years, both ends included

@@ -13,7 +13,7 @@ datasets' authors read it. In a hospital's own CSV blank is unlabelled.
 
 Splits are by patient within each dataset, and patient ids of a union carry their dataset ("chexpert:64541"), so no
 patient is in two parts. The official splits are used where a dataset has one (NIH's lists, CheXpert's valid.csv as
-the test part, MIMIC's split file, VinDr's test.csv; README, "Training on other datasets"); the rest is split by
+the test part, MIMIC's split file, VinDr's test.csv; docs/data.md, "Training on other datasets"); the rest is split by
 VAL_FRACTION and TEST_FRACTION.
 """
 
@@ -24,6 +24,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from cxr14.errors import CheckpointError, DataError
+from cxr14.external import DATASETS, REGISTRY, read_external
+from cxr14.pixels import find_cache
 from dataset import (
     FINDINGS,
     SPLITS,
@@ -32,11 +35,9 @@ from dataset import (
     find_label_file,
     make_split,
     read_labels,
+    saved_split,
     split_by_patient,
 )
-from errors import DataError
-from external import DATASETS, REGISTRY, read_external
-from images import find_cache
 
 TRAINING_DATASETS = ("nih", *DATASETS)  # train.py's DATASET values
 
@@ -100,7 +101,7 @@ def sampling(data, rows, split):
 
 
 def image_groups(rows, data):
-    """The rows' films per dataset, as images.dataset_images takes them: (the dataset's folder, each film's name in
+    """The rows' films per dataset, as pixels.dataset_images takes them: (the dataset's folder, each film's name in
     its cache, their paths, their positions in `rows`). A cache is keyed by the dataset's own names (NIH's image
     name, the others' path below their folder), the run's names without their "dataset:" prefix."""
     folder_of = dict(zip(*dataset_names(data)))
@@ -255,3 +256,30 @@ def describe(films):
         said = f"; left out: {', '.join(f'{value:,} {key}' for key, value in dropped.items())}" if dropped else ""
         lines.append(f"{name}: {len(rows):,} frontal films ({counts}), {labelled} of 14 findings labelled{said}")
     return lines
+
+
+def load_split_labels(data, checkpoint, checkpoint_path):
+    """The training_films.TrainingFilms of a settings.DataSettings: a new split for a new run; for a resumed run the
+    checkpoint's own (checked against the split.csv beside it)."""
+    if checkpoint is None:
+        films = read_training_films(data)
+    else:
+        saved = saved_split(checkpoint.get("split"), Path(checkpoint_path).parent / "split.csv")
+        if saved is None:
+            raise CheckpointError(f"{checkpoint_path} carries no split and no split.csv lies beside it: cannot resume.")
+        films = read_training_films(data, saved)
+    return films
+
+
+def say_films(data, films, log):
+    """Say the label files, each dataset's films (a union's shares too) and the split's sizes of a TrainingFilms."""
+    labels, split = films.rows, films.split
+    log(f"labels: {', '.join(str(path) for path in films.sources)} ({len(labels):,} images)")
+    if not is_nih_only(data):
+        for line in describe(films):
+            log(f"  {line}")
+    if len(labels.dataset.unique()) > 1:
+        log(f"  {sampling(data, labels, split)}")
+    for part in SPLITS:
+        rows = labels[split == part]
+        log(f"{part:>5}: {len(rows):>7,} images, {rows['patient_id'].nunique():>6,} patients")

@@ -21,8 +21,8 @@ def run(argv):
 
 def weights(path):
     """A checkpoint's model weights."""
+    from cxr14.checkpoints import load_checkpoint
     from dataset import FINDINGS
-    from model import load_checkpoint
 
     return load_checkpoint(path, FINDINGS)["model"]
 
@@ -63,11 +63,11 @@ def predict_split(checkpoint_path, data_dir, part, amp=True):
 
     import torch
 
+    from cxr14.films import eval_crop
+    from cxr14.inference import TorchModel, predict_logits
+    from cxr14.loaders import ChestXrayDataset
+    from cxr14.pixels import FilmImages
     from dataset import FINDINGS, run_split, split_rows
-    from films import eval_crop
-    from images import FilmImages
-    from inference import TorchModel, predict_logits
-    from loaders import ChestXrayDataset
     from transforms import normalize
 
     model = TorchModel(checkpoint_path, device="cpu", amp=amp)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bench
-from bench import Variant
+from cxr14.timing import Variant
 
 
 @pytest.mark.slow  # every section of bench.py, on the CPU: about 15 s on 2 cores

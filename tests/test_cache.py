@@ -7,11 +7,11 @@ import torch
 
 import train
 from cache import build_cache
+from cxr14.errors import DataError
+from cxr14.films import load_image
+from cxr14.pixels import CachedImages, FilmImages, cache_folder
 from dataset import attach_image_paths, read_labels
-from errors import DataError
-from films import load_image
 from helpers import tiny_settings
-from images import CachedImages, FilmImages, cache_folder
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,9 @@ def test_training_on_the_cache_equals_training_on_the_pngs(cached, tmp_path, cap
 
 
 def test_images_that_do_not_fit_in_memory_fall_back_to_workers(cached, tmp_path, capsys, monkeypatch):
-    import images
+    from cxr14 import pixels
 
-    monkeypatch.setattr(images, "DEVICE_SHARE", 1e-9)  # as if the device's memory were nearly full
+    monkeypatch.setattr(pixels, "DEVICE_SHARE", 1e-9)  # as if the device's memory were nearly full
     assert run_train(cached, tmp_path / "full", cache="auto") == 0
     printed = capsys.readouterr().out
     assert "do not fit" in printed and "with workers instead" in printed

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import calibration
+from cxr14 import calibration
 
 
 def test_unknown_labels_are_left_out_of_the_fit_not_read_as_known():

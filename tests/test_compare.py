@@ -10,8 +10,8 @@ from scipy.stats import norm
 import compare
 import evaluate
 import predict
+from cxr14.metrics import compare_aurocs, delong_test, holm, paired_bootstrap_difference
 from dataset import FINDINGS
-from metrics import compare_aurocs, delong_test, holm, paired_bootstrap_difference
 
 
 def delong_by_pairs(targets, scores_a, scores_b):
@@ -207,7 +207,7 @@ def test_checkpoints_scored_on_different_films_are_refused(evaluated, tmp_path):
     split.loc[split.index[split.split == "test"][:3], "split"] = "train"  # another run's split
     split.to_csv(other.parent / "split.csv", index=False)
     checkpoint = torch.load(other, map_location="cpu", weights_only=True)
-    del checkpoint["split"]  # an older checkpoint: split.csv alone says which films it never saw
+    del checkpoint["split"], checkpoint["format"]  # format 1's oldest: split.csv alone says which films it never saw
     torch.save(checkpoint, other)
     with pytest.raises(SystemExit) as stopped:
         compare.main([str(evaluated / "best.pth"), str(other), "--reps", "10", "--num_workers", "0"])

@@ -2,6 +2,7 @@
 value checked at parse time and a bad one refused in one line before anything is written; --help without torch."""
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -9,8 +10,8 @@ import pytest
 
 import evaluate
 import train
-from configurator import Above, AtLeast, Between, flag_type, read_config_file
-from errors import SettingsError
+from cxr14.configurator import Above, AtLeast, Between, flag_type, read_config_file
+from cxr14.errors import SettingsError
 from helpers import ROOT
 
 KNOWN = {"LEARNING_RATE": (1e-3, None), "EPOCHS": (6, None)}
@@ -76,6 +77,23 @@ def test_help_lists_every_setting_with_its_default():
     assert len(train.settings()) >= 25
 
 
+def test_help_answers_from_another_folder_without_torch(tmp_path):
+    """python path/to/train.py --help: the script's own folder is on sys.path, so the package imports from anywhere,
+    and --help answers before torch is imported (a torch that cannot be imported shadows the real one here)."""
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    environment = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    command = [sys.executable, str(ROOT / "train.py"), "--help"]
+    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--image_size INT" in result.stdout and "--trainable_layers" in result.stdout
+    broken = subprocess.run(  # the fake is what a real run would import: the test would see an import of torch
+        [sys.executable, str(ROOT / "train.py"), "--epochs", "1"], cwd=tmp_path, env=environment, capture_output=True
+    )
+    assert b"torch was imported" in broken.stderr
+
+
 def test_command_line_and_config_file_overrides(tmp_path):
     config_file = tmp_path / "mine.py"
     config_file.write_text('EPOCHS = 7\nOUT_DIR = "checkpoints/mine"\n')
@@ -116,7 +134,7 @@ def test_every_shipped_config_file_is_valid(config_file):
 
 
 def enumerated_settings():
-    from configurator import rules
+    from cxr14.configurator import rules
 
     return {name: rule.values for name, rule in rules(train).items() if rule.values}
 

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-import cuda_graphs
-import train
-from cuda_graphs import GraphedStep, graph_support
+from cxr14 import cuda_graphs
+from cxr14.cuda_graphs import GraphedStep, graph_support
+from cxr14.loop import Loop, graphed_step
 
 
 @pytest.mark.parametrize(
@@ -33,10 +33,10 @@ def test_graphs_are_allowed_on_one_cuda_gpu_in_bf16_or_fp32():
 
 def test_a_run_asking_for_graphs_where_there_are_none_says_why_and_steps_eagerly():
     said = []
-    loop = train.Loop(torch.device("cpu"), torch.bfloat16)
-    assert train.graphed_step(True, None, None, loop, said.append) is None
+    loop = Loop(torch.device("cpu"), torch.bfloat16)
+    assert graphed_step(True, None, None, loop, said.append) is None
     assert said == ["CUDA_GRAPHS: CUDA graphs exist on CUDA GPUs only, not on cpu; training without graphs"]
-    assert train.graphed_step(False, None, None, loop, said.append) is None and len(said) == 1  # not asked: silent
+    assert graphed_step(False, None, None, loop, said.append) is None and len(said) == 1  # not asked: silent
 
 
 def small_training(seed=0):

@@ -8,6 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cxr14.errors import DataError
+from cxr14.films import load_image
+from cxr14.loaders import ChestXrayDataset, SeededSampler
+from cxr14.pixels import FilmImages, index_images
 from dataset import (
     FINDINGS,
     attach_image_paths,
@@ -19,11 +23,7 @@ from dataset import (
     save_split,
     split_by_patient,
 )
-from errors import DataError
-from films import load_image
 from helpers import SAMPLE_CSV
-from images import FilmImages, index_images
-from loaders import ChestXrayDataset, SeededSampler
 
 
 def hand_counted_labels(path):
@@ -192,7 +192,7 @@ def test_a_16_bit_png_holding_12_bit_pixels_keeps_its_brightness(tmp_path):
 
 
 def test_a_decompression_bomb_and_a_text_file_named_dcm_get_their_true_cause(tmp_path):
-    from films import open_film
+    from cxr14.films import open_film
 
     bomb = tmp_path / "bomb.png"
     Image.new("1", (15000, 15000)).save(bomb)  # 225 million pixels in a few kB
@@ -273,7 +273,7 @@ def test_an_images_augmentation_changes_every_epoch_and_replays_within_one():
 def test_dataset_items_and_seeded_augmentation(demo_dir):
     from functools import partial
 
-    from films import eval_crop
+    from cxr14.films import eval_crop
     from transforms import WorkerAugment
 
     labels = attach_image_paths(read_labels(demo_dir / "Data_Entry_2017_v2020.csv"), demo_dir)
@@ -349,7 +349,7 @@ def test_demo_labels_keep_nih_order_and_co_occurrence_with_15_test_positives_eac
 def test_every_demo_finding_changes_the_film_where_its_box_says(finding):
     """Drawn on the same phantom (same random stream) with and without the finding: the film changes, and for the
     findings NIH boxes, mostly inside the box."""
-    from demo_data import Phantom
+    from cxr14.phantom import Phantom
 
     anatomy = {"body_width": 0.85, "heart_radius": 0.21, "lung_height": 0.53, "exposure": 1.0}
     changes, inside = [], []
@@ -411,9 +411,9 @@ def test_an_empty_or_header_only_label_file_is_one_line_from_every_command(comma
 
 
 def test_an_empty_or_latin_1_label_file_is_one_line_naming_the_file_and_the_line(tmp_path):
+    from cxr14.errors import DataError
+    from cxr14.external import read_expert_labels, read_external
     from dataset import read_labels
-    from errors import DataError
-    from external import read_expert_labels, read_external
 
     (tmp_path / "empty.csv").write_bytes(b"")
     rows = "Image Index,Finding Labels,Patient ID\n00000001_000.png,No Finding,1\n00000002_000.png,Hernia,2 caf\xe9\n"

@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-import bench
-import devices
-import images
-import run_folder
 import train
+from cxr14 import devices, pixels, run_folder
+from cxr14.checkpoints import load_checkpoint
+from cxr14.errors import DeviceError
+from cxr14.loop import SYNC_EVERY, Loop, StopRequest, train_epoch
+from cxr14.timing import Variant, forward_operations, loop_counts, training_parts
 from dataset import FINDINGS, count_positives, pos_weight_from_counts
-from errors import DeviceError
 from helpers import ROOT
 from helpers import tiny_settings as tiny
-from model import load_checkpoint
 
 META = torch.device("meta")
 
@@ -47,7 +46,7 @@ def resume_onto(device, demo_dir, out, dtype=None):
     labels, split = films.rows, films.split  # numpy on the split's codes
     counts = count_positives(labels[split == "train"][list(FINDINGS)].to_numpy())
     pos_weight = pos_weight_from_counts(*counts, settings.training.pos_weight, settings.training.pos_weight_cap)
-    parts = train.build_training(settings.model, settings.training, counts, pos_weight, device, dtype, False, 8)
+    parts = train.build_training(settings, counts, pos_weight, device, dtype, False, 8)
     _, position, _ = run_folder.restore(parts, checkpoint, device)
     return checkpoint, parts, position
 
@@ -64,14 +63,17 @@ def test_resuming_onto_a_gpu_reads_the_checkpoint_on_the_cpu(one_epoch, demo_dir
 
 
 def test_every_torch_load_loads_onto_the_cpu():
-    """One home for checkpoint I/O (model.py), and every load there onto the CPU."""
+    """One home for checkpoint I/O (cxr14/checkpoints.py; model.py reads a pretrained weights file), and every load
+    there onto the CPU."""
     calls = {}
-    for path in ROOT.glob("*.py"):
+    for path in [*ROOT.glob("*.py"), *(ROOT / "cxr14").glob("*.py")]:
         lines = [line for line in path.read_text().splitlines() if "torch.load(" in line]
         if lines:
             calls[path.name] = lines
-    assert set(calls) == {"model.py"}, calls
-    assert all('map_location="cpu"' in line and "weights_only=True" in line for line in calls["model.py"])
+    assert set(calls) == {"checkpoints.py", "model.py"}, calls
+    assert all(
+        'map_location="cpu"' in line and "weights_only=True" in line for lines in calls.values() for line in lines
+    )
 
 
 def test_an_empty_loss_scaler_state_resumes_into_an_fp16_run(one_epoch, demo_dir):
@@ -168,9 +170,9 @@ def test_the_gpus_random_state_is_saved_and_restored(monkeypatch):
 def test_a_training_step_waits_for_the_device_only_every_few_steps():
     """Reading the loss (and a finite check, and a blocking upload of the batch's indices, and the normalisation's
     constants) every step left the GPU idle between steps; now one read every SYNC_EVERY steps."""
-    operations, reads, uploads = bench.loop_counts(steps=2 * train.SYNC_EVERY)
+    operations, reads, uploads = loop_counts(steps=2 * SYNC_EVERY)
     # 2 reads of the losses in 20 steps, and the sampler's list of indices (a host tensor) once an epoch
-    assert reads <= 3 / (2 * train.SYNC_EVERY) and uploads == 0
+    assert reads <= 3 / (2 * SYNC_EVERY) and uploads == 0
     assert operations > 100  # the count sees the step
 
 
@@ -179,11 +181,11 @@ def test_frozen_batchnorm_keeps_activations_in_the_autocast_dtype():
 
     from model import FrozenBatchNorm
 
-    assert bench.forward_operations(FrozenBatchNorm) < 0.6 * bench.forward_operations(FrozenBatchNorm2d)
+    assert forward_operations(FrozenBatchNorm) < 0.6 * forward_operations(FrozenBatchNorm2d)
 
 
 def test_a_stop_request_survives_repeated_sigterms_and_two_ctrl_c_stop_at_once():
-    stop = train.StopRequest()
+    stop = StopRequest()
     try:
         for _ in range(3):  # the scheduler's, torchrun's forwarded one, and another
             os.kill(os.getpid(), signal.SIGTERM)
@@ -219,7 +221,7 @@ def test_a_compiled_run_validates_with_the_uncompiled_module(demo_dir, tmp_path,
             modes.append(self.net.training)
             return self.net(images)
 
-    monkeypatch.setattr(train, "compile_support", lambda device: (True, ""))
+    monkeypatch.setattr("cxr14.loop.compile_support", lambda device: (True, ""))
     monkeypatch.setattr(torch, "compile", lambda net, **kwargs: Compiled(net))
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny(demo_dir, tmp_path, epochs=1, compile="true"))
@@ -227,7 +229,7 @@ def test_a_compiled_run_validates_with_the_uncompiled_module(demo_dir, tmp_path,
 
 
 def test_a_run_that_cannot_compile_says_why_and_trains_uncompiled(demo_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "compile_support", lambda device: (False, "no Triton here"))
+    monkeypatch.setattr("cxr14.loop.compile_support", lambda device: (False, "no Triton here"))
     monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: pytest.fail("compiled"))
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny(demo_dir, tmp_path, epochs=1, compile="true"))
@@ -258,21 +260,21 @@ def test_images_go_to_device_memory_in_chunks_and_share_it_among_processes(demo_
     import shutil
 
     from cache import build_cache
+    from cxr14.films import eval_crop
     from dataset import attach_image_paths, read_labels
-    from films import eval_crop
 
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
     build_cache(data, size=24, workers=1)
     labels = attach_image_paths(read_labels(data / "Data_Entry_2017_v2020.csv"), data)
-    cached = images.CachedImages(images.cache_folder(data, 24), labels.image_name[::-1])
+    cached = pixels.CachedImages(pixels.cache_folder(data, 24), labels.image_name[::-1])
     whole = torch.from_numpy(np.stack([cached[k] for k in range(len(cached))]))
-    monkeypatch.setattr(images, "UPLOAD_CHUNK", 7)
-    assert torch.equal(images.images_on_device(cached, torch.device("cpu")), whole)
-    crops = images.images_on_device(cached, torch.device("cpu"), lambda pixels: eval_crop(pixels, 16))
+    monkeypatch.setattr(pixels, "UPLOAD_CHUNK", 7)
+    assert torch.equal(pixels.images_on_device(cached, torch.device("cpu")), whole)
+    crops = pixels.images_on_device(cached, torch.device("cpu"), lambda pixels: eval_crop(pixels, 16))
     assert crops.shape == (len(cached), 16, 16) and torch.equal(crops[3], torch.from_numpy(eval_crop(cached[3], 16)))
-    alone, _ = images.memory_for_images(torch.device("cpu"), processes=1)
-    shared, said = images.memory_for_images(torch.device("cpu"), processes=4)
+    alone, _ = pixels.memory_for_images(torch.device("cpu"), processes=1)
+    shared, said = pixels.memory_for_images(torch.device("cpu"), processes=4)
     assert shared == pytest.approx(alone / 4) and "shared by 4 processes" in said
 
 
@@ -284,19 +286,19 @@ def _average_over_ranks(rank, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
-    parts, _ = bench.training_parts(
-        type("Args", (), {"trainable_layers": "head"})(), torch.device("cpu"), bench.Variant(False, False)
+    parts, _ = training_parts(
+        type("Args", (), {"trainable_layers": "head"})(), torch.device("cpu"), Variant(False, False)
     )
     parts.net.fc[0].p = 0.0
     parts.optimizer.param_groups[0]["lr"] = 0.0  # the same model at every step: each loss depends on its batch only
     images = torch.full((2, 1, 40, 40), 100 + 50 * rank, dtype=torch.uint8)
     batches = [(images, torch.full((2, len(FINDINGS)), float(rank)), torch.arange(2))] * 2
-    stop, totals = train.StopRequest(), {}
+    stop, totals = StopRequest(), {}
     try:
         for world_size in (1, 2):
-            loop = train.Loop(torch.device("cpu"), image_size=32, world_size=world_size, show_progress=False)
+            loop = Loop(torch.device("cpu"), image_size=32, world_size=world_size, show_progress=False)
             totals[world_size] = run_folder.EpochTotals()
-            train.train_epoch(parts.net, batches, parts, loop, 1, 0, totals[world_size], stop)
+            train_epoch(parts.net, batches, parts, loop, 1, 0, totals[world_size], stop)
     finally:
         stop.restore()
     alone = [None, None]

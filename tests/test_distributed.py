@@ -11,10 +11,10 @@ import time
 import pandas as pd
 import pytest
 
+from cxr14.checkpoints import load_checkpoint
 from dataset import FINDINGS
 from helpers import ROOT, assert_same_weights, validation_loss_of, weights
 from helpers import tiny_settings as tiny
-from model import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import download
-import fetch
+from cxr14 import archives
 from demo_data import write_demo
 from helpers import ROOT, tiny_settings
 
@@ -93,7 +93,7 @@ def source(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(fetch, "RETRY_WAIT", 0.01)
+    monkeypatch.setattr(archives, "RETRY_WAIT", 0.01)
 
 
 def manifest(served, url, path, names=None, checks=True):
@@ -266,16 +266,16 @@ def test_too_little_disk_stops_before_anything_is_downloaded(server, source, tmp
 
 
 def test_nih_manifest_holds_nih_figures_and_a_bad_row_is_named(tmp_path):
-    entries = fetch.read_manifest(download.MANIFEST)
-    archives = [entry for entry in entries if entry.is_archive]
-    assert [entry.name for entry in archives] == [f"images_{k:03d}.tar.gz" for k in range(1, 13)]
-    assert sum(entry.bytes for entry in archives) == 45_079_862_784
-    assert archives[0].url.endswith("vfk49d74nhbxq3nqjg0900w5nvkorp5c.gz")
-    assert archives[0].md5 == "fe8ed0a6961412fddcbb3603c11b3698"
+    entries = archives.read_manifest(download.MANIFEST)
+    packed = [entry for entry in entries if entry.is_archive]
+    assert [entry.name for entry in packed] == [f"images_{k:03d}.tar.gz" for k in range(1, 13)]
+    assert sum(entry.bytes for entry in packed) == 45_079_862_784
+    assert packed[0].url.endswith("vfk49d74nhbxq3nqjg0900w5nvkorp5c.gz")
+    assert packed[0].md5 == "fe8ed0a6961412fddcbb3603c11b3698"
     bad = tmp_path / "bad.csv"
     bad.write_text("name,url,md5,bytes\na.tar.gz,https://x/a,not-an-md5,3\n")
-    with pytest.raises(fetch.DataError, match=r"bad.csv, row 2: md5 'not-an-md5'"):
-        fetch.read_manifest(bad)
+    with pytest.raises(archives.DataError, match=r"bad.csv, row 2: md5 'not-an-md5'"):
+        archives.read_manifest(bad)
 
 
 def test_a_file_of_another_size_than_the_manifest_says_is_fetched_twice_then_refused(server, tmp_path):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import evaluate
+from cxr14.metrics import auroc_per_finding
 from dataset import FINDINGS
 from helpers import predict_split
-from metrics import auroc_per_finding
 
 
 def run(argv):
@@ -73,7 +73,7 @@ def test_report_files_are_written_and_well_formed(report, trained_run):
 def test_thresholds_json_holds_the_thresholds_of_the_validation_splits_own_predictions(
     sensitivity, trained_run, learn_dir, tmp_path
 ):
-    from metrics import choose_thresholds
+    from cxr14.metrics import choose_thresholds
 
     run_quick(trained_run / "best.pth", *(["--sensitivity", sensitivity] if sensitivity else []), "--out", tmp_path)
     saved = json.loads((tmp_path / "thresholds.json").read_text())
@@ -138,7 +138,7 @@ def test_evaluation_reads_the_image_cache_when_one_holds_the_images(
     report, trained_run, learn_dir, tmp_path, monkeypatch
 ):
     from cache import build_cache
-    from images import FilmImages
+    from cxr14.pixels import FilmImages
 
     data = tmp_path / "data"
     shutil.copytree(learn_dir, data)

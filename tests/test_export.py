@@ -13,10 +13,10 @@ import pytest
 
 import export
 import predict
+from cxr14.checkpoints import load_checkpoint
+from cxr14.statistics import calibrated_thresholds
 from dataset import FINDINGS
 from helpers import ROOT
-from inference import calibrated_thresholds
-from model import load_checkpoint
 
 THRESHOLDS = {finding: 0.3 + 0.02 * k for k, finding in enumerate(FINDINGS)}
 
@@ -129,9 +129,10 @@ def test_an_int8_export_is_checked_on_the_validation_split_and_refused_beyond_th
     on those films; a model beyond the limits is refused with its numbers, and nothing is written, unless --force."""
     import onnx
 
-    from evaluation import part_crops
-    from inference import OnnxModel, TorchModel
-    from metrics import auroc_per_finding, mean_auroc
+    from cxr14.inference import TorchModel
+    from cxr14.metrics import auroc_per_finding, mean_auroc
+    from cxr14.onnx_model import OnnxModel
+    from cxr14.scoring import part_crops
 
     checkpoint = str(trained_run / "best.pth")
     # the 64-px demo model's largest difference on 78 films was 0.017 in one training and 0.023 in another (one or
@@ -162,7 +163,7 @@ def test_an_int8_export_is_checked_on_the_validation_split_and_refused_beyond_th
     import app  # the page takes the int8 file as any export: the findings, no heat maps
 
     film = next(iter(sorted(Path(rows.path.iloc[0]).parent.glob("*.png"))))
-    from films import prepare
+    from cxr14.films import prepare
 
     quantized = OnnxModel(int8)
     label, *_, maps = app.analyse(quantized, str(film), 3)
@@ -182,7 +183,7 @@ def test_an_int8_export_is_checked_on_the_validation_split_and_refused_beyond_th
 
     # a validation part where no finding has both classes: its AUROC cannot be checked, so refused in one line
     unlabelled = rows.assign(**{finding: 0 for finding in FINDINGS})
-    monkeypatch.setattr("evaluation.part_crops", lambda model, part: (unlabelled, crops))
+    monkeypatch.setattr("scoring.part_crops", lambda model, part: (unlabelled, crops))
     unchecked = tmp_path / "unchecked.onnx"
     with pytest.raises(SystemExit) as stopped:
         export.main(["--checkpoint", checkpoint, "--out", str(unchecked), "--int8", "--calibration_films", "16"])

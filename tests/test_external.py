@@ -190,7 +190,7 @@ def test_padchest_label_lists_projections_and_16_bit_films(trained_run, films, t
 
 
 def test_a_missing_film_or_label_file_is_named(trained_run, films, tmp_path):
-    from errors import DataError
+    from cxr14.errors import DataError
 
     labels, images = films
     data = write_chexpert(tmp_path, labels.iloc[:20].reset_index(drop=True), images[:20])
@@ -202,8 +202,8 @@ def test_a_missing_film_or_label_file_is_named(trained_run, films, tmp_path):
 
 
 def test_unusable_rows_are_named(tmp_path):
-    from errors import DataError
-    from external import read_external
+    from cxr14.errors import DataError
+    from cxr14.external import read_external
 
     data = tmp_path / "CheXpert-v1.0-small"
     (data / "valid").mkdir(parents=True)
@@ -243,7 +243,7 @@ def chexpert_layout(tmp_path, values):
 def test_a_blank_chexpert_label_is_negative_under_every_policy_and_only_minus_one_follows_it(tmp_path):
     """Blank is "not mentioned": the labeler's authors read it as negative. Dropping blanks, as before, counted a
     "No Finding" film for no finding at all and shrank the negatives many fold."""
-    from external import read_external
+    from cxr14.external import read_external
 
     cardiomegaly = [1.0, 0.0, -1.0, np.nan, np.nan, np.nan]  # a positive, a negative, an uncertain, three blanks
     data = chexpert_layout(tmp_path, pd.DataFrame({"Cardiomegaly": cardiomegaly}))
@@ -281,7 +281,7 @@ def padchest_layout(tmp_path, label_lists, **columns):
     ],
 )
 def test_padchest_synonyms_are_positives_of_their_finding(tmp_path, label, finding):
-    from external import read_external
+    from cxr14.external import read_external
 
     rows = read_external("padchest", padchest_layout(tmp_path, [[label], ["normal"]])).rows
     assert rows[finding].tolist() == [1.0, 0.0]
@@ -292,7 +292,7 @@ def test_padchest_synonyms_are_positives_of_their_finding(tmp_path, label, findi
 def test_padchest_lookalikes_exclusions_patterns_and_ages(tmp_path):
     """Exact labels, never substrings; films marked exclude or labelled with nothing left out and counted;
     suboptimal studies kept; an alveolar or interstitial pattern is neither an Infiltration nor its absence."""
-    from external import read_external
+    from cxr14.external import read_external
 
     lists = [
         ["pericardial effusion"],
@@ -323,7 +323,7 @@ def test_padchest_lookalikes_exclusions_patterns_and_ages(tmp_path):
 def test_missing_and_broken_films_are_skipped_and_named_with_the_flag_and_an_error_without(
     trained_run, films, tmp_path
 ):
-    from errors import DataError
+    from cxr14.errors import DataError
 
     labels, images = films
     data = write_chexpert(tmp_path, labels.iloc[:24].reset_index(drop=True), images[:24])
@@ -358,7 +358,7 @@ VINDR_CLASSES = {
 @pytest.fixture(scope="module")
 def boxed_films(learn_dir, films):
     """The test films' boxes, in NIH's format (the demo draws them)."""
-    from localisation import read_boxes
+    from cxr14.localisation import read_boxes
 
     labels, _ = films
     boxes = read_boxes(learn_dir / "BBox_List_2017.csv")
@@ -483,7 +483,8 @@ def test_expert_labels_score_the_same_test_films_against_nih_and_the_experts(tra
 
 
 def test_a_label_covering_two_findings_is_scored_by_the_higher_probability():
-    from external import EXPERT_MAPPING, MAPPINGS, model_scores
+    from cxr14.external import MAPPINGS
+    from cxr14.mappings import EXPERT_MAPPING, model_scores
 
     mapping = {name: findings for name, (_, findings) in MAPPINGS["chexpert"].items()}  # as read_external gives it
     probabilities = np.full((3, len(FINDINGS)), 0.1)
@@ -498,7 +499,7 @@ def test_a_label_covering_two_findings_is_scored_by_the_higher_probability():
 
 
 def test_min_age_keeps_a_film_of_exactly_that_age_and_drops_unknown_ages(tmp_path):
-    from external import read_external
+    from cxr14.external import read_external
 
     births = [2005, 2004, 2003, None, 1950]  # studied in 2015: aged 10, 11, 12, unknown, 65
     data = padchest_layout(tmp_path, [["cardiomegaly"]] * 5, PatientBirth=births, StudyDate_DICOM=[20150101] * 5)
@@ -522,7 +523,7 @@ def vindr_layout(tmp_path, rows):
 
 
 def test_vindr_boxes_come_from_positive_films_only_with_their_exact_corners(tmp_path):
-    from external import read_external
+    from cxr14.external import read_external
 
     nan = np.nan
     data = vindr_layout(
@@ -544,8 +545,8 @@ def test_vindr_boxes_come_from_positive_films_only_with_their_exact_corners(tmp_
 
 
 def test_a_blank_expert_answer_leaves_the_film_out_of_that_finding_only(tmp_path):
-    from external import read_expert_labels
-    from report import two_label_table
+    from cxr14.external import read_expert_labels
+    from cxr14.report import two_label_table
 
     table = pd.DataFrame(
         {
@@ -572,8 +573,8 @@ def test_a_blank_expert_answer_leaves_the_film_out_of_that_finding_only(tmp_path
 def test_repeated_rows_are_refused_not_counted_twice(tmp_path):
     """40 films became 80 and their positives doubled (25.3); VinDr's row per radiologist is no repeat, the same
     reading twice is."""
-    from errors import DataError
-    from external import read_external
+    from cxr14.errors import DataError
+    from cxr14.external import read_external
 
     data = chexpert_layout(tmp_path / "chexpert", pd.DataFrame({"Cardiomegaly": [1.0, 0.0, 1.0]}))
     table = pd.read_csv(data / "valid.csv")
@@ -596,8 +597,8 @@ def test_repeated_rows_are_refused_not_counted_twice(tmp_path):
 @pytest.mark.parametrize("value", [2, "yes", "positive"])
 def test_a_labeler_value_other_than_1_0_minus_1_or_blank_is_named(value, tmp_path):
     """A 2 raised scikit-learn's ValueError deep in the report; "yes" was read as a negative in silence (25.12)."""
-    from errors import DataError
-    from external import read_external
+    from cxr14.errors import DataError
+    from cxr14.external import read_external
 
     data = chexpert_layout(tmp_path, pd.DataFrame({"Edema": [1.0, 0.0, 0.0, 1.0]}))
     table = pd.read_csv(data / "valid.csv").astype({"Edema": object})
@@ -609,8 +610,8 @@ def test_a_labeler_value_other_than_1_0_minus_1_or_blank_is_named(value, tmp_pat
 
 def test_a_path_outside_the_dataset_folder_is_refused_naming_its_row(tmp_path):
     """An absolute or ../ path in a label file was read with no warning (25.10)."""
-    from errors import DataError
-    from external import read_external
+    from cxr14.errors import DataError
+    from cxr14.external import read_external
 
     data = chexpert_layout(tmp_path, pd.DataFrame({"Edema": [1.0, 0.0]}))
     table = pd.read_csv(data / "valid.csv")
@@ -623,7 +624,7 @@ def test_a_path_outside_the_dataset_folder_is_refused_naming_its_row(tmp_path):
 
 def test_padchest_labels_that_are_no_list_are_left_out_and_named(tmp_path):
     """Labels = "-1" raised a TypeError (25.15): it is a film without a readable label list."""
-    from external import read_external
+    from cxr14.external import read_external
 
     data = padchest_layout(tmp_path, [["normal"], ["cardiomegaly"], ["normal"]])
     table = pd.read_csv(data / "PADCHEST_labels.csv")
@@ -636,8 +637,8 @@ def test_padchest_labels_that_are_no_list_are_left_out_and_named(tmp_path):
 
 def test_mimic_metadata_without_view_position_is_named(tmp_path):
     """A metadata file without ViewPosition raised pandas' ValueError (25.16)."""
-    from errors import DataError
-    from external import read_external
+    from cxr14.errors import DataError
+    from cxr14.external import read_external
 
     data = tmp_path / "mimic"
     data.mkdir()

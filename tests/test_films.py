@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from films import DataError, open_film
+from cxr14.films import DataError, open_film
 from helpers import write_dicom
 
 RAMP = np.tile(np.linspace(0, 4095, 256).round().astype(np.uint16), (64, 1))  # 12-bit stored values, left to right

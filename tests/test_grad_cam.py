@@ -8,8 +8,8 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from heatmaps import finding_masks, grad_cam, heat_maps
-from inference import crop_outputs
+from cxr14.heat_maps import finding_masks, grad_cam, heat_maps
+from cxr14.inference import crop_outputs
 from model import build_model, cam_layer, cam_weights
 from transforms import normalize
 

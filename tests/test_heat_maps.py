@@ -7,13 +7,13 @@ import pytest
 from PIL import Image
 
 import train
+from cxr14.films import eval_crop, fit_square, load_image
+from cxr14.heat_maps import finding_masks
+from cxr14.inference import TorchModel
+from cxr14.pixels import index_images
 from dataset import FINDINGS, read_split
 from demo_data import write_demo
-from films import eval_crop, fit_square, load_image
-from heatmaps import finding_masks
 from helpers import ROOT
-from images import index_images
-from inference import TorchModel
 
 pytestmark = pytest.mark.slow
 LESIONS = ["Mass", "Nodule"]

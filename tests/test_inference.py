@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 
 import predict
-from errors import DataError
-from inference import TorchModel, at_or_above, statistics_of
+from cxr14.errors import DataError
+from cxr14.inference import TorchModel
+from cxr14.statistics import at_or_above, statistics_of
 
 
 def test_a_probability_exactly_at_its_threshold_is_called_positive():
@@ -42,7 +43,7 @@ def test_a_finding_left_raw_is_named_where_probabilities_are_called_calibrated(
     import torch
 
     import app
-    import calibration
+    from cxr14 import calibration
     from export import metadata
 
     checkpoint = tmp_path / "best.pth"
@@ -112,10 +113,10 @@ def test_bf16_inference_on_a_cpu_stays_close_to_fp32(trained_run, learn_dir):
     trained demo model's held-out test films: forced to bf16 here whatever CPU runs the test."""
     import torch
 
+    from cxr14.films import eval_crop, load_image
+    from cxr14.inference import crop_probabilities
+    from cxr14.metrics import auroc_per_finding
     from dataset import FINDINGS, run_split, split_rows
-    from films import eval_crop, load_image
-    from inference import crop_probabilities
-    from metrics import auroc_per_finding
 
     model = TorchModel(trained_run / "best.pth", device="cpu", amp=False)
     rows = split_rows(*run_split(model.checkpoint, trained_run / "best.pth"), learn_dir, "", ["test"])[0]["test"]

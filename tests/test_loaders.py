@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 
 import train
 from cache import build_cache
-from errors import DataError
+from cxr14.errors import DataError
+from cxr14.loaders import DeviceBatches, make_loaders
 from helpers import tiny_settings as tiny
-from loaders import DeviceBatches, make_loaders
 
 CPU = torch.device("cpu")
 

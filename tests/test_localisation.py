@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 import evaluate
-import localisation
+from cxr14 import localisation
+from cxr14.errors import DataError
+from cxr14.films import eval_crop, fit_square
 from dataset import FINDINGS
-from errors import DataError
-from films import eval_crop, fit_square
 
 
 def test_iou_iobb_boxes_and_accuracy_on_known_geometry():
@@ -119,7 +119,7 @@ def test_the_real_maps_give_a_localisation_report(trained_run, tmp_path):
 def test_swapped_zero_and_off_film_boxes_are_left_out_or_clipped_and_counted(tmp_path):
     """Swapped, negative, zero-area and off-film boxes passed unchecked: with every box swapped, every figure was
     0.000 (25.4)."""
-    from localisation import on_film, read_boxes
+    from cxr14.localisation import on_film, read_boxes
 
     rows = [
         ["00000001_000.png", "Mass", 100, 100, 50, 40],  # a good box

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from metrics import (
+from cxr14.metrics import (
     auroc_per_finding,
     average_precision_per_finding,
     bootstrap_auroc_ci,
@@ -92,7 +92,7 @@ def test_thresholds_on_known_data():
 def test_the_weighted_auroc_of_a_resample_equals_scikit_learn_on_the_duplicated_rows():
     """The bootstrap's fast AUROC (one sort, patients' images counted as often as the patient was drawn) against
     scikit-learn on the resample written out row by row, ties included (scores rounded to 0.1)."""
-    from metrics import weighted_auroc
+    from cxr14.metrics import weighted_auroc
 
     targets, scores, patients = fixture_data(400, seed=3)
     scores = np.round(scores, 1)

@@ -6,15 +6,10 @@ from torchvision.models import resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
 import model as model_module
+from cxr14.checkpoints import load_checkpoint, save_checkpoint
+from cxr14.inference import model_from_checkpoint
 from dataset import FINDINGS
-from model import (
-    CheckpointError,
-    build_model,
-    init_head_bias,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from model import CheckpointError, build_model, init_head_bias
 
 
 def trainable_blocks(net):
@@ -219,7 +214,7 @@ def test_the_settings_offer_exactly_the_backbones_and_blocks_model_builds():
     """train.py declares its settings' values without importing model.py (so that --help needs no torch): the two
     must agree."""
     import train
-    from configurator import rules
+    from cxr14.configurator import rules
 
     allowed = rules(train)
     for name in model_module.BACKBONES:
@@ -261,8 +256,8 @@ def test_frozen_batchnorm_equals_batchnorm_in_evaluation_on_the_same_buffers(dty
 
 
 def test_a_checkpoint_of_the_same_findings_in_another_order_is_refused(tmp_path):
-    from errors import CheckpointError
-    from model import load_checkpoint
+    from cxr14.checkpoints import load_checkpoint
+    from cxr14.errors import CheckpointError
 
     swapped = list(FINDINGS)
     swapped[0], swapped[1] = swapped[1], swapped[0]
@@ -277,8 +272,8 @@ def test_a_checkpoint_of_the_same_findings_in_another_order_is_refused(tmp_path)
 def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path):
     import numpy as np
 
-    from errors import CheckpointError
-    from model import load_checkpoint
+    from cxr14.checkpoints import load_checkpoint
+    from cxr14.errors import CheckpointError
 
     (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(1000))
     (tmp_path / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + b"\x00" * 50)
@@ -316,7 +311,7 @@ def test_folding_the_frozen_batchnorm_computes_torchvisions_network(backbone, tm
     when other weights are loaded, and under bf16 autocast fewer operations."""
     from torchvision import models
 
-    from bench import OperationCount
+    from cxr14.timing import OperationCount
     from model import FoldedConv, cast_frozen
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import ood
+from cxr14 import ood
 
 
 def test_a_distance_equal_to_a_reference_value_counts_that_value_as_at_or_below():

@@ -1,4 +1,4 @@
-"""images.py and films.py: which file a name means, which cache is read, how a 16-bit film is scaled."""
+"""pixels.py and films.py: which file a name means, which cache is read, how a 16-bit film is scaled."""
 
 import warnings
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from films import load_image
-from images import CachedImages, FilmImages, evaluation_images, index_images
+from cxr14.films import load_image
+from cxr14.pixels import CachedImages, FilmImages, evaluation_images, index_images
 
 
 def test_of_two_films_of_one_name_the_first_in_path_order_is_used_and_said(tmp_path):

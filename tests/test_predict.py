@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import predict
+from cxr14.checkpoints import load_checkpoint
 from dataset import FINDINGS
 from helpers import predict_split
-from model import load_checkpoint
 
 
 def test_predicts_images_and_folders_and_skips_unreadable_ones(trained_run, learn_dir, tmp_path, capsys):
@@ -107,10 +107,10 @@ def test_heat_maps_of_boxed_findings_are_not_empty(trained_run, learn_dir):
     empty."""
     from functools import partial
 
-    from films import eval_crop
-    from heatmaps import finding_masks
-    from images import FilmImages, index_images
-    from inference import TorchModel
+    from cxr14.films import eval_crop
+    from cxr14.heat_maps import finding_masks
+    from cxr14.inference import TorchModel
+    from cxr14.pixels import FilmImages, index_images
 
     loaded = TorchModel(trained_run / "best.pth", device="cpu")
     checkpoint, net = loaded.checkpoint, loaded.net

@@ -4,16 +4,16 @@ history (older histories included), the best epoch, and when a run has finished.
 import pytest
 import torch
 
-import run_folder
 import train
+from cxr14 import run_folder
+from cxr14.checkpoints import load_checkpoint
 from dataset import FINDINGS
 from helpers import run
 from helpers import tiny_settings as tiny
-from model import load_checkpoint
 
 
 def test_keep_training_state_all_leaves_every_epoch_resumable(tmp_path, monkeypatch):
-    import run_folder
+    from cxr14 import run_folder
 
     monkeypatch.setattr(run_folder, "write_metrics", lambda *args: None)  # these rows carry no metrics to plot
     history = []
@@ -34,7 +34,7 @@ def test_keep_training_state_all_leaves_every_epoch_resumable(tmp_path, monkeypa
 def test_an_early_stopped_run_stays_stopped_unless_the_patience_is_raised(demo_dir, tmp_path, capsys):
     from dataclasses import replace
 
-    import run_folder
+    from cxr14 import run_folder
 
     Position = run_folder.Position
     history = [{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.6}, {"epoch": 3, "val_loss": 0.7}]

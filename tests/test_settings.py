@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-import settings
 import train
-from errors import SettingsError
+from cxr14 import settings
+from cxr14.errors import SettingsError
 
 
 def test_every_setting_of_train_py_is_exactly_one_field_of_one_record():

@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-import subgroups
+from cxr14 import subgroups
 
 
 def test_ages_on_a_bands_edge_fall_in_the_documented_band():

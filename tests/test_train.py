@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import train
+from cxr14.checkpoints import load_checkpoint
+from cxr14.cuda_graphs import GraphedStep
+from cxr14.loop import model_input
+from cxr14.metrics import auroc_per_finding
 from dataset import FINDINGS
 from helpers import assert_same_weights, predict_split, run, weights
 from helpers import tiny_settings as tiny
-from metrics import auroc_per_finding
-from model import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def straight_run(demo_dir, tmp_path_factory):
 
 def test_missing_dataset_says_how_to_get_one(tmp_path):
     message = run(tiny(tmp_path / "nothing", tmp_path / "out"))
-    assert "Data_Entry_2017" in message and "demo_data.py" in message and "README" in message
+    assert "Data_Entry_2017" in message and "demo_data.py" in message and "docs/data.md" in message
     assert not (tmp_path / "out").exists()  # a failed start leaves no run folder behind
 
 
@@ -76,7 +78,7 @@ def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(straight_run, d
 def test_older_epochs_keep_the_model_alone_and_a_resume_from_one_says_which_file_to_use(
     straight_run, demo_dir, tmp_path
 ):
-    from run_folder import TRAINING_STATE
+    from cxr14.run_folder import TRAINING_STATE
 
     older, newest = (load_checkpoint(straight_run / f"epoch_0{n}.pth", FINDINGS) for n in (1, 2))
     assert not any(name in older for name in TRAINING_STATE) and all(name in newest for name in TRAINING_STATE)
@@ -108,7 +110,7 @@ RUN_DEFINING_CHANGES = {  # another valid value of each setting that defines a r
 
 @pytest.mark.parametrize("name", sorted(RUN_DEFINING_CHANGES))
 def test_a_resume_with_another_run_defining_setting_is_refused_before_writing(name, straight_run, demo_dir, tmp_path):
-    from run_folder import RUN_DEFINING
+    from cxr14.run_folder import RUN_DEFINING
 
     assert set(RUN_DEFINING_CHANGES) == set(RUN_DEFINING)  # a setting added there is tested here
     branch = tmp_path / "branch"
@@ -119,7 +121,7 @@ def test_a_resume_with_another_run_defining_setting_is_refused_before_writing(na
 
 
 def test_sigterm_mid_epoch_saves_a_state_that_resumes_exactly(straight_run, demo_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "SYNC_EVERY", 2)  # the loop reads the device, and sees the request, every 2 steps
+    monkeypatch.setattr("cxr14.loop.SYNC_EVERY", 2)  # the loop reads the device, and sees the request, every 2 steps
     interrupt_at_step(monkeypatch, 3)  # during the third training step of epoch 1
     assert run(tiny(demo_dir, tmp_path)) == 128 + signal.SIGTERM
     state = load_checkpoint(tmp_path / "interrupted.pth", FINDINGS)
@@ -136,20 +138,20 @@ def test_graphed_steps_train_as_eager_ones_and_stop_and_resume_exactly(straight_
     SYNC_EVERY steps, and the run resumed with graphs ends with the uninterrupted eager run's weights."""
     calls = []
 
-    class CountedStep(train.GraphedStep):
+    class CountedStep(GraphedStep):
         def __call__(self, *tensors):
             calls.append(1)
             return super().__call__(*tensors)
 
-    monkeypatch.setattr(train, "graph_support", lambda device, world_size, dtype: (True, ""))
-    monkeypatch.setattr(train, "GraphedStep", CountedStep)
-    monkeypatch.setattr(train, "SYNC_EVERY", 2)
-    eager_input = train.model_input
+    monkeypatch.setattr("cxr14.loop.graph_support", lambda device, world_size, dtype: (True, ""))
+    monkeypatch.setattr("cxr14.loop.GraphedStep", CountedStep)
+    monkeypatch.setattr("cxr14.loop.SYNC_EVERY", 2)
+    eager_input = model_input
     interrupt_at_step(monkeypatch, 3)
     assert run(tiny(demo_dir, tmp_path, cuda_graphs="true")) == 128 + signal.SIGTERM
     assert load_checkpoint(tmp_path / "interrupted.pth", FINDINGS)["position"] == {"epoch": 1, "step": 4}
     assert len(calls) == 4
-    monkeypatch.setattr(train, "model_input", eager_input)
+    monkeypatch.setattr("cxr14.loop.model_input", eager_input)
     assert run(tiny(demo_dir, tmp_path, cuda_graphs="true", resume="last")) == 0
     split = pd.read_csv(straight_run / "split.csv")
     assert len(calls) == 2 * ((split.split == "train").sum() // 16)  # every step of both runs (2 epochs, batch 16)
@@ -159,7 +161,7 @@ def test_graphed_steps_train_as_eager_ones_and_stop_and_resume_exactly(straight_
 def interrupt_at_step(monkeypatch, step):
     """Send this process a SIGTERM while the training loop prepares its `step`-th batch."""
     calls = []
-    train_input = train.model_input
+    train_input = model_input
 
     def input_then_signal(*args):
         calls.append(1)
@@ -167,7 +169,7 @@ def interrupt_at_step(monkeypatch, step):
             os.kill(os.getpid(), signal.SIGTERM)
         return train_input(*args)
 
-    monkeypatch.setattr(train, "model_input", input_then_signal)
+    monkeypatch.setattr("cxr14.loop.model_input", input_then_signal)
 
 
 @pytest.mark.slow  # three runs: about 15 s on 2 cores
@@ -177,11 +179,11 @@ def test_warmup_and_cosine_schedule_resume_exactly_mid_epoch(demo_dir, tmp_path,
     assert run(tiny(demo_dir, tmp_path / "straight", **cosine)) == 0
     rates = pd.read_csv(tmp_path / "straight" / "metrics.csv")["lr"]
     assert rates[0] > rates[1] == 0  # decaying after the warmup, reaching 0 after the last step
-    monkeypatch.setattr(train, "graph_support", lambda device, world_size, dtype: (True, ""))  # allowed on the CPU
-    eager_input = train.model_input
+    monkeypatch.setattr("cxr14.loop.graph_support", lambda device, world_size, dtype: (True, ""))  # allowed on the CPU
+    eager_input = model_input
     interrupt_at_step(monkeypatch, 4)
     assert run(tiny(demo_dir, tmp_path / "resumed", **cosine, cuda_graphs=cuda_graphs)) == 128 + signal.SIGTERM
-    monkeypatch.setattr(train, "model_input", eager_input)
+    monkeypatch.setattr("cxr14.loop.model_input", eager_input)
     assert run(tiny(demo_dir, tmp_path / "resumed", **cosine, cuda_graphs=cuda_graphs, resume="last")) == 0
     assert_same_weights(weights(tmp_path / "straight" / "epoch_02.pth"), weights(tmp_path / "resumed" / "epoch_02.pth"))
 
@@ -195,7 +197,7 @@ def test_each_epochs_dropout_is_its_own_stream_seeded_by_seed_and_epoch(demo_dir
     from transforms import mix_seed
 
     first_of_epoch, now = {}, {}
-    build, train_epoch = train.build_training, train.train_epoch
+    build, epoch_of = train.build_training, train.train_epoch
 
     def record(module, inputs, output):  # the dropout layer's first training step of each epoch
         if module.training and now["epoch"] not in first_of_epoch:
@@ -209,7 +211,7 @@ def test_each_epochs_dropout_is_its_own_stream_seeded_by_seed_and_epoch(demo_dir
 
     def marking(net, loader, training, loop, epoch, *rest):
         now["epoch"] = epoch
-        return train_epoch(net, loader, training, loop, epoch, *rest)
+        return epoch_of(net, loader, training, loop, epoch, *rest)
 
     monkeypatch.setattr(train, "build_training", spying)
     monkeypatch.setattr(train, "train_epoch", marking)
@@ -224,15 +226,15 @@ def test_each_epochs_dropout_is_its_own_stream_seeded_by_seed_and_epoch(demo_dir
 
 @pytest.mark.parametrize("cuda_graphs", ["false", "true"])
 def test_a_nan_loss_stops_naming_epoch_and_step(demo_dir, tmp_path, monkeypatch, cuda_graphs):
-    monkeypatch.setattr(train, "graph_support", lambda device, world_size, dtype: (True, ""))  # CUDA_GRAPHS' path
+    monkeypatch.setattr("cxr14.loop.graph_support", lambda device, world_size, dtype: (True, ""))  # CUDA_GRAPHS' path
     calls = []
-    train_input = train.model_input
+    train_input = model_input
 
     def poisoned(*args):
         calls.append(1)
         return train_input(*args) * (float("nan") if len(calls) == 2 else 1.0)
 
-    monkeypatch.setattr(train, "model_input", poisoned)
+    monkeypatch.setattr("cxr14.loop.model_input", poisoned)
     message = run(tiny(demo_dir, tmp_path, cuda_graphs=cuda_graphs))
     assert "epoch 1, step 2" in message and "diverged" in message
     assert not list(tmp_path.glob("epoch_*.pth"))
@@ -303,7 +305,7 @@ def test_the_time_of_an_epoch_and_of_the_run_is_estimated_within_a_short_first_e
 def test_tensorboard_events_cover_each_step_once_across_a_resume(demo_dir, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    import run_folder
+    from cxr14 import run_folder
 
     monkeypatch.setattr(run_folder, "LOG_EVERY", 1)
     interrupt_at_step(monkeypatch, 12)  # epoch 2, after the first epoch's events
@@ -325,10 +327,11 @@ def test_tensorboard_events_cover_each_step_once_across_a_resume(demo_dir, tmp_p
 @pytest.mark.parametrize("backbone", ["densenet121", "convnext_tiny"])  # resnet50: every other test here
 def test_another_backbone_trains_resumes_exactly_evaluates_draws_and_exports(backbone, demo_dir, tmp_path):
     import evaluate
+    from cxr14.films import prepare
+    from cxr14.heat_maps import film_overlays
+    from cxr14.inference import TorchModel
+    from cxr14.onnx_model import OnnxModel
     from export import export
-    from films import prepare
-    from heatmaps import film_overlays
-    from inference import OnnxModel, TorchModel
 
     settings = {"backbone": backbone}
     assert run(tiny(demo_dir, tmp_path / "straight", **settings)) == 0

@@ -1,4 +1,4 @@
-"""Training on other datasets and their union (datasets.py): the 14 findings as 1, 0 or unlabelled, the loss and
+"""Training on other datasets and their union (training_films.py): the 14 findings as 1, 0 or unlabelled, the loss and
 pos_weight over labelled entries, splits by patient across datasets, official splits, and a hospital's own CSV."""
 
 import numpy as np
@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train
+from cxr14.errors import DataError
+from cxr14.loop import LabelledBCE
+from cxr14.training_films import TRAINING_DATASETS, read_training_films
 from dataset import FINDINGS, count_positives
-from datasets import TRAINING_DATASETS, read_training_films
 from demo_data import write_chexpert_demo, write_demo
-from errors import DataError
 from helpers import run
 from helpers import tiny_settings as tiny
 
@@ -36,7 +37,7 @@ def test_the_loss_and_its_gradient_leave_unlabelled_entries_out():
     logits = torch.tensor(rng.normal(size=(4, 3)), requires_grad=True)
     targets = torch.tensor([[1, 0, np.nan], [np.nan, 1, 0], [0, 0, 1], [1, np.nan, np.nan]])
     pos_weight = torch.tensor([2.0, 3.0, 0.5], dtype=torch.float64)
-    loss = train.LabelledBCE(pos_weight=pos_weight)(logits, targets)
+    loss = LabelledBCE(pos_weight=pos_weight)(logits, targets)
     loss.backward()
     labelled = ~torch.isnan(targets)
     alone = logits.detach().clone().requires_grad_(True)
@@ -49,7 +50,7 @@ def test_the_loss_and_its_gradient_leave_unlabelled_entries_out():
     assert torch.all(logits.grad[~labelled] == 0)
     full = torch.nan_to_num(targets)  # and without NaN it is BCEWithLogitsLoss's mean
     plain = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)(logits, full)
-    assert train.LabelledBCE(pos_weight=pos_weight)(logits, full).item() == pytest.approx(plain.item(), rel=1e-12)
+    assert LabelledBCE(pos_weight=pos_weight)(logits, full).item() == pytest.approx(plain.item(), rel=1e-12)
 
 
 def test_pos_weight_counts_labelled_entries_only():
@@ -59,7 +60,7 @@ def test_pos_weight_counts_labelled_entries_only():
 
 
 def test_train_py_offers_exactly_the_datasets_the_registry_reads():
-    from configurator import rules
+    from cxr14.configurator import rules
 
     rule = rules(train)["DATASET"]
     for name in TRAINING_DATASETS:
@@ -250,7 +251,7 @@ def test_vindr_trains_with_its_test_folder_as_the_test_part(tmp_path):
 def test_dataset_weights_give_each_dataset_its_share_of_an_epoch():
     """1,1 over 90 and 10 films: 50 draws each; the small dataset's films five times each, with other augmentation
     seeds each time; the order a function of (seed, epoch), split between processes without loss."""
-    from loaders import SeededSampler, SharesSampler
+    from cxr14.loaders import SeededSampler, SharesSampler
 
     groups = [np.arange(90), np.arange(90, 100)]
     sampler = SeededSampler(SharesSampler(groups, [1, 1], seed=3), 3)
@@ -273,14 +274,14 @@ def test_dataset_weights_give_each_dataset_its_share_of_an_epoch():
 
 
 def test_dataset_weights_are_one_per_dataset(union_dirs):
-    from configurator import rules
-    from datasets import dataset_weights
+    from cxr14.configurator import rules
+    from cxr14.training_films import dataset_weights
 
     nih, chexpert = union_dirs
     with pytest.raises(DataError, match="one per dataset"):
         dataset_weights(data_settings("nih,chexpert", f"{nih},{chexpert}", dataset_weights="1,2,3"))
     assert dataset_weights(data_settings("nih,chexpert", f"{nih},{chexpert}", dataset_weights="1,2")) == [1, 2]
-    from loaders import epoch_order
+    from cxr14.loaders import epoch_order
 
     weighted = data_settings("nih,chexpert", f"{nih},{chexpert}", dataset_weights="1,1")
     with pytest.raises(DataError, match="gives chexpert a share, but it has no training film"):
@@ -296,9 +297,9 @@ def test_each_dataset_of_a_union_reads_its_own_cache_keyed_by_its_own_paths(unio
     import shutil
 
     from cache import build_cache
-    from datasets import image_groups
-    from films import load_image
-    from images import CachedImages, FilmImages, MixedImages, dataset_images, images_on_device
+    from cxr14.films import load_image
+    from cxr14.pixels import CachedImages, FilmImages, MixedImages, dataset_images, images_on_device
+    from cxr14.training_films import image_groups
 
     nih, chexpert = (shutil.copytree(folder, tmp_path / folder.name) for folder in union_dirs)
     folder = build_cache(chexpert, 40, workers=1, dataset="chexpert")
@@ -317,7 +318,7 @@ def test_each_dataset_of_a_union_reads_its_own_cache_keyed_by_its_own_paths(unio
 
 
 def test_the_summary_and_metrics_rows_carry_each_datasets_validation_auroc(tmp_path):
-    from run_folder import EpochMetrics, summary
+    from cxr14.run_folder import EpochMetrics, summary
 
     metrics = EpochMetrics(1, 0.5, 0.4, 0.7, 1e-3, 3.0, {"Hernia": 0.9}, {"nih": 0.75, "chexpert": 0.625})
     row = metrics.row()
@@ -340,10 +341,10 @@ def test_a_union_run_learns_both_datasets_resumes_exactly_and_is_evaluated_per_d
 
     import evaluate
     from cache import build_cache
-    from films import eval_crop, load_image
+    from cxr14.films import eval_crop, load_image
+    from cxr14.inference import TorchModel
+    from cxr14.metrics import auroc_per_finding, mean_auroc
     from helpers import assert_same_weights, weights
-    from inference import TorchModel
-    from metrics import auroc_per_finding, mean_auroc
 
     nih, chexpert = (shutil.copytree(folder, tmp_path / folder.name) for folder in union_dirs)
     build_cache(nih, 56, workers=1)

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 import transforms
-from films import crop_to_original, eval_crop, fit_square, five_views
+from cxr14.films import crop_to_original, eval_crop, fit_square, five_views
 from transforms import WorkerAugment, augment_batch, augmentation_params, normalize
 
 
