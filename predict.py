@@ -29,7 +29,8 @@ from cxr14.films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 from cxr14.onnx_model import load_model
 from cxr14.statistics import at_or_above, with_ood_warnings
 
-# No torch import up here, nor in inference.py: predict.py --onnx runs where only onnxruntime is installed.
+# No torch import up here, nor in cxr14/statistics.py or cxr14/onnx_model.py: predict.py --onnx runs where only
+# onnxruntime is installed.
 CAM_FINDINGS = 3  # heat maps for this many top findings per film (--top)
 
 

@@ -154,56 +154,7 @@ def check_settings(config):
         raise SettingsError(f"PRETRAINED = {pretrained!r}: use imagenet, none, or the path of a weights file")
 
 
-# ----------------------------------------------------------------------------- data
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
-def make_scheduler(optimizer, training, steps_per_epoch):
-    """ReduceLROnPlateau (stepped per epoch on validation loss), or linear warmup then cosine decay (per step), as a
-    settings.TrainingSettings asks."""
-    if training.lr_schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=training.lr_factor, patience=training.lr_patience
-        )
-    warmup, total = training.warmup_epochs * steps_per_epoch, max(training.epochs * steps_per_epoch, 1)
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def validate(net, loader, pos_weight, loop):
-    """A Validation of the model on the validation batches."""
-    from cxr14.metrics import (  # scikit-learn: imported here, not in every DataLoader worker
-        auroc_per_finding,
-        mean_auroc,
-    )
-
-    device, world_size, crops = loop.device, loop.world_size, []
-
-    def prepare(images):
-        if len(crops) < HEAT_MAP_IMAGES:
-            crops.extend(images[: HEAT_MAP_IMAGES - len(crops), 0].cpu().numpy())
-        return normalize(images.to(device, non_blocking=True), loop.channels_last)
-
-    def progress(batches):
-        return tqdm(batches, desc="  validation", leave=False, disable=not loop.show_progress)
-
-    logits, targets = predict_logits(net, loader, prepare, loop.dtype, progress)
-    indices = torch.tensor(list(loader.sampler))  # DistributedSampler pads ranks to equal size: de-duplicate
-    indices = gather_rows(indices, device, world_size).numpy()
-    _, first = np.unique(indices, return_index=True)
-    logits = gather_rows(logits, device, world_size)[first]
-    targets = gather_rows(targets, device, world_size)[first]
-    loss = LabelledBCE(pos_weight=pos_weight.cpu())(logits, targets).item()
-    probabilities, targets = torch.sigmoid(logits).numpy(), targets.numpy()
-    aurocs = auroc_per_finding(targets, probabilities)
-    return Validation(loss, aurocs, mean_auroc(aurocs), targets, probabilities, crops)
+# ----------------------------------------------------------------------------- what trains
 
 
 def build_training(settings, counts, pos_weight, device, dtype, channels_last, steps):
@@ -228,6 +179,26 @@ def build_training(settings, counts, pos_weight, device, dtype, channels_last, s
     scheduler = make_scheduler(optimizer, training_settings, steps)
     criterion = LabelledBCE(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device))
     return Training(net, optimizer, scheduler, loss_scaler(device, dtype), criterion)
+
+
+def make_scheduler(optimizer, training, steps_per_epoch):
+    """ReduceLROnPlateau (stepped per epoch on validation loss), or linear warmup then cosine decay (per step), as a
+    settings.TrainingSettings asks."""
+    if training.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=training.lr_factor, patience=training.lr_patience
+        )
+    warmup, total = training.warmup_epochs * steps_per_epoch, max(training.epochs * steps_per_epoch, 1)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def train(settings):
@@ -341,6 +312,33 @@ def train_epochs(run, stop):
             log(f"training ends: {ended}")
             break
     return 0
+
+
+def validate(net, loader, pos_weight, loop):
+    """A Validation of the model on the validation batches."""
+    # scikit-learn: imported here, not in every DataLoader worker
+    from cxr14.metrics import auroc_per_finding, mean_auroc
+
+    device, world_size, crops = loop.device, loop.world_size, []
+
+    def prepare(images):
+        if len(crops) < HEAT_MAP_IMAGES:
+            crops.extend(images[: HEAT_MAP_IMAGES - len(crops), 0].cpu().numpy())
+        return normalize(images.to(device, non_blocking=True), loop.channels_last)
+
+    def progress(batches):
+        return tqdm(batches, desc="  validation", leave=False, disable=not loop.show_progress)
+
+    logits, targets = predict_logits(net, loader, prepare, loop.dtype, progress)
+    indices = torch.tensor(list(loader.sampler))  # DistributedSampler pads ranks to equal size: de-duplicate
+    indices = gather_rows(indices, device, world_size).numpy()
+    _, first = np.unique(indices, return_index=True)
+    logits = gather_rows(logits, device, world_size)[first]
+    targets = gather_rows(targets, device, world_size)[first]
+    loss = LabelledBCE(pos_weight=pos_weight.cpu())(logits, targets).item()
+    probabilities, targets = torch.sigmoid(logits).numpy(), targets.numpy()
+    aurocs = auroc_per_finding(targets, probabilities)
+    return Validation(loss, aurocs, mean_auroc(aurocs), targets, probabilities, crops)
 
 
 def save_and_log_epoch(run, metrics, validation):

@@ -64,7 +64,7 @@ def fit_run_statistics(run_dir, data, batch_size, amp, labels, split, device, lo
     if written:
         log(
             f"fitted on the validation split, and on {len(parts['train']):,} training films, and stored in "
-            f"{' and '.join(written)}: thresholds, calibration, out-of-distribution statistics (inference.py)"
+            f"{' and '.join(written)}: thresholds, calibration, out-of-distribution statistics (cxr14/fitting.py)"
         )
 
 
