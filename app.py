@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr14 import calibration
-from cxr14.configurator import add_checkpoint_flag, add_device_flags
+from cxr14.configurator import WholeBetween, add_checkpoint_flag, add_device_flags, flag_type
 from cxr14.errors import DataError, one_line_errors
 from cxr14.films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 from cxr14.heat_maps import film_overlays
@@ -215,7 +215,7 @@ def main(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     add_checkpoint_flag(source, required=False)  # the group requires one of the two
     source.add_argument("--onnx", help="a model written by export.py (fp32 or --int8): ONNX Runtime, no heat maps")
-    parser.add_argument("--port", type=int, default=7860, help="default: %(default)s")
+    parser.add_argument("--port", type=flag_type(WholeBetween(1, 65535)), default=7860, help="default: %(default)s")
     parser.add_argument(
         "--host", default="127.0.0.1", help="127.0.0.1 (default): this computer only; 0.0.0.0: every network it is on"
     )

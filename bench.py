@@ -373,7 +373,7 @@ def main(argv=None):
         "configurations": rows,
     }
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     return results
 

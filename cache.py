@@ -20,6 +20,7 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
+from cxr14.configurator import AtLeast, flag_type
 from cxr14.devices import usable_cpus
 from cxr14.errors import one_line_errors
 from cxr14.films import load_image
@@ -64,7 +65,9 @@ def main(argv=None):
         "--dataset", default="nih", choices=TRAINING_DATASETS, help="the dataset in data_dir (default: nih)"
     )
     parser.add_argument("--data_dir", required=True, help="dataset folder (label CSV and images)")
-    parser.add_argument("--size", type=int, default=256, help="side in pixels; train.py's LOAD_SIZE (default: 256)")
+    parser.add_argument(
+        "--size", type=flag_type(AtLeast(32)), default=256, help="side in pixels; train.py's LOAD_SIZE (default: 256)"
+    )
     parser.add_argument("--csv", default="", help="label file (default: the dataset's, as train.py finds it)")
     parser.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
     parser.add_argument("--drop_missing_images", action="store_true", help="cache the images present")

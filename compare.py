@@ -238,9 +238,9 @@ def compare(args):
         "difference": "B - A (model_b minus model_a)",
         "rows": json.loads(table.to_json(orient="records")),
     }
-    (out / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "compare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     text = "\n\n".join(markdown(pair) for pair in pairs)
-    (out / "compare.md").write_text(text + "\n")
+    (out / "compare.md").write_text(text + "\n", encoding="utf-8")
     plot(pairs, out / "compare.png")
     print(text)
     for row in table[table.note.str.startswith("no ")].itertuples():

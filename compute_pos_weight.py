@@ -19,7 +19,7 @@ from dataset import FINDINGS, POS_WEIGHT_POLICIES, count_positives, pos_weight_f
 
 def select_rows(labels, train_list):
     """The rows named in train_list (a file of image names); every name must be in the CSV."""
-    names = Path(train_list).read_text().split()
+    names = Path(train_list).read_text(encoding="utf-8").split()
     known = labels["image_name"].isin(names)
     unknown = sorted(set(names) - set(labels["image_name"]))
     if unknown:
@@ -54,7 +54,9 @@ def main(argv=None):
     print(f"{len(labels):,} images, {labels['patient_id'].nunique():,} patients; policy {args.policy}")
     print(format_table(positives, negatives, weights))
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(zip(FINDINGS, np.round(weights, 6).tolist())), indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps(dict(zip(FINDINGS, np.round(weights, 6).tolist())), indent=2) + "\n", encoding="utf-8"
+        )
         print(f"wrote {args.out}")
 
 

@@ -178,7 +178,7 @@ def make_split(labels, csv_path, val_fraction, test_fraction, seed):
 
 
 def _split_from_official_lists(labels, train_val_path, test_path):
-    names = {path: set(path.read_text().split()) for path in (train_val_path, test_path)}
+    names = {path: set(path.read_text(encoding="utf-8").split()) for path in (train_val_path, test_path)}
     in_train_val = labels["image_name"].isin(names[train_val_path])
     in_test = labels["image_name"].isin(names[test_path])
     neither = ~(in_train_val | in_test)
@@ -255,7 +255,7 @@ def run_split(checkpoint, checkpoint_path, test_list=None):
     """(image_name/split table, where it came from): the checkpoint's own split (checked against the split.csv
     beside it), or split.csv alone for older checkpoints; with test_list, that file's images as the test part."""
     if test_list:
-        names = Path(test_list).read_text().split()
+        names = Path(test_list).read_text(encoding="utf-8").split()
         return pd.DataFrame({"image_name": names, "split": "test"}), str(test_list)
     saved = saved_split(checkpoint.get("split"), Path(checkpoint_path).parent / "split.csv")
     if saved is None:

@@ -194,16 +194,16 @@ def write_demo(out, patients=600, size=128, seed=0):
 
 
 def _write_tables(out, rows, boxes, test_patients):
-    with open(out / "Data_Entry_2017_v2020.csv", "w", newline="") as file:
+    with open(out / "Data_Entry_2017_v2020.csv", "w", newline="", encoding="utf-8") as file:
         file.write(CSV_HEADER + "\n")
         csv.writer(file).writerows(rows)
-    with open(out / "BBox_List_2017.csv", "w", newline="") as file:
+    with open(out / "BBox_List_2017.csv", "w", newline="", encoding="utf-8") as file:
         file.write("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
         csv.writer(file).writerows(boxes)
     test = [row[0] for row in rows if row[3] in test_patients]
     train_val = [row[0] for row in rows if row[3] not in test_patients]
-    (out / "test_list.txt").write_text("\n".join(test) + "\n")
-    (out / "train_val_list.txt").write_text("\n".join(train_val) + "\n")
+    (out / "test_list.txt").write_text("\n".join(test) + "\n", encoding="utf-8")
+    (out / "train_val_list.txt").write_text("\n".join(train_val) + "\n", encoding="utf-8")
 
 
 CHEXPERT_COLUMNS = {  # CheXpert's labeler columns (train.csv's order) -> the demo findings that make each positive
@@ -236,9 +236,9 @@ def write_chexpert_demo(out, patients=600, size=128, seed=0):
     out = Path(out)
     staging = out / "nih_layout.partial"
     write_demo(staging, patients, size, seed)
-    with open(staging / "Data_Entry_2017_v2020.csv", newline="") as file:
+    with open(staging / "Data_Entry_2017_v2020.csv", newline="", encoding="utf-8") as file:
         entries = list(csv.DictReader(file))
-    test = set((staging / "test_list.txt").read_text().split())
+    test = set((staging / "test_list.txt").read_text(encoding="utf-8").split())
     paths = {path.name: path for path in staging.rglob("*.png")}
     rng = np.random.default_rng([seed, 6])
     tables, written = {"train": [], "valid": []}, 0
@@ -278,7 +278,7 @@ def write_chexpert_demo(out, patients=600, size=128, seed=0):
             )
             written += 1
     for part, rows in tables.items():
-        with open(out / f"{part}.csv", "w", newline="") as file:
+        with open(out / f"{part}.csv", "w", newline="", encoding="utf-8") as file:
             writer = csv.DictWriter(file, ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_COLUMNS])
             writer.writeheader()
             writer.writerows(rows)

@@ -34,7 +34,7 @@ from cxr14.archives import (
     part_size_or_zero,
     read_manifest,
 )
-from cxr14.configurator import AtLeast, flag_type
+from cxr14.configurator import AtLeast, check_out_folder, flag_type
 from cxr14.errors import DataError, one_line_errors
 from cxr14.pixels import decoding_pool
 
@@ -117,14 +117,14 @@ class Bars:
 
 def archive_state(out, entry):
     path = out / STATE / f"{entry.name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def write_state(out, entry, content):
     folder = out / STATE
     folder.mkdir(exist_ok=True)
     temporary = folder / f"{entry.name}.json.tmp"
-    temporary.write_text(json.dumps(content) + "\n")
+    temporary.write_text(json.dumps(content) + "\n", encoding="utf-8")
     os.replace(temporary, folder / f"{entry.name}.json")  # atomic: a run stopped here redoes the archive or not
 
 
@@ -226,6 +226,7 @@ def one_archive(entry, out, args, cache, pool, workers, total=None):
 
 def download(args):
     out = Path(args.out)
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     entries = read_manifest(args.manifest)
     small, archives = [e for e in entries if not e.is_archive], [e for e in entries if e.is_archive]
@@ -275,8 +276,8 @@ def report(out, archives, todo, by_hand, cache, seconds):
             print(f"cache complete: {cache.folder} ({len(cache.done):,} films at {cache.size} px); no PNG kept")
     for name in by_hand:
         print(f"place by hand: {name}, from {BY_HAND_FROM} (NIH publishes no stable link for it), into {out}")
-    if not by_hand:
-        print(f"ready: python train.py --data_dir {out}")
+    if not by_hand:  # a command that runs as printed: the cache is found by the LOAD_SIZE it was built at
+        print(f"ready: python train.py --data_dir {out}" + (f" --load_size {cache.size}" if cache else ""))
 
 
 def main(argv=None):

@@ -219,7 +219,7 @@ def write_report(args, request, model, evaluated, experts, out):
         written.append("expert_labels.csv")
     table.to_csv(out / "report.csv", index=False)
     report["findings"] = records(table)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     plot_roc_curves(evaluated.names, evaluated.targets, evaluated.raw, table, out / "roc_curves.png")
     return report, written
 

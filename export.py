@@ -120,8 +120,6 @@ def metadata(model, outputs):
 
 def export(checkpoint_path, out, thresholds_file=None, model=None):
     """Write the ONNX file; returns its metadata. model: the checkpoint's TorchModel in fp32 on the CPU, when made."""
-    import onnx
-
     model = model or TorchModel(checkpoint_path, device="cpu", amp=False, thresholds=thresholds_file)
     statistics = model.statistics if model.calibrated else None
     net = Deployable(model.net, statistics).eval()
@@ -129,6 +127,17 @@ def export(checkpoint_path, out, thresholds_file=None, model=None):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     outputs = output_names(statistics)
+    with tempfile.TemporaryDirectory(dir=out.parent) as folder:  # out appears whole, or not at all (Ctrl-C)
+        written = Path(folder) / out.name
+        properties = _export_graph(net, example, written, outputs, model)
+        os.replace(written, out)
+    return properties
+
+
+def _export_graph(net, example, out, outputs, model):
+    """torch.onnx.export of the deployable network to `out`, with the metadata a consumer needs; that metadata."""
+    import onnx
+
     torch.onnx.export(
         net,
         (example,),
@@ -297,7 +306,7 @@ def main(argv=None):
     if args.calibration_films < 1:
         parser.error(f"--calibration_films {args.calibration_films}: at least 1")
     try:
-        with one_line_errors():
+        with one_line_errors(interrupted=f"nothing was written to {args.out}"):
             check_out(Path(args.out), Path(args.checkpoint), args.overwrite)
             if args.int8:
                 properties = export_int8(args.checkpoint, args.out, args.thresholds, args.calibration_films, args.force)

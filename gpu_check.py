@@ -216,7 +216,7 @@ def check_torchrun(data, work):
 
 def check_evaluate(work, device):
     command("evaluate.py", "--checkpoint", work / "amp" / "best.pth", "--bootstrap", "200", "--device", device)
-    report = json.loads((work / "amp" / "evaluation" / "best" / "report.json").read_text())
+    report = json.loads((work / "amp" / "evaluation" / "best" / "report.json").read_text(encoding="utf-8"))
     calibrated, ood, subgroups = report.get("calibration"), report.get("ood"), report.get("subgroups")
     ok = report["mean_auroc"] > 0.6 and calibrated and ood and subgroups
     trust = "no calibration, OOD or subgroup report"
@@ -267,7 +267,7 @@ def check_bench(work, device, quick, with_compile):
     size = ["--quick"] if quick else ["--images", "96", "--workers", "4", "--trainable_layers", *GOAL]
     compiled = ["--compile"] if with_compile and str(device).startswith("cuda") else []
     command("bench.py", *size, *compiled, "--device", device, "--json", figures_path, timeout=1800)
-    figures = json.loads(figures_path.read_text())
+    figures = json.loads(figures_path.read_text(encoding="utf-8"))
     syncs = figures.get("loop_gpu_syncs_per_step")
     ok = figures["train_img_s"] > 0 and (syncs is None or syncs <= 2 / 10)
     share = figures["host_share_of_step"]
@@ -330,7 +330,7 @@ def main(argv=None):
         device = select_device(args.device)
     if device.type == "cpu" and args.device == "auto":
         print("no GPU: nothing to check here (PyTorch sees no CUDA or Apple MPS device). Run this on a GPU machine.")
-        Path(args.json).write_text(json.dumps({"device": "no GPU", "checks": []}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"device": "no GPU", "checks": []}, indent=2) + "\n", encoding="utf-8")
         return 0
     print(f"checking {device_name(device)}; torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as temporary:
@@ -352,7 +352,9 @@ def main(argv=None):
         checks.run("predict", lambda: check_predict(work, device))
         checks.run("onnx", lambda: check_onnx(work, device))
         checks.run("bench", lambda: check_bench(work, device, args.quick, not args.skip_compile))
-        figures = json.loads((work / "bench.json").read_text()) if (work / "bench.json").exists() else None
+        figures = (
+            json.loads((work / "bench.json").read_text(encoding="utf-8")) if (work / "bench.json").exists() else None
+        )
         eager = {"amp": True, "channels_last": True, "compile": "", "fold": True, "graphs": False}
         checks.run(
             "folded", lambda: faster_row(figures, eager, {**eager, "fold": False}, "folded against unfolded BatchNorm")
@@ -370,7 +372,7 @@ def main(argv=None):
         )
         checks.run("goal", lambda: check_goal(figures, device_name(device)))
     results = {"device": device_name(device), "torch": torch.__version__, "checks": checks.results, "bench": figures}
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     failed = checks.failed()
     print(f"wrote {args.json}; {'failed: ' + ', '.join(failed) if failed else 'every check passed or was skipped'}")
     return 1 if failed else 0

@@ -77,6 +77,7 @@ import torch
 from tqdm import tqdm
 
 from cxr14.checkpoints import save_checkpoint
+from cxr14.configurator import check_out_folder
 from cxr14.distributed import gather_rows, shut_down
 from cxr14.errors import SettingsError, one_line_errors
 from cxr14.inference import predict_logits
@@ -115,7 +116,7 @@ from cxr14.run_folder import (
     write_run_folder,
 )
 from cxr14.settings import from_config
-from cxr14.training_films import load_split_labels, sampling, say_films
+from cxr14.training_films import dataset_names, dataset_weights, load_split_labels, sampling, say_films
 from dataset import FINDINGS, count_positives, pos_weight_from_counts, split_record
 from model import build_model
 from transforms import mix_seed, normalize
@@ -149,6 +150,8 @@ def check_settings(config):
             f"VAL_FRACTION {data.val_fraction} + TEST_FRACTION {data.test_fraction} leave no patient for "
             "training: their sum must be below 1"
         )
+    dataset_names(data)  # DATASET and DATA_DIR paired, one folder per dataset
+    dataset_weights(data)
     pretrained = str(model_settings.pretrained)
     if pretrained.lower() not in ("imagenet", "none") and not Path(pretrained).is_file():
         raise SettingsError(f"PRETRAINED = {pretrained!r}: use imagenet, none, or the path of a weights file")
@@ -227,6 +230,7 @@ def train(settings):
 
 def start_run(settings):
     """The Run a new or resumed run starts from, with its folder written; None when the run has finished."""
+    check_out_folder(settings.run.out_dir, "OUT_DIR")  # before any work: not after the data has been read
     rank, world_size, device, dtype, channels_last = place_run(settings)
     is_main = rank == 0
     log = print if is_main else (lambda *args, **kwargs: None)

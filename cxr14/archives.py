@@ -12,6 +12,7 @@ the same films.load_image as cache.py: no PNG written). Stdlib HTTP only (urllib
 """
 
 import csv
+import errno
 import hashlib
 import http.client
 import io
@@ -61,11 +62,13 @@ def read_manifest(path):
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
     with open(path, newline="", encoding="utf-8-sig") as file:
-        rows = list(csv.DictReader(file))
-        header = rows[0].keys() if rows else []
+        reader = csv.DictReader(file)
+        rows, header = list(reader), reader.fieldnames or []
     missing = [column for column in MANIFEST_COLUMNS if column not in header]
     if missing:
         raise DataError(f"{path} lacks the column(s) {', '.join(missing)}: it needs {','.join(MANIFEST_COLUMNS)}")
+    if not rows:
+        raise DataError(f"{path} lists no file: add a row per file under its header ({','.join(MANIFEST_COLUMNS)})")
     entries, names = [], set()
     for line, row in enumerate(rows, start=2):
         name, url, md5, size = (str(row[column] or "").strip() for column in MANIFEST_COLUMNS)
@@ -203,7 +206,7 @@ def _receive(entry, part, bar, log):
         with open(part, "ab" if have else "wb") as file:
             try:
                 for block in iter(lambda: response.read(CHUNK), b""):
-                    file.write(block)
+                    _write(file, block, part, written)
                     written += len(block)
                     if bar is not None:
                         bar.update(len(block))
@@ -212,6 +215,19 @@ def _receive(entry, part, bar, log):
     if expected is not None and written < expected:
         raise Retry(f"the connection dropped at {written:,} of {expected:,} bytes")
     return True
+
+
+def _write(file, block, part, written):
+    """file.write(block); a failure to write (a full disk, a removed drive) is no dropped connection: it is said at
+    once, not retried."""
+    try:
+        file.write(block)
+    except OSError as error:
+        raise DataError(
+            f"cannot write {part} at {written:,} bytes: {error.strerror or error}. "
+            + (f"Free space on the disk holding {part.parent}, then " if error.errno == errno.ENOSPC else "Then ")
+            + "run the same command again: it resumes from the bytes already written."
+        ) from None
 
 
 # ----------------------------------------------------------------------------- archives
@@ -246,7 +262,7 @@ def extract(archive, out, log=print):
                 target = temporary.joinpath(*relative.parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with stream.extractfile(member) as source, open(target, "wb") as file:
-                    with _damage_named(archive):
+                    with _damage_named(archive), _disk_named(out, archive):
                         shutil.copyfileobj(source, file, CHUNK)
                 files.append((relative.as_posix(), member.size))
         for relative, _ in files:
@@ -256,6 +272,20 @@ def extract(archive, out, log=print):
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return files
+
+
+@contextmanager
+def _disk_named(out, archive):
+    """A full disk while extracting, as one line that says what to free and that the run resumes."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise DataError(
+            f"the disk holding {out} is full while extracting {Path(archive).name}: free space there, then run the "
+            "same command again (the archive stays and is extracted again; nothing half-written is kept)"
+        ) from None
 
 
 def _open_stream(archive):

@@ -92,6 +92,11 @@ def Between(low, high, *, low_included=True, high_included=False):  # noqa: N802
     return Rule(float, f"a number in {start}{low}, {high}{end}", check)
 
 
+def WholeBetween(low, high):  # noqa: N802
+    """A whole number from `low` to `high`, both included (a port number, say)."""
+    return Rule(int, f"a whole number from {low} to {high}", lambda value: low <= value <= high)
+
+
 def CommaList(*names, alone=None):  # noqa: N802
     """A comma-separated list of some of `names`, each once, or the single word `alone`."""
 
@@ -266,17 +271,18 @@ def add_out_flag(parser, default, what, default_text=None):
     parser.add_argument("--out", default=default, help=f"{what} (default: {default_text or default})")
 
 
-def check_out_folder(out):
-    """Before any work: --out names a folder this user may write in, or one that can be made there; a file, or a
-    folder below a file or in a read-only place, is an error now rather than after the work is done."""
+def check_out_folder(out, name="--out"):
+    """Before any work: `out` (the flag or setting `name`) names a folder this user may write in, or one that can be
+    made there; a file, or a folder below a file or in a read-only place, is an error now rather than after the work
+    is done."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file: name the folder to write into (it is made if missing)")
-    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+        raise DataError(f"{name} {out} is a file: name the folder to write into (it is made if missing)")
+    existing = next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.exists())
     if not existing.is_dir():
-        raise DataError(f"--out {out}: {existing} is a file, so no folder can be made below it")
+        raise DataError(f"{name} {out}: {existing} is a file, so no folder can be made below it")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out}: {existing} is not a folder this user may write in")
+        raise DataError(f"{name} {out}: {existing} is not a folder this user may write in")
 
 
 def add_checkpoint_flag(parser, required=True):

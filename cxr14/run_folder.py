@@ -235,7 +235,17 @@ def resolve_resume(resume, run_dir):
     if not resume:
         return None
     if resume != "last":
-        return Path(resume)
+        path = Path(resume)
+        if path.is_dir():
+            found = sorted(child.name for child in path.glob("*.pth"))
+            listed = f"its checkpoints: {', '.join(found[:10])}" if found else "it holds no .pth file"
+            raise CheckpointError(
+                f"--resume {path} is a folder, not a checkpoint: give one file ({listed}), or --resume last with "
+                "--out_dir set to the run's folder"
+            )
+        if not path.is_file():
+            raise CheckpointError(f"--resume {path}: no such checkpoint")
+        return path
     if latest is None:
         raise CheckpointError(f"--resume last: no epoch_*.pth or interrupted.pth in {run_dir}")
     return latest
@@ -252,8 +262,10 @@ def write_run_folder(run_dir, labels, split, settings, pos_weight):
     """split.csv, config.json and pos_weight.json: written by a new run, and by a resumed run in a new folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_split(labels, split, run_dir / "split.csv")
-    (run_dir / "config.json").write_text(json.dumps(settings.as_config(), indent=2) + "\n")
-    (run_dir / "pos_weight.json").write_text(json.dumps(dict(zip(FINDINGS, pos_weight.tolist())), indent=2))
+    (run_dir / "config.json").write_text(json.dumps(settings.as_config(), indent=2) + "\n", encoding="utf-8")
+    (run_dir / "pos_weight.json").write_text(
+        json.dumps(dict(zip(FINDINGS, pos_weight.tolist())), indent=2), encoding="utf-8"
+    )
 
 
 def save_epoch(run_dir, history, state, keep_training_state="newest"):

@@ -67,7 +67,7 @@ def read_thresholds_file(path):
     if path is None or not Path(path).is_file():
         return {}, None
     try:
-        content = json.loads(Path(path).read_text())
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
         thresholds = {name: float(value) for name, value in content["thresholds"].items() if _finite(value)}
         platt = content.get("calibration")
         fitted = None if not platt else tuple(np.array([platt[name][k] for name in platt]) for k in (0, 1))
@@ -86,7 +86,7 @@ def _finite(value):
 def thresholds_owner(path):
     """The SHA-256 of the checkpoint a thresholds.json was fitted for (None: a file from before they said so)."""
     try:
-        return json.loads(Path(path).read_text()).get("checkpoint_sha256")
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("checkpoint_sha256")
     except (ValueError, AttributeError):
         return None
 
@@ -99,7 +99,7 @@ def write_thresholds(path, policy, thresholds, findings, fitted=None, checkpoint
     if fitted is not None:
         content["calibration"] = {name: [float(a), float(b)] for name, a, b in zip(findings, *fitted)}
         content["calibrated_thresholds"] = _numbers(findings, calibrated_thresholds(thresholds, fitted))
-    Path(path).write_text(json.dumps(content, indent=2) + "\n")
+    Path(path).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
 def _numbers(findings, values):
@@ -189,7 +189,7 @@ def current_predictions(checkpoint_path, split="test", test_list=None):
     if not (report_path.is_file() and table_path.is_file()):
         return None
     try:
-        report = json.loads(report_path.read_text())
+        report = json.loads(report_path.read_text(encoding="utf-8"))
     except ValueError:
         return None
     wanted = {
@@ -200,4 +200,25 @@ def current_predictions(checkpoint_path, split="test", test_list=None):
     }
     if any(report.get(key) != value for key, value in wanted.items()):
         return None
-    return pd.read_csv(table_path, dtype={"image_name": str, "patient_id": str})
+    return read_prediction_table(table_path)
+
+
+def read_prediction_table(path):
+    """A predictions.csv evaluate.py wrote, checked: its films, and a probability column (numbers from 0 to 1) per
+    finding it scored; a damaged one is an error naming it, not a difference between runs."""
+    fix = "evaluate the checkpoint again (python evaluate.py --checkpoint ...), which rewrites it"
+    try:
+        table = pd.read_csv(path, dtype={"image_name": str, "patient_id": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"{path} is not a predictions table that evaluate.py wrote ({error}): {fix}") from None
+    probabilities = [column for column in table.columns if column.startswith("prob_")]
+    if "image_name" not in table.columns or not probabilities:
+        raise DataError(f"{path} lacks the image_name or prob_<finding> columns: {fix}")
+    for column in probabilities:
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = table.index[(values.isna() & table[column].notna()) | (values < 0) | (values > 1)]
+        if len(bad):
+            row = bad[0] + 2  # the file's line: a header, then rows from 1
+            raise DataError(f"{path}, row {row}: {column} is {table[column][bad[0]]!r}, not a probability: {fix}")
+        table[column] = values
+    return table

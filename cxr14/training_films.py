@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from cxr14.errors import CheckpointError, DataError
+from cxr14.errors import CheckpointError, DataError, SettingsError
 from cxr14.external import DATASETS, REGISTRY, read_external
 from cxr14.pixels import find_cache
 from dataset import (
@@ -57,17 +57,17 @@ def dataset_names(data):
     names = [name.strip() for name in data.dataset.split(",") if name.strip()]
     folders = [folder.strip() for folder in data.data_dir.split(",") if folder.strip()]
     if len(folders) != len(names):
-        raise DataError(
+        raise SettingsError(
             f"DATASET {data.dataset!r} names {len(names)} dataset(s) but DATA_DIR {data.data_dir!r} {len(folders)} "
             "folder(s): give one folder per dataset, in the same order (--data_dir data/nih,data/CheXpert-v1.0-small)"
         )
     if data.cache not in ("auto", "off") and len(names) > 1:
-        raise DataError(
+        raise SettingsError(
             f"CACHE {data.cache!r} with a union ({data.dataset}): each dataset's cache is found in its own folder "
             "(cache_<LOAD_SIZE>, python cache.py --dataset NAME --data_dir FOLDER); set CACHE to auto or off"
         )
     if data.csv and len(names) > 1:
-        raise DataError(
+        raise SettingsError(
             f"CSV {data.csv!r} with a union ({data.dataset}): each dataset's label file is found in its "
             "folder; leave CSV empty"
         )
@@ -81,7 +81,7 @@ def dataset_weights(data):
     names, _ = dataset_names(data)
     weights = [float(weight) for weight in data.dataset_weights.split(",")]
     if len(weights) != len(names):
-        raise DataError(
+        raise SettingsError(
             f"DATASET_WEIGHTS {data.dataset_weights!r} gives {len(weights)} weight(s) for {len(names)} dataset(s) "
             f"({data.dataset}): one per dataset, in the same order (1,1 for equal shares)"
         )

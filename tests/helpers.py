@@ -88,7 +88,7 @@ def validation_loss_of(checkpoint_path, data_dir, amp=True):
     from dataset import FINDINGS
 
     logits, targets = predict_split(checkpoint_path, data_dir, "val", amp)
-    pos_weight = json.loads((Path(checkpoint_path).parent / "pos_weight.json").read_text())
+    pos_weight = json.loads((Path(checkpoint_path).parent / "pos_weight.json").read_text(encoding="utf-8"))
     weight = torch.tensor([pos_weight[finding] for finding in FINDINGS])
     return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight).item()
 

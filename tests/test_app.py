@@ -207,3 +207,13 @@ def test_a_restarted_page_removes_the_films_a_killed_page_left(tmp_path):
         "cxr14-page-notes",
     ]
     assert app.UPLOADS.name.startswith(f"{app.UPLOADS_PREFIX}{os.getpid()}-")
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_a_port_outside_1_to_65535_is_refused_before_the_model_is_loaded(port, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    import app
+
+    with pytest.raises(SystemExit) as stopped:
+        app.main(["--checkpoint", str(tmp_path / "missing.pth"), "--port", port])
+    assert stopped.value.code == 2 and "a whole number from 1 to 65535" in capsys.readouterr().err

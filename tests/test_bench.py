@@ -10,7 +10,7 @@ from cxr14.timing import Variant
 @pytest.mark.slow  # every section of bench.py, on the CPU: about 15 s on 2 cores
 def test_quick_bench_runs_on_cpu_and_writes_its_json(tmp_path):
     bench.main(["--quick", "--workers", "1", "--json", str(tmp_path / "bench.json")])
-    figures = json.loads((tmp_path / "bench.json").read_text())
+    figures = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     keys = [
         "input_raw_img_s",
         "input_cached_img_s",

@@ -67,7 +67,9 @@ def test_mismatches_are_clear_errors(cached, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(cached, other)
     csv_path = other / "Data_Entry_2017_v2020.csv"
-    csv_path.write_text("".join(csv_path.read_text().splitlines(keepends=True)[:-1]))  # one image fewer
+    csv_path.write_text(
+        "".join(csv_path.read_text(encoding="utf-8").splitlines(keepends=True)[:-1]), encoding="utf-8"
+    )  # one image fewer
     with pytest.raises(DataError, match="another list of images"):
         build_cache(other, size=40, workers=1)
     message = run_train(cached, tmp_path / "run", load_size=48, cache=str(folder))
@@ -146,3 +148,13 @@ def test_ctrl_c_is_one_line_and_the_next_run_finishes_the_cache(learn_dir, tmp_p
     cache = CachedImages(cache_folder(data, 96), labels.image_name)
     for row in (0, len(labels) // 2, len(labels) - 1):
         np.testing.assert_array_equal(cache[row], load_image(labels.path[row], 96))
+
+
+@pytest.mark.parametrize("size", ["-5", "0", "31"])
+def test_a_size_below_32_is_refused_before_any_folder_is_made(demo_dir, size, capsys):
+    import cache
+
+    with pytest.raises(SystemExit) as stopped:
+        cache.main(["--data_dir", str(demo_dir), "--size", size])
+    assert stopped.value.code == 2 and "at least 32" in capsys.readouterr().err
+    assert not (demo_dir / f"cache_{size}").exists()

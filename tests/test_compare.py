@@ -175,7 +175,9 @@ def test_a_clearly_worse_model_is_told_apart_and_a_model_from_itself_is_not(eval
     worse = worse_copy(evaluated / "best.pth", tmp_path / "worse")
     stale = tmp_path / "worse" / "evaluation" / "worse"  # best.pth's files, as if worse.pth replaced it since
     shutil.copytree(evaluated / "evaluation" / "best", stale)
-    (stale / "report.json").write_text((stale / "report.json").read_text().replace("best.pth", "worse.pth"))
+    (stale / "report.json").write_text(
+        (stale / "report.json").read_text(encoding="utf-8").replace("best.pth", "worse.pth"), encoding="utf-8"
+    )
     out = tmp_path / "out"
     compare.main(
         [str(worse), str(evaluated / "best.pth"), "--reps", "200", "--num_workers", "0", "--no-amp"]
@@ -189,9 +191,11 @@ def test_a_clearly_worse_model_is_told_apart_and_a_model_from_itself_is_not(eval
     assert mean.difference > 0 and mean.p_bootstrap < 0.05 and mean.ci_low > 0
     per_finding = table[table.finding != "mean"]
     assert (per_finding.p_holm < 0.05).sum() >= 3
-    saved = json.loads((out / "compare.json").read_text())
+    saved = json.loads((out / "compare.json").read_text(encoding="utf-8"))
     assert saved["models"] == {"worse": str(worse), "best": str(evaluated / "best.pth")}
-    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG" and "| **mean** |" in (out / "compare.md").read_text()
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG" and "| **mean** |" in (out / "compare.md").read_text(
+        encoding="utf-8"
+    )
 
     same = tmp_path / "same"
     compare.main([str(evaluated / "best.pth")] * 2 + ["--reps", "50", "--out", str(same), "--num_workers", "0"])
@@ -213,3 +217,22 @@ def test_checkpoints_scored_on_different_films_are_refused(evaluated, tmp_path):
         compare.main([str(evaluated / "best.pth"), str(other), "--reps", "10", "--num_workers", "0"])
     message = str(stopped.value.code)
     assert "3 films differ" in message and "--test_list" in message
+
+
+@pytest.mark.parametrize("damage", ["text", "empty"])
+def test_a_damaged_predictions_csv_is_named_not_blamed_on_the_split(evaluated, tmp_path, damage):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated, run)
+    table_path = run / "evaluation" / "best" / "predictions.csv"
+    if damage == "empty":
+        table_path.write_bytes(b"")
+    else:
+        table = pd.read_csv(table_path)
+        table[f"prob_{FINDINGS[0]}"] = table[f"prob_{FINDINGS[0]}"].astype(object)
+        table.loc[3, f"prob_{FINDINGS[0]}"] = "high"
+        table.to_csv(table_path, index=False)
+    with pytest.raises(SystemExit) as stopped:
+        compare.main([str(run / "best.pth"), str(evaluated / "best.pth"), "--reps", "10", "--num_workers", "0"])
+    message = str(stopped.value.code)
+    assert str(table_path) in message and "evaluate the checkpoint again" in message, message
+    assert "split" not in message and ("row 5" in message if damage == "text" else "not a predictions table" in message)

@@ -31,7 +31,7 @@ def test_no_numeric_rule_accepts_inf_or_nan(rule, value):
 def test_an_infinite_learning_rate_is_refused_by_train_py_naming_it(source, tmp_path, capsys):
     import train
 
-    (tmp_path / "huge.py").write_text("LEARNING_RATE = 1e999\n")
+    (tmp_path / "huge.py").write_text("LEARNING_RATE = 1e999\n", encoding="utf-8")
     argv = [str(tmp_path / "huge.py")] if source == "file" else ["--learning_rate", "inf"]
     with pytest.raises(SystemExit) as stopped:
         train.main([*argv, f"--out_dir={tmp_path / 'run'}"])
@@ -45,7 +45,7 @@ def test_a_byte_order_mark_is_read_latin_1_is_named_with_its_line_and_a_setting_
     (tmp_path / "latin.py").write_bytes("EPOCHS = 3\n# caf\xe9\n".encode("latin-1"))
     with pytest.raises(SettingsError, match=r"latin.py, line 2: not UTF-8 text .* Save the file as UTF-8"):
         read_config_file(tmp_path / "latin.py", KNOWN)
-    (tmp_path / "twice.py").write_text("EPOCHS = 3\nLEARNING_RATE = 0.1\nEPOCHS = 9\n")
+    (tmp_path / "twice.py").write_text("EPOCHS = 3\nLEARNING_RATE = 0.1\nEPOCHS = 9\n", encoding="utf-8")
     with pytest.raises(SettingsError, match=r"twice.py, lines 1 and 3: EPOCHS is set twice"):
         read_config_file(tmp_path / "twice.py", KNOWN)
 
@@ -82,7 +82,7 @@ def test_help_answers_from_another_folder_without_torch(tmp_path):
     and --help answers before torch is imported (a torch that cannot be imported shadows the real one here)."""
     fake = tmp_path / "no_torch" / "torch"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    (fake / "__init__.py").write_text("raise ImportError('torch was imported')\n", encoding="utf-8")
     environment = {**os.environ, "PYTHONPATH": str(fake.parent)}
     command = [sys.executable, str(ROOT / "train.py"), "--help"]
     result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60)
@@ -96,12 +96,12 @@ def test_help_answers_from_another_folder_without_torch(tmp_path):
 
 def test_command_line_and_config_file_overrides(tmp_path):
     config_file = tmp_path / "mine.py"
-    config_file.write_text('EPOCHS = 7\nOUT_DIR = "checkpoints/mine"\n')
+    config_file.write_text('EPOCHS = 7\nOUT_DIR = "checkpoints/mine"\n', encoding="utf-8")
     config = train.parse_config([str(config_file), "--epochs", "3", "--learning_rate=0.5", "--amp", "false"])
     assert config["EPOCHS"] == 3 and isinstance(config["EPOCHS"], int)  # the command line wins
     assert config["LEARNING_RATE"] == 0.5 and config["AMP"] is False
     assert config["OUT_DIR"] == "checkpoints/mine" and config["BATCH_SIZE"] == train.BATCH_SIZE
-    config_file.write_text('EPOCHS = "7"\n')
+    config_file.write_text('EPOCHS = "7"\n', encoding="utf-8")
     with pytest.raises(SystemExit):
         train.parse_config([str(config_file)])
 
@@ -180,19 +180,21 @@ def test_a_config_file_is_read_never_run(tmp_path, capsys):
         f"EPOCHS = open('{marker}', 'w')\n",
     ):
         config_file = tmp_path / "evil.py"
-        config_file.write_text("# a config\n" + code)
+        config_file.write_text("# a config\n" + code, encoding="utf-8")
         with pytest.raises(SystemExit) as stopped:
             train.parse_config([str(config_file)])
         error = capsys.readouterr().err
         assert stopped.value.code == 2 and f"{config_file}, line 2" in error
         assert not marker.exists()  # nothing in it ran
-    config_file.write_text('EPOCHS = 3\nOUT_DIR = "checkpoints/x"  # a comment\nLR_SCHEDULE = "cosine"\n')
+    config_file.write_text(
+        'EPOCHS = 3\nOUT_DIR = "checkpoints/x"  # a comment\nLR_SCHEDULE = "cosine"\n', encoding="utf-8"
+    )
     assert train.parse_config([str(config_file)])["EPOCHS"] == 3
 
 
 def test_a_config_file_with_a_syntax_error_names_its_file_and_line(tmp_path, capsys):
     config_file = tmp_path / "typo.py"
-    config_file.write_text("EPOCHS = 3\nBATCH_SIZE = = 4\n")
+    config_file.write_text("EPOCHS = 3\nBATCH_SIZE = = 4\n", encoding="utf-8")
     with pytest.raises(SystemExit):
         train.parse_config([str(config_file)])
     error = capsys.readouterr().err
@@ -216,7 +218,7 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(command, tmp_
     import importlib
 
     a_file = tmp_path / "predictions.csv"
-    a_file.write_text("kept\n")
+    a_file.write_text("kept\n", encoding="utf-8")
     given = {
         "predict": ["film.png", "--checkpoint", "missing.pth"],
         "evaluate": ["--checkpoint", "missing.pth"],
@@ -228,4 +230,4 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(command, tmp_
             module.main([*given, "--out", str(out)])
         message = str(stopped.value.code)
         assert message.startswith(f"error: --out {out}") and said in message, message
-    assert a_file.read_text() == "kept\n"
+    assert a_file.read_text(encoding="utf-8") == "kept\n"

@@ -28,15 +28,15 @@ from helpers import SAMPLE_CSV
 
 def hand_counted_labels(path):
     """An independent reading of the CSV: csv module and str.split, no pandas."""
-    with open(path, newline="") as file:
+    with open(path, newline="", encoding="utf-8") as file:
         rows = list(csv.reader(file))[1:]
     return {row[0]: set(row[1].split("|")) for row in rows}
 
 
 def write_2017_form(path):
     """The original Data_Entry_2017.csv form: a trailing comma on the header and on every row."""
-    lines = SAMPLE_CSV.read_text().splitlines()
-    path.write_text("\n".join(line + "," for line in lines) + "\n")
+    lines = SAMPLE_CSV.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(line + "," for line in lines) + "\n", encoding="utf-8")
     return path
 
 
@@ -64,10 +64,10 @@ def test_no_finding_rows_are_all_negative():
 
 
 def test_unknown_label_names_row_image_and_label(tmp_path):
-    lines = SAMPLE_CSV.read_text().splitlines()
+    lines = SAMPLE_CSV.read_text(encoding="utf-8").splitlines()
     lines[5] = lines[5].replace(lines[5].split(",")[1], "Effusion|Pneumonitis", 1)
     path = tmp_path / "bad.csv"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as error:
         read_labels(path)
     image = lines[5].split(",")[0]
@@ -76,10 +76,10 @@ def test_unknown_label_names_row_image_and_label(tmp_path):
 
 @pytest.mark.parametrize("labels", ["No Finding|Effusion", "Cardiomegaly|No Finding|Edema", ""])
 def test_no_finding_with_a_finding_and_an_empty_label_are_refused_by_row(labels, tmp_path):
-    lines = SAMPLE_CSV.read_text().splitlines()
+    lines = SAMPLE_CSV.read_text(encoding="utf-8").splitlines()
     lines[7] = lines[7].replace(lines[7].split(",")[1], labels, 1)
     path = tmp_path / "bad.csv"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as error:
         read_labels(path)
     said = "mixes 'No Finding' with findings" if labels else "has no label"
@@ -115,12 +115,14 @@ def test_split_without_lists_is_70_10_20_by_patient(tmp_path):
 
 def test_official_lists_give_the_test_split_and_val_is_carved_by_patient(tmp_path):
     csv_path = tmp_path / "Data_Entry_2017_v2020.csv"
-    csv_path.write_text(SAMPLE_CSV.read_text())
+    csv_path.write_text(SAMPLE_CSV.read_text(encoding="utf-8"), encoding="utf-8")
     labels = read_labels(csv_path)
     test_patients = sorted(labels.patient_id.unique())[::4]
     test_names = labels.image_name[labels.patient_id.isin(test_patients)]
-    (tmp_path / "test_list.txt").write_text("\n".join(test_names))
-    (tmp_path / "train_val_list.txt").write_text("\n".join(labels.image_name[~labels.image_name.isin(test_names)]))
+    (tmp_path / "test_list.txt").write_text("\n".join(test_names), encoding="utf-8")
+    (tmp_path / "train_val_list.txt").write_text(
+        "\n".join(labels.image_name[~labels.image_name.isin(test_names)]), encoding="utf-8"
+    )
     split = make_split(labels, csv_path, val_fraction=0.2, test_fraction=0.5, seed=3)
     assert set(labels.image_name[split == "test"]) == set(test_names)
     val_patients = set(labels.patient_id[split == "val"])
@@ -134,10 +136,12 @@ def test_official_lists_give_the_test_split_and_val_is_carved_by_patient(tmp_pat
 
 def test_official_lists_sharing_a_patient_are_refused(tmp_path):
     csv_path = tmp_path / "Data_Entry_2017.csv"
-    csv_path.write_text(SAMPLE_CSV.read_text())
+    csv_path.write_text(SAMPLE_CSV.read_text(encoding="utf-8"), encoding="utf-8")
     names = read_labels(csv_path).image_name
-    (tmp_path / "test_list.txt").write_text("00000001_000.png\n")  # patient 1 has other images in train_val
-    (tmp_path / "train_val_list.txt").write_text("\n".join(names[1:]))
+    (tmp_path / "test_list.txt").write_text(
+        "00000001_000.png\n", encoding="utf-8"
+    )  # patient 1 has other images in train_val
+    (tmp_path / "train_val_list.txt").write_text("\n".join(names[1:]), encoding="utf-8")
     with pytest.raises(DataError, match="patient 1"):
         make_split(read_labels(csv_path), csv_path, 0.1, 0.2, 0)
 
@@ -200,7 +204,7 @@ def test_a_decompression_bomb_and_a_text_file_named_dcm_get_their_true_cause(tmp
         open_film(bomb)
     assert "Re-extract" not in str(refused.value) and "Remove it" in str(refused.value)
     text = tmp_path / "IM0001.dcm"
-    text.write_text("patient list, not a film")
+    text.write_text("patient list, not a film", encoding="utf-8")
     with pytest.raises(DataError, match="IM0001.dcm is not a DICOM file") as refused:
         open_film(text)
     assert "force" not in str(refused.value)
@@ -318,7 +322,9 @@ def test_demo_data_is_deterministic_and_in_nih_layout(tmp_path, demo_dir):
     labels = read_labels(demo_dir / "Data_Entry_2017_v2020.csv")  # parses as an NIH file
     assert len(attach_image_paths(labels, demo_dir)) == len(labels)
     split = make_split(labels, demo_dir / "Data_Entry_2017_v2020.csv", 0.1, 0.2, 0)  # official lists: disjoint
-    assert set(labels.image_name[split == "test"]) == set((demo_dir / "test_list.txt").read_text().split())
+    assert set(labels.image_name[split == "test"]) == set(
+        (demo_dir / "test_list.txt").read_text(encoding="utf-8").split()
+    )
 
 
 def test_demo_labels_keep_nih_order_and_co_occurrence_with_15_test_positives_each():
@@ -371,7 +377,7 @@ def test_demo_boxes_are_nih_format_for_labelled_findings(demo_dir):
     labels = read_labels(demo_dir / "Data_Entry_2017_v2020.csv").set_index("image_name")
     boxes = pd.read_csv(demo_dir / "BBox_List_2017.csv", header=None, skiprows=1).iloc[:, :6]
     boxes.columns = ["image_name", "finding", "x", "y", "w", "h"]
-    header = (demo_dir / "BBox_List_2017.csv").read_text().splitlines()[0]
+    header = (demo_dir / "BBox_List_2017.csv").read_text(encoding="utf-8").splitlines()[0]
     assert header == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
     nih_names = {
         "Atelectasis",
@@ -396,7 +402,7 @@ def test_an_empty_or_header_only_label_file_is_one_line_from_every_command(comma
 
     csv_file = tmp_path / "Data_Entry_2017_v2020.csv"
     header = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Sex,View Position\n"
-    csv_file.write_text(header if content == "header" else "")
+    csv_file.write_text(header if content == "header" else "", encoding="utf-8")
     argv = {
         "train": [f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'run'}", "--device=cpu", "--pretrained=none"],
         "cache": ["--data_dir", str(tmp_path), "--size", "32"],

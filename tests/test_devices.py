@@ -67,7 +67,7 @@ def test_every_torch_load_loads_onto_the_cpu():
     there onto the CPU."""
     calls = {}
     for path in [*ROOT.glob("*.py"), *(ROOT / "cxr14").glob("*.py")]:
-        lines = [line for line in path.read_text().splitlines() if "torch.load(" in line]
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if "torch.load(" in line]
         if lines:
             calls[path.name] = lines
     assert set(calls) == {"checkpoints.py", "model.py"}, calls
@@ -334,7 +334,7 @@ def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_exits_0(tmp_path):
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0 and "no GPU" in result.stdout
-    assert not Path(tmp_path / "gpu.json").exists() or "no GPU" in (tmp_path / "gpu.json").read_text()
+    assert not Path(tmp_path / "gpu.json").exists() or "no GPU" in (tmp_path / "gpu.json").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("requested, expected", [(0, 0), (3, 3), (-1, 7)])

@@ -2,6 +2,7 @@
 films in NIH's layout, with faults injected: dropped connections, 503s, a server that ignores Range, corrupted bytes,
 404s, an archive that climbs out of its folder, a truncated gzip."""
 
+import errno
 import hashlib
 import io
 import os
@@ -102,7 +103,7 @@ def manifest(served, url, path, names=None, checks=True):
         data = (served / name).read_bytes()
         md5, size = (hashlib.md5(data).hexdigest(), len(data)) if checks else ("", "")
         lines.append(f"{name},{url}/{name},{md5},{size}")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
@@ -232,7 +233,7 @@ def test_ctrl_c_mid_download_leaves_a_part_that_the_next_run_resumes(server, tmp
     assert (out / "big.bin").read_bytes() == (served / "big.bin").read_bytes()
 
 
-def test_cache_only_keeps_no_png_equals_cache_py_and_trains_and_evaluates(server, source, tmp_path):
+def test_cache_only_keeps_no_png_equals_cache_py_and_trains_and_evaluates(server, source, tmp_path, capsys):
     import cache
     import evaluate
     import train
@@ -243,9 +244,13 @@ def test_cache_only_keeps_no_png_equals_cache_py_and_trains_and_evaluates(server
     out = tmp_path / "nih"
     download.main(["--out", str(out), "--manifest", str(listed), "--cache_only", "--load_size", "40", "--workers", "2"])
     assert not list(out.rglob("*.png")) and not list(out.glob("*.tar.gz"))
+    ready = capsys.readouterr().out.splitlines()[-1]  # a command that runs as printed: the cache's size with it
+    assert ready == f"ready: python train.py --data_dir {out} --load_size 40", ready
     built = cache.build_cache(films, size=40, workers=1)  # from the PNGs, as cache.py does
     np.testing.assert_array_equal(np.load(out / "cache_40" / "images.npy"), np.load(built / "images.npy"))
-    assert (out / "cache_40" / "index.csv").read_text() == (built / "index.csv").read_text()
+    assert (out / "cache_40" / "index.csv").read_text(encoding="utf-8") == (built / "index.csv").read_text(
+        encoding="utf-8"
+    )
 
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
@@ -273,7 +278,7 @@ def test_nih_manifest_holds_nih_figures_and_a_bad_row_is_named(tmp_path):
     assert packed[0].url.endswith("vfk49d74nhbxq3nqjg0900w5nvkorp5c.gz")
     assert packed[0].md5 == "fe8ed0a6961412fddcbb3603c11b3698"
     bad = tmp_path / "bad.csv"
-    bad.write_text("name,url,md5,bytes\na.tar.gz,https://x/a,not-an-md5,3\n")
+    bad.write_text("name,url,md5,bytes\na.tar.gz,https://x/a,not-an-md5,3\n", encoding="utf-8")
     with pytest.raises(archives.DataError, match=r"bad.csv, row 2: md5 'not-an-md5'"):
         archives.read_manifest(bad)
 
@@ -281,10 +286,12 @@ def test_nih_manifest_holds_nih_figures_and_a_bad_row_is_named(tmp_path):
 def test_a_file_of_another_size_than_the_manifest_says_is_fetched_twice_then_refused(server, tmp_path):
     served = tmp_path / "served"
     served.mkdir()
-    (served / "train_val_list.txt").write_text("00000001_000.png\n" * 100)
+    (served / "train_val_list.txt").write_text("00000001_000.png\n" * 100, encoding="utf-8")
     server.root = served
     listed = tmp_path / "files.csv"  # no MD5 published: the size alone tells
-    listed.write_text(f"name,url,md5,bytes\ntrain_val_list.txt,{server.url}/train_val_list.txt,,3400\n")
+    listed.write_text(
+        f"name,url,md5,bytes\ntrain_val_list.txt,{server.url}/train_val_list.txt,,3400\n", encoding="utf-8"
+    )
     with pytest.raises(SystemExit) as stopped:
         download.main(["--out", str(tmp_path / "nih"), "--manifest", str(listed)])
     message = str(stopped.value.code)
@@ -293,3 +300,79 @@ def test_a_file_of_another_size_than_the_manifest_says_is_fetched_twice_then_ref
         and "1,700 bytes where the manifest says 3,400" in message
     )
     assert [name for name, _ in server.requests] == ["train_val_list.txt"] * 2
+
+
+@pytest.mark.parametrize("where", ["is", "below"])
+def test_an_out_that_cannot_be_a_folder_is_one_line_before_any_request(server, source, tmp_path, where):
+    server.root = source[1]
+    listed = manifest(source[1], server.url, tmp_path / "files.csv")
+    taken = tmp_path / "taken"
+    taken.write_text("the user's file", encoding="utf-8")
+    out = taken if where == "is" else taken / "nih"
+    with pytest.raises(SystemExit) as stopped:
+        download.main(["--out", str(out), "--manifest", str(listed)])
+    message = str(stopped.value.code)
+    assert message.startswith(f"error: --out {out}") and "is a file" in message, message
+    assert not server.requests and taken.read_text(encoding="utf-8") == "the user's file"
+
+
+class FullDisk:
+    """A file whose writes fail as on a full disk once `room` bytes are written."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, block):
+        if self.room < len(block):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(block)
+        return self.file.write(block)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.file.close()
+
+
+def test_a_full_disk_while_downloading_is_said_at_once_not_retried_as_a_dropped_connection(
+    server, source, tmp_path, monkeypatch
+):
+    server.root = source[1]
+    listed = manifest(source[1], server.url, tmp_path / "files.csv", names=["images_001.tar.gz"])
+
+    def opened(path, mode="r", **options):  # the downloads' files fill the disk; the manifest reads as ever
+        file = open(path, mode, **options)
+        return FullDisk(file, room=0) if "b" in mode and "w" in mode or "a" in mode else file
+
+    monkeypatch.setattr(archives, "open", opened, raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        download.main(["--out", str(tmp_path / "nih"), "--manifest", str(listed)])
+    message = str(stopped.value.code)
+    assert "cannot write" in message and "No space left on device" in message and "Free space" in message, message
+    assert [name for name, _ in server.requests] == ["images_001.tar.gz"]  # asked once: a disk is no connection
+
+
+def test_a_full_disk_while_extracting_names_the_archive_and_keeps_nothing_half_written(
+    server, source, tmp_path, monkeypatch
+):
+    server.root = source[1]
+    listed = manifest(source[1], server.url, tmp_path / "files.csv", names=["images_001.tar.gz"])
+
+    def full(source_file, file, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(archives.shutil, "copyfileobj", full)
+    out = tmp_path / "nih"
+    with pytest.raises(SystemExit) as stopped:
+        download.main(["--out", str(out), "--manifest", str(listed)])
+    message = str(stopped.value.code)
+    assert "full while extracting images_001.tar.gz" in message and "run the same command again" in message, message
+    assert not list(out.rglob("*.png")) and not list(out.glob(".extracting-*"))
+
+
+def test_a_manifest_with_a_header_and_no_row_says_it_lists_no_file(tmp_path):
+    empty = tmp_path / "files.csv"
+    empty.write_text("name,url,md5,bytes\n", encoding="utf-8")
+    with pytest.raises(archives.DataError, match="files.csv lists no file"):
+        archives.read_manifest(empty)

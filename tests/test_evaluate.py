@@ -43,7 +43,7 @@ def test_report_covers_exactly_the_saved_test_split(report, trained_run, learn_d
 
 def test_report_files_are_written_and_well_formed(report, trained_run):
     out = trained_run / "evaluation" / "best"
-    saved = json.loads((out / "report.json").read_text())
+    saved = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert saved["mean_auroc"] == report["mean_auroc"] and [r["finding"] for r in saved["findings"]] == list(FINDINGS)
     low, high = saved["mean_auroc_ci"]
     assert low <= saved["mean_auroc"] <= high
@@ -64,7 +64,7 @@ def test_report_files_are_written_and_well_formed(report, trained_run):
     } <= set(table.columns)
     drawn = table.set_index("finding").loc["Cardiomegaly"]
     assert drawn.auroc_ci_low <= drawn.auroc <= drawn.auroc_ci_high and 0 <= drawn.sensitivity <= 1
-    thresholds = json.loads((out / "thresholds.json").read_text())
+    thresholds = json.loads((out / "thresholds.json").read_text(encoding="utf-8"))
     assert thresholds["policy"] == "youden" and set(thresholds["thresholds"]) == set(FINDINGS)
     assert (out / "roc_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -76,7 +76,7 @@ def test_thresholds_json_holds_the_thresholds_of_the_validation_splits_own_predi
     from cxr14.metrics import choose_thresholds
 
     run_quick(trained_run / "best.pth", *(["--sensitivity", sensitivity] if sensitivity else []), "--out", tmp_path)
-    saved = json.loads((tmp_path / "thresholds.json").read_text())
+    saved = json.loads((tmp_path / "thresholds.json").read_text(encoding="utf-8"))
     assert saved["policy"] == (f"sensitivity {sensitivity}" if sensitivity else "youden")
     logits, targets = predict_split(trained_run / "best.pth", learn_dir, "val")
     expected = choose_thresholds(targets.numpy(), torch.sigmoid(logits).numpy(), sensitivity)
@@ -96,10 +96,10 @@ def test_tta_averages_five_crops(report, trained_run, tmp_path):
     plain = report  # the same films without TTA
     (tmp_path / "tta").mkdir()
     (tmp_path / "tta" / "localisation.png").write_bytes(b"an earlier evaluation's, with boxes")
-    (tmp_path / "tta" / "notes.txt").write_text("the user's own")
+    (tmp_path / "tta" / "notes.txt").write_text("the user's own", encoding="utf-8")
     tta = run_quick(trained_run / "best.pth", "--out", tmp_path / "tta", "--tta")
     assert not (tmp_path / "tta" / "localisation.png").exists()  # not of this report: it would be read as its own
-    assert (tmp_path / "tta" / "notes.txt").read_text() == "the user's own"
+    assert (tmp_path / "tta" / "notes.txt").read_text(encoding="utf-8") == "the user's own"
     assert tta["tta"] and tta["images"] == plain["images"]
     assert tta["mean_auroc"] != plain["mean_auroc"] and abs(tta["mean_auroc"] - plain["mean_auroc"]) < 0.1
 
@@ -130,7 +130,9 @@ def test_without_any_split_the_official_list_is_never_substituted(trained_run, l
     assert str(tmp_path / "old.pth") in str(stopped.value) and "test_list.txt" in str(stopped.value)
     official = learn_dir / "test_list.txt"
     result = run_quick(tmp_path / "old.pth", "--test_list", official, "--out", tmp_path / "official")
-    assert result["images"] == len(official.read_text().split()) and result["split_source"] == str(official)
+    assert result["images"] == len(official.read_text(encoding="utf-8").split()) and result["split_source"] == str(
+        official
+    )
     assert all(row["threshold"] is None for row in result["findings"])  # no validation part: no thresholds
 
 
@@ -142,7 +144,9 @@ def test_evaluation_reads_the_image_cache_when_one_holds_the_images(
 
     data = tmp_path / "data"
     shutil.copytree(learn_dir, data)
-    build_cache(data, size=json.loads((trained_run / "config.json").read_text())["LOAD_SIZE"], workers=1)
+    build_cache(
+        data, size=json.loads((trained_run / "config.json").read_text(encoding="utf-8"))["LOAD_SIZE"], workers=1
+    )
 
     def no_png(*args):
         raise AssertionError("a PNG was decoded although the cache holds every image")

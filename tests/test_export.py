@@ -25,14 +25,16 @@ THRESHOLDS = {finding: 0.3 + 0.02 * k for k, finding in enumerate(FINDINGS)}
 def onnx_file(trained_run, tmp_path_factory):
     """The export of the trained run, and what export.py printed."""
     folder = tmp_path_factory.mktemp("onnx")
-    (folder / "thresholds.json").write_text(json.dumps({"policy": "youden", "thresholds": THRESHOLDS}))
+    (folder / "thresholds.json").write_text(
+        json.dumps({"policy": "youden", "thresholds": THRESHOLDS}), encoding="utf-8"
+    )
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         export.main(
             ["--checkpoint", str(trained_run / "best.pth"), "--out", str(folder / "model.onnx")]
             + ["--thresholds", str(folder / "thresholds.json")]
         )
-    (folder / "printed.txt").write_text(printed.getvalue())
+    (folder / "printed.txt").write_text(printed.getvalue(), encoding="utf-8")
     return folder / "model.onnx"
 
 
@@ -41,7 +43,7 @@ def test_the_onnx_file_carries_what_a_consumer_needs(onnx_file, trained_run):
 
     proto = onnx.load(str(onnx_file))
     metadata = {entry.key: entry.value for entry in proto.metadata_props}
-    config = json.loads((trained_run / "config.json").read_text())
+    config = json.loads((trained_run / "config.json").read_text(encoding="utf-8"))
     assert json.loads(metadata["findings"]) == list(FINDINGS)
     assert int(metadata["image_size"]) == config["IMAGE_SIZE"] and int(metadata["load_size"]) == config["LOAD_SIZE"]
     assert json.loads(metadata["normalisation"])["mean"] == [0.485, 0.456, 0.406]
@@ -58,7 +60,9 @@ def test_the_onnx_file_carries_what_a_consumer_needs(onnx_file, trained_run):
     assert image.name == "image" and image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert dims[0].dim_param and [dim.dim_value for dim in dims[1:]] == [1, config["IMAGE_SIZE"], config["IMAGE_SIZE"]]
     size = config["IMAGE_SIZE"]
-    assert f"[N, 1, {size}, {size}] (S = image_size = {size})" in (onnx_file.parent / "printed.txt").read_text()
+    assert f"[N, 1, {size}, {size}] (S = image_size = {size})" in (onnx_file.parent / "printed.txt").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_onnx_runtime_gives_pytorchs_probabilities(onnx_file, trained_run, learn_dir, tmp_path):
@@ -188,3 +192,17 @@ def test_an_int8_export_is_checked_on_the_validation_split_and_refused_beyond_th
     with pytest.raises(SystemExit) as stopped:
         export.main(["--checkpoint", checkpoint, "--out", str(unchecked), "--int8", "--calibration_films", "16"])
     assert "cannot be checked" in str(stopped.value.code) and not unchecked.exists()
+
+
+def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_file(trained_run, tmp_path, monkeypatch):
+    out = tmp_path / "model.onnx"
+
+    def interrupted(net, example, path, **options):  # half a file written, then Ctrl-C
+        Path(path).write_bytes(b"\x08\x08half an ONNX file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.torch.onnx, "export", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        export.main(["--checkpoint", str(trained_run / "best.pth"), "--out", str(out)])
+    assert stopped.value.code == f"interrupted: nothing was written to {out}"
+    assert list(tmp_path.iterdir()) == []  # neither the half file nor a temporary folder

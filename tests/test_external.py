@@ -45,7 +45,9 @@ LATERALS = 12
 def films(learn_dir):
     """The demo's test-split films and labels, and the films as 8-bit arrays."""
     labels = read_labels(learn_dir / "Data_Entry_2017_v2020.csv")
-    labels = labels[labels.image_name.isin((learn_dir / "test_list.txt").read_text().split())].reset_index(drop=True)
+    labels = labels[
+        labels.image_name.isin((learn_dir / "test_list.txt").read_text(encoding="utf-8").split())
+    ].reset_index(drop=True)
     paths = {path.name: path for path in learn_dir.rglob("*.png")}
     return labels, [np.asarray(Image.open(paths[name])) for name in labels.image_name]
 

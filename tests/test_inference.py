@@ -88,7 +88,9 @@ def test_each_checkpoint_has_its_own_evaluation_and_thresholds_of_another_are_ne
     assert (run / "evaluation" / "best" / "thresholds.json").is_file()
     assert (run / "evaluation" / "epoch_01" / "thresholds.json").is_file()
     assert TorchModel(run / "best.pth", device="cpu").thresholds == before
-    owner = json.loads((run / "evaluation" / "epoch_01" / "thresholds.json").read_text())["checkpoint_sha256"]
+    owner = json.loads((run / "evaluation" / "epoch_01" / "thresholds.json").read_text(encoding="utf-8"))[
+        "checkpoint_sha256"
+    ]
     assert owner == evaluate.checkpoint_sha256(run / "epoch_01.pth")
     with pytest.raises(DataError, match="fitted for another checkpoint"):  # given by hand: refused
         TorchModel(run / "best.pth", device="cpu", thresholds=run / "evaluation" / "epoch_01" / "thresholds.json")
@@ -103,7 +105,9 @@ def test_a_thresholds_file_without_a_usable_threshold_is_an_error_not_a_silent_f
     import json
 
     empty = tmp_path / "thresholds.json"
-    empty.write_text(json.dumps({"policy": "sensitivity 1.5", "thresholds": {"Hernia": None, "Mass": None}}))
+    empty.write_text(
+        json.dumps({"policy": "sensitivity 1.5", "thresholds": {"Hernia": None, "Mass": None}}), encoding="utf-8"
+    )
     with pytest.raises(DataError, match="no usable threshold"):
         TorchModel(trained_run / "best.pth", device="cpu", thresholds=empty)
 

@@ -45,7 +45,7 @@ def module_name(path):
 def project_imports(path, modules):
     """The project's modules a file imports, at the top or inside functions (or in code it runs as text)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -99,7 +99,7 @@ def test_imports_have_no_cycle():
 def test_files_and_functions_are_short_enough_to_read_at_once():
     long_modules, long_functions = [], []
     for path in [*top_files(), *package_files()]:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         if len(text.splitlines()) > MAX_MODULE_LINES:
             long_modules.append(f"{path.name}: {len(text.splitlines())} lines")
         for node in ast.walk(ast.parse(text)):
@@ -111,7 +111,7 @@ def test_files_and_functions_are_short_enough_to_read_at_once():
 
 
 def test_every_file_is_described_once_in_the_readme():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     missing = [path.name for path in top_files() if readme.count(f"| `{path.name}` |") != 1]
     assert not missing, f"README's file tables lack (or repeat) {missing}"
     package_table = readme[readme.index("| `cxr14/` |") :].split("\n\n")[0]
@@ -149,7 +149,7 @@ def test_the_readme_is_a_page_and_every_link_of_it_and_the_manual_resolves():
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     broken = []
     for page in pages:
-        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
             if re.match(r"[a-z]+:", target):
                 continue  # a web address: not checked offline
             file_part, _, anchor = target.partition("#")
@@ -157,7 +157,7 @@ def test_the_readme_is_a_page_and_every_link_of_it_and_the_manual_resolves():
             if not linked.exists():
                 broken.append(f"{page.name}: {target} (no such file)")
             elif anchor and linked.suffix == ".md":
-                headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.M)
+                headings = re.findall(r"^#+ (.*)$", linked.read_text(encoding="utf-8"), re.M)
                 if anchor not in {heading_anchor(heading) for heading in headings}:
                     broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken, broken
@@ -167,12 +167,12 @@ def test_messages_that_send_the_user_to_the_manual_name_a_page_that_exists():
     """'see docs/training.md, "GPU setup"': the page, and its heading."""
     wrong = []
     for path in [*top_files(), *package_files()]:
-        for page, heading in re.findall(r"(docs/\w+\.md)(?:, [\"']([^\"']+)[\"'])?", path.read_text()):
+        for page, heading in re.findall(r"(docs/\w+\.md)(?:, [\"']([^\"']+)[\"'])?", path.read_text(encoding="utf-8")):
             if not (ROOT / page).is_file():
                 wrong.append(f"{path.name}: {page}")
-            elif heading and heading not in (ROOT / page).read_text():
+            elif heading and heading not in (ROOT / page).read_text(encoding="utf-8"):
                 wrong.append(f"{path.name}: {page}, {heading!r}")
-        if re.search(r"\bREADME\b", path.read_text()):
+        if re.search(r"\bREADME\b", path.read_text(encoding="utf-8")):
             wrong.append(f"{path.name} sends the user to the README, which is a page now: name the docs/ page")
     assert not wrong, wrong
 
@@ -183,7 +183,7 @@ FILE_SUFFIXES = {"py", "pth", "onnx", "json", "csv", "png", "txt", "md", "npy", 
 def defined_names(path):
     """The names a module defines or imports at its top level, and each class's attributes as Class.name."""
     names = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -200,10 +200,10 @@ def comments_and_docstrings(path):
     import tokenize
 
     texts = []
-    for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+    for token in tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline):
         if token.type == tokenize.COMMENT:
             texts.append(token.string)
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             texts.append(ast.get_docstring(node) or "")
     return "\n".join(texts)
@@ -233,9 +233,13 @@ def test_every_command_turns_a_user_error_into_one_line():
     from cxr14.errors import DataError, one_line_errors
 
     missing = [
-        name for name in COMMANDS - NO_USER_ERRORS if "one_line_errors(" not in (ROOT / f"{name}.py").read_text()
+        name
+        for name in COMMANDS - NO_USER_ERRORS
+        if "one_line_errors(" not in (ROOT / f"{name}.py").read_text(encoding="utf-8")
     ]
-    assert not missing and "one_line_errors(FloatingPointError)" in (ROOT / "train.py").read_text(), missing
+    assert not missing and "one_line_errors(FloatingPointError)" in (ROOT / "train.py").read_text(encoding="utf-8"), (
+        missing
+    )
     with pytest.raises(SystemExit) as stopped, one_line_errors():
         raise DataError("labels.csv, row 7: no such finding")
     assert stopped.value.code == "error: labels.csv, row 7: no such finding"
@@ -246,3 +250,35 @@ def test_every_command_turns_a_user_error_into_one_line():
     assert stopped.value.code == "interrupted: the next run resumes"
     with pytest.raises(KeyboardInterrupt), one_line_errors():  # a command that says nothing of Ctrl-C
         raise KeyboardInterrupt
+
+
+TEXT_CALLS = ("read_text", "write_text", "open")
+NOT_TEXT_FILES = {"tarfile", "gzip", "Image", "os", "zipfile", "webbrowser"}  # modules whose open() is no text file
+
+
+def opens_text_without_encoding(node):
+    """A read_text, write_text or text-mode open() call that leaves the encoding to the platform."""
+    if not isinstance(node, ast.Call) or any(keyword.arg in ("encoding", None) for keyword in node.keywords):
+        return False  # named, or forwarded with **options from a caller that is checked in turn
+    function = node.func
+    name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", None)
+    if name not in TEXT_CALLS:
+        return False
+    if name == "open":
+        owner = getattr(getattr(function, "value", None), "id", None)
+        mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+        modes = [part.value for part in ast.walk(mode) if isinstance(part, ast.Constant)] if mode else []
+        return owner not in NOT_TEXT_FILES and not (modes and all("b" in str(value) for value in modes))
+    return True
+
+
+def test_every_text_file_is_read_and_written_as_utf8():
+    """A Windows user's default encoding is cp1252, which cannot write compare.md's Δ: every text file names
+    UTF-8."""
+    unnamed = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in [*top_files(), *package_files(), *sorted((ROOT / "tests").glob("*.py"))]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if opens_text_without_encoding(node)
+    ]
+    assert not unnamed, unnamed

@@ -35,7 +35,9 @@ def test_iou_iobb_boxes_and_accuracy_on_known_geometry():
 
 def test_nih_box_files_are_read_with_their_spelling_and_bad_ones_named(tmp_path):
     path = tmp_path / "BBox_List_2017.csv"
-    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000001_000.png,Infiltrate,10.5,20,30,40,,,\n")
+    path.write_text(
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000001_000.png,Infiltrate,10.5,20,30,40,,,\n", encoding="utf-8"
+    )
     table = localisation.read_boxes(path)
     assert table.finding.tolist() == ["Infiltration"] and table.loc[0, ["x", "y", "w", "h"]].tolist() == [
         10.5,
@@ -43,7 +45,9 @@ def test_nih_box_files_are_read_with_their_spelling_and_bad_ones_named(tmp_path)
         30,
         40,
     ]
-    path.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000001_000.png,Fracture,1,2,3,4\n")
+    path.write_text(
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000001_000.png,Fracture,1,2,3,4\n", encoding="utf-8"
+    )
     with pytest.raises(DataError, match="BBox_List_2017.csv: unknown finding"):
         localisation.read_boxes(path)
 
@@ -52,7 +56,7 @@ def test_nih_box_files_are_read_with_their_spelling_and_bad_ones_named(tmp_path)
 def perfect_report(trained_run, learn_dir, tmp_path_factory, monkeypatch_module):
     """evaluate.py's localisation with each map replaced by its true box carried through letterbox and crop."""
     boxes = localisation.read_boxes(learn_dir / "BBox_List_2017.csv")
-    config = json.loads((trained_run / "config.json").read_text())
+    config = json.loads((trained_run / "config.json").read_text(encoding="utf-8"))
     current = {}
     prepare = localisation.prepare
 

@@ -144,7 +144,7 @@ def test_checkpoint_mismatches_and_unsafe_files_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint of this project") as error:
         load_checkpoint(tmp_path / "pickle.pth", FINDINGS)
     assert "weights_only=False" not in str(error.value)  # never the advice to load it anyway
-    (tmp_path / "notes.pth").write_text("my notes")
+    (tmp_path / "notes.pth").write_text("my notes", encoding="utf-8")
     with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
         load_checkpoint(tmp_path / "notes.pth", FINDINGS)
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")

@@ -52,7 +52,7 @@ def test_predicts_images_and_folders_and_skips_unreadable_ones(trained_run, lear
 def test_thresholds_mark_findings_and_heat_maps_are_written(trained_run, learn_dir, tmp_path, capsys):
     image = next(learn_dir.rglob("00000002_000.png"))
     thresholds = tmp_path / "thresholds.json"
-    thresholds.write_text('{"policy": "youden", "thresholds": {"Cardiomegaly": 0.0, "Hernia": 1.1}}')
+    thresholds.write_text('{"policy": "youden", "thresholds": {"Cardiomegaly": 0.0, "Hernia": 1.1}}', encoding="utf-8")
     predict.main(
         [
             "--checkpoint",
@@ -168,8 +168,8 @@ def test_file_stems_are_unique_whatever_the_paths():
 )
 def test_bad_model_and_threshold_files_are_one_line(case, said, trained_run, learn_dir, tmp_path):
     film = str(next(learn_dir.rglob("00000002_000.png")))
-    (tmp_path / "broken.json").write_text('{"thresholds": {"Cardiomegaly": 0.3,')  # cut short
-    (tmp_path / "model.onnx").write_text("not a model")
+    (tmp_path / "broken.json").write_text('{"thresholds": {"Cardiomegaly": 0.3,', encoding="utf-8")  # cut short
+    (tmp_path / "model.onnx").write_text("not a model", encoding="utf-8")
     source = {
         "broken thresholds": [
             "--checkpoint",

@@ -17,7 +17,7 @@ def test_every_setting_of_train_py_is_exactly_one_field_of_one_record():
 
 def test_flags_land_in_their_record_and_the_config_mapping_round_trips(tmp_path):
     config_file = tmp_path / "mine.py"
-    config_file.write_text('LR_SCHEDULE = "cosine"\n')
+    config_file.write_text('LR_SCHEDULE = "cosine"\n', encoding="utf-8")
     argv = [str(config_file), "--batch_size=8", "--backbone=densenet121", "--amp=false", "--seed=5"]
     parsed = train.parse_settings(argv)
     assert parsed.loader.batch_size == 8 and parsed.model.backbone == "densenet121" and parsed.run.amp is False

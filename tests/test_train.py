@@ -57,7 +57,9 @@ def test_run_writes_checkpoints_metrics_split_and_plot(straight_run, demo_dir, c
     train_rows = split.image_name[split.split == "train"]
     labels = pd.read_csv(demo_dir / "Data_Entry_2017_v2020.csv").set_index("Image Index").loc[train_rows]
     hernia_positives = labels["Finding Labels"].str.contains("Effusion").sum()
-    pos_weight = json.loads((straight_run / "pos_weight.json").read_text())  # from the training split only
+    pos_weight = json.loads(
+        (straight_run / "pos_weight.json").read_text(encoding="utf-8")
+    )  # from the training split only
     assert pos_weight["Effusion"] == pytest.approx((len(train_rows) - hernia_positives) / hernia_positives)
 
 
@@ -265,8 +267,10 @@ def test_resume_into_a_new_folder_continues_exactly_and_writes_its_run_files(str
     assert run(tiny(demo_dir, branch, epochs=2, resume=tmp_path / "first" / "epoch_01.pth")) == 0
     assert_same_weights(weights(straight_run / "epoch_02.pth"), weights(branch / "epoch_02.pth"))
     for name in ("split.csv", "config.json", "pos_weight.json"):
-        assert (branch / name).read_text() == (tmp_path / "first" / name).read_text() or name == "config.json"
-    assert json.loads((branch / "config.json").read_text())["OUT_DIR"] == str(branch)
+        assert (branch / name).read_text(encoding="utf-8") == (tmp_path / "first" / name).read_text(
+            encoding="utf-8"
+        ) or name == "config.json"
+    assert json.loads((branch / "config.json").read_text(encoding="utf-8"))["OUT_DIR"] == str(branch)
     message = run(tiny(demo_dir, straight_run, epochs=3, resume=tmp_path / "first" / "epoch_01.pth"))
     assert "already holds a run" in message  # never two runs mixed in one folder
 
@@ -350,3 +354,29 @@ def test_another_backbone_trains_resumes_exactly_evaluates_draws_and_exports(bac
     export(tmp_path / "straight" / "best.pth", tmp_path / "model.onnx")
     onnx = OnnxModel(tmp_path / "model.onnx").predict(np.stack([film.crop for film in films])).probabilities
     np.testing.assert_allclose(onnx, probabilities, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["is", "below"])
+def test_an_out_dir_that_cannot_be_a_folder_is_one_line_before_the_data_is_read(where, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("the user's file", encoding="utf-8")
+    out = taken if where == "is" else taken / "run"
+    message = run(tiny(tmp_path / "no_data_here", out, epochs=1))  # the data would fail next: it is never read
+    assert str(message).startswith(f"error: OUT_DIR {out}") and "is a file" in message, message
+    assert "labels:" not in capsys.readouterr().out and taken.read_text(encoding="utf-8") == "the user's file"
+
+
+def test_a_resume_that_names_a_folder_says_so_and_names_its_checkpoints(straight_run, demo_dir, tmp_path):
+    message = run(tiny(demo_dir, tmp_path / "new", epochs=2, resume=straight_run))
+    assert f"--resume {straight_run} is a folder, not a checkpoint" in message and "epoch_01.pth" in message, message
+    message = run(tiny(demo_dir, tmp_path / "new", epochs=2, resume=tmp_path / "missing.pth"))
+    assert "missing.pth: no such checkpoint" in message, message
+
+
+def test_a_dataset_and_data_dir_count_mismatch_is_a_setting_error(tmp_path, capsys):
+    """Refused with the other setting errors (exit 2, before anything is read), not as a data error (exit 1)."""
+    assert run(tiny(tmp_path, tmp_path / "run", dataset="nih,chexpert")) == 2
+    error = capsys.readouterr().err
+    assert "DATASET 'nih,chexpert' names 2 dataset(s) but DATA_DIR" in error, error
+    assert run(tiny(tmp_path, tmp_path / "run", dataset_weights="1,1")) == 2
+    assert "DATASET_WEIGHTS '1,1' gives 2 weight(s) for 1 dataset(s)" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_a_union_keeps_frontal_films_splits_by_patient_across_datasets_and_maps_
     ones = read_training_films(data_settings("chexpert", str(chexpert), uncertain="ones")).rows
     assert (ones.set_index("image_name").loc[table.image_name].Effusion.to_numpy()[effusion == -1] == 1).all()
     # NIH's own rows keep their official test list and all 14 labels
-    nih_test = {"nih:" + name for name in (nih / "test_list.txt").read_text().split()}
+    nih_test = {"nih:" + name for name in (nih / "test_list.txt").read_text(encoding="utf-8").split()}
     assert set(rows.image_name[(split == "test") & (rows.dataset == "nih")]) == nih_test
     assert rows[rows.dataset == "nih"][list(FINDINGS)].notna().all().all()
 
@@ -374,7 +374,7 @@ def test_a_union_run_learns_both_datasets_resumes_exactly_and_is_evaluated_per_d
     evaluate.main(
         ["--checkpoint", str(straight / "best.pth"), "--out", str(out), "--bootstrap", "20", "--device", "cpu"]
     )
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     predictions = pd.read_csv(out / "predictions.csv")
     assert set(predictions.image_name) == set(split.index[split == "test"]) and report["dataset"] == "nih,chexpert"
     assert report["pooled"]["mean_auroc"] == report["mean_auroc"]

@@ -45,7 +45,7 @@ def test_calibration_lowers_the_test_splits_error_and_keeps_every_auroc(evaluate
 
 def test_thresholds_on_the_calibrated_scale_make_the_same_decisions(evaluated, trained_run, learn_dir):
     _, out = evaluated
-    content = json.loads((out / "thresholds.json").read_text())
+    content = json.loads((out / "thresholds.json").read_text(encoding="utf-8"))
     raw, fitted = read_thresholds_file(out / "thresholds.json")
     logits, _ = predict_split(trained_run / "best.pth", learn_dir, "val")
     probabilities = 1 / (1 + np.exp(-logits.numpy().astype(np.float64)))
