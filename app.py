@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr14 import calibration
-from cxr14.configurator import WholeBetween, add_checkpoint_flag, add_device_flags, flag_type
+from cxr14.configurator import AtLeast, WholeBetween, add_checkpoint_flag, add_device_flags, flag_type
 from cxr14.errors import DataError, one_line_errors
 from cxr14.films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 from cxr14.heat_maps import film_overlays
@@ -219,7 +219,9 @@ def main(argv=None):
     parser.add_argument(
         "--host", default="127.0.0.1", help="127.0.0.1 (default): this computer only; 0.0.0.0: every network it is on"
     )
-    parser.add_argument("--top", type=int, default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)")
+    parser.add_argument(
+        "--top", type=flag_type(AtLeast(1)), default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)"
+    )
     parser.add_argument(
         "--max_file_size", type=float, default=MAX_FILE_MB, help="largest upload, in MB (default: %(default)s)"
     )

@@ -52,7 +52,7 @@ def model_names(paths, names):
     """--names as given, else each checkpoint's stem, with its run folder where two stems are alike (seed/best)."""
     if names:
         names = [name.strip() for name in names.split(",")]
-        if len(names) != len(paths) or len(set(names)) != len(names):
+        if len(names) != len(paths) or len(set(names)) != len(names) or "" in names:
             raise DataError(f"--names needs {len(paths)} different names, one per checkpoint, not {names}")
         return names
     stems = [Path(path).stem for path in paths]
@@ -198,6 +198,9 @@ def parse_args(argv):
     parser.add_argument("--data_dir", help="dataset folder (default: the one each run trained on)")
     add_out_flag(parser, None, "output folder", "compare_A_vs_B/ beside the first checkpoint")
     parser.add_argument(
+        "--overwrite", action="store_true", help="replace a comparison of other checkpoints in --out (default: refuse)"
+    )
+    parser.add_argument(
         "--reps", type=flag_type(AtLeast(1)), default=1000, help="paired bootstrap replicates (default: 1000)"
     )
     parser.add_argument(
@@ -218,6 +221,10 @@ def compare(args):
     folder = "compare_" + "_vs_".join(name.replace("/", "-").replace("\\", "-") for name in names)
     out = Path(args.out) if args.out else Path(args.checkpoints[0]).parent / folder
     check_out_folder(out)
+    check_not_another_comparison(out, dict(zip(names, map(str, args.checkpoints))), args.overwrite)
+    missing = [path for path in args.checkpoints if not Path(path).is_file()]
+    if missing:  # all of them before the first is predicted
+        raise DataError(f"checkpoint(s) not found: {', '.join(map(str, missing))}")
     tables = [predictions_of(path, args) for path in args.checkpoints]
     findings, labels, patients, scores = aligned(tables, names, args.checkpoints)
     print(f"comparing on {len(labels):,} films of {len(set(patients)):,} patients ({args.reps} paired resamples)")
@@ -247,6 +254,23 @@ def compare(args):
         print(f"{row.finding}: {row.note}, so no AUROC and no test")
     print(f"wrote compare.csv, compare.json, compare.md and compare.png to {out}")
     return table
+
+
+def check_not_another_comparison(out, models, overwrite):
+    """Refuses to replace a comparison of other checkpoints in `out` without --overwrite (as export.py refuses to
+    replace a file); the same comparison run again rewrites its own files."""
+    earlier = out / "compare.json"
+    if overwrite or not earlier.is_file():
+        return
+    try:
+        compared = json.loads(earlier.read_text(encoding="utf-8")).get("models")
+    except (ValueError, AttributeError):
+        compared = None
+    if compared != models:
+        raise DataError(
+            f"{out} holds another comparison ({compared or 'an unreadable compare.json'}): give another --out, or "
+            "--overwrite to replace it"
+        )
 
 
 def main(argv=None):

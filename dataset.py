@@ -222,15 +222,20 @@ def split_record(labels, split, label_files):
     import torch  # here, not at the top: train.py's --help imports this file before torch
 
     codes = pd.Categorical(np.asarray(split, dtype=object), categories=SPLITS).codes
-    digest = hashlib.sha256()
-    for path in label_files:
-        digest.update(Path(path).read_bytes())
     return {
         "image_names": "\n".join(labels["image_name"]),
         "codes": torch.tensor(codes, dtype=torch.int8),
         "label_file": " and ".join(Path(path).name for path in label_files),
-        "label_sha256": digest.hexdigest(),
+        "label_sha256": label_sha256(label_files),
     }
+
+
+def label_sha256(label_files):
+    """The SHA-256 of the label files' bytes, in order: which labels a run trained on, wherever the files lie."""
+    digest = hashlib.sha256()
+    for path in label_files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 def saved_split(record, split_path):

@@ -23,7 +23,14 @@ import numpy as np
 import pandas as pd
 
 from cxr14 import calibration
-from cxr14.configurator import add_checkpoint_flag, add_device_flags, add_out_flag, check_out_folder
+from cxr14.configurator import (
+    AtLeast,
+    add_checkpoint_flag,
+    add_device_flags,
+    add_out_flag,
+    check_out_folder,
+    flag_type,
+)
 from cxr14.errors import DataError, one_line_errors
 from cxr14.films import DICOM_SUFFIXES, IMAGE_SUFFIXES, prepare
 from cxr14.onnx_model import load_model
@@ -123,7 +130,9 @@ def parse_args(argv):
     add_checkpoint_flag(source, required=False)  # the group requires one of the two
     source.add_argument("--onnx", help="a model written by export.py: ONNX Runtime, no PyTorch (no heat maps)")
     parser.add_argument("--cam", action="store_true", help="write Grad-CAM heat maps of the top findings")
-    parser.add_argument("--top", type=int, default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)")
+    parser.add_argument(
+        "--top", type=flag_type(AtLeast(1)), default=CAM_FINDINGS, help="heat maps per film (default: %(default)s)"
+    )
     add_out_flag(parser, "predictions", "output folder")
     parser.add_argument(
         "--thresholds",
@@ -143,8 +152,6 @@ def parse_args(argv):
         parser.error("--cam needs --checkpoint: heat maps are computed in PyTorch (Grad-CAM)")
     if args.thresholds and args.onnx:
         parser.error("--thresholds needs --checkpoint: an ONNX export carries its own (export.py --thresholds)")
-    if args.top < 1:
-        parser.error(f"--top {args.top}: heat maps of at least 1 finding per film")
     return args
 
 

@@ -33,6 +33,7 @@ from dataset import (
     attach_image_paths,
     check_patients_disjoint,
     find_label_file,
+    label_sha256,
     make_split,
     read_labels,
     saved_split,
@@ -268,7 +269,25 @@ def load_split_labels(data, checkpoint, checkpoint_path):
         if saved is None:
             raise CheckpointError(f"{checkpoint_path} carries no split and no split.csv lies beside it: cannot resume.")
         films = read_training_films(data, saved)
+        check_same_labels(checkpoint["split"], films.sources, checkpoint_path)
     return films
+
+
+def check_same_labels(record, label_files, checkpoint_path):
+    """A resume reads the label files its run trained on: the same bytes (a moved folder resumes; a relabelled file,
+    whose split and pos_weight would no longer be the run's, is refused). Format 1's oldest checkpoints kept no
+    hash."""
+    if "label_sha256" not in record:
+        return
+    now = label_sha256(label_files)
+    if now != record["label_sha256"]:
+        names = " and ".join(str(path) for path in label_files)
+        raise CheckpointError(
+            f"{checkpoint_path} was trained on other labels: {record['label_file']} then had SHA-256 "
+            f"{record['label_sha256'][:12]}..., {names} now has {now[:12]}.... Resume with the label file the run "
+            "started with (a moved folder resumes: the bytes are compared, not the path), or train anew in "
+            "another OUT_DIR."
+        )
 
 
 def say_films(data, films, log):

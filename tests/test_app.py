@@ -217,3 +217,12 @@ def test_a_port_outside_1_to_65535_is_refused_before_the_model_is_loaded(port, m
     with pytest.raises(SystemExit) as stopped:
         app.main(["--checkpoint", str(tmp_path / "missing.pth"), "--port", port])
     assert stopped.value.code == 2 and "a whole number from 1 to 65535" in capsys.readouterr().err
+
+
+def test_top_below_1_is_refused_as_predict_py_refuses_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    import app
+
+    with pytest.raises(SystemExit) as stopped:
+        app.main(["--checkpoint", str(tmp_path / "missing.pth"), "--top", "-1"])
+    assert stopped.value.code == 2 and "--top: '-1': it must be a whole number of at least 1" in capsys.readouterr().err

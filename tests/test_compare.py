@@ -236,3 +236,31 @@ def test_a_damaged_predictions_csv_is_named_not_blamed_on_the_split(evaluated, t
     message = str(stopped.value.code)
     assert str(table_path) in message and "evaluate the checkpoint again" in message, message
     assert "split" not in message and ("row 5" in message if damage == "text" else "not a predictions table" in message)
+
+
+def test_names_with_an_empty_one_and_a_missing_second_checkpoint_are_refused_before_any_prediction(
+    evaluated, tmp_path, capsys
+):
+    first = str(evaluated / "best.pth")
+    with pytest.raises(SystemExit) as stopped:
+        compare.main([first, first, "--names", "a,", "--out", str(tmp_path / "a")])
+    assert "--names needs 2 different names" in str(stopped.value.code)
+    with pytest.raises(SystemExit) as stopped:
+        compare.main([first, str(tmp_path / "missing.pth"), "--out", str(tmp_path / "b")])
+    assert f"checkpoint(s) not found: {tmp_path / 'missing.pth'}" in str(stopped.value.code)
+    assert "read the predictions" not in capsys.readouterr().out  # the first was not predicted, nor read
+
+
+def test_a_comparison_of_other_checkpoints_is_not_replaced_without_overwrite(evaluated, tmp_path):
+    first, out = str(evaluated / "best.pth"), tmp_path / "out"
+    arguments = ["--reps", "10", "--num_workers", "0", "--out", str(out), "--names", "base,new"]
+    compare.main([first, first, *arguments])
+    before = (out / "compare.json").read_bytes()
+    compare.main([first, first, *arguments])  # the same comparison again: rewritten
+    other = worse_copy(evaluated / "best.pth", tmp_path / "other")
+    with pytest.raises(SystemExit) as stopped:
+        compare.main([first, str(other), *arguments])
+    assert f"{out} holds another comparison" in str(stopped.value.code) and "--overwrite" in str(stopped.value.code)
+    assert (out / "compare.json").read_bytes() == before
+    compare.main([first, str(other), *arguments, "--overwrite"])
+    assert json.loads((out / "compare.json").read_text(encoding="utf-8"))["models"]["new"] == str(other)

@@ -200,7 +200,7 @@ def test_top_zero_is_refused_and_more_than_the_findings_says_how_many_it_draws(
     arguments = ["--checkpoint", str(trained_run / "best.pth"), film, "--cam", "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as stopped:
         predict.main([*arguments, "--top", "0"])
-    assert stopped.value.code == 2 and "--top 0" in capsys.readouterr().err
+    assert stopped.value.code == 2 and "--top: '0': it must be a whole number of at least 1" in capsys.readouterr().err
     predict.main([*arguments, "--top", "99"])
     assert "--top 99: the model has 14 findings; drawing 14 per film" in capsys.readouterr().out
     assert len(list((tmp_path / "out").glob("00000002_000_*_*.png"))) == 14

@@ -380,3 +380,22 @@ def test_a_dataset_and_data_dir_count_mismatch_is_a_setting_error(tmp_path, caps
     assert "DATASET 'nih,chexpert' names 2 dataset(s) but DATA_DIR" in error, error
     assert run(tiny(tmp_path, tmp_path / "run", dataset_weights="1,1")) == 2
     assert "DATASET_WEIGHTS '1,1' gives 2 weight(s) for 1 dataset(s)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two short runs on a copy of the demo data: about 30 s on 2 cores
+def test_a_resume_with_relabelled_files_is_refused_and_a_moved_folder_resumes(demo_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data, ignore=shutil.ignore_patterns("cache_*"))
+    assert run(tiny(data, tmp_path / "run", epochs=1)) == 0
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)  # the same bytes in another folder
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(moved, relabelled)
+    label_file = relabelled / "Data_Entry_2017_v2020.csv"
+    table = pd.read_csv(label_file)
+    table["Finding Labels"] = table["Finding Labels"].sample(frac=1, random_state=0).to_numpy()
+    table.to_csv(label_file, index=False)
+    message = run(tiny(relabelled, tmp_path / "run", epochs=2, resume="last"))
+    assert "was trained on other labels" in message and str(label_file) in message, message
+    assert not (tmp_path / "run" / "epoch_02.pth").exists()
+    assert run(tiny(moved, tmp_path / "run", epochs=2, resume="last")) == 0
