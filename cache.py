@@ -21,10 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr14.configurator import AtLeast, flag_type
-from cxr14.devices import usable_cpus
 from cxr14.errors import one_line_errors
 from cxr14.films import load_image
 from cxr14.pixels import cache_folder, decoding_pool, open_cache, save_cache_progress
+from cxr14.processes import usable_cpus
 from cxr14.training_films import TRAINING_DATASETS, cache_films
 
 CHUNK = 256  # images per task: large enough to amortise the task, small enough to resume with little lost

@@ -22,11 +22,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxr14.configurator import AtLeast, add_device_flags, add_out_flag, check_out_folder, flag_type
-from cxr14.devices import worker_count
 from cxr14.errors import DataError, one_line_errors
 from cxr14.inference import TorchModel, split_outputs
 from cxr14.metrics import compare_aurocs
 from cxr14.pixels import find_cache
+from cxr14.processes import worker_count
 from cxr14.statistics import current_predictions, prediction_table, predictions, statistics_of
 from cxr14.training_films import is_nih_only
 from dataset import FINDINGS, run_split, split_rows

@@ -98,6 +98,7 @@ from cxr14.loop import (
     ready_to_train,
     train_epoch,
     trainable_parameters,
+    warn_about_precision,
     warn_about_settings,
 )
 from cxr14.run_folder import (
@@ -253,6 +254,7 @@ def start_run(settings):
     if checkpoint is not None:
         history, position, totals = restore(training, checkpoint, device)
         log(f"resumed from {resume_path} at epoch {position.epoch}, step {position.step}")
+        warn_about_precision(checkpoint, dtype, log)
     if is_main and (checkpoint is None or not (run_dir / "split.csv").is_file()):
         write_run_folder(run_dir, labels, split, settings, pos_weight)  # only now: the run is known to start
     validation_net = data_parallel(training.net, world_size, device)

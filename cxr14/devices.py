@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from cxr14.errors import DeviceError
+from cxr14.processes import usable_cpus
 
 PYTORCH_INDEX = "https://download.pytorch.org/whl"  # PyTorch's own wheels, one index per CUDA version
 LEGACY_CUDA = "cu126"  # the PyTorch 2.14 build that still carries Maxwell, Pascal and Volta kernels (sm_50 to sm_90)
 BF16_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores; before it bf16 is emulated (slow), so fp16 with loss scaling
-WINDOWS_MAX_WORKERS = 4  # Windows spawns each DataLoader worker, re-importing train.py (about 0.8 GB and 15 s each)
 
 
 def select_device(name="auto", log=print):
@@ -182,31 +182,6 @@ def compile_support(device):
 
 
 # ----------------------------------------------------------------------------- CPUs and workers
-
-
-def usable_cpus():
-    """The CPUs this process may run on (a cluster job's share, not the whole machine's count)."""
-    if hasattr(os, "sched_getaffinity"):  # Linux
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def local_world_size():
-    """Processes on this machine (torchrun sets LOCAL_WORLD_SIZE; WORLD_SIZE counts every machine's)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
-def worker_count(requested=-1, cpus=None, processes=None, system=None):
-    """DataLoader workers per process: `requested` when 0 or more, else this machine's usable CPUs shared by its
-    processes, less one per process to feed the device; at most WINDOWS_MAX_WORKERS on Windows."""
-    if requested >= 0:
-        return requested
-    cpus = usable_cpus() if cpus is None else cpus
-    processes = local_world_size() if processes is None else processes
-    workers = max(1, cpus // max(processes, 1) - 1)
-    if (system or platform.system()) == "Windows":
-        workers = min(workers, WINDOWS_MAX_WORKERS)
-    return workers
 
 
 # ----------------------------------------------------------------------------- random state and waiting

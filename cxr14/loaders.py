@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cxr14.devices import worker_count
 from cxr14.errors import DataError
 from cxr14.films import eval_crop, five_views
 from cxr14.pixels import CachedImages, all_cached, dataset_images, images_on_device, memory_for_images, sources_of
+from cxr14.processes import worker_count
 from cxr14.training_films import dataset_names, dataset_weights, image_groups
 from dataset import FINDINGS
 from transforms import WorkerAugment, mix_seed

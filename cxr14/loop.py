@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cxr14.cuda_graphs import GraphedStep, graph_support
-from cxr14.devices import autocast_dtype, compile_support, device_name, select_device, use_channels_last
+from cxr14.devices import (
+    autocast_dtype,
+    compile_support,
+    device_name,
+    dtype_name,
+    select_device,
+    use_channels_last,
+)
 from cxr14.distributed import setup_distributed, sum_over_ranks
 from cxr14.run_folder import EpochTotals, Position, TensorBoard, Training
 from cxr14.settings import Settings
@@ -366,6 +373,18 @@ def place_run(settings):
             f"{channels_last}; augmentation on the {settings.loader.augment_on}; {world_size} process(es)"
         )
     return rank, world_size, device, dtype, channels_last
+
+
+def warn_about_precision(checkpoint, dtype, log):
+    """A resume in another precision than the run trained in (AMP, or another GPU) goes on, saying that it is no
+    longer the exact continuation a resume in the same precision is."""
+    then, now = checkpoint.get("amp_dtype"), dtype_name(dtype)
+    if then is not None and then != now:
+        log(
+            f"warning: this run trained in {then} and goes on in {now} (AMP or the device changed): the weights "
+            f"continue, but not exactly as an uninterrupted {then} run would. Resume with the same AMP setting on "
+            "the same kind of device for an exact continuation."
+        )
 
 
 def ready_to_train(net, counts, pos_weight, device, dtype, channels_last):

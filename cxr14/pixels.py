@@ -233,7 +233,7 @@ def memory_for_images(device, processes=None):
     (and an Apple GPU's unified memory), those placed on the same GPU for a GPU."""
     import torch
 
-    from cxr14.devices import local_world_size
+    from cxr14.processes import local_world_size
 
     processes = local_world_size() if processes is None else processes
     if device.type == "cuda":

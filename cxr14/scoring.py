@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 
 from cxr14 import calibration, ood
-from cxr14.devices import worker_count
 from cxr14.errors import DataError
 from cxr14.external import read_external
 from cxr14.films import eval_crop
@@ -21,6 +20,7 @@ from cxr14.inference import split_outputs
 from cxr14.localisation import read_boxes, usable_boxes
 from cxr14.mappings import EXPERT_MAPPING, EXPERT_UNSCORED, model_scores
 from cxr14.pixels import FilmImages, dataset_images, evaluation_images, find_cache
+from cxr14.processes import worker_count
 from cxr14.report import CHEXNET_AUROC, format_two_label_table, two_label_table
 from cxr14.training_films import image_groups, is_nih_only, read_training_films
 from dataset import FINDINGS, find_label_file, run_split, split_rows

@@ -158,3 +158,17 @@ def test_a_size_below_32_is_refused_before_any_folder_is_made(demo_dir, size, ca
         cache.main(["--data_dir", str(demo_dir), "--size", size])
     assert stopped.value.code == 2 and "at least 32" in capsys.readouterr().err
     assert not (demo_dir / f"cache_{size}").exists()
+
+
+@pytest.mark.parametrize("command", ["cache", "download"])
+def test_the_commands_that_decode_films_import_no_torch(command):
+    """Their decoding processes re-import the command on Windows: decoding needs numpy and Pillow alone, and torch
+    would cost each of them about 300 MB and a second."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = f"import sys, {command}; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from cxr14 import devices, pixels, run_folder
+from cxr14 import devices, pixels, processes, run_folder
 from cxr14.checkpoints import load_checkpoint
 from cxr14.errors import DeviceError
 from cxr14.loop import SYNC_EVERY, Loop, StopRequest, train_epoch
@@ -237,13 +237,13 @@ def test_a_run_that_cannot_compile_says_why_and_trains_uncompiled(demo_dir, tmp_
 
 
 def test_workers_from_this_machines_cpus_and_processes(monkeypatch):
-    assert devices.worker_count(-1, cpus=16, processes=2, system="Linux") == 7
-    assert devices.worker_count(-1, cpus=32, processes=1, system="Windows") == devices.WINDOWS_MAX_WORKERS
-    assert devices.worker_count(3, cpus=2, processes=8, system="Linux") == 3
+    assert processes.worker_count(-1, cpus=16, processes=2, system="Linux") == 7
+    assert processes.worker_count(-1, cpus=32, processes=1, system="Windows") == processes.WINDOWS_MAX_WORKERS
+    assert processes.worker_count(3, cpus=2, processes=8, system="Linux") == 3
     monkeypatch.setenv("WORLD_SIZE", "16")  # two machines of 8 GPUs: each machine's own 8 processes share its CPUs
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(40)), raising=False)
-    assert devices.usable_cpus() == 40 and devices.worker_count(-1, system="Linux") == 4
+    assert processes.usable_cpus() == 40 and processes.worker_count(-1, system="Linux") == 4
 
 
 def test_a_dataloader_worker_imports_no_plotting_or_heat_map_library():
@@ -339,8 +339,8 @@ def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_exits_0(tmp_path):
 
 @pytest.mark.parametrize("requested, expected", [(0, 0), (3, 3), (-1, 7)])
 def test_zero_workers_means_none_and_minus_one_means_from_the_cpus(requested, expected):
-    assert devices.worker_count(requested, cpus=8, processes=1, system="Linux") == expected
-    assert devices.worker_count(-1, cpus=8, processes=2, system="Linux") == 3  # 4 CPUs a process, one feeds it
+    assert processes.worker_count(requested, cpus=8, processes=1, system="Linux") == expected
+    assert processes.worker_count(-1, cpus=8, processes=2, system="Linux") == 3  # 4 CPUs a process, one feeds it
 
 
 def test_gpu_checks_of_bench_rows_fail_when_the_faster_path_is_not_and_skip_without_it():

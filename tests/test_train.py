@@ -399,3 +399,13 @@ def test_a_resume_with_relabelled_files_is_refused_and_a_moved_folder_resumes(de
     assert "was trained on other labels" in message and str(label_file) in message, message
     assert not (tmp_path / "run" / "epoch_02.pth").exists()
     assert run(tiny(moved, tmp_path / "run", epochs=2, resume="last")) == 0
+
+
+@pytest.mark.slow  # two short runs, one in emulated bf16 where the CPU has none: about 40 s on 2 cores
+def test_a_resume_in_another_precision_says_it_is_no_longer_exact(demo_dir, tmp_path, monkeypatch, capsys):
+    """bf16 then fp32, whatever this CPU would choose: the first run is told it has bf16."""
+    monkeypatch.setattr("cxr14.loop.autocast_dtype", lambda device, amp=True: torch.bfloat16 if amp else None)
+    assert run(tiny(demo_dir, tmp_path, epochs=1)) == 0
+    assert "goes on in" not in capsys.readouterr().out  # a new run: nothing to compare
+    assert run(tiny(demo_dir, tmp_path, epochs=2, resume="last", amp="false")) == 0
+    assert "this run trained in bf16 and goes on in fp32" in capsys.readouterr().out
