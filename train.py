@@ -117,7 +117,14 @@ from cxr14.run_folder import (
     write_run_folder,
 )
 from cxr14.settings import from_config
-from cxr14.training_films import dataset_names, dataset_weights, load_split_labels, sampling, say_films
+from cxr14.training_films import (
+    dataset_names,
+    dataset_weights,
+    load_split_labels,
+    refuse_unlabelled,
+    sampling,
+    say_films,
+)
 from dataset import FINDINGS, count_positives, pos_weight_from_counts, split_record
 from model import build_model
 from transforms import mix_seed, normalize
@@ -245,6 +252,7 @@ def start_run(settings):
     labels, split = films.rows, films.split
     say_films(settings.data, films, log)
     counts = count_positives(labels[split == "train"][list(FINDINGS)].to_numpy())  # the training split's, only
+    refuse_unlabelled(counts, films.sources)
     pos_weight = pos_weight_from_counts(*counts, settings.training.pos_weight, settings.training.pos_weight_cap)
     batches = make_loaders(settings.data, settings.loader, labels, split, device, rank, world_size, log)
     steps = len(batches[0])

@@ -31,6 +31,12 @@ class OnnxModel:
             raise DataError(f"{path} has no cxr14 metadata (findings, image_size): export it with export.py")
         self.findings = json.loads(metadata["findings"])
         self.image_size, self.load_size = int(metadata["image_size"]), int(metadata["load_size"])
+        side = self.session.get_inputs()[0].shape[-1]
+        if isinstance(side, int) and side != self.image_size:
+            raise DataError(
+                f"{path}'s metadata says image_size {self.image_size}, but its graph takes {side}-px images: the file "
+                "was changed after export. Export it again with export.py."
+            )
         self.outputs = [output.name for output in self.session.get_outputs()]
         self.calibrated = calibrated and "raw_probabilities" in self.outputs
         self.left_raw = json.loads(metadata.get("left_raw", "[]")) if self.calibrated else []

@@ -290,6 +290,17 @@ def check_same_labels(record, label_files, checkpoint_path):
         )
 
 
+def refuse_unlabelled(counts, label_files):
+    """A training split with no labelled finding would train to a loss of 0 on nothing: refused, naming the files."""
+    positives, negatives = counts
+    if not (positives + negatives).any():
+        raise DataError(
+            f"no film of the training split has a labelled finding in {' and '.join(map(str, label_files))}: every "
+            "finding cell is blank (unlabelled). Write 1 (positive) or 0 (negative) for the findings each film was "
+            "read for."
+        )
+
+
 def say_films(data, films, log):
     """Say the label files, each dataset's films (a union's shares too) and the split's sizes of a TrainingFilms."""
     labels, split = films.rows, films.split

@@ -206,3 +206,17 @@ def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_file(trained_run, tmp
         export.main(["--checkpoint", str(trained_run / "best.pth"), "--out", str(out)])
     assert stopped.value.code == f"interrupted: nothing was written to {out}"
     assert list(tmp_path.iterdir()) == []  # neither the half file nor a temporary folder
+
+
+def test_an_onnx_file_whose_metadata_disagrees_with_its_graph_is_named(onnx_file, tmp_path):
+    import onnx
+
+    from cxr14.errors import DataError
+    from cxr14.onnx_model import OnnxModel
+
+    proto = onnx.load(str(onnx_file))
+    size = next(entry for entry in proto.metadata_props if entry.key == "image_size")
+    size.value = str(int(size.value) * 2)
+    onnx.save(proto, str(tmp_path / "changed.onnx"))
+    with pytest.raises(DataError, match=r"changed.onnx's metadata says image_size \d+, but its graph takes"):
+        OnnxModel(tmp_path / "changed.onnx")

@@ -1,6 +1,8 @@
 """Training on other datasets and their union (training_films.py): the 14 findings as 1, 0 or unlabelled, the loss and
 pos_weight over labelled entries, splits by patient across datasets, official splits, and a hospital's own CSV."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train
-from cxr14.errors import DataError
+from cxr14.errors import DataError, SettingsError
 from cxr14.loop import LabelledBCE
 from cxr14.training_films import TRAINING_DATASETS, read_training_films
 from dataset import FINDINGS, count_positives
@@ -210,8 +212,9 @@ def test_a_bad_own_csv_is_one_line_naming_the_file_the_column_and_the_row(change
 def test_one_folder_per_dataset_is_asked_for(union_dirs):
     nih, chexpert = union_dirs
     for dataset, folders in (("nih,chexpert", str(nih)), ("nih", f"{nih},{chexpert}")):
-        with pytest.raises(DataError, match="one folder per dataset"):
-            read_training_films(data_settings(dataset, folders))
+        mismatched = replace(data_settings("nih", str(nih)), dataset=dataset, data_dir=folders)  # train.py refuses
+        with pytest.raises(SettingsError, match="one folder per dataset"):  # it first (exit 2: test_train.py)
+            read_training_films(mismatched)
 
 
 def test_vindr_trains_with_its_test_folder_as_the_test_part(tmp_path):
@@ -278,8 +281,9 @@ def test_dataset_weights_are_one_per_dataset(union_dirs):
     from cxr14.training_films import dataset_weights
 
     nih, chexpert = union_dirs
-    with pytest.raises(DataError, match="one per dataset"):
-        dataset_weights(data_settings("nih,chexpert", f"{nih},{chexpert}", dataset_weights="1,2,3"))
+    union = data_settings("nih,chexpert", f"{nih},{chexpert}")
+    with pytest.raises(SettingsError, match="one per dataset"):
+        dataset_weights(replace(union, dataset_weights="1,2,3"))
     assert dataset_weights(data_settings("nih,chexpert", f"{nih},{chexpert}", dataset_weights="1,2")) == [1, 2]
     from cxr14.loaders import epoch_order
 
@@ -388,3 +392,15 @@ def test_a_union_run_learns_both_datasets_resumes_exactly_and_is_evaluated_per_d
                 assert finding["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
             else:
                 assert finding["auroc"] is None  # NaN in JSON: no AUROC without both classes
+
+
+def test_an_own_csv_without_a_labelled_finding_is_refused_before_training(tmp_path):
+    from helpers import run, tiny_settings
+
+    table = pd.DataFrame(
+        {"path": [f"films/{k}.png" for k in range(20)], "patient_id": [str(k) for k in range(20)], "Effusion": ""}
+    )
+    data = own_csv(tmp_path / "data", table)
+    message = run(tiny_settings(data, tmp_path / "run", dataset="csv", csv="my_films.csv", batch_size=4))
+    assert "no film of the training split has a labelled finding" in message and "my_films.csv" in message, message
+    assert not (tmp_path / "run" / "best.pth").exists()
