@@ -4,6 +4,7 @@ them; and Google's expert labels scored beside NIH's on the same films. evaluate
 tables and its plots.
 """
 
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from cxr14.pixels import FilmImages, dataset_images, evaluation_images, find_cac
 from cxr14.processes import worker_count
 from cxr14.report import CHEXNET_AUROC, format_two_label_table, two_label_table
 from cxr14.training_films import image_groups, is_nih_only, read_training_films
-from dataset import FINDINGS, find_label_file, run_split, split_rows
+from dataset import FINDINGS, find_label_file, run_split, saved_split, split_rows
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,7 @@ def evaluate_external(model, request):
     )
     names = list(data.mapping)
     skipped = {"missing": data.skipped["missing"], "unreadable": []}
+    data = data._replace(rows=outside_the_run(model, data, request))
     print(
         f"checkpoint {request.checkpoint} (epoch {model.checkpoint['epoch']}); {request.dataset} ({data.source}): "
         f"{len(data.rows):,} frontal films of {data.rows.patient_id.nunique():,} patients; left out "
@@ -300,6 +302,33 @@ def evaluate_external(model, request):
         boxes=None if request.boxes == "none" else external_boxes(data, rows, probabilities),
         about=about,
     )
+
+
+TRAINED_ON = "films of the run's training or validation split, or of their patients"
+
+
+def outside_the_run(model, data, request):
+    """Another dataset's rows less the films the run trained or was validated on, and every film of their patients
+    (a run that trained on this dataset, alone or in a union, names its films `dataset:path` in its split); the count
+    left out is added to data.left_out under TRAINED_ON. A run that never saw the dataset leaves every film in."""
+    saved = saved_split(model.checkpoint.get("split"), Path(request.checkpoint).parent / "split.csv")
+    if saved is None:  # no split is known: nothing to leave out
+        return data.rows
+    seen = set(saved.image_name[saved.split.isin(("train", "val"))])
+    prefix = f"{request.dataset}:"  # as training_films names a film: its path below the dataset's folder
+    names = [prefix + Path(os.path.relpath(path, request.data_dir)).as_posix() for path in data.rows.path]
+    patients = prefix + data.rows.patient_id.astype(str)
+    trained = pd.Series(names, index=data.rows.index).isin(seen)
+    left = trained | patients.isin(set(patients[trained]))
+    if left.all():
+        raise DataError(
+            f"every one of the {len(left):,} films of {data.source} is among the {TRAINED_ON}: scoring them would "
+            f"measure what the run learnt, not how it generalises. Evaluate its own test part: python evaluate.py "
+            f"--checkpoint {request.checkpoint} (no --dataset)"
+        )
+    if left.any():
+        data.left_out[TRAINED_ON] = int(left.sum())
+    return data.rows[~left.to_numpy()].reset_index(drop=True)
 
 
 def external_boxes(data, rows, probabilities):

@@ -404,3 +404,27 @@ def test_an_own_csv_without_a_labelled_finding_is_refused_before_training(tmp_pa
     message = run(tiny_settings(data, tmp_path / "run", dataset="csv", csv="my_films.csv", batch_size=4))
     assert "no film of the training split has a labelled finding" in message and "my_films.csv" in message, message
     assert not (tmp_path / "run" / "best.pth").exists()
+
+
+def test_evaluating_a_dataset_the_run_trained_on_leaves_its_training_and_validation_films_out(union_dirs, tmp_path):
+    """A run on CheXpert's train.csv (train and val) evaluated on train.csv and valid.csv together: only valid.csv's
+    frontal films, the run's test part, are scored; train.csv alone is refused."""
+    import evaluate
+    from helpers import run, tiny_settings
+
+    _, chexpert = union_dirs
+    assert run(tiny_settings(chexpert, tmp_path / "run", dataset="chexpert", epochs=1, batch_size=8)) == 0
+    train_csv, valid_csv = (pd.read_csv(chexpert / f"{part}.csv") for part in ("train", "valid"))
+    pd.concat([train_csv, valid_csv]).to_csv(tmp_path / "both.csv", index=False)  # the shared folder stays as it is
+    frontal = valid_csv[valid_csv["Frontal/Lateral"] == "Frontal"]
+    arguments = ["--checkpoint", str(tmp_path / "run" / "best.pth"), "--dataset", "chexpert"]
+    arguments += ["--data_dir", str(chexpert), "--bootstrap", "10", "--num_workers", "0", "--boxes", "none"]
+    both = ["--csv", str(tmp_path / "both.csv"), "--out", str(tmp_path / "e")]
+    report = evaluate.evaluate(evaluate.parse_args([*arguments, *both]))
+    assert report["images"] == len(frontal), (report["images"], len(frontal))
+    trained_frontal = (train_csv["Frontal/Lateral"] == "Frontal").sum()
+    assert (
+        report["left_out"]["films of the run's training or validation split, or of their patients"] == trained_frontal
+    )
+    with pytest.raises(DataError, match="is among the films of the run's training or validation split"):
+        evaluate.evaluate(evaluate.parse_args([*arguments, "--csv", "train.csv", "--out", str(tmp_path / "t")]))
