@@ -219,15 +219,20 @@ def read_split(path):
 def split_record(labels, split, label_files):
     """The split in a form a checkpoint can carry (plain types and a tensor: weights_only loading accepts it): the
     image names, one code per image (SPLITS), and the label files' names and SHA-256 (of their bytes in order)."""
-    import torch  # here, not at the top: train.py's --help imports this file before torch
-
-    codes = pd.Categorical(np.asarray(split, dtype=object), categories=SPLITS).codes
     return {
-        "image_names": "\n".join(labels["image_name"]),
-        "codes": torch.tensor(codes, dtype=torch.int8),
+        **names_and_codes(labels["image_name"], split),
         "label_file": " and ".join(Path(path).name for path in label_files),
         "label_sha256": label_sha256(label_files),
     }
+
+
+def names_and_codes(image_names, split):
+    """The image names, joined, and one int8 code per image (SPLITS): a split record's core, also what
+    checkpoints.upgrade rebuilds from a split.csv."""
+    import torch  # here, not at the top: train.py's --help imports this file before torch
+
+    codes = pd.Categorical(np.asarray(split, dtype=object), categories=SPLITS).codes
+    return {"image_names": "\n".join(image_names), "codes": torch.tensor(codes, dtype=torch.int8)}
 
 
 def label_sha256(label_files):

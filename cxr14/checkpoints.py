@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cxr14.errors import CheckpointError
-from dataset import SPLITS, read_split
+from dataset import names_and_codes, read_split
 from model import BACKBONES, ood_feature_width
 
 FORMAT = 2  # the checkpoint format save_checkpoint writes; upgrade brings every older one to it
@@ -81,9 +81,7 @@ def load_checkpoint(path, findings):
     path = Path(path)
     if not path.is_file():
         if path.is_dir():
-            found = sorted(child.name for child in path.glob("*.pth"))
-            listed = f"its checkpoints: {', '.join(found[:10])}" if found else "it holds no .pth file"
-            raise CheckpointError(f"{path} is a folder, not a checkpoint: give one file ({listed})")
+            raise CheckpointError(f"{path} is a folder, not a checkpoint: give one file ({listed_checkpoints(path)})")
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as file:
         head = file.read(4096)
@@ -126,6 +124,12 @@ def load_checkpoint(path, findings):
     return checkpoint
 
 
+def listed_checkpoints(folder):
+    """What a folder given where a checkpoint belongs holds: its .pth files (ten at most), or that it holds none."""
+    found = sorted(child.name for child in Path(folder).glob("*.pth"))
+    return f"its checkpoints: {', '.join(found[:10])}" if found else "it holds no .pth file"
+
+
 def upgrade(checkpoint, path):
     """A checkpoint of any format this project has written, in today's (FORMAT): every reader goes through this
     (load_checkpoint, add_to_checkpoint), so no other code knows an older format. A newer format is refused."""
@@ -146,11 +150,7 @@ def upgrade(checkpoint, path):
     split_path = Path(path).parent / "split.csv"
     if checkpoint.get("split") is None and split_path.is_file():
         table = read_split(split_path)
-        codes = table["split"].map({part: code for code, part in enumerate(SPLITS)}).to_numpy()
-        checkpoint["split"] = {
-            "image_names": "\n".join(table["image_name"]),
-            "codes": torch.tensor(codes, dtype=torch.int8),
-        }
+        checkpoint["split"] = names_and_codes(table["image_name"], table["split"])
     checkpoint["format"] = FORMAT
     return checkpoint
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr14.checkpoints import copy_checkpoint, load_checkpoint, save_checkpoint
+from cxr14.checkpoints import copy_checkpoint, listed_checkpoints, load_checkpoint, save_checkpoint
 from cxr14.devices import dtype_name, rng_state, set_rng_state
 from cxr14.errors import CheckpointError, DataError
 from cxr14.settings import from_config
@@ -237,11 +237,9 @@ def resolve_resume(resume, run_dir):
     if resume != "last":
         path = Path(resume)
         if path.is_dir():
-            found = sorted(child.name for child in path.glob("*.pth"))
-            listed = f"its checkpoints: {', '.join(found[:10])}" if found else "it holds no .pth file"
             raise CheckpointError(
-                f"--resume {path} is a folder, not a checkpoint: give one file ({listed}), or --resume last with "
-                "--out_dir set to the run's folder"
+                f"--resume {path} is a folder, not a checkpoint: give one file ({listed_checkpoints(path)}), or "
+                "--resume last with --out_dir set to the run's folder"
             )
         if not path.is_file():
             raise CheckpointError(f"--resume {path}: no such checkpoint")
