@@ -34,7 +34,7 @@ from cxr14.archives import (
     part_size_or_zero,
     read_manifest,
 )
-from cxr14.configurator import AtLeast, check_out_folder, flag_type
+from cxr14.configurator import AtLeast, Side, check_out_folder, flag_type
 from cxr14.errors import DataError, one_line_errors
 from cxr14.pixels import decoding_pool
 
@@ -51,7 +51,7 @@ def parse_args(argv):
         "--cache_only", action="store_true", help="decode the films into the cache at --load_size; keep no PNG"
     )
     parser.add_argument(
-        "--load_size", type=flag_type(AtLeast(32)), default=256, help="the cache's side (train.py's LOAD_SIZE; 256)"
+        "--load_size", type=flag_type(Side()), default=256, help="the cache's side (train.py's LOAD_SIZE; 256)"
     )
     parser.add_argument("--verify", action="store_true", help="check the MD5 of files already in place too")
     parser.add_argument("--keep_archives", action="store_true", help="keep each .tar.gz after extracting it")
@@ -118,6 +118,12 @@ class Bars:
 def archive_state(out, entry):
     path = out / STATE / f"{entry.name}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def extracted_files(out):
+    """The files download.py extracted into out before (each archive's state names its own): these it may replace."""
+    states = (json.loads(path.read_text(encoding="utf-8")) for path in sorted((out / STATE).glob("*.json")))
+    return frozenset(name for state in states if state.get("mode") == "extracted" for name, _ in state["files"])
 
 
 def write_state(out, entry, content):
@@ -199,7 +205,7 @@ def one_archive(entry, out, args, cache, pool, workers, total=None):
                 fetch(entry, out, Bars(bar, total))
         try:
             if cache is None:
-                files = extract(path, out)
+                files = extract(path, out, extracted_files(out), reserved=(STATE,))
                 state = {"mode": "extracted", "files": files}
             else:
                 with tqdm(desc=f"caching {entry.name}", unit="film") as bar:
@@ -240,6 +246,8 @@ def download(args):
                 f"--cache_only needs the label file first, to know each film's row: place Data_Entry_2017_v2020.csv "
                 f"from {BY_HAND_FROM} in {out}, then run this again"
             )
+        if not (out / f"cache_{args.load_size}" / "index.csv").is_file():  # the disk, before the cache's first byte
+            check_disk(archives, out, args, len(check_label_file(out / label_files[0])))
         cache = Cache(out, out / label_files[0], args.load_size)
     elif label_files:
         check_label_file(out / label_files[0])

@@ -41,7 +41,8 @@ from cxr14.configurator import (
     flag_type,
 )
 from cxr14.errors import one_line_errors
-from cxr14.external import DATASETS, read_expert_labels
+from cxr14.expert_labels import read_expert_labels
+from cxr14.external import DATASETS
 from cxr14.inference import TorchModel
 from cxr14.localisation import (
     BOX_THRESHOLD,
@@ -112,6 +113,12 @@ def add_data_flags(parser):
         default="any",
         choices=VINDR_RULES,
         help="a VinDr finding is positive when marked by any radiologist, or by at least two (default: any)",
+    )
+    parser.add_argument(
+        "--rsna_mapping",
+        default="",
+        help="RSNA's mapping of its films to NIH's (default: pneumonia-challenge-dataset-mappings_2018.json or "
+        "pneumonia_dataset_mapping.csv beside its labels): leaves out the films of NIH patients the run saw",
     )
     parser.add_argument("--min_age", type=float, help="PadChest: leave out films of younger or unknown-age patients")
     parser.add_argument(

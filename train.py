@@ -15,7 +15,7 @@ branches a run into a new folder); a finished run says so instead of training on
 import sys
 
 from cxr14 import configurator
-from cxr14.configurator import Above, AtLeast, Between, CommaList, Flag, OneOf, Text, Weights
+from cxr14.configurator import Above, AtLeast, Between, CommaList, Flag, OneOf, Side, Text, Weights
 from dataset import POS_WEIGHT_POLICIES
 
 LAYERS = CommaList("stem", "layer1", "layer2", "layer3", "layer4", "head", alone="all")  # model.BLOCKS, and the head
@@ -30,9 +30,9 @@ CSV: Text = ""  # label file; empty: the dataset's own (NIH: the Data_Entry_2017
 UNCERTAIN: OneOf("ignore", "zeros", "ones") = "ignore"  # CheXpert/MIMIC -1: unlabelled (U-Ignore), negative, positive
 DATASET_WEIGHTS: Weights = ""  # a union's share of each epoch per dataset: empty, by size; 1,1: equal shares
 BACKBONE: OneOf("resnet50", "densenet121", "convnext_tiny") = "resnet50"  # the network (model.BACKBONES)
-IMAGE_SIZE: AtLeast(32) = 224  # side of the square crop the network sees
-LOAD_SIZE: AtLeast(32) = 256  # images are letterboxed to this square on load; training crops are taken from it
-CACHE: Text = "auto"  # "auto": each DATA_DIR's cache_<LOAD_SIZE> when built (cache.py), "off" (read films), or a folder
+IMAGE_SIZE: Side() = 224  # side of the square crop the network sees
+LOAD_SIZE: Side() = 256  # images are letterboxed to this square on load; training crops are taken from it
+CACHE: Text = "auto"  # "auto": each dataset's cache in DATA_DIR when built (cache.py), "off" (read films), or a folder
 BATCH_SIZE: AtLeast(1) = 64  # images per step on each GPU
 EPOCHS: AtLeast(1) = 10  # passes over the training split
 LEARNING_RATE: Above(0.0) = 1e-5  # AdamW learning rate; low, as suits fine-tuning pretrained weights

@@ -13,6 +13,7 @@ the same films.load_image as cache.py: no PNG written). Stdlib HTTP only (urllib
 
 import csv
 import errno
+import filecmp
 import hashlib
 import http.client
 import io
@@ -246,9 +247,11 @@ def safe_member(member, archive):
     return PurePosixPath(*[part for part in parts if part != "."])
 
 
-def extract(archive, out, log=print):
+def extract(archive, out, ours=frozenset(), reserved=(), log=print):
     """Extract archive's files into out, through a temporary folder inside out that is moved into place only when
-    the whole archive has been read and checked. Returns [(relative path, bytes)] of the files."""
+    the whole archive has been read and checked. A member inside a `reserved` folder of out (download.py's state), or
+    one that would replace a file of out that is not among `ours` (the files extracted before) with other bytes, is
+    refused and nothing is extracted. Returns [(relative path, bytes)] of the files."""
     out = Path(out)
     temporary = out / f".extracting-{Path(archive).name}"
     shutil.rmtree(temporary, ignore_errors=True)  # what an interrupted run left
@@ -259,12 +262,18 @@ def extract(archive, out, log=print):
                 relative = safe_member(member, archive)
                 if member.isdir() or not relative.parts:
                     continue
+                if relative.parts[0] in reserved or relative.parts[0].startswith(".extracting-"):
+                    raise DataError(
+                        f"{archive} holds {member.name!r}, inside download.py's own folder: refused, "
+                        "nothing extracted. Download it again from NIH's page."
+                    )
                 target = temporary.joinpath(*relative.parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with stream.extractfile(member) as source, open(target, "wb") as file:
                     with _damage_named(archive), _disk_named(out, archive):
                         shutil.copyfileobj(source, file, CHUNK)
                 files.append((relative.as_posix(), member.size))
+        _refuse_replacing(archive, out, temporary, files, ours)
         for relative, _ in files:
             destination = out / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +281,22 @@ def extract(archive, out, log=print):
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return files
+
+
+def _refuse_replacing(archive, out, temporary, files, ours):
+    """An error naming the first of the user's own files (one download.py did not extract) that the archive would
+    replace with other bytes: a label file the user edited, a note, a file of another tool."""
+    for relative, _ in files:
+        existing = out / relative
+        if relative in ours or not existing.exists():
+            continue
+        if existing.is_file() and filecmp.cmp(existing, temporary / relative, shallow=False):
+            continue  # the same bytes (an extraction stopped before its record was written): nothing is lost
+        raise DataError(
+            f"{Path(archive).name} holds {relative}, which would replace {existing}, a file download.py did not "
+            "extract: refused, nothing extracted. Move that file out of the folder (or choose another --out), then "
+            "run the same command again."
+        )
 
 
 @contextmanager

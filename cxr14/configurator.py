@@ -28,8 +28,9 @@ from cxr14.errors import DataError, SettingsError
 class Rule:
     """Which values a setting may take: its type (str, int, float, bool), a check, and the allowed values in words."""
 
-    def __init__(self, kind, allowed, check=None, values=()):
+    def __init__(self, kind, allowed, check=None, values=(), cost=None):
         check = check or (lambda value: True)
+        self.cost = cost  # what a refused value would have taken, said beside the refusal, or None
         if kind in (int, float):  # inf and NaN pass every comparison's check or none: neither is ever a setting
             self.check = lambda value: math.isfinite(value) and check(value)
         else:
@@ -52,7 +53,11 @@ class Rule:
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             typed = True  # 1 for 1.0
         if not typed or not self.check(value):
-            raise SettingsError(f"{name} = {value!r}: it must be {self.allowed}")
+            raise SettingsError(f"{name} = {value!r}: it must be {self.allowed}{self.costs(value) if typed else ''}")
+
+    def costs(self, value):
+        said = None if self.cost is None else self.cost(value)
+        return f" ({value} {said})" if said else ""
 
 
 _KIND_NAMES = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}
@@ -95,6 +100,26 @@ def Between(low, high, *, low_included=True, high_included=False):  # noqa: N802
 def WholeBetween(low, high):  # noqa: N802
     """A whole number from `low` to `high`, both included (a port number, say)."""
     return Rule(int, f"a whole number from {low} to {high}", lambda value: low <= value <= high)
+
+
+MAX_SIDE = 1024  # NIH's films are 1024 px square: a larger side only enlarges them, at side² bytes a film
+NIH_FILMS = 112_120  # what a side costs is said for NIH's films
+
+
+def _side_cost(side):
+    if side <= MAX_SIDE:
+        return None
+    return (
+        f"px would take {NIH_FILMS * side**2 / 1e9:,.0f} GB of disk for NIH's {NIH_FILMS:,} films in a cache, and "
+        f"{64 * 3 * side**2 * 4 / 1e9:,.1f} GB of memory for one batch of 64 as the network takes them, before its "
+        "activations"
+    )
+
+
+def Side():  # noqa: N802
+    """A film's side in pixels, from 32 to MAX_SIDE; a refused value says the disk and memory it would take."""
+    allowed = f"a whole number from 32 to {MAX_SIDE} (pixels; NIH's films are {MAX_SIDE})"
+    return Rule(int, allowed, lambda value: 32 <= value <= MAX_SIDE, cost=_side_cost)
 
 
 def CommaList(*names, alone=None):  # noqa: N802
@@ -247,7 +272,7 @@ def flag_type(rule):
     def parse(text):
         value = rule.parse(text)
         if not rule.check(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: it must be {rule.allowed}")
+            raise argparse.ArgumentTypeError(f"{text!r}: it must be {rule.allowed}{rule.costs(value)}")
         return value
 
     return parse

@@ -16,7 +16,8 @@ NaN (left out of that name's figures).
   are kept. --min_age leaves out younger films and those of unknown age.
 - VinDr-CXR: three radiologists a film; a film is positive for a finding when any of them marked it (--vindr_rule
   majority: at least two), and every radiologist's box of a positive finding is kept for the localisation report.
-- RSNA Pneumonia Detection: Target is Pneumonia; each of a film's rows with Target 1 is a box.
+- RSNA Pneumonia Detection: Target is Pneumonia; each of a film's rows with Target 1 is a box. Its films are NIH's:
+  with RSNA's mapping file each film belongs to its NIH patient (nih_copies.py).
 """
 
 import ast
@@ -34,9 +35,6 @@ from cxr14.errors import DataError
 from cxr14.films import FRONTAL_VIEWS, LATERAL_VIEWS
 from cxr14.mappings import (
     CHEXPERT_MAPPING,
-    EXPERT_COLUMNS,
-    EXPERT_MAPPING,
-    EXPERT_UNSCORED,
     LABELER_VALUES,
     OWN_CSV_MAPPING,
     PADCHEST_EXCLUDED,
@@ -47,6 +45,7 @@ from cxr14.mappings import (
     UNCERTAIN_VALUES,
     VINDR_MAPPING,
 )
+from cxr14.nih_copies import with_nih_patients
 from cxr14.pixels import index_images
 from dataset import FINDINGS, demographics, find_file, read_table
 
@@ -67,6 +66,7 @@ class Read(NamedTuple):
     mapping: dict | None = None  # the reported names where they depend on the file (an own CSV's); else the entry's
     left_out: dict | None = None  # other films left out, and why: {reason: count}
     boxes: pd.DataFrame | None = None  # VinDr and RSNA: image_name, name (reported), x, y, w, h
+    nih_mapping: Path | None = None  # RSNA: the mapping file that named each film's NIH original (nih_copies.py)
 
 
 class Entry(NamedTuple):
@@ -89,10 +89,14 @@ class External(NamedTuple):
     left_out: dict  # other films left out, and why: {reason: count}
     skipped: dict  # {"missing": [paths]}: films of the label file absent on disk (--drop_missing_images)
     boxes: pd.DataFrame = None  # VinDr and RSNA: image_name, name (reported), x, y, w, h in the film's pixels
+    nih_mapping: str | None = None  # RSNA: the mapping file that named each film's NIH original, or None
 
 
-def read_external(dataset, data_dir, csv_path="", uncertain="ignore", drop_missing=False, min_age=None, rule="any"):
-    """The frontal films of a dataset with their mapped labels (see the module's notes for each dataset)."""
+def read_external(
+    dataset, data_dir, csv_path="", uncertain="ignore", drop_missing=False, min_age=None, rule="any", rsna_mapping=""
+):
+    """The frontal films of a dataset with their mapped labels (see the module's notes for each dataset);
+    rsna_mapping: RSNA's mapping to NIH's films, when not beside its labels (nih_copies.py)."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
     if uncertain not in UNCERTAIN_POLICIES:
@@ -100,7 +104,7 @@ def read_external(dataset, data_dir, csv_path="", uncertain="ignore", drop_missi
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{dataset} data folder not found: {data_dir}")
-    options = {"uncertain": uncertain, "min_age": min_age, "rule": rule}
+    options = {"uncertain": uncertain, "min_age": min_age, "rule": rule, "rsna_mapping": rsna_mapping}
     read = REGISTRY[dataset].reader(data_dir, csv_path, options)
     views = read.views.fillna("").astype(str).str.strip().str.upper()
     frontal = views.isin(FRONTAL_VIEWS).to_numpy()
@@ -115,7 +119,8 @@ def read_external(dataset, data_dir, csv_path="", uncertain="ignore", drop_missi
         boxes = boxes[boxes.image_name.isin(rows.image_name)].reset_index(drop=True)
     mapping = {name: findings for name, (_, findings) in (read.mapping or REGISTRY[dataset].mapping).items()}
     other_views = len(views) - int(frontal.sum()) - laterals
-    return External(rows, mapping, laterals, other_views, str(read.source), read.left_out or {}, skipped, boxes)
+    about = (rows, mapping, laterals, other_views, str(read.source), read.left_out or {}, skipped, boxes)
+    return External(*about, None if read.nih_mapping is None else str(read.nih_mapping))
 
 
 def _missing_films(rows, source, drop_missing):
@@ -160,7 +165,7 @@ def _check_labeler_values(
             raise DataError(f"{path}, row {row + 2}: {column} is {shown}, one of {bad.sum()} such value(s); {advice}")
 
 
-def _refuse_duplicates(table, columns, path, what):
+def refuse_duplicates(table, columns, path, what):
     """Rows that repeat `columns` would count a film (or a box) twice: an error naming the first repeats."""
     twice = table.duplicated(subset=list(columns), keep="first").to_numpy()
     if twice.any():
@@ -198,7 +203,7 @@ def _read_chexpert(data_dir, csv_path, options):
         if column not in table.columns:
             raise DataError(f"{path}: missing column {column!r}; is this CheXpert's valid.csv or train.csv?")
     _inside(table, "Path", path)
-    _refuse_duplicates(table, ["Path"], path, "film(s)")
+    refuse_duplicates(table, ["Path"], path, "film(s)")
     _check_labeler_values(table, CHEXPERT_MAPPING, path)
 
     def locate(relative):  # "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg": from DIR's parent
@@ -234,8 +239,8 @@ def _read_mimic(data_dir, csv_path, options):
             raise DataError(
                 f"{path}: missing column(s) {absent}; found {list(table.columns)}. Use MIMIC's file unchanged."
             )
-    _refuse_duplicates(labels, ["subject_id", "study_id"], labels_path, "stud(ies)")
-    _refuse_duplicates(metadata, ["dicom_id"], metadata_path, "film(s)")
+    refuse_duplicates(labels, ["subject_id", "study_id"], labels_path, "stud(ies)")
+    refuse_duplicates(metadata, ["dicom_id"], metadata_path, "film(s)")
     _check_labeler_values(labels, CHEXPERT_MAPPING, labels_path)
     metadata = metadata[["dicom_id", "subject_id", "study_id", "ViewPosition"]]
     table = metadata.merge(labels, on=["subject_id", "study_id"], how="inner")
@@ -263,7 +268,7 @@ def _read_padchest(data_dir, csv_path, options):
         if column not in table.columns:
             raise DataError(f"{path}: missing column {column!r}; is this PadChest's label CSV?")
     _inside(table, "ImageID", path)
-    _refuse_duplicates(table, ["ImageID"], path, "film(s)")
+    refuse_duplicates(table, ["ImageID"], path, "film(s)")
     labelled = table.Labels.map(_padchest_labels)
     if labelled.isna().any():  # PadChest has a few films whose report was not labelled: they cannot be scored
         row = int(np.flatnonzero(labelled.isna())[0])
@@ -340,7 +345,7 @@ def _read_vindr(data_dir, csv_path, options):
     absent = [column for column in needed if column not in table.columns]
     if absent:
         raise DataError(f"{path}: missing column(s) {absent}; is this VinDr-CXR's train.csv or test labels?")
-    _refuse_duplicates(table, needed, path, "reading(s) (the same film, finding, radiologist and box)")
+    refuse_duplicates(table, needed, path, "reading(s) (the same film, finding, radiologist and box)")
     films = pd.Index(table.image_id.drop_duplicates())
     readers = table.groupby("image_id").rad_id.nunique()
     rows = pd.DataFrame({"path": [str(films_folder / f"{image}.dicom") for image in films]})
@@ -377,7 +382,7 @@ def _read_rsna(data_dir, csv_path, options):
     absent = [column for column in ("patientId", "x", "y", "width", "height", "Target") if column not in table.columns]
     if absent:
         raise DataError(f"{path}: missing column(s) {absent}; is this RSNA's stage_2_train_labels.csv?")
-    _refuse_duplicates(table, ["patientId", "x", "y", "width", "height"], path, "box(es) or film(s)")
+    refuse_duplicates(table, ["patientId", "x", "y", "width", "height"], path, "box(es) or film(s)")
     target = pd.to_numeric(table.Target, errors="coerce")
     if not target.isin([0, 1]).all():
         row = int(np.flatnonzero(~target.isin([0, 1]).to_numpy())[0])
@@ -387,7 +392,8 @@ def _read_rsna(data_dir, csv_path, options):
     films = table.groupby("patientId", sort=False).Target.max()
     images = data_dir / "stage_2_train_images"
     rows = pd.DataFrame({"path": [str(images / f"{film}.dcm") for film in films.index]})
-    rows["patient_id"] = films.index.astype(str)  # one film per patientId
+    rows["patient_id"] = films.index.astype(str)  # one film per patientId, its NIH patient where the mapping says
+    rows, nih_mapping = with_nih_patients(rows, films.index, path, data_dir, options["rsna_mapping"])
     rows["Pneumonia"] = films.to_numpy(dtype=float)
     marked = table[table.Target == 1].dropna(subset=["x"])
     boxes = pd.DataFrame(
@@ -400,7 +406,7 @@ def _read_rsna(data_dir, csv_path, options):
             "h": marked.height.to_numpy(),
         }
     )
-    return Read(rows, pd.Series("FRONTAL", index=rows.index), path, boxes=boxes)
+    return Read(rows, pd.Series("FRONTAL", index=rows.index), path, boxes=boxes, nih_mapping=nih_mapping)
 
 
 def _read_own_csv(data_dir, csv_path, options):
@@ -433,7 +439,7 @@ def _read_own_csv(data_dir, csv_path, options):
     values = table[findings].apply(lambda column: column.str.strip()).replace("", np.nan)
     _check_labeler_values(values, mapping, path, OWN_CSV_VALUES)
     _inside(table, "path", path)
-    _refuse_duplicates(table, ["path"], path, "film(s)")
+    refuse_duplicates(table, ["path"], path, "film(s)")
     labels = values.apply(pd.to_numeric).replace(-1, UNCERTAIN_VALUES[options["uncertain"]])
     rows = pd.DataFrame({"path": [str(Path(data_dir) / name) for name in table.path], "patient_id": table.patient_id})
     rows = rows.assign(**demographics(table.get("sex"), table.get("age"), table.get("view")))
@@ -474,26 +480,3 @@ REGISTRY = {  # the datasets besides NIH (dataset.py), for evaluate.py and train
 }
 DATASETS = tuple(REGISTRY)
 MAPPINGS = {name: entry.mapping for name, entry in REGISTRY.items()}
-
-
-def read_expert_labels(path):
-    """Google's expert labels of NIH films (google2019_nih-chest-xray-labels.csv: Image Index, Fracture,
-    Pneumothorax, Airspace opacity, Nodule or mass as YES/NO, Set Id) as 1/0 columns; a blank stays NaN."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"expert label file not found: {path}")
-    table = read_table(path, dtype=str)
-    table.columns = [str(column).strip() for column in table.columns]
-    absent = [column for column in EXPERT_COLUMNS if column not in table.columns]
-    if absent:
-        raise DataError(f"{path}: missing column(s) {absent}; is this google2019_nih-chest-xray-labels.csv?")
-    labels = pd.DataFrame({"image_name": table["Image Index"].str.strip(), "set_id": table["Set Id"].str.strip()})
-    _refuse_duplicates(labels, ["image_name"], path, "film(s)")
-    for name in (*EXPERT_UNSCORED, *EXPERT_MAPPING):
-        answer = table[name].str.strip().str.upper()
-        unknown = answer.notna() & ~answer.isin(["YES", "NO"])
-        if unknown.any():
-            row = int(np.flatnonzero(unknown)[0])
-            raise DataError(f"{path}, row {row + 2}: {name} is {table[name][row]!r}, not YES or NO")
-        labels[name] = answer.map({"YES": 1.0, "NO": 0.0})
-    return labels

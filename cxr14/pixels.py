@@ -65,18 +65,28 @@ class FilmImages:
         return load_image(self.paths[index], self.size)
 
 
-def cache_folder(data_dir, size):
-    return Path(data_dir) / f"cache_{size}"
+def cache_folder(data_dir, size, dataset="nih"):
+    """A dataset's cache at this size: cache_<size> for NIH, cache_<dataset>_<size> for the others, so that two
+    datasets in one folder (NIH and an own CSV of its films) never share one."""
+    return Path(data_dir) / (f"cache_{size}" if dataset == "nih" else f"cache_{dataset}_{size}")
 
 
-def find_cache(data_dir, load_size, setting="auto"):
-    """The cache folder to read (CACHE: "auto" finds DATA_DIR/cache_<LOAD_SIZE> when built, "off", or a folder), or
-    None to decode the PNGs."""
+def find_cache(data_dir, load_size, setting="auto", dataset="nih"):
+    """The cache folder to read (CACHE: "auto" finds the dataset's cache_folder when built, "off", or a folder), or
+    None to decode the films."""
     if setting == "off":
         return None
     if setting != "auto":
         return Path(setting)
-    folder = cache_folder(data_dir, load_size)
+    folder = cache_folder(data_dir, load_size, dataset)
+    older = cache_folder(data_dir, load_size)
+    if dataset != "nih" and not folder.is_dir() and (older / "index.csv").is_file():
+        warnings.warn(
+            f"{older} is NIH's cache, or one an older cache.py built for {dataset}: {dataset}'s films are read from "
+            f"their files. Build {dataset}'s own: python cache.py --dataset {dataset} --data_dir {data_dir} --size "
+            f"{load_size}",
+            stacklevel=2,
+        )
     return folder if (folder / "index.csv").is_file() else None
 
 
@@ -86,7 +96,10 @@ def open_cache(folder, names, size):
     images_path, index_path, done_path = folder / "images.npy", folder / "index.csv", folder / "done.npy"
     if index_path.is_file():
         if pd.read_csv(index_path)["image_name"].tolist() != list(names):
-            raise DataError(f"{folder} was built for another list of images; delete it to rebuild.")
+            raise DataError(
+                f"{folder} was built for another list of images: delete that folder to rebuild it for this one, or "
+                "train from the films without it (--cache off)"
+            )
         images = np.load(images_path, mmap_mode="r+")
         if images.shape != (len(names), size, size):
             raise DataError(f"{images_path} holds {images.shape[1]}-px images, not {size}; delete it to rebuild.")
@@ -146,7 +159,10 @@ class CachedImages:
         row_of = pd.Series(np.arange(len(index := pd.read_csv(folder / "index.csv"))), index=index["image_name"])
         missing = pd.Index(image_names).difference(row_of.index)
         if len(missing):
-            raise DataError(f"{len(missing)} image(s) are not in the cache {folder} (first: {missing[0]}); rebuild it.")
+            raise DataError(
+                f"{len(missing)} image(s) are not in the cache {folder} (first: {missing[0]}): it was built for other "
+                "films. Rebuild it with the cache.py command that names this dataset, or read the films (--cache off)"
+            )
         self.path = folder / "images.npy"
         self.rows = row_of.loc[list(image_names)].to_numpy()
         self.size = np.load(self.path, mmap_mode="r").shape[1]
@@ -181,21 +197,20 @@ class MixedImages:
 
 
 def dataset_images(groups, load_size, setting="auto", strict=False):
-    """The images of films from one or more datasets, in order. `groups`: per dataset (its folder, the films' names
-    in its cache, their paths, their positions in the whole). Each dataset's images come from its own cache (CACHE:
-    DATA_DIR/cache_<LOAD_SIZE> when built, "off", or a folder) when it holds them all at this size, else from the
+    """The images of films from one or more datasets, in order. `groups`: per dataset (its name, its folder, the
+    films' names in its cache, their paths, their positions in the whole). Each dataset's images come from its own
+    cache (CACHE: its cache_folder when built, "off", or a folder) when it holds them all at this size, else from the
     files; `strict` (training): a cache found but incomplete, without some films, or of another size is an error,
     not a slower run in silence."""
     sources, total = [], sum(len(positions) for *_, positions in groups)
     which, position = np.zeros(total, dtype=np.int64), np.zeros(total, dtype=np.int64)
-    for k, (folder, names, paths, positions) in enumerate(groups):
-        sources.append(_one_dataset(folder, names, paths, load_size, setting, strict))
+    for k, (dataset, folder, names, paths, positions) in enumerate(groups):
+        sources.append(_one_dataset(find_cache(folder, load_size, setting, dataset), names, paths, load_size, strict))
         which[positions], position[positions] = k, np.arange(len(positions))
     return sources[0] if len(sources) == 1 else MixedImages(sources, which, position)
 
 
-def _one_dataset(folder, names, paths, load_size, setting, strict):
-    cache = find_cache(folder, load_size, setting)
+def _one_dataset(cache, names, paths, load_size, strict):
     if cache is None:
         return FilmImages(paths, load_size)
     try:
@@ -224,7 +239,8 @@ def all_cached(images):
 def evaluation_images(rows, data_dir, load_size, setting="auto"):
     """The rows' images from the dataset's cache when one holds them all at this size (no PNG decoding), else the
     image files (rows: image_name and path columns)."""
-    return _one_dataset(data_dir, rows["image_name"], rows["path"], load_size, setting, strict=False)
+    cache = find_cache(data_dir, load_size, setting)
+    return _one_dataset(cache, rows["image_name"], rows["path"], load_size, strict=False)
 
 
 def memory_for_images(device, processes=None):

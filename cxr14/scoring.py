@@ -20,6 +20,7 @@ from cxr14.fitting import fit_statistics, store_statistics
 from cxr14.inference import split_outputs
 from cxr14.localisation import read_boxes, usable_boxes
 from cxr14.mappings import EXPERT_MAPPING, EXPERT_UNSCORED, model_scores
+from cxr14.nih_copies import NIH_COPIES, NOT_EXTERNAL, run_nih_patients
 from cxr14.pixels import FilmImages, dataset_images, evaluation_images, find_cache
 from cxr14.processes import worker_count
 from cxr14.report import CHEXNET_AUROC, format_two_label_table, two_label_table
@@ -46,6 +47,7 @@ class EvaluationSettings:
     uncertain: str
     min_age: float | None
     vindr_rule: str
+    rsna_mapping: str
     expert_labels: str | None
     bootstrap: int
 
@@ -257,16 +259,19 @@ def evaluate_external(model, request):
         request.drop_missing_images,
         request.min_age,
         request.vindr_rule,
+        request.rsna_mapping,
     )
     names = list(data.mapping)
     skipped = {"missing": data.skipped["missing"], "unreadable": []}
     data = data._replace(rows=outside_the_run(model, data, request))
+    caveat = not_external(model, data, request)
     print(
         f"checkpoint {request.checkpoint} (epoch {model.checkpoint['epoch']}); {request.dataset} ({data.source}): "
         f"{len(data.rows):,} frontal films of {data.rows.patient_id.nunique():,} patients; left out "
         f"{data.laterals:,} lateral and {data.other_views:,} other films"
         + "".join(f", {count:,} {reason}" for reason, count in data.left_out.items())
         + f"; uncertain labels: {request.uncertain}"
+        + (f"\nNOT EXTERNAL: {caveat}" if caveat else "")
     )
     outputs = outputs_of(model, data.rows, request)
     rows, logits, features = readable_only(data.rows, outputs, request.drop_missing_images, skipped)
@@ -275,20 +280,7 @@ def evaluate_external(model, request):
     thresholds = np.array([nih.get(found[0], np.nan) if len(found) == 1 else np.nan for found in data.mapping.values()])
     fitted = model.statistics.calibration
     after = None if fitted is None else model_scores(calibration.calibrated(logits, *fitted), data.mapping, FINDINGS)
-    about = {
-        "source": data.source,
-        "images": len(rows),
-        "patients": int(rows.patient_id.nunique()),
-        "laterals_left_out": data.laterals,
-        "other_views_left_out": data.other_views,
-        "left_out": data.left_out,
-        "skipped": skipped,
-        "uncertain": request.uncertain,
-        "mapping": {name: list(mapped) for name, mapped in data.mapping.items()},
-        "threshold_source": "NIH's validation split (thresholds.json beside the checkpoint, else the checkpoint's)",
-    }
-    if request.dataset == "vindr":
-        about["vindr_rule"] = request.vindr_rule
+    about = external_about(data, rows, skipped, request, caveat)
     return Evaluation(
         names=names,
         targets=rows[names].to_numpy(dtype=float),
@@ -304,13 +296,35 @@ def evaluate_external(model, request):
     )
 
 
+def external_about(data, rows, skipped, request, caveat):
+    """What was evaluated of another dataset and what was left out, for report.json."""
+    about = {
+        "source": data.source,
+        "images": len(rows),
+        "patients": int(rows.patient_id.nunique()),
+        "laterals_left_out": data.laterals,
+        "other_views_left_out": data.other_views,
+        "left_out": data.left_out,
+        "skipped": skipped,
+        "uncertain": request.uncertain,
+        "mapping": {name: list(mapped) for name, mapped in data.mapping.items()},
+        "threshold_source": "NIH's validation split (thresholds.json beside the checkpoint, else the checkpoint's)",
+        **({"nih_mapping": data.nih_mapping} if data.nih_mapping else {}),
+        **({"not_external": caveat} if caveat else {}),
+    }
+    if request.dataset == "vindr":
+        about["vindr_rule"] = request.vindr_rule
+    return about
+
+
 TRAINED_ON = "films of the run's training or validation split, or of their patients"
 
 
 def outside_the_run(model, data, request):
     """Another dataset's rows less the films the run trained or was validated on, and every film of their patients
-    (a run that trained on this dataset, alone or in a union, names its films `dataset:path` in its split); the count
-    left out is added to data.left_out under TRAINED_ON. A run that never saw the dataset leaves every film in."""
+    (a run that trained on this dataset, alone or in a union, names its films `dataset:path` in its split), and less
+    RSNA's copies of the NIH films of the patients it trained or was validated on (nih_copies.py); the counts left
+    out are added to data.left_out. A run that never saw the dataset, or NIH, leaves every film in."""
     saved = saved_split(model.checkpoint.get("split"), Path(request.checkpoint).parent / "split.csv")
     if saved is None:  # no split is known: nothing to leave out
         return data.rows
@@ -318,17 +332,30 @@ def outside_the_run(model, data, request):
     prefix = f"{request.dataset}:"  # as training_films names a film: its path below the dataset's folder
     names = [prefix + Path(os.path.relpath(path, request.data_dir)).as_posix() for path in data.rows.path]
     patients = prefix + data.rows.patient_id.astype(str)
+    if "nih_image" in data.rows.columns:  # RSNA's films with their NIH patient ("nih:13"), as a union names them
+        patients = patients.where(data.rows.nih_image.isna(), data.rows.patient_id.astype(str))
     trained = pd.Series(names, index=data.rows.index).isin(seen)
     left = trained | patients.isin(set(patients[trained]))
-    if left.all():
+    copies = ~left & patients.isin(run_nih_patients(seen))
+    if (left | copies).all():
         raise DataError(
             f"every one of the {len(left):,} films of {data.source} is among the {TRAINED_ON}: scoring them would "
             f"measure what the run learnt, not how it generalises. Evaluate its own test part: python evaluate.py "
             f"--checkpoint {request.checkpoint} (no --dataset)"
         )
-    if left.any():
-        data.left_out[TRAINED_ON] = int(left.sum())
-    return data.rows[~left.to_numpy()].reset_index(drop=True)
+    for reason, count in ((TRAINED_ON, int(left.sum())), (NIH_COPIES, int(copies.sum()))):
+        if count:
+            data.left_out[reason] = count
+    return data.rows[~(left | copies).to_numpy()].reset_index(drop=True)
+
+
+def not_external(model, data, request):
+    """Why this score is not an external one, or None: RSNA's films scored by a run that trained on NIH's, without the
+    mapping that leaves out the films it saw (nih_copies.NOT_EXTERNAL)."""
+    trained_on = str(model.checkpoint.get("config", {}).get("DATASET", "nih")).split(",")
+    if request.dataset == "rsna" and data.nih_mapping is None and "nih" in trained_on:
+        return NOT_EXTERNAL
+    return None
 
 
 def external_boxes(data, rows, probabilities):
@@ -350,7 +377,7 @@ def external_boxes(data, rows, probabilities):
 
 
 def expert_section(request, experts, rows, probabilities, out):
-    """Google's expert labels (external.read_expert_labels) on the films of the evaluated split: each finding's AUROC
+    """Google's expert labels (expert_labels.py) on the films of the evaluated split: each finding's AUROC
     against NIH's labels and against the experts' on the same films; expert_labels.csv and the report.json entry."""
     experts = experts.set_index("image_name")
     inside = rows.image_name.isin(experts.index).to_numpy()

@@ -18,6 +18,7 @@ VAL_FRACTION and TEST_FRACTION.
 """
 
 import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ import pandas as pd
 
 from cxr14.errors import CheckpointError, DataError, SettingsError
 from cxr14.external import DATASETS, REGISTRY, read_external
+from cxr14.nih_copies import RSNA_MAPPING_FILES
 from cxr14.pixels import find_cache
 from dataset import (
     FINDINGS,
@@ -41,6 +43,10 @@ from dataset import (
 )
 
 TRAINING_DATASETS = ("nih", *DATASETS)  # train.py's DATASET values
+NOT_KEPT_APART = (
+    f"RSNA's films are NIH's, and without RSNA's mapping ({RSNA_MAPPING_FILES[0]} beside its labels) this union "
+    "cannot keep an NIH patient in one part: an NIH test film may train through its RSNA copy. Put the mapping there."
+)
 
 
 class TrainingFilms(NamedTuple):
@@ -65,7 +71,7 @@ def dataset_names(data):
     if data.cache not in ("auto", "off") and len(names) > 1:
         raise SettingsError(
             f"CACHE {data.cache!r} with a union ({data.dataset}): each dataset's cache is found in its own folder "
-            "(cache_<LOAD_SIZE>, python cache.py --dataset NAME --data_dir FOLDER); set CACHE to auto or off"
+            "(python cache.py --dataset NAME --data_dir FOLDER builds it there); set CACHE to auto or off"
         )
     if data.csv and len(names) > 1:
         raise SettingsError(
@@ -102,7 +108,7 @@ def sampling(data, rows, split):
 
 
 def image_groups(rows, data):
-    """The rows' films per dataset, as pixels.dataset_images takes them: (the dataset's folder, each film's name in
+    """The rows' films per dataset, as pixels.dataset_images takes them: (the dataset, its folder, each film's name in
     its cache, their paths, their positions in `rows`). A cache is keyed by the dataset's own names (NIH's image
     name, the others' path below their folder), the run's names without their "dataset:" prefix."""
     folder_of = dict(zip(*dataset_names(data)))
@@ -112,7 +118,7 @@ def image_groups(rows, data):
         positions = np.flatnonzero(datasets == name)
         part = rows.iloc[positions]
         keys = [image.removeprefix(f"{name}:") for image in part.image_name]
-        groups.append((folder_of[name], keys, part.path.to_numpy(), positions))
+        groups.append((name, folder_of[name], keys, part.path.to_numpy(), positions))
     return groups
 
 
@@ -136,7 +142,7 @@ def read_training_films(data, saved_split=None):
     for name, folder in zip(names, folders):
         rows, official, label_files, dropped = _read_one(name, folder, data)
         if len(names) > 1 or name != "nih":  # a union's ids and names carry their dataset; NIH alone stays as it is
-            rows["patient_id"] = name + ":" + rows["patient_id"].astype(str)
+            rows["patient_id"] = _run_patients(name, rows)
             rows["image_name"] = name + ":" + rows["image_name"].astype(str)
         rows["dataset"] = name
         rows["split"] = "" if saved_split is not None else _split(rows, official, data, name)
@@ -148,8 +154,31 @@ def read_training_films(data, saved_split=None):
         raise DataError(f"image {rows.image_name[rows.image_name.duplicated()].iloc[0]} is listed twice")
     if saved_split is not None:
         return _with_saved_split(rows, saved_split, sources, left_out, data.data_dir)
+    rows["split"] = _nih_patients_part(rows)
     check_patients_disjoint(rows.patient_id, rows.split)
     return TrainingFilms(rows.drop(columns="split"), rows.split, sources, left_out)
+
+
+def _run_patients(name, rows):
+    """A union's patient ids: "dataset:id", or "nih:id" for another dataset's copy of an NIH film (nih_copies.py)."""
+    patients = name + ":" + rows["patient_id"].astype(str)
+    if "nih_image" not in rows.columns:
+        return patients
+    return patients.where(rows.nih_image.isna(), rows["patient_id"].astype(str))  # the reader gave them as "nih:13"
+
+
+def _nih_patients_part(rows):
+    """Each row's part, where the films of an NIH patient that another dataset holds (RSNA's) take the part of the
+    patient's NIH films: no NIH test patient trains through a copy of their film."""
+    nih = rows[rows.dataset == "nih"]
+    if nih.empty or "nih_image" not in rows.columns:
+        if nih.empty or "rsna" not in set(rows.dataset):
+            return rows.split
+        warnings.warn(NOT_KEPT_APART, stacklevel=3)
+        return rows.split
+    part_of = nih.groupby("patient_id").split.first()
+    copies = (rows.dataset != "nih") & rows.patient_id.isin(part_of.index)
+    return rows.split.where(~copies, rows.patient_id.map(part_of))
 
 
 def _with_saved_split(rows, saved, sources, left_out, data_dir):
@@ -208,7 +237,7 @@ def _training_rows(external, folder):
             "patient_id": rows.patient_id.astype(str),
         }
     )
-    for column in ("sex", "age", "view"):
+    for column in ("sex", "age", "view", "nih_image"):
         if column in rows.columns:
             table[column] = rows[column].to_numpy()
     for finding in FINDINGS:

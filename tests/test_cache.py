@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -150,13 +151,13 @@ def test_ctrl_c_is_one_line_and_the_next_run_finishes_the_cache(learn_dir, tmp_p
         np.testing.assert_array_equal(cache[row], load_image(labels.path[row], 96))
 
 
-@pytest.mark.parametrize("size", ["-5", "0", "31"])
-def test_a_size_below_32_is_refused_before_any_folder_is_made(demo_dir, size, capsys):
+@pytest.mark.parametrize("size", ["-5", "0", "31", "1025"])
+def test_a_size_outside_32_to_1024_is_refused_before_any_folder_is_made(demo_dir, size, capsys):
     import cache
 
     with pytest.raises(SystemExit) as stopped:
         cache.main(["--data_dir", str(demo_dir), "--size", size])
-    assert stopped.value.code == 2 and "at least 32" in capsys.readouterr().err
+    assert stopped.value.code == 2 and "from 32 to 1024" in capsys.readouterr().err
     assert not (demo_dir / f"cache_{size}").exists()
 
 
@@ -172,3 +173,22 @@ def test_the_commands_that_decode_films_import_no_torch(command):
     code = f"import sys, {command}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+
+
+def test_two_datasets_in_one_folder_each_have_their_own_cache(demo_dir, tmp_path, capsys):
+    """An own CSV of NIH's films in NIH's folder: its cache is its own, NIH's is neither refused nor touched."""
+    import cache
+
+    data = tmp_path / "demo"
+    shutil.copytree(demo_dir, data)
+    build_cache(data, size=40, workers=1)
+    nih_index = (data / "cache_40" / "index.csv").read_bytes()
+    labels = demo_labels(data)
+    own = labels.assign(path=[str(Path(path).relative_to(data).as_posix()) for path in labels.path])
+    own[["path", "patient_id", "Effusion"]].to_csv(data / "my_films.csv", index=False)
+    cache.main(["--dataset", "csv", "--csv", "my_films.csv", "--data_dir", str(data), "--size", "40", "--workers", "1"])
+    assert "cache ready" in capsys.readouterr().out
+    assert pd.read_csv(data / "cache_csv_40" / "index.csv").image_name.tolist() == own.path.tolist()
+    assert (data / "cache_40" / "index.csv").read_bytes() == nih_index
+    assert run_train(data, tmp_path / "run", dataset="csv", csv="my_films.csv", cache_on_device="off") == 0
+    assert f"cache {data / 'cache_csv_40'}" in capsys.readouterr().out

@@ -418,7 +418,8 @@ def test_an_empty_or_header_only_label_file_is_one_line_from_every_command(comma
 
 def test_an_empty_or_latin_1_label_file_is_one_line_naming_the_file_and_the_line(tmp_path):
     from cxr14.errors import DataError
-    from cxr14.external import read_expert_labels, read_external
+    from cxr14.expert_labels import read_expert_labels
+    from cxr14.external import read_external
     from dataset import read_labels
 
     (tmp_path / "empty.csv").write_bytes(b"")

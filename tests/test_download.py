@@ -16,12 +16,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import download
 from cxr14 import archives
 from demo_data import write_demo
-from helpers import ROOT, tiny_settings
+from helpers import ROOT, SAMPLE_CSV, tiny_settings
 
 SMALL_FILES = ("Data_Entry_2017_v2020.csv", "train_val_list.txt", "test_list.txt", "BBox_List_2017.csv")
 
@@ -376,3 +377,56 @@ def test_a_manifest_with_a_header_and_no_row_says_it_lists_no_file(tmp_path):
     empty.write_text("name,url,md5,bytes\n", encoding="utf-8")
     with pytest.raises(archives.DataError, match="files.csv lists no file"):
         archives.read_manifest(empty)
+
+
+def test_an_archive_never_replaces_the_users_own_files_nor_writes_into_download_pys_state(server, tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    members = {
+        "labels.tar.gz": [("Data_Entry_2017_v2020.csv", b"Image Index\nfrom the archive\n")],
+        "state.tar.gz": [(".download/images_001.tar.gz.json", b'{"mode": "extracted", "files": []}')],
+        "films.tar.gz": [("images/00000001_000.png", b"\x89PNG one")],
+    }
+    for name, files in members.items():
+        with tarfile.open(served / name, "w:gz") as archive:
+            for member, data in files:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    server.root = served
+    out = tmp_path / "nih"
+    out.mkdir()
+    mine = SAMPLE_CSV.read_bytes()  # the user's copy of NIH's label file, which the archive's would replace
+    (out / "Data_Entry_2017_v2020.csv").write_bytes(mine)
+    for name, said in (("labels.tar.gz", "a file download.py did not extract"), ("state.tar.gz", "own folder")):
+        listed = manifest(served, server.url, tmp_path / f"{name}.csv", names=[name])
+        with pytest.raises(SystemExit) as stopped:
+            download.main(["--out", str(out), "--manifest", str(listed)])
+        assert name in str(stopped.value.code) and said in str(stopped.value.code)
+    assert (out / "Data_Entry_2017_v2020.csv").read_bytes() == mine
+    assert not (out / ".download" / "images_001.tar.gz.json").exists()
+    listed = manifest(served, server.url, tmp_path / "films.csv", names=["films.tar.gz"])
+    download.main(["--out", str(out), "--manifest", str(listed)])  # its own films, extracted, then extracted again
+    (out / ".download" / "films.tar.gz.json").unlink()
+    (out / "images" / "00000001_000.png").write_bytes(b"changed")  # after its record is gone, not download.py's
+    with pytest.raises(SystemExit, match="images/00000001_000.png, which would replace"):
+        download.main(["--out", str(out), "--manifest", str(listed), "--keep_archives"])
+
+
+def test_a_first_cache_only_run_counts_the_cache_on_the_disk_before_writing_a_byte_of_it(
+    server, source, tmp_path, monkeypatch
+):
+    films, served = source
+    server.root = served
+    listed = manifest(served, server.url, tmp_path / "files.csv")
+    biggest = max(path.stat().st_size for path in served.glob("*.tar.gz"))
+    rows = len(pd.read_csv(films / "Data_Entry_2017_v2020.csv"))
+    monkeypatch.setattr(download, "free_bytes", lambda folder: biggest + rows * 64 * 64 - 1)  # all but the cache
+    out = tmp_path / "nih"
+    with pytest.raises(SystemExit) as stopped:
+        download.main(["--out", str(out), "--manifest", str(listed), "--cache_only", "--load_size", "64"])
+    assert "the cache at 64 px" in str(stopped.value.code) and not (out / "cache_64").exists()
+    assert not [name for name, _ in server.requests if name.endswith(".tar.gz")]
+    monkeypatch.setattr(download, "free_bytes", lambda folder: biggest + rows * 64 * 64)  # just enough
+    download.main(["--out", str(out), "--manifest", str(listed), "--cache_only", "--load_size", "64"])
+    assert (out / "cache_64" / "index.csv").is_file()

@@ -547,7 +547,7 @@ def test_vindr_boxes_come_from_positive_films_only_with_their_exact_corners(tmp_
 
 
 def test_a_blank_expert_answer_leaves_the_film_out_of_that_finding_only(tmp_path):
-    from cxr14.external import read_expert_labels
+    from cxr14.expert_labels import read_expert_labels
     from cxr14.report import two_label_table
 
     table = pd.DataFrame(
