@@ -89,21 +89,32 @@ def predictions_of(path, args):
 
 def aligned(tables, names, paths):
     """The tables in the first one's film order, after checking that every one scores the same films, findings and
-    labels; returns (findings, labels [films, findings], patient ids, [probabilities per model])."""
-    first = tables[0].assign(patient_id=tables[0].patient_id.astype(str)).set_index("image_name")
+    labels; returns (findings, labels [films, findings], patient ids, [probabilities per model]). A union names NIH's
+    films "nih:NAME": they are NIH's own. When one model scored fewer films (an NIH-only run beside a union), the
+    models are compared on those films, which every model scored, and what is left out is said."""
+    tables = [table.assign(image_name=table.image_name.astype(str).str.removeprefix("nih:")) for table in tables]
+    shared = set.intersection(*(set(table.image_name) for table in tables))
+    for table, name, path in zip(tables, names, paths):
+        differ = [film for film in set(table.image_name) - shared if ":" not in film]  # NIH's, not another dataset's
+        if differ or table.image_name.duplicated().any():
+            raise DataError(
+                f"{len(differ):,} films differ between the films of {name} ({len(table):,}, {path}) and the films "
+                f"every other model scored (first: {sorted(differ)[:1]}): their runs split the data differently. "
+                "Compare NIH-only runs on one list of films that neither trained on: --test_list FILE (NIH's "
+                "test_list.txt for runs on the official split); a union's split is its own (evaluate.py takes no "
+                "--test_list for it)"
+            )
+    for table, name in zip(tables, names):
+        if len(table) > len(shared):
+            left = len(table) - len(shared)
+            print(f"{name}: compared on the {len(shared):,} films every model scored; {left:,} left out")
+    first = tables[0][tables[0].image_name.isin(shared)]
+    first = first.assign(patient_id=first.patient_id.astype(str)).set_index("image_name")
     findings = [column[len("prob_") :] for column in first.columns if column.startswith("prob_")]
     labels = first[[f"label_{name}" for name in findings]].to_numpy(dtype=float)
     scores = []
     for table, name, path in zip(tables, names, paths):
         table = table.set_index("image_name")
-        own = set(table.index)
-        if own != set(first.index) or len(table) != len(first):
-            differ = len(own ^ set(first.index))
-            raise DataError(
-                f"{differ:,} films differ between the films of {names[0]} ({len(first):,}) and of {name} "
-                f"({len(table):,}, {path}): their runs split the data differently. Compare them on one list of films "
-                "that neither trained on: --test_list FILE (NIH's test_list.txt for runs on the official split)"
-            )
         table = table.loc[first.index]
         if [column[len("prob_") :] for column in table.columns if column.startswith("prob_")] != findings:
             raise DataError(f"{name} ({path}) scores other findings than {names[0]}: {findings}")

@@ -159,15 +159,16 @@ def _export_graph(net, example, out, outputs, model):
     return properties
 
 
-def export_int8(checkpoint_path, out, thresholds_file=None, calibration_films=CALIBRATION_FILMS, force=False):
+def export_int8(
+    checkpoint_path, out, thresholds_file=None, calibration_films=CALIBRATION_FILMS, force=False, films=None
+):
     """Write the int8 ONNX file (--int8), checked against the fp32 export on the validation split; returns its
-    metadata. Refused (DataError, nothing written) beyond the INT8_MAX_ limits unless `force`."""
+    metadata. Refused (DataError, nothing written) beyond the INT8_MAX_ limits unless `force`. `films`: --data_dir
+    and --drop_missing_images, where the validation films are read from."""
     import onnx
 
-    from cxr14.scoring import part_crops
-
     model = TorchModel(checkpoint_path, device="cpu", amp=False, thresholds=thresholds_file)
-    rows, crops = part_crops(model, "val")
+    rows, crops = validation_crops(model, films or argparse.Namespace(data_dir=None, drop_missing_images=False))
     out = Path(out)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as folder:
         fp32 = Path(folder) / "fp32.onnx"
@@ -205,6 +206,24 @@ def export_int8(checkpoint_path, out, thresholds_file=None, calibration_films=CA
         onnx.save(proto, str(quantized))
         os.replace(quantized, out)
     return {**properties, "int8": json.dumps(check)}
+
+
+def validation_crops(model, films):
+    """scoring.part_crops of the validation part, read from films.data_dir (default: the run's DATA_DIR); a folder
+    not found says which one was looked in, and how to give another."""
+    from cxr14.scoring import part_crops
+
+    try:
+        return part_crops(model, "val", films.data_dir, films.drop_missing_images)
+    except DataError as error:
+        if films.data_dir:
+            raise
+        folder = model.data.data_dir
+        seen_from = "" if Path(folder.split(",")[0]).is_absolute() else f", relative to this folder ({Path.cwd()})"
+        raise DataError(
+            f"{error} [--int8 reads the run's validation films from its DATA_DIR {folder!r}{seen_from}: give their "
+            "folder with --data_dir]"
+        ) from None
 
 
 def quantize(fp32, out, calibration_crops):
@@ -291,6 +310,12 @@ def main(argv=None):
         "checkpoint's validation split (needs its films)",
     )
     parser.add_argument(
+        "--data_dir", help="--int8: the folder of the run's films (default: the run's DATA_DIR, as it gave it)"
+    )
+    parser.add_argument(
+        "--drop_missing_images", action="store_true", help="--int8: calibrate and check on the films present"
+    )
+    parser.add_argument(
         "--calibration_films",
         type=int,
         default=CALIBRATION_FILMS,
@@ -309,7 +334,9 @@ def main(argv=None):
         with one_line_errors(interrupted=f"nothing was written to {args.out}"):
             check_out(Path(args.out), Path(args.checkpoint), args.overwrite)
             if args.int8:
-                properties = export_int8(args.checkpoint, args.out, args.thresholds, args.calibration_films, args.force)
+                properties = export_int8(
+                    args.checkpoint, args.out, args.thresholds, args.calibration_films, args.force, films=args
+                )
             else:
                 properties = export(args.checkpoint, args.out, args.thresholds)
     except ImportError as error:

@@ -26,7 +26,7 @@ DATASETS = CommaList("nih", "chexpert", "mimic", "padchest", "vindr", "rsna", "c
 # --name value; every value is checked against what it may be before the run writes or reads anything.
 DATASET: DATASETS = "nih"  # the films to train on, or a union: nih,chexpert (training_films.py)
 DATA_DIR: Text = "data/nih"  # the dataset's folder (label CSV and images); for a union one per dataset, comma-separated
-CSV: Text = ""  # label file; empty: the dataset's own (NIH: the Data_Entry_2017*.csv below DATA_DIR)
+CSV: Text = ""  # label file; empty: the dataset's own (NIH: Data_Entry_2017*.csv); a union: its csv member's
 UNCERTAIN: OneOf("ignore", "zeros", "ones") = "ignore"  # CheXpert/MIMIC -1: unlabelled (U-Ignore), negative, positive
 DATASET_WEIGHTS: Weights = ""  # a union's share of each epoch per dataset: empty, by size; 1,1: equal shares
 BACKBONE: OneOf("resnet50", "densenet121", "convnext_tiny") = "resnet50"  # the network (model.BACKBONES)

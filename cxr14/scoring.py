@@ -180,21 +180,22 @@ def run_parts(model, request, split, source, wanted):
             f"{request.checkpoint} trained on {data.dataset}: its split is evaluated as it was read; --test_list and "
             "--csv are for NIH runs"
         )
-    films = read_training_films(data, saved_split=split)
+    films = read_training_films(data, saved_split=split, leave_out_missing=request.drop_missing_images)
     parts = {}
     for part in dict.fromkeys(wanted):
         parts[part] = films.rows[(films.split == part).to_numpy()].reset_index(drop=True)
         if parts[part].empty:
             raise DataError(f"the {part} part of {source} is empty")
-    return data, parts, []
+    missing = [] if films.missing is None else films.missing.image_name[films.missing.split.isin(wanted)]
+    return data, parts, sorted(missing)
 
 
-def part_crops(model, part="val"):
+def part_crops(model, part="val", data_dir=None, drop_missing_images=False):
     """(rows with their findings' labels, uint8 evaluation crops [N, S, S]) of one part of a TorchModel's own split,
-    read as evaluate.py reads it (each dataset through its cache where one holds its films): export.py --int8
-    calibrates on the validation part and checks the quantized model there."""
+    read as evaluate.py reads it (each dataset through its cache where one holds its films; data_dir: the run's
+    folder(s) where they lie now): export.py --int8 calibrates on the validation part and checks the model there."""
     request = SimpleNamespace(
-        checkpoint=str(model.path), data_dir=None, csv=None, test_list=None, drop_missing_images=False
+        checkpoint=str(model.path), data_dir=data_dir, csv=None, test_list=None, drop_missing_images=drop_missing_images
     )
     split, source = run_split(model.checkpoint, request.checkpoint)
     data, parts, _ = run_parts(model, request, split, source, [part])

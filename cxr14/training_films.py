@@ -57,6 +57,7 @@ class TrainingFilms(NamedTuple):
     split: pd.Series
     sources: list  # the label files read
     left_out: dict  # {dataset: {"laterals": n, "other views": n, ...}}: films read but not trained on
+    missing: pd.DataFrame | None = None  # a saved split's films not on disk (image_name, split), when allowed
 
 
 def dataset_names(data):
@@ -73,12 +74,18 @@ def dataset_names(data):
             f"CACHE {data.cache!r} with a union ({data.dataset}): each dataset's cache is found in its own folder "
             "(python cache.py --dataset NAME --data_dir FOLDER builds it there); set CACHE to auto or off"
         )
-    if data.csv and len(names) > 1:
+    if data.csv and len(names) > 1 and "csv" not in names:
         raise SettingsError(
-            f"CSV {data.csv!r} with a union ({data.dataset}): each dataset's label file is found in its "
-            "folder; leave CSV empty"
+            f"CSV {data.csv!r} with a union ({data.dataset}): each dataset's label file is found in its folder, and "
+            "CSV names a hospital's own file, for a union with csv (nih,csv). Leave CSV empty"
         )
     return names, folders
+
+
+def label_file_setting(name, data):
+    """CSV as it applies to one dataset of DATASET: alone, its label file; in a union, the csv member's own file
+    (every other member reads its own label file from its folder)."""
+    return data.csv if name == "csv" or "," not in data.dataset else ""
 
 
 def dataset_weights(data):
@@ -134,9 +141,10 @@ def is_nih_only(data):
     return [name.strip() for name in data.dataset.split(",")] == ["nih"]
 
 
-def read_training_films(data, saved_split=None):
+def read_training_films(data, saved_split=None, leave_out_missing=False):
     """The TrainingFilms of a settings.DataSettings; with `saved_split` (a resumed run's image_name/split table) that
-    split instead of a new one. NIH's films in its complete cache need no PNG on disk (download.py --cache_only)."""
+    split instead of a new one, its films no longer on disk an error unless leave_out_missing. NIH's films in its
+    complete cache need no PNG on disk (download.py --cache_only)."""
     names, folders = dataset_names(data)
     parts, sources, left_out = [], [], {}
     for name, folder in zip(names, folders):
@@ -153,7 +161,7 @@ def read_training_films(data, saved_split=None):
     if rows.image_name.duplicated().any():
         raise DataError(f"image {rows.image_name[rows.image_name.duplicated()].iloc[0]} is listed twice")
     if saved_split is not None:
-        return _with_saved_split(rows, saved_split, sources, left_out, data.data_dir)
+        return _with_saved_split(rows, saved_split, sources, left_out, data.data_dir, leave_out_missing)
     rows["split"] = _nih_patients_part(rows)
     check_patients_disjoint(rows.patient_id, rows.split)
     return TrainingFilms(rows.drop(columns="split"), rows.split, sources, left_out)
@@ -181,16 +189,18 @@ def _nih_patients_part(rows):
     return rows.split.where(~copies, rows.patient_id.map(part_of))
 
 
-def _with_saved_split(rows, saved, sources, left_out, data_dir):
-    missing = saved.image_name[~saved.image_name.isin(rows.image_name)]
-    if len(missing):
+def _with_saved_split(rows, saved, sources, left_out, data_dir, leave_out_missing):
+    """The saved split's films as read now; its films not found are an error (a resume trains on all of them), or
+    with leave_out_missing (evaluate.py --drop_missing_images) left out and named in TrainingFilms.missing."""
+    missing = saved[~saved.image_name.isin(rows.image_name)]
+    if len(missing) and not leave_out_missing:
         raise DataError(
-            f"{len(missing)} image(s) of the run's split are not below {data_dir} (first: {missing.iloc[0]})"
+            f"{len(missing)} image(s) of the run's split are not below {data_dir} (first: {missing.image_name.iloc[0]})"
         )
     split = rows.image_name.map(saved.set_index("image_name")["split"])
     keep = split.notna().to_numpy()  # films added to a label file since the run started take no part
     rows = rows[keep].drop(columns="split").reset_index(drop=True)
-    return TrainingFilms(rows, split[keep].reset_index(drop=True), sources, left_out)
+    return TrainingFilms(rows, split[keep].reset_index(drop=True), sources, left_out, missing)
 
 
 def _read_one(name, folder, data):
@@ -198,12 +208,12 @@ def _read_one(name, folder, data):
     left out) of one dataset: its registry entry's training files (external.REGISTRY) and official split."""
     if name == "nih":
         cache = find_cache(folder, data.load_size, data.cache)
-        csv_path = find_label_file(folder, data.csv)
+        csv_path = find_label_file(folder, label_file_setting(name, data))
         rows = attach_image_paths(read_labels(csv_path), folder, data.drop_missing_images, cache=cache)
         rows[list(FINDINGS)] = rows[list(FINDINGS)].astype(float)
         official = make_split(rows, csv_path, data.val_fraction, data.test_fraction, data.seed)
         return rows, official, [csv_path], {}
-    return _read_registered(name, folder, data.csv, data.uncertain, data.drop_missing_images)
+    return _read_registered(name, folder, label_file_setting(name, data), data.uncertain, data.drop_missing_images)
 
 
 def _read_registered(name, folder, csv_path, uncertain, drop_missing):

@@ -114,6 +114,28 @@ def test_models_are_aligned_film_by_film_and_other_labels_are_refused():
         compare.aligned([first, relabelled], ["A", "B"], ["a.pth", "b.pth"])
 
 
+def test_a_union_and_an_nih_only_run_are_compared_on_the_nih_films_both_scored(capsys):
+    nih_only = pd.DataFrame(
+        {"image_name": ["a", "b", "c"], "patient_id": [1, 1, 2], "label_X": [1, 0, 0], "prob_X": [0.9, 0.2, 0.1]}
+    )
+    union = pd.DataFrame(
+        {
+            "image_name": ["chexpert:x", "nih:c", "nih:a", "nih:b"],
+            "patient_id": ["chexpert:7", "nih:2", "nih:1", "nih:1"],
+            "label_X": [1, 0, 1, 0],
+            "prob_X": [0.5, 0.3, 0.8, 0.4],
+        }
+    )
+    findings, labels, patients, scores = compare.aligned([nih_only, union], ["nih", "union"], ["a.pth", "b.pth"])
+    assert labels[:, 0].tolist() == [1, 0, 0] and patients.tolist() == ["1", "1", "2"]
+    np.testing.assert_array_equal(scores[1][:, 0], [0.8, 0.4, 0.3])
+    assert "union: compared on the 3 films every model scored; 1 left out" in capsys.readouterr().out
+    other = union.assign(image_name=["chexpert:x", "nih:c", "nih:a", "nih:d"])  # another NIH split
+    with pytest.raises(compare.DataError, match="1 films differ between the films of nih") as refused:
+        compare.aligned([nih_only, other], ["nih", "union"], ["a.pth", "b.pth"])
+    assert "a union's split is its own" in str(refused.value)
+
+
 def test_a_finding_without_positives_is_reported_as_such(tmp_path):
     targets = np.zeros((40, 2))
     targets[:10, 0] = 1  # the second finding has no positives

@@ -220,3 +220,39 @@ def test_an_onnx_file_whose_metadata_disagrees_with_its_graph_is_named(onnx_file
     onnx.save(proto, str(tmp_path / "changed.onnx"))
     with pytest.raises(DataError, match=r"changed.onnx's metadata says image_size \d+, but its graph takes"):
         OnnxModel(tmp_path / "changed.onnx")
+
+
+@pytest.mark.slow  # a run of seconds and an int8 export: about 20 s on 2 cores
+def test_int8_reads_the_films_from_data_dir_and_its_advice_names_flags_export_takes(demo_dir, tmp_path, monkeypatch):
+    """A run whose DATA_DIR is relative, exported from another folder: the error says where it looked and names
+    --data_dir; with films gone it names --drop_missing_images, which export.py takes."""
+    import shutil
+
+    from helpers import run, tiny_settings
+
+    shutil.copytree(demo_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert run(tiny_settings("data", "run", epochs=1)) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    arguments = ["--checkpoint", str(tmp_path / "run" / "best.pth"), "--out", "m.onnx", "--int8", "--force"]
+    with pytest.raises(SystemExit) as stopped:
+        export.main(arguments)
+    said = str(stopped.value.code)
+    assert "DATA_DIR 'data'" in said and f"relative to this folder ({elsewhere})" in said and "--data_dir" in said
+    split = pd.read_csv(tmp_path / "run" / "split.csv")
+    gone = split.image_name[split.split == "val"].iloc[0]
+    next((tmp_path / "data").rglob(gone)).unlink()
+    with pytest.raises(SystemExit) as stopped:
+        export.main([*arguments, "--data_dir", str(tmp_path / "data")])
+    assert "--drop_missing_images" in str(stopped.value.code) and gone in str(stopped.value.code)
+    export.main([*arguments, "--data_dir", str(tmp_path / "data"), "--drop_missing_images", "--calibration_films", "8"])
+    check = json.loads(onnx_metadata(elsewhere / "m.onnx")["int8"])
+    assert check["validation_films"] == (split.split == "val").sum() - 1
+
+
+def onnx_metadata(path):
+    import onnx
+
+    return {entry.key: entry.value for entry in onnx.load(str(path)).metadata_props}

@@ -428,3 +428,42 @@ def test_evaluating_a_dataset_the_run_trained_on_leaves_its_training_and_validat
     )
     with pytest.raises(DataError, match="is among the films of the run's training or validation split"):
         evaluate.evaluate(evaluate.parse_args([*arguments, "--csv", "train.csv", "--out", str(tmp_path / "t")]))
+
+
+def test_a_hospitals_own_csv_joins_a_union_and_csv_names_its_file(union_dirs, tmp_path, capsys):
+    nih, chexpert = union_dirs
+    table = pd.DataFrame(
+        {"path": [f"films/{k}.png" for k in range(10)], "patient_id": list("aabbccddee"), "Effusion": ["1", "0"] * 5}
+    )
+    data = own_csv(tmp_path / "own", table)
+    films = read_training_films(data_settings("nih,csv", f"{nih},{data}", csv="my_films.csv"))
+    nih_rows = len(pd.read_csv(nih / "Data_Entry_2017_v2020.csv"))
+    assert films.rows.dataset.value_counts().to_dict() == {"nih": nih_rows, "csv": len(table)}
+    assert [path.name for path in films.sources] == ["Data_Entry_2017_v2020.csv", "my_films.csv"]
+    own = films.rows[films.rows.dataset == "csv"]
+    assert own.Effusion.tolist() == table.Effusion.astype(float).tolist()
+    with pytest.raises(SystemExit, match="2"):  # refused as the settings are read
+        data_settings("nih,chexpert", f"{nih},{chexpert}", csv="my_films.csv")
+    assert "CSV names a hospital's own file, for a union with csv" in capsys.readouterr().err
+
+
+def test_a_run_on_another_dataset_with_films_gone_is_evaluated_on_those_left_with_the_flag(union_dirs, tmp_path):
+    import shutil
+
+    import evaluate
+    from helpers import run, tiny_settings
+
+    chexpert = shutil.copytree(union_dirs[1], tmp_path / "chexpert")
+    assert run(tiny_settings(chexpert, tmp_path / "run", dataset="chexpert", epochs=1, batch_size=8)) == 0
+    split = pd.read_csv(tmp_path / "run" / "split.csv")
+    test = split.image_name[split.split == "test"].str.removeprefix("chexpert:")
+    gone = sorted(test)[:3]
+    for name in gone:
+        (chexpert / name).unlink()
+    arguments = ["--checkpoint", str(tmp_path / "run" / "best.pth"), "--bootstrap", "10", "--num_workers", "0"]
+    arguments += ["--boxes", "none", "--out", str(tmp_path / "report")]
+    with pytest.raises(DataError, match="--drop_missing_images"):
+        evaluate.evaluate(evaluate.parse_args(arguments))
+    report = evaluate.evaluate(evaluate.parse_args([*arguments, "--drop_missing_images"]))
+    assert report["images"] == len(test) - len(gone)
+    assert report["skipped"]["missing"] == [f"chexpert:{name}" for name in gone]
