@@ -126,6 +126,18 @@ def extracted_files(out):
     return frozenset(name for state in states if state.get("mode") == "extracted" for name, _ in state["files"])
 
 
+def refuse_cache_over_extracted(out, archives, load_size):
+    """--cache_only where download.py extracted the archives before: their PNGs are here, and downloading them all
+    again to decode them is the long way round. cache.py decodes the PNGs into the same array (tested byte-equal)."""
+    extracted = [entry.name for entry in archives if (archive_state(out, entry) or {}).get("mode") == "extracted"]
+    if extracted:
+        raise DataError(
+            f"{out} holds the PNGs of {len(extracted)} extracted archive(s) (first: {extracted[0]}): --cache_only "
+            f"would download them again. Build the cache from the PNGs instead: python cache.py --data_dir {out} "
+            f"--size {load_size} (then delete the images folders if you want no PNG kept)"
+        )
+
+
 def write_state(out, entry, content):
     folder = out / STATE
     folder.mkdir(exist_ok=True)
@@ -241,6 +253,7 @@ def download(args):
     label_files = sorted(path.name for path in out.glob("Data_Entry_2017*.csv"))  # the manifest's, or one placed
     cache = None
     if args.cache_only:
+        refuse_cache_over_extracted(out, archives, args.load_size)
         if not label_files:
             raise DataError(
                 f"--cache_only needs the label file first, to know each film's row: place Data_Entry_2017_v2020.csv "

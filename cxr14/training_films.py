@@ -106,11 +106,14 @@ def sampling(data, rows, split):
     """A line saying each dataset's share of a training epoch (a union's: `rows` and `split` of its TrainingFilms),
     and why it is that share."""
     train = rows.dataset[(split == "train").to_numpy()]
-    sizes = train.value_counts().reindex(dataset_names(data)[0]).to_numpy()
+    sizes = train.value_counts().reindex(dataset_names(data)[0], fill_value=0).to_numpy()
     weights = dataset_weights(data)
-    shares = sizes / sizes.sum() if weights is None else np.asarray(weights) / sum(weights)
+    shares = sizes / max(sizes.sum(), 1) if weights is None else np.asarray(weights) / sum(weights)
     rule = "in proportion to its size" if weights is None else f"by DATASET_WEIGHTS {data.dataset_weights}"
-    said = ", ".join(f"{name} {share:.0%}" for name, share in zip(dataset_names(data)[0], shares))
+    said = ", ".join(
+        f"{name} {share:.0%}" + ("" if size else " (no training film: its validation and test films only)")
+        for name, share, size in zip(dataset_names(data)[0], shares, sizes)
+    )
     return f"each epoch draws from each dataset {rule}: {said}"
 
 

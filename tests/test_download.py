@@ -153,6 +153,11 @@ def test_faults_are_survived_and_the_films_are_byte_identical_and_a_rerun_is_idl
     download.main(["--out", str(out), "--manifest", str(listed)])
     assert films_below(out) == films_below(films)
     assert [name for name, _ in server.requests[asked:]] == ["images_001.tar.gz"]
+    asked = len(server.requests)  # the PNGs are here: --cache_only points to cache.py, and downloads nothing again
+    with pytest.raises(SystemExit) as stopped:
+        download.main(["--out", str(out), "--manifest", str(listed), "--cache_only", "--load_size", "40"])
+    assert f"python cache.py --data_dir {out} --size 40" in str(stopped.value.code)
+    assert len(server.requests) == asked and not (out / "cache_40").exists()
 
 
 def test_a_404_names_the_file_and_the_url(server, source, tmp_path):

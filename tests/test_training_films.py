@@ -467,3 +467,14 @@ def test_a_run_on_another_dataset_with_films_gone_is_evaluated_on_those_left_wit
     report = evaluate.evaluate(evaluate.parse_args([*arguments, "--drop_missing_images"]))
     assert report["images"] == len(test) - len(gone)
     assert report["skipped"]["missing"] == [f"chexpert:{name}" for name in gone]
+
+
+def test_a_union_member_without_training_films_has_a_share_of_none_not_nan(union_dirs):
+    from cxr14.training_films import sampling
+
+    nih, chexpert = union_dirs
+    data = data_settings("nih,chexpert", f"{nih},{chexpert}")
+    films = read_training_films(data)
+    split = films.split.where(films.rows.dataset.to_numpy() != "chexpert", "test")  # chexpert: test films only
+    said = sampling(data, films.rows, split)
+    assert "nih 100%, chexpert 0% (no training film" in said and "nan" not in said
