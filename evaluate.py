@@ -280,9 +280,10 @@ def statistics_sections(args, model, evaluated, table, report, out, sha256):
     fitted_ood = model.statistics.ood
     if fitted_ood is not None:
         what = f"the {args.split} split" if args.dataset == "nih" else f"{args.dataset}'s films"
-        report["ood"], said = ood.report_section(fitted_ood, evaluated.features, what)
+        distances = ood.distances(fitted_ood, evaluated.features)
+        report["ood"], said = ood.report_section(fitted_ood, distances, what)
         print(said)
-        percentiles = ood.percentiles(fitted_ood, ood.distances(fitted_ood, evaluated.features))
+        percentiles = ood.percentiles(fitted_ood, distances)
     shown = evaluated.raw if evaluated.calibrated is None else evaluated.calibrated  # what predict.py outputs
     predictions = prediction_table(evaluated.rows, evaluated.names, evaluated.targets, shown, percentiles)
     predictions.to_csv(out / "predictions.csv", index=False)

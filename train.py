@@ -108,6 +108,7 @@ from cxr14.run_folder import (
     Position,
     TensorBoard,
     Training,
+    best_epochs,
     finished,
     open_run,
     restore,
@@ -232,7 +233,8 @@ def train(settings):
             from cxr14.fitting import fit_run_statistics  # scikit-learn: not in DataLoader workers
 
             batch_size, amp = settings.loader.batch_size, settings.run.amp
-            fit_run_statistics(run.run_dir, settings.data, batch_size, amp, run.labels, run.split, run.device, run.log)
+            fitted = (run.run_dir, settings.data, batch_size, amp, run.labels, run.split, run.device, run.log)
+            fit_run_statistics(*fitted, kept=run.kept)
     return code
 
 
@@ -321,6 +323,7 @@ def train_epochs(run, stop):
             log(f"  mean AUROC by dataset: {said}")
         if run.is_main:
             save_and_log_epoch(run, metrics, validation)
+            keep_best_validations(run, epoch, validation)
         ended = finished(run.history, Position(epoch + 1, 0), metrics.lr, settings.training)
         if ended:
             log(f"training ends: {ended}")
@@ -343,16 +346,24 @@ def validate(net, loader, pos_weight, loop):
     def progress(batches):
         return tqdm(batches, desc="  validation", leave=False, disable=not loop.show_progress)
 
-    logits, targets = predict_logits(net, loader, prepare, loop.dtype, progress)
+    # the OOD features come from the same pass: the run's end fits its statistics on them (cxr14/fitting.py)
+    logits, targets, features = predict_logits(net, loader, prepare, loop.dtype, progress, features=True)
     indices = torch.tensor(list(loader.sampler))  # DistributedSampler pads ranks to equal size: de-duplicate
     indices = gather_rows(indices, device, world_size).numpy()
     _, first = np.unique(indices, return_index=True)
-    logits = gather_rows(logits, device, world_size)[first]
-    targets = gather_rows(targets, device, world_size)[first]
+    logits, targets, features = (gather_rows(part, device, world_size)[first] for part in (logits, targets, features))
     loss = LabelledBCE(pos_weight=pos_weight.cpu())(logits, targets).item()
     probabilities, targets = torch.sigmoid(logits).numpy(), targets.numpy()
     aurocs = auroc_per_finding(targets, probabilities)
-    return Validation(loss, aurocs, mean_auroc(aurocs), targets, probabilities, crops)
+    outputs = {"logits": logits.double().numpy(), "features": features.double().numpy()}
+    return Validation(loss, aurocs, mean_auroc(aurocs), targets, probabilities, crops, **outputs)
+
+
+def keep_best_validations(run, epoch, validation):
+    """Keep this epoch's validation outputs while best.pth or best_auroc.pth holds it: the run's end fits the
+    statistics of those checkpoints on them instead of predicting the validation films again."""
+    best = set(best_epochs(run.history))
+    run.kept = {kept: outputs for kept, outputs in {**run.kept, epoch: validation}.items() if kept in best}
 
 
 def save_and_log_epoch(run, metrics, validation):

@@ -7,7 +7,7 @@ times these, as train.py runs them.
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +254,8 @@ class Validation:
     targets: np.ndarray
     probabilities: np.ndarray
     crops: list  # this rank's first few validation crops (for the heat maps)
+    logits: np.ndarray = None  # float64, in the validation rows' order: what the end's fit reuses (fitting.py)
+    features: np.ndarray = None  # the OOD features of the same pass (model.ood_features_and_logits)
 
 
 class LabelledBCE(torch.nn.BCEWithLogitsLoss):
@@ -357,6 +359,7 @@ class Run:
     history: list
     position: Position
     totals: EpochTotals
+    kept: dict = field(default_factory=dict)  # {epoch: Validation} of the epochs best.pth or best_auroc.pth hold now
 
 
 def place_run(settings):

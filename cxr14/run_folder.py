@@ -266,15 +266,21 @@ def write_run_folder(run_dir, labels, split, settings, pos_weight):
     )
 
 
+def best_epochs(history):
+    """(the epoch best.pth holds: lowest validation loss, the epoch best_auroc.pth holds: highest mean validation
+    AUROC, None while no AUROC is defined)."""
+    aurocs = [row["val_mean_auroc"] for row in history]
+    best_auroc = history[int(np.nanargmax(aurocs))]["epoch"] if np.isfinite(aurocs).any() else None
+    return best_epoch(history).epoch, best_auroc
+
+
 def save_epoch(run_dir, history, state, keep_training_state="newest"):
     """epoch_NN.pth with the full state, best.pth and best_auroc.pth; the previous epoch's checkpoint then keeps the
     model alone unless keep_training_state is "all" (the optimizer's moments are most of a checkpoint's size)."""
     epoch = history[-1]["epoch"]
     path = run_dir / f"epoch_{epoch:02d}.pth"
     save_checkpoint(state, path)
-    best_loss = best_epoch(history).epoch
-    aurocs = [row["val_mean_auroc"] for row in history]
-    best_auroc = history[int(np.nanargmax(aurocs))]["epoch"] if np.isfinite(aurocs).any() else None
+    best_loss, best_auroc = best_epochs(history)
     if best_loss == epoch:
         copy_checkpoint(path, run_dir / "best.pth")
     if best_auroc == epoch:

@@ -409,3 +409,30 @@ def test_a_resume_in_another_precision_says_it_is_no_longer_exact(demo_dir, tmp_
     assert "goes on in" not in capsys.readouterr().out  # a new run: nothing to compare
     assert run(tiny(demo_dir, tmp_path, epochs=2, resume="last", amp="false")) == 0
     assert "this run trained in bf16 and goes on in fp32" in capsys.readouterr().out
+
+
+def test_the_ends_fit_reuses_the_validation_pass_and_equals_a_fit_that_predicts_again(demo_dir, tmp_path, capsys):
+    """The statistics a run stores at its end, fitted on its kept validation outputs, against the same fit on the
+    validation films predicted again from best.pth, as evaluate.py would for an older checkpoint."""
+    from cxr14.fitting import fit_run_statistics
+    from cxr14.inference import TorchModel
+
+    assert run(tiny(demo_dir, tmp_path / "run")) == 0
+    printed = capsys.readouterr().out
+    assert "training films, predicted" in printed and "validation films, predicted" not in printed
+    kept = TorchModel(tmp_path / "run" / "best.pth", device="cpu").statistics
+    again = tmp_path / "again"
+    again.mkdir()
+    for name in ("best.pth", "split.csv"):
+        shutil.copy(tmp_path / "run" / name, again / name)
+    model = TorchModel(again / "best.pth", device="cpu")
+    films = train.load_split_labels(model.data, model.checkpoint, again / "best.pth")
+    fit_run_statistics(again, model.data, 16, True, films.rows, films.split, torch.device("cpu"), print)
+    assert "validation films, predicted" in capsys.readouterr().out
+    predicted = TorchModel(again / "best.pth", device="cpu").statistics
+    assert kept.thresholds.keys() == predicted.thresholds.keys() and kept.thresholds  # the findings with a threshold
+    for finding, threshold in kept.thresholds.items():
+        assert threshold == pytest.approx(predicted.thresholds[finding], abs=1e-3), finding  # equal bit for bit here
+    for ours, theirs in zip(kept.calibration, predicted.calibration):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(kept.ood["validation"], predicted.ood["validation"], rtol=1e-3)
