@@ -57,27 +57,28 @@ def perfect_report(trained_run, learn_dir, tmp_path_factory, monkeypatch_module)
     """evaluate.py's localisation with each map replaced by its true box carried through letterbox and crop."""
     boxes = localisation.read_boxes(learn_dir / "BBox_List_2017.csv")
     config = json.loads((trained_run / "config.json").read_text(encoding="utf-8"))
-    current = {}
-    prepare = localisation.prepare
+    prepare, names = localisation.prepare, {}
 
     def remembering(path, *args, **kwargs):
         film = prepare(path, *args, **kwargs)
-        current["name"], current["size"] = Path(path).name, film.original.shape
+        names[id(film)] = Path(path).name
         return film
 
-    def box_maps(net, image, indices, device):
-        rows = boxes[boxes.image_name == current["name"]].set_index("finding")
-        masks = []
-        for k in indices:
-            box = rows.loc[FINDINGS[k]]
-            mask = np.zeros(current["size"], np.uint8)
-            mask[round(box.y) : round(box.y + box.h), round(box.x) : round(box.x + box.w)] = 255
-            loaded = np.asarray(fit_square(Image.fromarray(mask), config["LOAD_SIZE"]))
-            masks.append(eval_crop(loaded, config["IMAGE_SIZE"]).astype(np.float32) / 255)
-        return masks
+    def box_mask(name, size, finding):
+        box = boxes[boxes.image_name == name].set_index("finding").loc[finding]
+        mask = np.zeros(size, np.uint8)
+        mask[round(box.y) : round(box.y + box.h), round(box.x) : round(box.x + box.w)] = 255
+        loaded = np.asarray(fit_square(Image.fromarray(mask), config["LOAD_SIZE"]))
+        return eval_crop(loaded, config["IMAGE_SIZE"]).astype(np.float32) / 255
+
+    def box_maps(model, films, wanted):
+        return [
+            [box_mask(names[id(film)], film.original.shape, FINDINGS[k]) for k in indices]
+            for film, indices in zip(films, wanted)
+        ]
 
     monkeypatch_module.setattr(localisation, "prepare", remembering)
-    monkeypatch_module.setattr(localisation, "finding_masks", box_maps)
+    monkeypatch_module.setattr(localisation, "film_masks", box_maps)
     out = tmp_path_factory.mktemp("perfect")
     arguments = ["--checkpoint", str(trained_run / "best.pth"), "--bootstrap", "10", "--num_workers", "0"]
     return evaluate.evaluate(evaluate.parse_args([*arguments, "--out", str(out)])), out
@@ -118,6 +119,28 @@ def test_the_real_maps_give_a_localisation_report(trained_run, tmp_path):
         evaluate.evaluate(missing)
     skipped = evaluate.evaluate(evaluate.parse_args([*arguments, "--out", str(tmp_path / "skip"), "--boxes", "none"]))
     assert "localisation" not in skipped
+
+
+def test_maps_drawn_in_batches_equal_maps_drawn_one_film_at_a_time(trained_run, learn_dir, monkeypatch):
+    from cxr14.inference import TorchModel
+
+    model = TorchModel(trained_run / "best.pth", device="cpu")
+    split = pd.read_csv(trained_run / "split.csv")
+    boxes = localisation.read_boxes(learn_dir / "BBox_List_2017.csv")
+    boxes = boxes[boxes.image_name.isin(split.image_name[split.split == "test"])]
+    rows = pd.DataFrame({"image_name": boxes.image_name.unique()})
+    rows["path"] = [str(next(learn_dir.rglob(name))) for name in rows.image_name]
+    assert len(rows) > localisation.BATCH_FILMS // 4  # several films a batch
+    monkeypatch.setattr(localisation, "BATCH_FILMS", 8)
+    passes, forward = [], localisation.crop_outputs
+    monkeypatch.setattr(localisation, "crop_outputs", lambda *args, **kw: passes.append(1) or forward(*args, **kw))
+    batched = localisation.localise(model, boxes, rows)
+    assert len(passes) == -(-len(rows) // 8)  # one forward pass per 8 films (it was one per film)
+    monkeypatch.setattr(localisation, "BATCH_FILMS", 1)
+    alone = localisation.localise(model, boxes, rows)
+    assert batched[0] == alone[0] and batched[2:] == alone[2:] and batched[0]
+    for ours, theirs in zip(batched[1], alone[1]):
+        np.testing.assert_allclose(ours[2], theirs[2], atol=1e-5)  # the examples' masks
 
 
 def test_swapped_zero_and_off_film_boxes_are_left_out_or_clipped_and_counted(tmp_path):
