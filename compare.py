@@ -82,6 +82,7 @@ def predictions_of(path, args):
     if not readable.all():
         names = list(rows.path[~readable])
         raise DataError(f"{len(names)} film(s) cannot be read (first: {', '.join(names[:3])}); re-extract them")
+    print(f"{path}: calibrating {len(rows):,} films' probabilities and measuring their out-of-distribution distance")
     own = statistics_of(model.checkpoint)  # its own calibration, never a neighbouring evaluation's
     shown = predictions(logits, features, own, calibrated=own.calibration is not None)
     return prediction_table(rows, FINDINGS, rows[list(FINDINGS)], shown.probabilities, shown.ood_percentile)

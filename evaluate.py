@@ -75,6 +75,12 @@ def parse_args(argv):
     add_out_flag(parser, None, "report folder", "evaluation/<checkpoint stem>/ beside the checkpoint")
     parser.add_argument("--tta", action="store_true", help="average five crops per image (default: off)")
     parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="fit the thresholds and calibration on the validation split again (default: the checkpoint's own, fitted "
+        "there at the run's end; fitted here with --sensitivity or --test_list, or when it lacks them)",
+    )
+    parser.add_argument(
         "--sensitivity",
         type=flag_type(Between(0, 1, low_included=False)),
         help="choose thresholds for this sensitivity (above 0, below 1), not Youden's J",
@@ -166,6 +172,7 @@ def evaluate(args):
         out = out / args.dataset  # never over NIH's report (and its thresholds.json)
     check_out_folder(out)
     experts = read_expert_labels(args.expert_labels) if args.expert_labels else None  # checked before the long work
+    print(f"evaluating {args.checkpoint}: reading it, and the labels of the films it is evaluated on")
     model = TorchModel(args.checkpoint, args.device, args.amp)
     evaluated = (evaluate_nih if args.dataset == "nih" else evaluate_external)(model, request)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +202,7 @@ def write_report(args, request, model, evaluated, experts, out):
         **evaluated.about,
         "checkpoint_sha256": sha256,  # which checkpoint predictions.csv and thresholds.json belong to
     }
+    print(f"scoring {len(evaluated.rows):,} films: AUROC, its interval from {args.bootstrap:,} resamples of patients")
     table, summary = build_report(
         evaluated.names,
         evaluated.targets,
@@ -211,8 +219,16 @@ def write_report(args, request, model, evaluated, experts, out):
         report["pooled"] = {"images": len(evaluated.rows), **summary, "findings": records(table)}
     written = ["report.json", "report.csv", "roc_curves.png"]
     written += statistics_sections(args, model, evaluated, table, report, out, sha256)
+    whole = (table.auroc_ci_low.to_numpy(), table.auroc_ci_high.to_numpy(), summary["mean_auroc_ci"])
     report["subgroups"], said = subgroups.report_section(
-        evaluated.rows, evaluated.names, evaluated.targets, evaluated.raw, evaluated.thresholds, args.bootstrap, out
+        evaluated.rows,
+        evaluated.names,
+        evaluated.targets,
+        evaluated.raw,
+        evaluated.thresholds,
+        args.bootstrap,
+        out,
+        whole,
     )
     print(said)
     written += ["subgroups.csv", "subgroups.png"] if report["subgroups"] else []
@@ -285,6 +301,7 @@ def statistics_sections(args, model, evaluated, table, report, out, sha256):
         print(said)
         percentiles = ood.percentiles(fitted_ood, distances)
     shown = evaluated.raw if evaluated.calibrated is None else evaluated.calibrated  # what predict.py outputs
+    print(f"writing predictions.csv: {len(evaluated.rows):,} films, their labels and probabilities")
     predictions = prediction_table(evaluated.rows, evaluated.names, evaluated.targets, shown, percentiles)
     predictions.to_csv(out / "predictions.csv", index=False)
     return [*written, "predictions.csv"]

@@ -24,6 +24,7 @@ from cxr14.nih_copies import NIH_COPIES, NOT_EXTERNAL, run_nih_patients
 from cxr14.pixels import FilmImages, dataset_images, evaluation_images, find_cache
 from cxr14.processes import worker_count
 from cxr14.report import CHEXNET_AUROC, format_two_label_table, two_label_table
+from cxr14.statistics import statistics_of
 from cxr14.training_films import image_groups, is_nih_only, read_training_films
 from dataset import FINDINGS, find_label_file, run_split, saved_split, split_rows
 
@@ -48,6 +49,7 @@ class EvaluationSettings:
     min_age: float | None
     vindr_rule: str
     rsna_mapping: str
+    refit: bool
     expert_labels: str | None
     bootstrap: int
 
@@ -121,7 +123,9 @@ def evaluate_nih(model, request):
     split, source = run_split(model.checkpoint, request.checkpoint, request.test_list)
     has_validation = bool((split.split == "val").any())
     needs_ood = model.statistics.ood is None and has_validation and bool((split.split == "train").any())
-    wanted = [request.split] + (["val"] if has_validation else []) + (["train"] if needs_ood else [])
+    own = own_fit(model, request, has_validation, needs_ood)
+    refit = has_validation and own is None
+    wanted = [request.split] + (["val"] if refit else []) + (["train"] if needs_ood else [])
     data, parts, missing = run_parts(model, request, split, source, wanted)
     skipped = {"missing": missing, "unreadable": []}
     if missing:
@@ -133,8 +137,8 @@ def evaluate_nih(model, request):
     )
     thresholds, fitted = np.full(len(FINDINGS), np.nan), None
     if has_validation:
-        statistics = fit_on_validation(model, parts, needs_ood, request, skipped, data)
-        thresholds = np.array([statistics.thresholds[finding] for finding in FINDINGS])
+        statistics = fit_on_validation(model, parts, needs_ood, request, skipped, data) if refit else own
+        thresholds = np.array([statistics.thresholds.get(finding, np.nan) for finding in FINDINGS])
         fitted = statistics.calibration
     else:
         print("no validation split: no operating thresholds and no calibration (thresholds.json will hold none)")
@@ -162,6 +166,19 @@ def evaluate_nih(model, request):
         boxes=nih_boxes(request, model.data) if nih else None,
         about=about,
     )
+
+
+def own_fit(model, request, has_validation, needs_ood):
+    """The thresholds and calibration the checkpoint carries, fitted on its validation split at the run's end, when
+    they serve this evaluation as they are (Youden's thresholds, the run's own split): the validation films are then
+    not predicted again. None when they must be fitted here: --refit, --sensitivity, --test_list, or a checkpoint
+    without them (or without OOD statistics, fitted with them)."""
+    own = statistics_of(model.checkpoint)
+    asked = request.refit or request.sensitivity is not None or request.test_list
+    if not has_validation or needs_ood or asked or not own.thresholds or own.calibration is None:
+        return None
+    print("thresholds and calibration: the checkpoint's own, fitted on its validation split (--refit fits them again)")
+    return own
 
 
 def run_parts(model, request, split, source, wanted):

@@ -52,10 +52,13 @@ def underdiagnosis_rate(targets, probabilities, thresholds):
     return float(called_clear[sick].mean())
 
 
-def group_figures(names, targets, probabilities, patient_ids, thresholds, replicates, seed=0):
-    """(rows of figures per finding and for the mean, the mean's CI) for one group's films."""
+def group_figures(names, targets, probabilities, patient_ids, thresholds, replicates, seed=0, intervals=None):
+    """(rows of figures per finding and for the mean, the mean's CI) for one group's films; `intervals`: their
+    bootstrap_auroc_ci when it was computed already (the whole split's, by the main report), else computed here."""
     aurocs = auroc_per_finding(targets, probabilities)
-    low, high, mean_ci = bootstrap_auroc_ci(targets, probabilities, patient_ids, replicates, seed=seed)
+    if intervals is None:
+        intervals = bootstrap_auroc_ci(targets, probabilities, patient_ids, replicates, seed=seed)
+    low, high, mean_ci = intervals
     figures = []
     for k, name in enumerate(names):
         known = ~np.isnan(targets[:, k])
@@ -93,9 +96,10 @@ def group_figures(names, targets, probabilities, patient_ids, thresholds, replic
     return figures + [mean]
 
 
-def subgroup_report(rows, names, targets, probabilities, thresholds, replicates):
+def subgroup_report(rows, names, targets, probabilities, thresholds, replicates, whole=None):
     """(table: one row per group and finding, and for the mean; lines naming the pairs of groups of one attribute
-    whose mean-AUROC intervals do not overlap). The whole split is the group ("all", "all")."""
+    whose mean-AUROC intervals do not overlap). The whole split is the group ("all", "all"); `whole`: its intervals
+    as the main report's bootstrap found them (the same replicates and seed), which are not drawn again."""
     patient_ids = rows.patient_id.to_numpy()
     table = []
     everything = {("all", "all"): np.ones(len(rows), dtype=bool), **groups(rows)}
@@ -105,7 +109,13 @@ def subgroup_report(rows, names, targets, probabilities, thresholds, replicates)
             table[-1]["status"] = f"fewer than {MIN_FILMS} films: not reported"
             continue
         figures = group_figures(
-            names, targets[mask], probabilities[mask], patient_ids[mask], np.asarray(thresholds), replicates
+            names,
+            targets[mask],
+            probabilities[mask],
+            patient_ids[mask],
+            np.asarray(thresholds),
+            replicates,
+            intervals=whole if attribute == "all" else None,
         )
         table += [{"attribute": attribute, "group": group, **row} for row in figures]
     table = pd.DataFrame(table, columns=COLUMNS)  # every column, even when no group was large enough
@@ -188,11 +198,13 @@ def plot_forest(table, path):
     plt.close(figure)
 
 
-def report_section(rows, names, targets, probabilities, thresholds, replicates, out):
-    """The subgroup part of an evaluation: subgroups.csv, subgroups.png; (report.json entry, text) or (None, why)."""
+def report_section(rows, names, targets, probabilities, thresholds, replicates, out, whole=None):
+    """The subgroup part of an evaluation: subgroups.csv, subgroups.png; (report.json entry, text) or (None, why).
+    `whole`: the whole split's intervals (subgroup_report)."""
     if not groups(rows):
         return None, "subgroups: this dataset's films carry no sex, age, view or follow-up"
-    table, gaps = subgroup_report(rows, names, targets, probabilities, thresholds, replicates)
+    print(f"subgroups: {len(groups(rows))} groups of the {len(rows):,} films, each with its own bootstrap")
+    table, gaps = subgroup_report(rows, names, targets, probabilities, thresholds, replicates, whole)
     table.to_csv(out / "subgroups.csv", index=False)
     plot_forest(table, out / "subgroups.png")
     text = "subgroups (mean over findings; thresholds from the validation split):\n" + format_subgroups(table)

@@ -30,3 +30,23 @@ def test_a_film_scored_exactly_at_its_threshold_is_called_positive():
     assert figures[0]["sensitivity"] == 0.75 and figures[0]["false_positive_rate"] == 0.25
     # underdiagnosis: of the 4 sick films, only the one at 0.2 is called clear of everything
     assert figures[-1]["underdiagnosis_rate"] == 0.25
+
+
+def test_the_whole_splits_intervals_from_the_main_report_are_not_drawn_again(monkeypatch):
+    from cxr14.report import build_report
+
+    rng = np.random.default_rng(0)
+    films = 240
+    rows = pd.DataFrame({"patient_id": rng.integers(0, 120, films), "sex": rng.choice(["F", "M"], films)})
+    targets = (rng.random((films, 2)) < 0.3).astype(float)
+    probabilities = np.clip(targets * 0.3 + rng.random((films, 2)) * 0.7, 0, 1)
+    thresholds = np.array([0.5, 0.5])
+    table, summary = build_report(["A", "B"], targets, probabilities, rows.patient_id.to_numpy(), thresholds, 50)
+    drawn, bootstrap = [], subgroups.bootstrap_auroc_ci
+    monkeypatch.setattr(subgroups, "bootstrap_auroc_ci", lambda *args, **kw: drawn.append(1) or bootstrap(*args, **kw))
+    alone, _ = subgroups.subgroup_report(rows, ["A", "B"], targets, probabilities, thresholds, 50)
+    assert len(drawn) == 3  # the whole split, F and M
+    whole = (table.auroc_ci_low.to_numpy(), table.auroc_ci_high.to_numpy(), summary["mean_auroc_ci"])
+    reused, _ = subgroups.subgroup_report(rows, ["A", "B"], targets, probabilities, thresholds, 50, whole)
+    assert len(drawn) == 3 + 2  # F and M only
+    pd.testing.assert_frame_equal(reused, alone)
