@@ -163,8 +163,8 @@ def export_int8(
     checkpoint_path, out, thresholds_file=None, calibration_films=CALIBRATION_FILMS, force=False, films=None
 ):
     """Write the int8 ONNX file (--int8), checked against the fp32 export on the validation split; returns its
-    metadata. Refused (DataError, nothing written) beyond the INT8_MAX_ limits unless `force`. `films`: --data_dir
-    and --drop_missing_images, where the validation films are read from."""
+    metadata. Refused (DataError, nothing written) beyond the INT8_MAX_ limits unless `force`. `films`: the flags
+    --data_dir and --drop_missing_images, which say where the validation films are read from."""
     import onnx
 
     model = TorchModel(checkpoint_path, device="cpu", amp=False, thresholds=thresholds_file)
@@ -209,8 +209,8 @@ def export_int8(
 
 
 def validation_crops(model, films):
-    """scoring.part_crops of the validation part, read from films.data_dir (default: the run's DATA_DIR); a folder
-    not found says which one was looked in, and how to give another."""
+    """scoring.part_crops of the validation part, read from --data_dir (default: the run's DATA_DIR); a folder not
+    found says which one was looked in, and how to give another."""
     from cxr14.scoring import part_crops
 
     try:

@@ -175,6 +175,7 @@ def test_the_commands_that_decode_films_import_no_torch(command):
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
 
 
+@pytest.mark.slow  # two caches and a run: about 10 s on 2 cores
 def test_two_datasets_in_one_folder_each_have_their_own_cache(demo_dir, tmp_path, capsys):
     """An own CSV of NIH's films in NIH's folder: its cache is its own, NIH's is neither refused nor touched."""
     import cache

@@ -183,7 +183,12 @@ def test_the_checkpoints_own_thresholds_serve_and_the_validation_films_are_predi
     calls, fit = [], scoring.fit_on_validation
     monkeypatch.setattr(scoring, "fit_on_validation", lambda *args, **kw: calls.append(1) or fit(*args, **kw))
     run_quick(trained_run / "best.pth", "--out", tmp_path / "own")
-    assert calls == [] and "the checkpoint's own, fitted on its validation split" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert calls == [] and "the checkpoint's own, fitted on its validation split" in printed
+    said = ["evaluating ", "the test split:", "scoring ", "out of distribution:", "writing predictions.csv"]
+    said.append("subgroups:")
+    places = [printed.find(line) for line in said]  # each long section says what it does before it starts
+    assert -1 not in places and places == sorted(places), dict(zip(said, places))
     run_quick(trained_run / "best.pth", "--refit", "--out", tmp_path / "refit")
     assert calls == [1]
     own, refit = (
@@ -193,18 +198,3 @@ def test_the_checkpoints_own_thresholds_serve_and_the_validation_films_are_predi
         assert (own["thresholds"][finding] is None) == (refit["thresholds"][finding] is None), finding
         if own["thresholds"][finding] is not None:
             assert own["thresholds"][finding] == pytest.approx(refit["thresholds"][finding], abs=1e-3), finding
-
-
-def test_each_long_section_of_an_evaluation_says_what_it_is_doing_before_it_starts(trained_run, tmp_path, capsys):
-    run_quick(trained_run / "best.pth", "--out", tmp_path)
-    printed = capsys.readouterr().out
-    said = [
-        "evaluating ",
-        "the test split:",
-        "scoring ",
-        "out of distribution:",
-        "writing predictions.csv",
-        "subgroups:",
-    ]
-    places = [printed.find(line) for line in said]
-    assert -1 not in places and places == sorted(places), dict(zip(said, places))

@@ -15,6 +15,8 @@ from cxr14.errors import DataError
 from cxr14.films import eval_crop, fit_square
 from dataset import FINDINGS
 
+FILM_MASKS = localisation.film_masks  # as the module defines it, before any fixture replaces it
+
 
 def test_iou_iobb_boxes_and_accuracy_on_known_geometry():
     iou, iobb = localisation.overlaps((0, 0, 10, 10), (5, 0, 10, 10))  # the right half
@@ -123,6 +125,8 @@ def test_the_real_maps_give_a_localisation_report(trained_run, tmp_path):
 
 def test_maps_drawn_in_batches_equal_maps_drawn_one_film_at_a_time(trained_run, learn_dir, monkeypatch):
     from cxr14.inference import TorchModel
+
+    monkeypatch.setattr(localisation, "film_masks", FILM_MASKS)  # the real one (perfect_report's fixture mocks it)
 
     model = TorchModel(trained_run / "best.pth", device="cpu")
     split = pd.read_csv(trained_run / "split.csv")

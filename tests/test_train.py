@@ -411,6 +411,7 @@ def test_a_resume_in_another_precision_says_it_is_no_longer_exact(demo_dir, tmp_
     assert "this run trained in bf16 and goes on in fp32" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a run and a fit of its statistics: about 17 s on 2 cores
 def test_the_ends_fit_reuses_the_validation_pass_and_equals_a_fit_that_predicts_again(demo_dir, tmp_path, capsys):
     """The statistics a run stores at its end, fitted on its kept validation outputs, against the same fit on the
     validation films predicted again from best.pth, as evaluate.py would for an older checkpoint."""

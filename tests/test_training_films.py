@@ -447,6 +447,7 @@ def test_a_hospitals_own_csv_joins_a_union_and_csv_names_its_file(union_dirs, tm
     assert "CSV names a hospital's own file, for a union with csv" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a run and two evaluations: about 11 s on 2 cores
 def test_a_run_on_another_dataset_with_films_gone_is_evaluated_on_those_left_with_the_flag(union_dirs, tmp_path):
     import shutil
 
