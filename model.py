@@ -4,6 +4,7 @@ always load onto the CPU). Only this file knows a backbone's insides: its blocks
 (frozen, and folded into the convolution before it), its head, the layer Grad-CAM reads (cam_layer, and cam_weights
 where Grad-CAM has a closed form) and the features ood.py measures (ood_features_and_logits)."""
 
+import pickle
 import urllib.error
 from pathlib import Path
 from typing import NamedTuple
@@ -224,10 +225,11 @@ def build_model(
 ):
     """A backbone of BACKBONES with its classifier replaced by Dropout(dropout) -> Linear(features, num_findings).
 
-    pretrained: "imagenet" (torchvision download and cache), "none" (random init) or a path to a local state dict of
-    the same torchvision network. trainable_layers: comma-separated BLOCKS that train, "all" or "head"; the head
-    always trains. Frozen blocks' BatchNorm becomes FrozenBatchNorm, so its statistics cannot drift in train mode,
-    and with fold (bench.py times both) is folded into the frozen convolution before it.
+    pretrained: "imagenet" (torchvision download and cache), "none" (random init) or a path to a local weights file of
+    the same network (weights_from_file: a state dict, or a training checkpoint that wraps one). trainable_layers:
+    comma-separated BLOCKS that train, "all" or "head"; the head always trains. Frozen blocks' BatchNorm becomes
+    FrozenBatchNorm, so its statistics cannot drift in train mode, and with fold (bench.py times both) is folded into
+    the frozen convolution before it.
     """
     spec = backbone_spec(backbone)
     # zero_init_residual: each residual block starts as the identity (Goyal et al. 2017), which trains a random init
@@ -235,7 +237,7 @@ def build_model(
     # pretrained weights overwrite it
     net = spec.build(weights=None, **({"zero_init_residual": True} if backbone == "resnet50" else {}))
     if str(pretrained).lower() not in ("none", "false", ""):
-        net.load_state_dict(_pretrained_state_dict(pretrained, backbone))
+        net.load_state_dict(_pretrained_state_dict(pretrained, backbone), strict=False)  # the head: replaced below
     net.backbone = backbone  # a plain attribute: cam_layer and ood_features_of read it
     new_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.features, num_findings))
     parent, _, name = spec.head.rpartition(".")
@@ -364,12 +366,66 @@ def _pretrained_state_dict(pretrained, backbone):
     path = Path(pretrained)
     if not path.is_file():
         raise CheckpointError(f"PRETRAINED={pretrained!r} is neither 'imagenet', 'none' nor an existing file.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    expected = BACKBONES[backbone].build(weights=None).state_dict().keys()
-    if not isinstance(state, dict) or set(state) != set(expected):
-        raise CheckpointError(f"{path} is not a torchvision {title} state dict (keys do not match).")
-    return state
+    return weights_from_file(path, backbone)
+
+
+WRAPPERS = ("state_dict", "model", "module", "model_ema", "net")  # where training checkpoints keep the weights
+MOST_MISSING = 0.5  # a weights file that leaves more than this share of the backbone's tensors random is refused
+
+
+def weights_from_file(path, backbone):
+    """The backbone's tensors from a weights file: a torchvision state dict, or a training checkpoint that wraps one
+    (WRAPPERS) under a prefix of its own (module., encoder., img_encoder.model., ...: the one that matches most is
+    taken off). Says how many were loaded and names what is missing and unexpected; refuses, naming the file and the
+    first missing tensors, a file that would leave most of the backbone random (another network, or no weights)."""
+    spec = BACKBONES[backbone]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise CheckpointError(
+            f"{path} cannot be read as weights alone ({str(error).splitlines()[0]}): it holds Python objects besides "
+            "tensors, which this project never runs. Where you trust the file, save its state dict alone "
+            "(torch.save(checkpoint['state_dict'], 'weights.pth')) and give that."
+        ) from None
+    while isinstance(state, dict) and not _holds_tensors(state):
+        state = next((state[key] for key in WRAPPERS if isinstance(state.get(key), dict)), None)
+    expected = spec.build(weights=None).state_dict()
+    head = f"{spec.head}."
+    wanted = {key: value.shape for key, value in expected.items() if not key.startswith(head)}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no weights (a dict of tensors, or one under {', '.join(WRAPPERS)})")
+    state = _without_prefix(state, wanted)
+    loaded = {key: value for key, value in state.items() if key in wanted and value.shape == wanted[key]}
+    missing = [key for key in wanted if key not in loaded]
+    unexpected = [key for key in state if key not in expected]
+    if len(missing) > MOST_MISSING * len(wanted):
+        raise CheckpointError(
+            f"{path} is not a {spec.title} weights file: {len(missing)} of its {len(wanted)} tensors would stay random "
+            f"(missing: {', '.join(missing[:3])}; the file has {', '.join(list(state)[:3]) or 'nothing'}). Give the "
+            f"{spec.title} weights, or the BACKBONE the file is for."
+        )
+    said = f"; missing, left as built: {', '.join(missing[:5])}" if missing else ""
+    said += f"; unexpected, not used: {', '.join(unexpected[:5])}" if unexpected else ""
+    print(f"PRETRAINED {path}: {len(loaded)} of {spec.title}'s {len(wanted)} tensors loaded{said}")
+    return loaded
+
+
+def _holds_tensors(state):
+    return any(isinstance(value, torch.Tensor) for value in state.values())
+
+
+def _without_prefix(state, wanted):
+    """The state dict's keys with the prefix taken off under which most of them are the backbone's own tensors (of
+    their shapes); the keys outside it stay as they are (unexpected)."""
+    prefixes = {""} | {".".join(key.split(".")[:depth]) + "." for key in state for depth in (1, 2, 3)}
+
+    def matches(prefix):
+        return sum(
+            key.startswith(prefix) and wanted.get(key[len(prefix) :]) == value.shape for key, value in state.items()
+        )
+
+    best = max(sorted(prefixes), key=matches)  # "" sorts first: a prefix must match more to be taken off
+    return {key.removeprefix(best): value for key, value in state.items()}
 
 
 def unwrap(net):

@@ -175,8 +175,44 @@ def test_pretrained_from_a_local_file(tmp_path):
     assert torch.equal(net.layer4[0].conv1.weight, reference.layer4[0].conv1.weight)
     assert torch.equal(net.layer1[0].bn1.running_var, reference.layer1[0].bn1.running_var)  # frozen BN keeps stats
     torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "wrong.pth")
-    with pytest.raises(CheckpointError, match="not a torchvision ResNet-50"):
+    with pytest.raises(CheckpointError, match="not a ResNet-50 weights file"):
         build_model(14, pretrained=tmp_path / "wrong.pth")
+
+
+def test_pretrained_weights_wrapped_and_prefixed_as_training_checkpoints_keep_them_load_and_are_counted(
+    tmp_path, capsys
+):
+    """A chest-X-ray-pretrained ResNet-50 as papers publish it: under state_dict, its keys prefixed (DDP's module.,
+    the image encoder's), with its own projection head; and one that lacks a few tensors."""
+    torch.manual_seed(4)
+    reference = resnet50(weights=None)
+    backbone = {key: value for key, value in reference.state_dict().items() if not key.startswith("fc.")}
+    wrapped = {f"module.img_encoder.model.{key}": value for key, value in backbone.items()}
+    wrapped["module.projection.weight"] = torch.zeros(128, 2048)
+    torch.save({"state_dict": wrapped, "epoch": 50, "optimizer": {}}, tmp_path / "mgca_like.ckpt")
+    net = build_model(14, pretrained=tmp_path / "mgca_like.ckpt")
+    assert torch.equal(net.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+    assert torch.equal(net.conv1.weight, reference.conv1.weight)
+    said = capsys.readouterr().out
+    assert f"{len(backbone)} of ResNet-50's {len(backbone)} tensors loaded" in said and "projection.weight" in said
+    partial = {"model": {key: value for key, value in backbone.items() if not key.startswith("layer4.2.")}}
+    torch.save(partial, tmp_path / "partial.pth")
+    build_model(14, pretrained=tmp_path / "partial.pth")
+    lacking = len([key for key in backbone if key.startswith("layer4.2.")])
+    assert (
+        f"{len(backbone) - lacking} of ResNet-50's {len(backbone)} tensors loaded; missing" in capsys.readouterr().out
+    )
+
+
+def test_a_densenet_file_given_to_a_resnet_is_refused_in_one_line_naming_the_missing_tensors(tmp_path):
+    from torchvision.models import densenet121
+
+    torch.save(densenet121(weights=None).state_dict(), tmp_path / "densenet121.pth")
+    with pytest.raises(CheckpointError) as refused:
+        build_model(14, pretrained=tmp_path / "densenet121.pth")
+    message = str(refused.value)
+    assert "densenet121.pth is not a ResNet-50 weights file" in message and "\n" not in message
+    assert "missing: conv1.weight, bn1.weight, bn1.bias" in message and "features.conv0.weight" in message
 
 
 @pytest.mark.parametrize("backbone", sorted(model_module.BACKBONES))
