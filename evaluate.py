@@ -8,12 +8,14 @@ By default it evaluates on exactly the split the training run used (carried in t
 beside it), never on images the model trained or was selected on: NIH's, or that of the datasets the run trained on
 (a union's report has a section per dataset and a pooled one). Per finding: AUROC with a 95% bootstrap confidence
 interval (resampling patients), average precision, prevalence, positives and negatives, and an operating point
-(threshold chosen on the validation split: Youden's J, or --sensitivity) with sensitivity, specificity, PPV and F1
-on the evaluated split. With NIH's boxes (BBox_List_2017.csv beside the label file, or --boxes): heat-map
-localisation as Wang et al. scored it. With Google's expert labels: their four findings scored against NIH's labels
-and the experts' on the same test films, side by side. Other datasets: the same figures on their frontal films, for
-the findings that map onto ours (external.py), and for VinDr-CXR and RSNA the localisation on their radiologists'
-boxes.
+(threshold chosen on the validation split: Youden's J as the checkpoint carries it, fitted again with --refit, or
+--sensitivity) with sensitivity, specificity, PPV and F1 on the evaluated split. With NIH's boxes
+(BBox_List_2017.csv beside the label file, or --boxes): heat-map localisation as Wang et al. scored it. With
+Google's expert labels: their four findings scored against NIH's labels and the experts' on the same test films,
+side by side. Other datasets: the same figures on their frontal films, for the findings that map onto ours
+(external.py), and for VinDr-CXR and RSNA the localisation on their radiologists' boxes. RSNA's films are NIH's:
+with RSNA's mapping file (--rsna_mapping, or beside its labels) the films of the NIH patients the run saw are left
+out; without it the report says its score is not an external one.
 Writes report.json, report.csv, roc_curves.png, predictions.csv (each film's labels and probabilities, which
 compare.py reads), thresholds.json (which predict.py uses; the run's own split only),
 localisation.png (with boxes) and expert_labels.csv (with expert labels). Films missing or unreadable stop the report,

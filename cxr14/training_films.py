@@ -12,7 +12,8 @@ UNCERTAIN: "ignore" (unlabelled, the CheXpert paper's U-Ignore), "zeros" or "one
 datasets' authors read it. In a hospital's own CSV blank is unlabelled.
 
 Splits are by patient within each dataset, and patient ids of a union carry their dataset ("chexpert:64541"), so no
-patient is in two parts. The official splits are used where a dataset has one (NIH's lists, CheXpert's valid.csv as
+patient is in two parts; RSNA's copies of NIH films carry their NIH patient ("nih:13") and take that patient's part
+(nih_copies.py). The official splits are used where a dataset has one (NIH's lists, CheXpert's valid.csv as
 the test part, MIMIC's split file, VinDr's test.csv; docs/data.md, "Training on other datasets"); the rest is split by
 VAL_FRACTION and TEST_FRACTION.
 """
@@ -182,10 +183,11 @@ def _nih_patients_part(rows):
     """Each row's part, where the films of an NIH patient that another dataset holds (RSNA's) take the part of the
     patient's NIH films: no NIH test patient trains through a copy of their film."""
     nih = rows[rows.dataset == "nih"]
-    if nih.empty or "nih_image" not in rows.columns:
-        if nih.empty or "rsna" not in set(rows.dataset):
-            return rows.split
-        warnings.warn(NOT_KEPT_APART, stacklevel=3)
+    if nih.empty:
+        return rows.split
+    if "nih_image" not in rows.columns:
+        if "rsna" in set(rows.dataset):
+            warnings.warn(NOT_KEPT_APART, stacklevel=3)
         return rows.split
     part_of = nih.groupby("patient_id").split.first()
     copies = (rows.dataset != "nih") & rows.patient_id.isin(part_of.index)
