@@ -75,11 +75,12 @@ CHEXPERT_SIZE = 320  # CheXpert-v1.0-small's JPEGs: about 320 px on their shorte
 CPU_STEP = {"image_size": 128, "batch_size": 32}  # the CPU fp32-vs-AMP step: all layers trainable (the demo, CI)
 
 
-def input_rates(labels, folder, args):
+def input_rates(labels, folder, args, dataset="nih"):
     """Median images/s of the PNG path and the cache path, their epochs alternated (epoch 0 starts workers)."""
     targets = labels[list(FINDINGS)]
     raw = input_loader(FilmImages(labels["path"], args.load_size), targets, args)
-    cached = input_loader(CachedImages(cache_folder(folder, args.load_size), labels["image_name"]), targets, args)
+    cache = CachedImages(cache_folder(folder, args.load_size, dataset), labels["image_name"])
+    cached = input_loader(cache, targets, args)
     rates = {"raw": [], "cached": []}
     for epoch in range(args.rounds + 1):
         for name, loader in (("raw", raw), ("cached", cached)):
@@ -204,7 +205,7 @@ def input_section(args, device):
     with tempfile.TemporaryDirectory() as folder:
         print(f"    and {CHEXPERT_SIZE}-px JPEGs in CheXpert's layout and their cache ...")
         jpegs = make_jpegs(Path(folder), args.images, args.load_size, args.workers)
-        jpeg_raw, jpeg_cached = input_rates(jpegs, folder, args)
+        jpeg_raw, jpeg_cached = input_rates(jpegs, folder, args, "chexpert")
     per_worker = max(args.workers, 1)
     print(
         f"    {len(labels)} images, {args.workers} workers, batch {args.batch_size}, worker augmentation at "

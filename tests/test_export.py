@@ -187,7 +187,7 @@ def test_an_int8_export_is_checked_on_the_validation_split_and_refused_beyond_th
 
     # a validation part where no finding has both classes: its AUROC cannot be checked, so refused in one line
     unlabelled = rows.assign(**{finding: 0 for finding in FINDINGS})
-    monkeypatch.setattr("cxr14.scoring.part_crops", lambda model, part: (unlabelled, crops))
+    monkeypatch.setattr("cxr14.scoring.part_crops", lambda model, part, *where: (unlabelled, crops))
     unchecked = tmp_path / "unchecked.onnx"
     with pytest.raises(SystemExit) as stopped:
         export.main(["--checkpoint", checkpoint, "--out", str(unchecked), "--int8", "--calibration_films", "16"])
