@@ -374,13 +374,14 @@ MOST_MISSING = 0.5  # a weights file that leaves more than this share of the bac
 
 
 def weights_from_file(path, backbone):
-    """The backbone's tensors from a weights file: a torchvision state dict, or a training checkpoint that wraps one
+    """The backbone's tensors from a weights file (.pth, .pt, .bin, .ckpt, or .safetensors): a torchvision state
+    dict (or timm's, whose ResNet-50 names its tensors alike), or a training checkpoint that wraps one
     (WRAPPERS) under a prefix of its own (module., encoder., img_encoder.model., ...: the one that matches most is
     taken off). Says how many were loaded and names what is missing and unexpected; refuses, naming the file and the
     first missing tensors, a file that would leave most of the backbone random (another network, or no weights)."""
     spec = BACKBONES[backbone]
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_weights(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise CheckpointError(
             f"{path} cannot be read as weights alone ({str(error).splitlines()[0]}): it holds Python objects besides "
@@ -408,6 +409,20 @@ def weights_from_file(path, backbone):
     said += f"; unexpected, not used: {', '.join(unexpected[:5])}" if unexpected else ""
     print(f"PRETRAINED {path}: {len(loaded)} of {spec.title}'s {len(wanted)} tensors loaded{said}")
     return loaded
+
+
+def _read_weights(path):
+    """A weights file's contents: safetensors (tensors only, by its format) or a torch.save file read with
+    weights_only (a file with other Python objects is refused, never run)."""
+    if Path(path).suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as error:
+            raise CheckpointError(f"{path} is not a readable .safetensors file ({error}): download it again") from None
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _holds_tensors(state):

@@ -204,6 +204,22 @@ def test_pretrained_weights_wrapped_and_prefixed_as_training_checkpoints_keep_th
     )
 
 
+def test_a_safetensors_file_as_timm_and_hugging_face_publish_weights_loads_and_a_damaged_one_is_named(tmp_path, capsys):
+    """timm's ResNet-50 names its 320 tensors as torchvision's does (checked with timm 1.0.29), so its
+    .safetensors file is such a file."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    reference = resnet50(weights=None)
+    save_file({key: value.contiguous() for key, value in reference.state_dict().items()}, tmp_path / "r50.safetensors")
+    net = build_model(14, pretrained=tmp_path / "r50.safetensors")
+    assert torch.equal(net.layer3[5].conv2.weight, reference.layer3[5].conv2.weight)
+    assert "318 of ResNet-50's 318 tensors loaded" in capsys.readouterr().out
+    (tmp_path / "damaged.safetensors").write_bytes((tmp_path / "r50.safetensors").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="damaged.safetensors is not a readable .safetensors file"):
+        build_model(14, pretrained=tmp_path / "damaged.safetensors")
+
+
 def test_a_densenet_file_given_to_a_resnet_is_refused_in_one_line_naming_the_missing_tensors(tmp_path):
     from torchvision.models import densenet121
 
