@@ -355,7 +355,7 @@ def validate(net, loader, pos_weight, loop):
     loss = LabelledBCE(pos_weight=pos_weight.cpu())(logits, targets).item()
     probabilities, targets = torch.sigmoid(logits).numpy(), targets.numpy()
     aurocs = auroc_per_finding(targets, probabilities)
-    outputs = {"logits": logits.double().numpy(), "features": features.double().numpy()}
+    outputs = {"logits": logits.double().numpy(), "features": features.numpy()}  # float32: 140 MB at NIH's size
     return Validation(loss, aurocs, mean_auroc(aurocs), targets, probabilities, crops, **outputs)
 
 

@@ -255,7 +255,7 @@ class Validation:
     probabilities: np.ndarray
     crops: list  # this rank's first few validation crops (for the heat maps)
     logits: np.ndarray = None  # float64, in the validation rows' order: what the end's fit reuses (fitting.py)
-    features: np.ndarray = None  # the OOD features of the same pass (model.ood_features_and_logits)
+    features: np.ndarray = None  # float32, the OOD features of the same pass (model.ood_features_and_logits)
 
 
 class LabelledBCE(torch.nn.BCEWithLogitsLoss):
