@@ -36,7 +36,7 @@ from cxr14.archives import (
 )
 from cxr14.configurator import AtLeast, Side, check_out_folder, flag_type
 from cxr14.errors import DataError, one_line_errors
-from cxr14.pixels import decoding_pool
+from cxr14.pixels import cache_folder, decoding_pool
 
 MANIFEST = Path(__file__).resolve().parent / "cxr14" / "nih_files.csv"  # NIH's own addresses, MD5s and sizes
 LABEL_ROWS = 112_120  # rows of NIH's full label file
@@ -167,7 +167,7 @@ class Cache:
     """The cache download.py fills: pixels.open_cache's array and progress, rows by image name."""
 
     def __init__(self, out, label_file, size):
-        from cxr14.pixels import cache_folder, open_cache
+        from cxr14.pixels import open_cache
 
         names = check_label_file(label_file)["image_name"]
         self.folder, self.size = cache_folder(out, size), size
@@ -190,7 +190,7 @@ def needed_bytes(archives, out, args, cache_rows):
     partial = sum(_part_bytes(out, entry) for entry in archives)
     held = sum(remaining) if args.keep_archives else max(remaining)  # each archive is deleted once used
     result = 0 if args.cache_only else sum(remaining)
-    if args.cache_only and not (out / f"cache_{args.load_size}" / "index.csv").is_file():
+    if args.cache_only and not (cache_folder(out, args.load_size) / "index.csv").is_file():
         result += cache_rows * args.load_size**2
     return held + result - partial
 
@@ -259,7 +259,7 @@ def download(args):
                 f"--cache_only needs the label file first, to know each film's row: place Data_Entry_2017_v2020.csv "
                 f"from {BY_HAND_FROM} in {out}, then run this again"
             )
-        if not (out / f"cache_{args.load_size}" / "index.csv").is_file():  # the disk, before the cache's first byte
+        if not (cache_folder(out, args.load_size) / "index.csv").is_file():  # the disk, before the cache's first byte
             check_disk(archives, out, args, len(check_label_file(out / label_files[0])))
         cache = Cache(out, out / label_files[0], args.load_size)
     elif label_files:

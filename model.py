@@ -237,7 +237,8 @@ def build_model(
     # pretrained weights overwrite it
     net = spec.build(weights=None, **({"zero_init_residual": True} if backbone == "resnet50" else {}))
     if str(pretrained).lower() not in ("none", "false", ""):
-        net.load_state_dict(_pretrained_state_dict(pretrained, backbone), strict=False)  # the head: replaced below
+        state = _pretrained_state_dict(pretrained, backbone, net.state_dict())
+        net.load_state_dict(state, strict=False)  # the head: replaced below
     net.backbone = backbone  # a plain attribute: cam_layer and ood_features_of read it
     new_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.features, num_findings))
     parent, _, name = spec.head.rpartition(".")
@@ -350,7 +351,7 @@ def _freeze_batchnorm(module):
             _freeze_batchnorm(child)
 
 
-def _pretrained_state_dict(pretrained, backbone):
+def _pretrained_state_dict(pretrained, backbone, expected):
     weights, title = BACKBONES[backbone].weights, BACKBONES[backbone].title
     if str(pretrained).lower() in ("imagenet", "true"):
         try:
@@ -366,19 +367,20 @@ def _pretrained_state_dict(pretrained, backbone):
     path = Path(pretrained)
     if not path.is_file():
         raise CheckpointError(f"PRETRAINED={pretrained!r} is neither 'imagenet', 'none' nor an existing file.")
-    return weights_from_file(path, backbone)
+    return weights_from_file(path, backbone, expected)
 
 
 WRAPPERS = ("state_dict", "model", "module", "model_ema", "net")  # where training checkpoints keep the weights
 MOST_MISSING = 0.5  # a weights file that leaves more than this share of the backbone's tensors random is refused
 
 
-def weights_from_file(path, backbone):
-    """The backbone's tensors from a weights file (.pth, .pt, .bin, .ckpt, or .safetensors): a torchvision state
-    dict (or timm's, whose ResNet-50 names its tensors alike), or a training checkpoint that wraps one
-    (WRAPPERS) under a prefix of its own (module., encoder., img_encoder.model., ...: the one that matches most is
-    taken off). Says how many were loaded and names what is missing and unexpected; refuses, naming the file and the
-    first missing tensors, a file that would leave most of the backbone random (another network, or no weights)."""
+def weights_from_file(path, backbone, expected):
+    """The backbone's tensors from a weights file (.pth, .pt, .bin, .ckpt, or .safetensors): a torchvision state dict
+    (or timm's, whose ResNet-50 names its tensors alike), or a training checkpoint that wraps one (WRAPPERS) under a
+    prefix of its own (module., encoder., img_encoder.model., ...: the one that matches most is taken off);
+    `expected`: the state dict of the network they are for, as built. Says how many were loaded and names what is
+    missing and unexpected; refuses, naming the file and the first missing tensors, a file that would leave most of
+    the backbone random (another network, or no weights)."""
     spec = BACKBONES[backbone]
     try:
         state = _read_weights(path)
@@ -390,7 +392,6 @@ def weights_from_file(path, backbone):
         ) from None
     while isinstance(state, dict) and not _holds_tensors(state):
         state = next((state[key] for key in WRAPPERS if isinstance(state.get(key), dict)), None)
-    expected = spec.build(weights=None).state_dict()
     head = f"{spec.head}."
     wanted = {key: value.shape for key, value in expected.items() if not key.startswith(head)}
     if not isinstance(state, dict):

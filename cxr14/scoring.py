@@ -25,7 +25,7 @@ from cxr14.pixels import FilmImages, dataset_images, evaluation_images, find_cac
 from cxr14.processes import worker_count
 from cxr14.report import CHEXNET_AUROC, format_two_label_table, two_label_table
 from cxr14.statistics import statistics_of
-from cxr14.training_films import image_groups, is_nih_only, read_training_films
+from cxr14.training_films import image_groups, is_nih_only, read_training_films, run_patient_ids
 from dataset import FINDINGS, find_label_file, run_split, saved_split, split_rows
 
 
@@ -349,9 +349,7 @@ def outside_the_run(model, data, request):
     seen = set(saved.image_name[saved.split.isin(("train", "val"))])
     prefix = f"{request.dataset}:"  # as training_films names a film: its path below the dataset's folder
     names = [prefix + Path(os.path.relpath(path, request.data_dir)).as_posix() for path in data.rows.path]
-    patients = prefix + data.rows.patient_id.astype(str)
-    if "nih_image" in data.rows.columns:  # RSNA's films with their NIH patient ("nih:13"), as a union names them
-        patients = patients.where(data.rows.nih_image.isna(), data.rows.patient_id.astype(str))
+    patients = run_patient_ids(request.dataset, data.rows)
     trained = pd.Series(names, index=data.rows.index).isin(seen)
     left = trained | patients.isin(set(patients[trained]))
     copies = ~left & patients.isin(run_nih_patients(seen))

@@ -154,7 +154,7 @@ def read_training_films(data, saved_split=None, leave_out_missing=False):
     for name, folder in zip(names, folders):
         rows, official, label_files, dropped = _read_one(name, folder, data)
         if len(names) > 1 or name != "nih":  # a union's ids and names carry their dataset; NIH alone stays as it is
-            rows["patient_id"] = _run_patients(name, rows)
+            rows["patient_id"] = run_patient_ids(name, rows)
             rows["image_name"] = name + ":" + rows["image_name"].astype(str)
         rows["dataset"] = name
         rows["split"] = "" if saved_split is not None else _split(rows, official, data, name)
@@ -171,8 +171,9 @@ def read_training_films(data, saved_split=None, leave_out_missing=False):
     return TrainingFilms(rows.drop(columns="split"), rows.split, sources, left_out)
 
 
-def _run_patients(name, rows):
-    """A union's patient ids: "dataset:id", or "nih:id" for another dataset's copy of an NIH film (nih_copies.py)."""
+def run_patient_ids(name, rows):
+    """A union's patient ids of one dataset's rows: "dataset:id", or "nih:id" for another dataset's copy of an NIH
+    film (nih_copies.py); evaluate.py names another dataset's films as a run that trained on it did."""
     patients = name + ":" + rows["patient_id"].astype(str)
     if "nih_image" not in rows.columns:
         return patients

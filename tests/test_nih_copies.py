@@ -104,9 +104,8 @@ def test_a_union_with_nih_keeps_each_nih_patient_in_one_part(trained_run, learn_
     assert set(copies.split[:TEST_FILMS]) == {"test"}  # NIH's test patients' copies are tested, never trained
     assert (copies.nih_image.to_numpy() == films.image_name.to_numpy()).all()
     (data / "pneumonia_dataset_mapping.csv").unlink()
-    with pytest.warns(UserWarning, match="cannot keep an NIH patient in one part"):
+    with pytest.warns(UserWarning, match=NOT_KEPT_APART[:60].replace("(", r"\(")):
         read_training_films(settings)
-    assert "Put the mapping there" in NOT_KEPT_APART
 
 
 def test_a_mapping_that_names_no_nih_film_is_refused_naming_its_row(tmp_path):
