@@ -3,6 +3,7 @@
     python bench.py [--images 300] [--workers 2] [--image_size 224] [--batch_size 64] [--json bench.json]
     python bench.py --quick --json bench.json      # seconds, for CI
     python bench.py --compile --batch_size 64 256 --trainable_layers layer4 all   # adds compiled (and graphed) rows
+    python bench.py --backbone resnet50 eva_x_small --trainable_layers layer4 all  # EVA-X's ViT-S beside ResNet-50
 
 (a) input pipeline images/s: decoding the PNGs vs reading the cache, same worker augmentation, same worker count,
     and the same for JPEGs in CheXpert's layout (CHEXPERT_SIZE px, as CheXpert-v1.0-small) and their cache;
@@ -20,9 +21,9 @@
     where the CPU has native bf16);
 (c) the projected time of one NIH epoch (training and validation) for each configuration;
 (d) what a training step asks of the device, counted on any device: operations of a forward pass under bf16
-    autocast (torchvision's FrozenBatchNorm2d, model.FrozenBatchNorm, and the BatchNorm folded into the convolution),
-    and per step of train.py's loop the operations (unfolded and folded) and the reads back to the host (item, bool,
-    tolist: each one a wait for a GPU) and blocking uploads.
+    autocast (torchvision's FrozenBatchNorm2d, frozen_batchnorm.FrozenBatchNorm, and the BatchNorm folded into the
+    convolution), and per step of train.py's loop the operations (unfolded and folded) and the reads back to the host
+    (item, bool, tolist: each one a wait for a GPU) and blocking uploads.
 """
 
 import argparse
@@ -44,6 +45,7 @@ from cxr14.devices import (
     device_name,
     select_device,
 )
+from cxr14.frozen_batchnorm import FrozenBatchNorm
 from cxr14.loop import (
     SYNC_EVERY,
 )
@@ -66,7 +68,7 @@ from cxr14.timing import (
 )
 from cxr14.training_films import cache_films
 from dataset import FINDINGS, attach_image_paths, read_labels
-from model import FrozenBatchNorm
+from model import BACKBONES
 
 NIH_TRAIN_IMAGES = 77_872  # train_val_list.txt (86,524) less a 10% validation split by patient
 NIH_VAL_IMAGES = 8_652  # that validation split: evaluated after every epoch
@@ -176,6 +178,13 @@ def parse_args(argv=None):
         "each (default: layer4, the seed recipe; 'all' is the full fine-tune)",
     )
     parser.add_argument(
+        "--backbone",
+        nargs="+",
+        default=["resnet50"],
+        help="BACKBONE values, as in train.py; (b) times each (default: resnet50; eva_x_small is EVA-X's ViT-S/16). "
+        "A ViT or timm network takes torchvision's block names as its last quarter of blocks (layer4 -> 3 of 12)",
+    )
+    parser.add_argument(
         "--compile", action="store_true", help="also time torch.compile, and on CUDA its CUDA graphs (minutes)"
     )
     add_device_flags(parser, amp=False)
@@ -243,10 +252,12 @@ def step_section(args, device, with_compile, cached):
     """(b) and (c): each Variant's step rates and projected NIH epoch (`cached`: this machine's cached input rate) for
     each batch size and recipe, printed; a row of figures per Variant."""
     rows = []
-    for layers in args.recipes:
-        for batch_size in args.batch_sizes:
-            setting = argparse.Namespace(**{**vars(args), "batch_size": batch_size, "trainable_layers": layers})
-            rows += _step_rows(setting, device, with_compile, cached)
+    for backbone in args.backbone:
+        for layers in args.recipes:
+            for batch_size in args.batch_sizes:
+                chosen = {"batch_size": batch_size, "trainable_layers": recipe_of(backbone, layers)}
+                setting = argparse.Namespace(**{**vars(args), **chosen, "backbone": backbone})
+                rows += _step_rows(setting, device, with_compile, cached)
     default = _train_py_row(rows, device)
     if default["host_share_of_step"] is not None and default["host_share_of_step"] >= HOST_BOUND:
         print(
@@ -256,8 +267,19 @@ def step_section(args, device, with_compile, cached):
     return rows
 
 
+def recipe_of(backbone, layers):
+    """TRAINABLE_LAYERS for `backbone`: torchvision's block names as they are for torchvision's networks; for the
+    others (which have no layer4) the last quarter of a ViT's twelve blocks, as layer4 is ResNet-50's last stage."""
+    if backbone in BACKBONES or layers in ("all", "head") or layers.isdigit():
+        return layers
+    return "3"
+
+
 def _step_rows(args, device, with_compile, cached):
-    print(f"(b) model steps at {args.image_size} px, batch {args.batch_size}, trainable {args.trainable_layers}")
+    print(
+        f"(b) {args.backbone} model steps at {args.image_size} px, batch {args.batch_size}, trainable "
+        f"{args.trainable_layers}"
+    )
     print(
         f"    {'amp':>5} {'ch_last':>7} {'folded':>6} {'compile':>15} {'graphs':>6} {'train img/s':>12} "
         f"{'bare img/s':>11} {'loop/bare':>9} {'ops/step':>8} {'eval img/s':>11} {'host share':>10} {'NIH epoch':>10} "
@@ -271,6 +293,7 @@ def _step_rows(args, device, with_compile, cached):
         rows.append(
             {
                 **variant._asdict(),
+                "backbone": args.backbone,
                 "batch_size": args.batch_size,
                 "trainable_layers": args.trainable_layers,
                 "train_img_s": project,
@@ -294,7 +317,7 @@ def _step_rows(args, device, with_compile, cached):
 
 
 def _train_py_row(rows, device):
-    """The row of what train.py does on this device, for the first batch size and recipe."""
+    """The row of what train.py does on this device, for the first backbone, batch size and recipe."""
     variant = train_py_variant(device)._asdict()
     return next(row for row in rows if all(row[key] == value for key, value in variant.items()))
 
@@ -321,8 +344,8 @@ def loop_section(device):
     gpu_syncs = gpu_syncs_per_step(device)
     print(
         f"(d) a forward pass under bf16 autocast (layer4 + head trainable): {frozen_torchvision} operations with "
-        f"torchvision's FrozenBatchNorm2d, {frozen_ours} with model.FrozenBatchNorm, {folded} with it folded into "
-        "the convolutions (train.py)"
+        f"torchvision's FrozenBatchNorm2d, {frozen_ours} with frozen_batchnorm.FrozenBatchNorm, {folded} with it "
+        "folded into the convolutions (train.py)"
     )
     print(
         f"    train.py's loop, per step: {unfolded_operations:.0f} operations unfolded, {operations:.0f} folded (what "

@@ -15,12 +15,13 @@ the probabilities are calibrated, the thresholds on their scale (and on the raw 
 threshold and the validation films' distances (for percentiles), the training run's config and its SHA-256, the
 checkpoint's epoch.
 
---int8: the convolutions but the first quantized to 8 bits (ONNX Runtime's static QDQ quantization, weights per
-channel), their activation ranges calibrated on films of the checkpoint's own validation split. The whole validation
-split is then predicted by both models: the metadata's "int8" records the mean AUROC of each, the largest difference
-of a probability and the films it was measured on, and the export is refused when the int8 model's mean AUROC falls
-more than INT8_MAX_AUROC_DROP below fp32's, or a probability moves more than INT8_MAX_PROBABILITY_DIFFERENCE (--force
-writes it anyway, saying so). predict.py --onnx and app.py take it as any export.
+--int8: the convolutions but the first, and a ViT's linear layers, quantized to 8 bits (ONNX Runtime's static QDQ
+quantization, weights per channel), their activation ranges calibrated on films of the checkpoint's own validation
+split. The whole validation split is then predicted by both models: the metadata's "int8" records the mean AUROC of
+each, the largest difference of a probability and the films it was measured on, and the export is refused when the
+int8 model's mean AUROC falls more than INT8_MAX_AUROC_DROP below fp32's, or a probability moves more than
+INT8_MAX_PROBABILITY_DIFFERENCE (--force writes it anyway, saying so). predict.py --onnx and app.py take it as any
+export.
 """
 
 import argparse
@@ -228,9 +229,10 @@ def validation_crops(model, films):
 
 def quantize(fp32, out, calibration_crops):
     """ONNX Runtime's static QDQ quantization of the convolutions (int8 weights per channel, uint8 activations
-    calibrated on calibration_crops, uint8 [N, S, S]) but the first: the stem reads the normalised film itself, and
-    in 8 bits it alone moved a demo model's probabilities by up to 0.023, against 0.014 left in fp32 (64 calibration
-    films). The calibration, the OOD distance and the head stay in fp32 too.
+    calibrated on calibration_crops, uint8 [N, S, S]) but the first, and of a ViT's linear layers (the MatMuls of a
+    weight): the stem reads the normalised film itself, and in 8 bits it alone moved a demo model's probabilities by
+    up to 0.023, against 0.014 left in fp32 (64 calibration films). The calibration, the OOD distance and the head
+    (a Gemm) stay in fp32 too, as do a ViT's attention products (of two activations).
     ONNX Runtime's recommended pre-processing (ONNX shape inference and its graph optimisations) comes first; its
     symbolic shape inference fails on this graph (ONNX Runtime 1.31: "object of type 'NoneType' has no len()", with
     or without the value_info of the initializers), and is skipped: the shapes are static but for N."""
@@ -247,14 +249,17 @@ def quantize(fp32, out, calibration_crops):
 
     prepared = Path(out).with_name("prepared.onnx")
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    first_convolution = next(node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv")
+    graph = onnx.load(str(prepared)).graph
+    weights = {initializer.name for initializer in graph.initializer}
+    convolutions = [node.name for node in graph.node if node.op_type == "Conv"][1:]
+    linear = [node.name for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights]
     quantize_static(
         str(prepared),
         str(out),
         Films(),
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv"],
-        nodes_to_exclude=[first_convolution],
+        op_types_to_quantize=["Conv", "MatMul"],
+        nodes_to_quantize=convolutions + linear,
         per_channel=True,
         weight_type=QuantType.QInt8,
         activation_type=QuantType.QUInt8,

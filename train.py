@@ -18,7 +18,8 @@ from cxr14 import configurator
 from cxr14.configurator import Above, AtLeast, Between, CommaList, Flag, OneOf, Side, Text, Weights
 from dataset import POS_WEIGHT_POLICIES
 
-LAYERS = CommaList("stem", "layer1", "layer2", "layer3", "layer4", "head", alone="all")  # model.BLOCKS, and the head
+LAYERS = CommaList("stem", "layer1", "layer2", "layer3", "layer4", "head", alone="all", count="blocks")  # model.BLOCKS
+BACKBONES = OneOf("resnet50", "densenet121", "convnext_tiny", "eva_x_tiny", "eva_x_small", "eva_x_base", prefix="timm/")
 DATASETS = CommaList("nih", "chexpert", "mimic", "padchest", "vindr", "rsna", "csv")  # training_films.TRAINING_DATASETS
 
 # ----------------------------------------------------------------------------- settings (python train.py --help)
@@ -29,7 +30,7 @@ DATA_DIR: Text = "data/nih"  # the dataset's folder (label CSV and images); for 
 CSV: Text = ""  # label file; empty: the dataset's own (NIH: Data_Entry_2017*.csv); a union: its csv member's
 UNCERTAIN: OneOf("ignore", "zeros", "ones") = "ignore"  # CheXpert/MIMIC -1: unlabelled (U-Ignore), negative, positive
 DATASET_WEIGHTS: Weights = ""  # a union's share of each epoch per dataset: empty, by size; 1,1: equal shares
-BACKBONE: OneOf("resnet50", "densenet121", "convnext_tiny") = "resnet50"  # the network (model.BACKBONES)
+BACKBONE: BACKBONES = "resnet50"  # torchvision's (model.BACKBONES), EVA-X's ViTs (model.EVA_X), or timm/NAME (timm's)
 IMAGE_SIZE: Side() = 224  # side of the square crop the network sees
 LOAD_SIZE: Side() = 256  # images are letterboxed to this square on load; training crops are taken from it
 CACHE: Text = "auto"  # "auto": each dataset's cache in DATA_DIR when built (cache.py), "off" (read films), or a folder
@@ -38,8 +39,11 @@ EPOCHS: AtLeast(1) = 10  # passes over the training split
 LEARNING_RATE: Above(0.0) = 1e-5  # AdamW learning rate; low, as suits fine-tuning pretrained weights
 WEIGHT_DECAY: AtLeast(0.0) = 1e-4  # AdamW decoupled weight decay
 DROPOUT: Between(0.0, 1.0) = 0.5  # dropout before the final Linear layer
-PRETRAINED: Text = "imagenet"  # "imagenet" (torchvision download), "none" (random init), or a weights file
-TRAINABLE_LAYERS: LAYERS = "layer4"  # blocks that train besides the head (layer1-4: the backbone's four stages)
+PRETRAINED: Text = "imagenet"  # "imagenet" (the network's own: ImageNet's, EVA-X's), "none", hf-hub:ORG/NAME, or a file
+TRAINABLE_LAYERS: LAYERS = "layer4"  # blocks that train besides the head: torchvision's layer1-4, or the last N blocks
+LAYER_DECAY: Between(0.0, 1.0, low_included=False, high_included=True) = 1.0  # block l of L learns at LR * this^(L-l)
+DROP_PATH: Between(0.0, 1.0) = 0.0  # stochastic depth of timm networks and EVA-X (drop_path_rate); torchvision: 0
+POOLING: OneOf("avg", "token") = "avg"  # a ViT's features: the mean of its patch tokens (EVA-X), or its class token
 POS_WEIGHT: OneOf(*POS_WEIGHT_POLICIES) = "ratio"  # pos_weight per finding from the training split
 POS_WEIGHT_CAP: AtLeast(0.0) = 0.0  # upper bound on any pos_weight; 0: none
 LR_SCHEDULE: OneOf("plateau", "cosine") = "plateau"  # plateau: ReduceLROnPlateau on val loss; cosine: warmup, decay
@@ -92,12 +96,12 @@ from cxr14.loop import (
     data_parallel,
     fused_optimizer,
     graphed_step,
+    head_learning_rate,
     loss_scaler,
     make_loop,
     place_run,
     ready_to_train,
     train_epoch,
-    trainable_parameters,
     warn_about_precision,
     warn_about_settings,
 )
@@ -127,7 +131,7 @@ from cxr14.training_films import (
     say_films,
 )
 from dataset import FINDINGS, count_positives, pos_weight_from_counts, split_record
-from model import build_model
+from model import build_model, check_backbone_settings, parameter_groups
 from transforms import mix_seed, normalize
 
 # No matplotlib, scikit-learn or grad-cam up here: each DataLoader worker on Windows re-imports this file, and they
@@ -162,8 +166,12 @@ def check_settings(config):
     dataset_names(data)  # DATASET and DATA_DIR paired, one folder per dataset
     dataset_weights(data)
     pretrained = str(model_settings.pretrained)
-    if pretrained.lower() not in ("imagenet", "none") and not Path(pretrained).is_file():
-        raise SettingsError(f"PRETRAINED = {pretrained!r}: use imagenet, none, or the path of a weights file")
+    hub = pretrained.lower().startswith("hf-hub:")
+    if pretrained.lower() not in ("imagenet", "none") and not hub and not Path(pretrained).is_file():
+        raise SettingsError(f"PRETRAINED = {pretrained!r}: use imagenet, none, hf-hub:ORG/NAME or a weights file")
+    if hub and not model_settings.backbone.startswith("timm/"):
+        raise SettingsError(f"PRETRAINED = {pretrained!r}: Hugging Face Hub weights are for a BACKBONE timm/NAME")
+    check_backbone_settings(model_settings)
 
 
 # ----------------------------------------------------------------------------- what trains
@@ -180,11 +188,15 @@ def build_training(settings, counts, pos_weight, device, dtype, channels_last, s
         model_settings.trainable_layers,
         model_settings.dropout,
         model_settings.backbone,
+        image_size=settings.data.image_size,
+        drop_path=model_settings.drop_path,
+        pooling=model_settings.pooling,
     )
     net = ready_to_train(net, counts, pos_weight, device, dtype, channels_last)
+    learning_rate = training_settings.learning_rate
     optimizer = torch.optim.AdamW(
-        trainable_parameters(net),
-        lr=training_settings.learning_rate,
+        parameter_groups(net, learning_rate, training_settings.weight_decay, training_settings.layer_decay),
+        lr=learning_rate,
         weight_decay=training_settings.weight_decay,
         fused=fused_optimizer(device),
     )
@@ -306,7 +318,7 @@ def train_epochs(run, stop):
             train_loss=run.totals.mean(),
             val_loss=validation.loss,
             val_mean_auroc=validation.mean_auroc,
-            lr=training.optimizer.param_groups[0]["lr"],
+            lr=head_learning_rate(training.optimizer),
             seconds=time.perf_counter() - started,
             aurocs={finding: float(value) for finding, value in zip(FINDINGS, validation.aurocs)},
         )

@@ -13,9 +13,9 @@ import torch
 
 from cxr14.errors import CheckpointError
 from dataset import names_and_codes, read_split
-from model import BACKBONES, ood_feature_width
+from model import BACKBONES, known_backbone, ood_feature_width
 
-FORMAT = 2  # the checkpoint format save_checkpoint writes; upgrade brings every older one to it
+FORMAT = 3  # the checkpoint format save_checkpoint writes; upgrade brings every older one to it
 # Format 1 is every checkpoint written before checkpoints carried their format. Its shapes, each upgraded:
 # - "architecture" where today's say "backbone" (before the setting BACKBONE, always ResNet-50);
 # - a config without the settings added since, which every run before them had at these values (NIH alone):
@@ -29,6 +29,9 @@ ADDED_SINCE = {
 # - out-of-distribution statistics fitted on the head's features alone (before the third block's halves joined
 #   them): dropped, with a warning, as their distances would mean nothing;
 # - no split record (the oldest): the split.csv beside the checkpoint holds its split.
+# Format 2 is every checkpoint written before timm's networks: its config lacks the settings they brought, which every
+# run of format 1 or 2 had at these values:
+ADDED_WITH_TIMM = {"LAYER_DECAY": 1.0, "DROP_PATH": 0.0, "POOLING": "avg"}
 
 
 def _write_atomically(path, write):
@@ -113,9 +116,10 @@ def load_checkpoint(path, findings):
     missing = [key for key in ("model", "config", "findings", "backbone") if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not a cxr14 training checkpoint (missing {missing}).")
-    if checkpoint["backbone"] not in BACKBONES:
+    if not known_backbone(checkpoint["backbone"]):
         raise CheckpointError(
-            f"{path} holds a {checkpoint['backbone']!r} model; this code builds {', '.join(BACKBONES)}."
+            f"{path} holds a {checkpoint['backbone']!r} model; this code builds {', '.join(BACKBONES)}, EVA-X's and "
+            "timm's."
         )
     if list(checkpoint["findings"]) != list(findings):
         raise CheckpointError(
@@ -141,6 +145,15 @@ def upgrade(checkpoint, path):
         )
     if version == FORMAT:
         return checkpoint
+    if version == 1:
+        _upgrade_from_format_1(checkpoint, path)
+    if isinstance(checkpoint.get("config"), dict):
+        checkpoint["config"] = {**ADDED_WITH_TIMM, **checkpoint["config"]}
+    checkpoint["format"] = FORMAT
+    return checkpoint
+
+
+def _upgrade_from_format_1(checkpoint, path):
     if "architecture" in checkpoint and "backbone" not in checkpoint:
         checkpoint["backbone"] = checkpoint.pop("architecture")
     checkpoint.setdefault("backbone", ADDED_SINCE["BACKBONE"])
@@ -151,8 +164,6 @@ def upgrade(checkpoint, path):
     if checkpoint.get("split") is None and split_path.is_file():
         table = read_split(split_path)
         checkpoint["split"] = names_and_codes(table["image_name"], table["split"])
-    checkpoint["format"] = FORMAT
-    return checkpoint
 
 
 def _drop_stale_ood(checkpoint, path):

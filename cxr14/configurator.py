@@ -75,8 +75,14 @@ Flag = Rule(bool, "true or false")
 Weights = Rule(str, "empty, or comma-separated numbers above 0 (1,1)", _weights)
 
 
-def OneOf(*values):  # noqa: N802 (read as a type in annotations: NAME: OneOf(...) = value)
-    return Rule(str, f"one of {', '.join(map(repr, values))}", lambda value: value in values, values)
+def OneOf(*values, prefix=None):  # noqa: N802 (read as a type in annotations: NAME: OneOf(...) = value)
+    """One of `values`, or (with a prefix) any text that starts with the prefix and names something after it."""
+    allowed = f"one of {', '.join(map(repr, values))}" + (f", or {prefix}NAME" if prefix else "")
+
+    def check(value):
+        return value in values or bool(prefix and value.startswith(prefix) and value[len(prefix) :].strip())
+
+    return Rule(str, allowed, check, values)
 
 
 def AtLeast(minimum):  # noqa: N802
@@ -122,16 +128,19 @@ def Side():  # noqa: N802
     return Rule(int, allowed, lambda value: 32 <= value <= MAX_SIDE, cost=_side_cost)
 
 
-def CommaList(*names, alone=None):  # noqa: N802
-    """A comma-separated list of some of `names`, each once, or the single word `alone`."""
+def CommaList(*names, alone=None, count=None):  # noqa: N802
+    """A comma-separated list of some of `names`, each once, or the single word `alone`, or (with `count`, what it
+    counts) a whole number from 1."""
 
     def check(value):
         chosen = [name.strip() for name in value.split(",") if name.strip()]
         listed = bool(chosen) and all(name in names for name in chosen) and len(set(chosen)) == len(chosen)
-        return chosen == [alone] or listed
+        counted = bool(count) and value.strip().isdigit() and int(value) >= 1
+        return chosen == [alone] or listed or counted
 
     listed = f"a comma-separated list of {', '.join(names)}, each once"
-    return Rule(str, f"{alone!r}, or {listed}" if alone else listed, check)
+    listed = f"{alone!r}, or {listed}" if alone else listed
+    return Rule(str, f"{listed}, or a number N (the last N {count})" if count else listed, check)
 
 
 def _parse_bool(text):

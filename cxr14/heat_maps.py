@@ -18,7 +18,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from cxr14.calibration import sigmoid
 from cxr14.films import crop_to_original
 from cxr14.inference import crop_outputs
-from model import cam_layer, cam_weights
+from model import cam_layer, cam_weights, feature_map
 from transforms import normalize
 
 DISPLAY_SHORT_SIDE = (512, 1024)  # the drawn film's short side: at least 512 px (readable), at most 1024 (file size)
@@ -29,9 +29,10 @@ SHEET_HEIGHT = 512  # px: each panel of a sheet
 
 
 class LayerGradCAM(GradCAM):
-    """grad-cam's GradCAM over the network's last block, with the autograd graph started at that block's output:
-    Grad-CAM needs the gradient of the head alone, so the input needs none and no backward runs through the
-    backbone, whose blocks may all be frozen. A context manager: it removes its hooks on exit."""
+    """grad-cam's GradCAM over the network's last block (a ViT's: its patch tokens as a grid), with the autograd graph
+    started at that block's output: Grad-CAM needs the gradient of the head alone, so the input needs none and no
+    backward runs through the backbone, whose blocks may all be frozen. A context manager: it removes its hooks on
+    exit."""
 
     def __init__(self, net):
         layer = cam_layer(net)
@@ -40,7 +41,8 @@ class LayerGradCAM(GradCAM):
         self.restart = layer.register_forward_hook(
             lambda module, inputs, output: output.detach().requires_grad_().clone()
         )
-        super().__init__(model=net, target_layers=[layer])
+        # a ViT's tokens on their patch grid, [N, C, h, w], as grad-cam weighs channels over cells
+        super().__init__(model=net, target_layers=[layer], reshape_transform=lambda output: feature_map(net, output))
 
     def __exit__(self, *exc_info):
         self.restart.remove()

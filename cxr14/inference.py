@@ -234,17 +234,24 @@ def split_outputs(
 
 
 def model_from_checkpoint(checkpoint):
-    """The trained model, rebuilt from the checkpoint's own config and backbone (no constants here to drift): built on
-    the meta device (no 25M random numbers drawn only to be overwritten), then given the checkpoint's tensors."""
+    """The trained model, rebuilt from the checkpoint's own config, backbone and timm arguments (no constants here to
+    drift): torchvision's built on the meta device (no 25M random numbers drawn only to be overwritten), timm's on the
+    CPU (their rotary embeddings are buffers made when built, which no state dict holds), then given the checkpoint's
+    tensors."""
     built = {**checkpoint["config"], "BACKBONE": checkpoint["backbone"], "PRETRAINED": "none"}
     settings = record_from_config(ModelSettings, built, "the checkpoint")
-    with torch.device("meta"):
+    timm = checkpoint.get("timm")
+    with torch.device("meta" if timm is None else "cpu"):
         net = build_model(
             len(checkpoint["findings"]),
             settings.pretrained,
             settings.trainable_layers,
             settings.dropout,
             settings.backbone,
+            image_size=checkpoint["config"].get("IMAGE_SIZE", 224),  # timm's ViTs alone read it
+            drop_path=settings.drop_path,
+            pooling=settings.pooling,
+            timm=timm,
         )
-    net.load_state_dict(checkpoint["model"], assign=True)
+    net.load_state_dict(checkpoint["model"], assign=timm is None)
     return net

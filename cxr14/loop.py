@@ -27,7 +27,7 @@ from cxr14.devices import (
 from cxr14.distributed import setup_distributed, sum_over_ranks
 from cxr14.run_folder import EpochTotals, Position, TensorBoard, Training
 from cxr14.settings import Settings
-from model import cast_frozen, derived_buffers, frozen_blocks, init_head_bias
+from model import cast_frozen, derived_buffers, init_head_bias
 from transforms import augment_batch, augmentation_params, normalize
 
 # the loop reads the loss back from the device (and agrees on a stop request) once every this many steps: each read
@@ -184,7 +184,7 @@ def train_epoch(net, batches, training, loop, epoch, step, totals, stop):
         loss = train_step(net, images, targets, seeds, training, loop)
         step += 1
         window.add(loss)
-        learning_rates.append(training.optimizer.param_groups[0]["lr"])
+        learning_rates.append(head_learning_rate(training.optimizer))
         bar.update()
         if window.full() or step == steps:
             losses, stopping = window.read(stop.signal is not None, loop.world_size)
@@ -323,12 +323,10 @@ def auroc_by_dataset(validation, datasets):
 def warn_about_settings(settings, log):
     """Settings that run but waste the run: said at the start, with the fix."""
     model_settings, data = settings.model, settings.data
-    frozen = frozen_blocks(model_settings.trainable_layers)
-    if str(model_settings.pretrained).lower() == "none" and frozen:
+    if str(model_settings.pretrained).lower() == "none" and model_settings.trainable_layers != "all":
         log(
             f"warning: PRETRAINED = none with TRAINABLE_LAYERS = {model_settings.trainable_layers!r}: the frozen "
-            f"blocks ({', '.join(frozen)}) keep random weights and pass little of use on. Train them: "
-            "--trainable_layers all"
+            "blocks keep random weights and pass little of use on. Train them: --trainable_layers all"
         )
     if data.image_size > data.load_size:
         log(
@@ -399,9 +397,10 @@ def ready_to_train(net, counts, pos_weight, device, dtype, channels_last):
     return net
 
 
-def trainable_parameters(net):
-    """The parameters TRAINABLE_LAYERS leaves trainable: what the optimizer steps."""
-    return [parameter for parameter in net.parameters() if parameter.requires_grad]
+def head_learning_rate(optimizer):
+    """The learning rate of the head: the highest of the groups (model.parameter_groups' LAYER_DECAY lowers the
+    others'), which the schedules scale alike."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def fused_optimizer(device):

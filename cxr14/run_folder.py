@@ -40,6 +40,9 @@ RUN_DEFINING = (
     "BATCH_SIZE",
     "TRAINABLE_LAYERS",
     "DROPOUT",
+    "DROP_PATH",
+    "POOLING",
+    "LAYER_DECAY",
     "POS_WEIGHT",
     "POS_WEIGHT_CAP",
     "SEED",
@@ -165,6 +168,7 @@ def training_state(training, settings, history, position, epoch_totals, device, 
         "config": settings.as_config(),  # a plain mapping: older and newer code both read it
         "findings": list(FINDINGS),
         "backbone": net.backbone,  # BACKBONE (as "architecture" in older checkpoints)
+        "timm": net.parts.timm,  # a timm network's name and arguments: built again from these alone; else None
         "split": training.split,  # the images of each part: the checkpoint evaluates and resumes on its own
         "epoch": history[-1]["epoch"] if history else 0,
         "metrics": history[-1] if history else {},

@@ -18,6 +18,7 @@ from cxr14.external import read_external
 from cxr14.films import eval_crop
 from cxr14.fitting import fit_statistics, store_statistics
 from cxr14.inference import split_outputs
+from cxr14.known_weights import known_weights
 from cxr14.localisation import read_boxes, usable_boxes
 from cxr14.mappings import EXPERT_MAPPING, EXPERT_UNSCORED, model_scores
 from cxr14.nih_copies import NIH_COPIES, NOT_EXTERNAL, run_nih_patients
@@ -131,8 +132,10 @@ def evaluate_nih(model, request):
     if missing:
         print(f"warning: {len(missing)} film(s) missing and left out (first: {missing[0]})")
     rows = parts[request.split]
+    saw = pretrained_saw_test(model) if "nih" in set(data.dataset.split(",")) else None
     print(
-        f"checkpoint {request.checkpoint} (epoch {model.checkpoint['epoch']}); the {request.split} split: "
+        (f"PRETRAINED SAW THE TEST FILMS: {saw}\n" if saw else "")
+        + f"checkpoint {request.checkpoint} (epoch {model.checkpoint['epoch']}); the {request.split} split: "
         f"{len(rows):,} images, {rows.patient_id.nunique():,} patients{'; five-crop TTA' if request.tta else ''}"
     )
     thresholds, fitted = np.full(len(FINDINGS), np.nan), None
@@ -152,6 +155,7 @@ def evaluate_nih(model, request):
         "images": len(rows),
         "patients": int(rows.patient_id.nunique()),
         "skipped": skipped,
+        **({"pretrained_saw_test_films": saw} if saw else {}),
     }
     return Evaluation(
         names=list(FINDINGS),
@@ -179,6 +183,18 @@ def own_fit(model, request, has_validation, needs_ood):
         return None
     print("thresholds and calibration: the checkpoint's own, fitted on its validation split (--refit fits them again)")
     return own
+
+
+def pretrained_saw_test(model):
+    """Why the weights the run started from (PRETRAINED) saw NIH films of the official test list, or None: from
+    known_weights.KNOWN_WEIGHTS. Said, never refused: a user may measure such a start knowingly."""
+    known = known_weights(model.checkpoint["config"].get("PRETRAINED", ""))
+    if known is None or not known.saw_nih_test:
+        return None
+    return (
+        f"the run started from {known.title}, pretrained on {known.data}: {known.saw_nih_test}. Its NIH test score "
+        "is not a score on films its weights never saw"
+    )
 
 
 def run_parts(model, request, split, source, wanted):

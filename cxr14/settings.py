@@ -44,6 +44,8 @@ class ModelSettings:
     pretrained: str
     trainable_layers: str
     dropout: float
+    drop_path: float
+    pooling: str
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class TrainingSettings:
     pos_weight_cap: float
     learning_rate: float
     weight_decay: float
+    layer_decay: float
     lr_schedule: str
     lr_patience: int
     lr_factor: float

@@ -21,6 +21,7 @@ from cxr14.devices import (
     synchronize,
     timed,
 )
+from cxr14.frozen_batchnorm import FrozenBatchNorm
 from cxr14.loaders import ChestXrayDataset, DeviceBatches, SeededSampler
 
 # train.py's own loop, from the package (cxr14/loop.py), so that the figures are those of the code that trains, not
@@ -37,12 +38,11 @@ from cxr14.loop import (
     optimizer_step,
     ready_to_train,
     train_epoch,
-    trainable_parameters,
 )
 from cxr14.pixels import images_on_device
 from cxr14.run_folder import EpochTotals, Training
 from dataset import FINDINGS, pos_weight_from_counts
-from model import FrozenBatchNorm, build_model, cast_frozen
+from model import build_model, cast_frozen, parameter_groups
 from transforms import WorkerAugment, augment_batch, augmentation_params, normalize
 
 WORKER_IMAGES = 256  # images per timing of a worker's cost
@@ -92,11 +92,12 @@ def training_parts(args, device, variant):
     for random weights in the variant's precision and layout, the targets' rate of device_batches."""
     dtype = autocast_dtype(device, variant.amp)
     backbone = getattr(args, "backbone", "resnet50")
-    net = build_model(len(FINDINGS), "none", args.trainable_layers, backbone=backbone, fold=variant.fold)
+    layers = args.trainable_layers
+    net = build_model(len(FINDINGS), "none", layers, backbone=backbone, fold=variant.fold, image_size=args.image_size)
     counts = np.full(len(FINDINGS), 20), np.full(len(FINDINGS), 80)
     pos_weight = pos_weight_from_counts(*counts)
     net = ready_to_train(net, counts, pos_weight, device, dtype, variant.channels_last)
-    optimizer = torch.optim.AdamW(trainable_parameters(net), lr=1e-5, weight_decay=1e-4, fused=fused_optimizer(device))
+    optimizer = torch.optim.AdamW(parameter_groups(net, 1e-5, 1e-4), lr=1e-5, fused=fused_optimizer(device))
     criterion = LabelledBCE(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device))
     return Training(net, optimizer, None, loss_scaler(device, dtype), criterion), dtype
 
@@ -329,7 +330,7 @@ def gpu_syncs_per_step(device, steps=COUNTED_STEPS, size=64, batch_size=16):
 def _loop_steps(device, steps, size, batch_size, fold=True):
     """A function that runs `steps` steps of train.py's loop (one epoch of that many) on `device`, from images held in
     its memory; what it needs is made here, outside what is counted."""
-    args = argparse.Namespace(trainable_layers="layer4", batch_size=batch_size, load_size=size + 8)
+    args = argparse.Namespace(trainable_layers="layer4", batch_size=batch_size, load_size=size + 8, image_size=size)
     parts, dtype = training_parts(args, device, Variant(amp=True, channels_last=device.type != "mps", fold=fold))
     loop = Loop(device, dtype, device.type != "mps", image_size=size, show_progress=False)
     batches = device_batches(args, device, steps)

@@ -11,7 +11,7 @@ import torch
 import evaluate
 import export
 import predict
-from cxr14.checkpoints import ADDED_SINCE, FORMAT, load_checkpoint, save_checkpoint
+from cxr14.checkpoints import ADDED_SINCE, ADDED_WITH_TIMM, FORMAT, load_checkpoint, save_checkpoint
 from cxr14.errors import CheckpointError
 from cxr14.films import prepare
 from cxr14.inference import TorchModel
@@ -85,6 +85,33 @@ def test_each_older_shape_loads_in_todays_format_and_predicts_the_same(trained_r
         assert old.statistics.ood is None and "fitted on features of an older version" in capsys.readouterr().out
     else:
         assert len(old.statistics.ood["mean"]) == len(new.statistics.ood["mean"])
+
+
+def test_a_format_2_checkpoint_gets_the_settings_timm_brought_at_the_values_its_run_had(
+    trained_run, learn_dir, tmp_path
+):
+    """Before timm's networks (format 2): no LAYER_DECAY, DROP_PATH, POOLING and no timm record; upgraded to the
+    values every such run trained with (today's run of torchvision's ResNet-50 has them too), predicting the same."""
+    checkpoint = torch.load(trained_run / "best.pth", map_location="cpu", weights_only=True)
+    checkpoint["format"] = 2
+    del checkpoint["timm"]
+    for name in ADDED_WITH_TIMM:
+        del checkpoint["config"][name]
+    (tmp_path / "old").mkdir()
+    shutil.copy(trained_run / "split.csv", tmp_path / "old" / "split.csv")
+    torch.save(checkpoint, tmp_path / "old" / "best.pth")
+    loaded = load_checkpoint(tmp_path / "old" / "best.pth", FINDINGS)
+    today = load_checkpoint(trained_run / "best.pth", FINDINGS)
+    assert loaded["format"] == FORMAT and today["timm"] is None
+    assert {name: loaded["config"][name] for name in ADDED_WITH_TIMM} == {
+        name: today["config"][name] for name in ADDED_WITH_TIMM
+    }
+    old, new = (
+        TorchModel(tmp_path / "old" / "best.pth", device="cpu"),
+        TorchModel(trained_run / "best.pth", device="cpu"),
+    )
+    crops = crops_of(learn_dir, new)
+    np.testing.assert_array_equal(old.predict(crops).probabilities, new.predict(crops).probabilities)
 
 
 @pytest.mark.slow  # an evaluation, an OOD refit and an export: about 40 s on 2 cores

@@ -63,14 +63,14 @@ def test_resuming_onto_a_gpu_reads_the_checkpoint_on_the_cpu(one_epoch, demo_dir
 
 
 def test_every_torch_load_loads_onto_the_cpu():
-    """One home for checkpoint I/O (cxr14/checkpoints.py; model.py reads a pretrained weights file), and every load
-    there onto the CPU."""
+    """One home for checkpoint I/O (cxr14/checkpoints.py; cxr14/weights_files.py reads a pretrained weights file),
+    and every load there onto the CPU."""
     calls = {}
     for path in [*ROOT.glob("*.py"), *(ROOT / "cxr14").glob("*.py")]:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if "torch.load(" in line]
         if lines:
             calls[path.name] = lines
-    assert set(calls) == {"checkpoints.py", "model.py"}, calls
+    assert set(calls) == {"checkpoints.py", "weights_files.py"}, calls
     assert all(
         'map_location="cpu"' in line and "weights_only=True" in line for lines in calls.values() for line in lines
     )
@@ -179,7 +179,7 @@ def test_a_training_step_waits_for_the_device_only_every_few_steps():
 def test_frozen_batchnorm_keeps_activations_in_the_autocast_dtype():
     from torchvision.ops import FrozenBatchNorm2d
 
-    from model import FrozenBatchNorm
+    from cxr14.frozen_batchnorm import FrozenBatchNorm
 
     assert forward_operations(FrozenBatchNorm) < 0.6 * forward_operations(FrozenBatchNorm2d)
 

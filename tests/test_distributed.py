@@ -80,3 +80,17 @@ def test_two_sigterms_to_a_two_process_run_leave_a_state_that_resumes_exactly(to
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(weights(torchrun_straight[0] / "epoch_02.pth"), weights(out / "epoch_02.pth"))
+
+
+def test_a_vit_trains_under_torchrun_and_validates_every_film_once(demo_dir, tmp_path):
+    """EVA-X's ViT-Ti (last four blocks, layer decay, drop path) under DistributedDataParallel: the logged validation
+    loss is the checkpoint's own over every validation film, computed again in one process."""
+    vit = {"backbone": "eva_x_tiny", "image_size": 64, "load_size": 72, "trainable_layers": "4"}
+    settings = {**TORCHRUN_SETTINGS, **vit, "layer_decay": 0.65, "drop_path": 0.1, "epochs": 1}
+    result = subprocess.run(
+        torchrun(tiny(demo_dir, tmp_path, **settings)), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "epoch_01.pth", FINDINGS)["timm"]["name"] == "eva_x_tiny"
+    expected = validation_loss_of(tmp_path / "epoch_01.pth", demo_dir, amp=False)
+    assert pd.read_csv(tmp_path / "metrics.csv")["val_loss"][0] == pytest.approx(expected, rel=1e-4)

@@ -42,6 +42,7 @@ def test_report_covers_exactly_the_saved_test_split(report, trained_run, learn_d
 
 
 def test_report_files_are_written_and_well_formed(report, trained_run):
+    assert "pretrained_saw_test_films" not in report  # random weights (known_weights) saw no film
     out = trained_run / "evaluation" / "best"
     saved = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert saved["mean_auroc"] == report["mean_auroc"] and [r["finding"] for r in saved["findings"]] == list(FINDINGS)

@@ -87,3 +87,28 @@ def test_grad_cam_elsewhere_starts_its_gradient_at_the_last_block(trainable_laye
     np.testing.assert_allclose(np.stack(finding_masks(net, film, findings, "cpu")), np.stack(found), atol=1e-6)
     if expected is not None:
         np.testing.assert_allclose(np.stack(found), expected, atol=1e-4)
+
+
+def test_grad_cam_of_a_vit_reads_its_last_blocks_patch_tokens_on_their_grid():
+    """EVA-X's ViT-Ti at 64 px (a 4 x 4 grid of patches after its class token): our masks, with the gradient started
+    at the last block, equal the grad-cam library's as its README does a ViT (the input requiring grad, a
+    reshape_transform that drops the class token and lays the tokens on the grid)."""
+    torch.manual_seed(0)
+    net = build_model(14, "none", "all", 0.5, "eva_x_tiny", image_size=64).eval()
+    with torch.no_grad():
+        net.head[1].weight.normal_(0, 0.5)
+
+    def tokens_on_grid(tensor):
+        return tensor[:, 1:, :].reshape(tensor.shape[0], 4, 4, tensor.shape[2]).permute(0, 3, 1, 2)
+
+    film = crops(1, size=64)[0][None]
+    findings = [2, 11]
+    batch = torch.as_tensor(film).unsqueeze(0).expand(len(findings), -1, -1, -1)
+    with GradCAM(model=net, target_layers=[net.blocks[-1]], reshape_transform=tokens_on_grid) as cam:
+        expected = cam(
+            input_tensor=normalize(batch).requires_grad_(True), targets=[ClassifierOutputTarget(k) for k in findings]
+        )
+    assert cam_weights(net) is None and cam_layer(net) is net.blocks[-1]
+    assert all(mask.max() > 0.5 for mask in expected)  # maps, not all zeros (the test could fail)
+    found = finding_masks(net, film, findings, "cpu")
+    np.testing.assert_allclose(np.stack(found), expected, atol=1e-4)

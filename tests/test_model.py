@@ -6,7 +6,9 @@ from torchvision.models import resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
 import model as model_module
+from cxr14 import timm_networks
 from cxr14.checkpoints import load_checkpoint, save_checkpoint
+from cxr14.errors import SettingsError
 from cxr14.inference import model_from_checkpoint
 from dataset import FINDINGS
 from model import CheckpointError, build_model, init_head_bias
@@ -56,7 +58,8 @@ def test_only_layer4_and_the_head_train_by_default():
         "fc",
     }
     assert trainable_blocks(build_model(14, "none", "head")) == {"fc"}
-    with pytest.raises(ValueError, match="layer5"):
+    assert trainable_blocks(build_model(14, "none", "2")) == {"layer3", "layer4", "fc"}  # the last two blocks
+    with pytest.raises(SettingsError, match="layer5"):
         build_model(14, "none", "layer5")
 
 
@@ -100,7 +103,7 @@ def test_output_shape_and_eval_is_deterministic():
 def checkpoint_of(net, **changes):
     return {
         "model": net.state_dict(),
-        "config": {"TRAINABLE_LAYERS": "layer4", "DROPOUT": 0.5},
+        "config": {"TRAINABLE_LAYERS": "layer4", "DROPOUT": 0.5, "DROP_PATH": 0.0, "POOLING": "avg"},
         "findings": list(FINDINGS),
         "backbone": "resnet50",
         **changes,
@@ -269,18 +272,23 @@ def test_the_settings_offer_exactly_the_backbones_and_blocks_model_builds():
     from cxr14.configurator import rules
 
     allowed = rules(train)
-    for name in model_module.BACKBONES:
+    for name in [*model_module.BACKBONES, *model_module.EVA_X, "timm/convnext_small.fb_in22k"]:
         allowed["BACKBONE"].validate("BACKBONE", name)
-    with pytest.raises(Exception, match="one of"):
-        allowed["BACKBONE"].validate("BACKBONE", "vgg16")
-    for block in model_module.BLOCKS:
+        assert model_module.known_backbone(name)
+    for wrong in ("vgg16", "timm/", "eva_x_huge"):
+        with pytest.raises(Exception, match="one of"):
+            allowed["BACKBONE"].validate("BACKBONE", wrong)
+        assert not model_module.known_backbone(wrong)
+    for block in [*model_module.BLOCKS, "3"]:
         allowed["TRAINABLE_LAYERS"].validate("TRAINABLE_LAYERS", block)
-    assert allowed["BACKBONE"].allowed.count("'") == 2 * len(model_module.BACKBONES)
+    with pytest.raises(Exception, match="the last N blocks"):
+        allowed["TRAINABLE_LAYERS"].validate("TRAINABLE_LAYERS", "0")
+    assert allowed["BACKBONE"].allowed.count("'") == 2 * (len(model_module.BACKBONES) + len(model_module.EVA_X))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_frozen_batchnorm_equals_batchnorm_in_evaluation_on_the_same_buffers(dtype):
-    from model import FrozenBatchNorm
+    from cxr14.frozen_batchnorm import FrozenBatchNorm
 
     generator = torch.Generator().manual_seed(0)
     state = {
@@ -363,8 +371,9 @@ def test_folding_the_frozen_batchnorm_computes_torchvisions_network(backbone, tm
     when other weights are loaded, and under bf16 autocast fewer operations."""
     from torchvision import models
 
+    from cxr14.frozen_batchnorm import FoldedConv
     from cxr14.timing import OperationCount
-    from model import FoldedConv, cast_frozen
+    from model import cast_frozen
 
     torch.manual_seed(0)
     reference = _with_random_batchnorm_statistics(getattr(models, backbone)(weights=None)).eval()
@@ -420,3 +429,189 @@ def test_a_model_from_a_checkpoint_is_built_on_the_meta_device_and_equals_the_sa
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), saved(images))
+
+
+EVA_TINY = {"embed_dim": 192, "num_heads": 3, "patch_size": 16, "mlp_ratio": 4 * 2 / 3, "swiglu_mlp": True}
+
+
+def test_eva_x_is_timms_eva_with_the_published_arguments_and_its_checkpoint_rebuilds_it_without_them(monkeypatch):
+    """eva_x_tiny/small/base: hustvl/EVA-X's eva_x.py arguments on timm's Eva (widths, heads, SwiGLU, rotary
+    embedding, base's unfused qkv); a checkpoint carries them, so a network is rebuilt from it even when the code's
+    constants change."""
+    from timm.models.eva import Eva
+
+    widths = {"eva_x_tiny": (192, 3), "eva_x_small": (384, 6), "eva_x_base": (768, 12)}
+    for name, (width, heads) in widths.items():
+        arguments = timm_networks.timm_arguments(name, 224, 0.0, "avg")["arguments"]
+        assert (arguments["embed_dim"], arguments["num_heads"], arguments["depth"], arguments["patch_size"]) == (
+            width,
+            heads,
+            12,
+            16,
+        )
+        assert (
+            arguments["swiglu_mlp"]
+            and arguments["use_rot_pos_emb"]
+            and arguments.get("qkv_fused", True) == (name != "eva_x_base")
+        )
+    torch.manual_seed(0)
+    net = build_model(14, "none", "all", 0.5, "eva_x_tiny", image_size=64).eval()
+    assert isinstance(net, Eva) and net.rope is not None and len(net.blocks) == 12
+    saved = {**checkpoint_of(net), "backbone": "eva_x_tiny", "timm": net.parts.timm, "format": 3}
+    saved["config"] = {**saved["config"], "IMAGE_SIZE": 64, "TRAINABLE_LAYERS": "all"}
+    monkeypatch.setitem(timm_networks.EVA_X_COMMON, "depth", 2)  # the code's constants change; the checkpoint's hold
+    rebuilt = model_from_checkpoint(saved).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), net(images))
+
+
+def test_a_weights_file_in_eva_xs_own_key_layout_loads_every_backbone_tensor_and_computes_the_same(tmp_path, capsys):
+    """A file written as EVA-X's .pt files are (a `model` wrapper, its pretraining's mlp.w12, attn.inner_attn_ln,
+    norm and mask_token), from a network with an attention norm (EVA-X's key for it) and two blocks: through timm's
+    key-renaming filter, no backbone tensor is missing, and the outputs equal the network's own."""
+    arguments = {**timm_networks.EVA_X_COMMON, **EVA_TINY, "depth": 2, "scale_attn_inner": True, "img_size": 64}
+    layout = {"name": "eva_x_tiny", "arguments": {**arguments, "drop_path_rate": 0.0, "global_pool": "avg"}}
+    torch.manual_seed(0)
+    source = build_model(14, "none", "all", 0.5, "eva_x_tiny", timm=layout).eval()
+    renamed = {}
+    for key, value in source.state_dict().items():
+        if key.startswith("head."):
+            continue
+        key = key.replace("mlp.fc1", "mlp.w12").replace("attn.norm", "attn.inner_attn_ln")
+        renamed[key.replace("fc_norm", "norm")] = value
+    assert any("mlp.w12" in key for key in renamed) and any("inner_attn_ln" in key for key in renamed)
+    renamed["mask_token"] = torch.zeros(1, 1, 192)
+    torch.save({"model": renamed, "epoch": 600}, tmp_path / "eva_x_tiny_patch16_merged520k_mim.pt")
+    loaded = build_model(14, tmp_path / "eva_x_tiny_patch16_merged520k_mim.pt", "all", 0.5, "eva_x_tiny", timm=layout)
+    said = capsys.readouterr().out
+    total = len([key for key in source.state_dict() if not key.startswith("head.")])
+    assert f"{total} of eva_x_tiny's {total} tensors loaded" in said and "missing" not in said, said
+    loaded.head.load_state_dict(source.head.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), source(images))
+
+
+def test_a_timm_resnet50_file_loads_into_timm_resnet50(tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    published = timm.create_model("resnet50", pretrained=False).eval()  # ImageNet's 1,000 classes
+    save_file(published.state_dict(), str(tmp_path / "model.safetensors"))
+    net = build_model(14, tmp_path / "model.safetensors", "all", 0.5, "timm/resnet50").eval()
+    said = capsys.readouterr().out
+    total = len([key for key in published.state_dict() if not key.startswith("fc.")])
+    assert f"{total} of timm/resnet50's {total} tensors loaded" in said and "missing" not in said, said
+    assert "unexpected, not used: fc.bias, fc.weight" in said
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            net.forward_head(net.forward_features(images), pre_logits=True),
+            published.forward_head(published.forward_features(images), pre_logits=True),
+        )
+
+
+def test_layer_decay_gives_each_block_its_documented_rate_and_timms_weight_decay_exclusions():
+    """LAYER_DECAY 0.5 on EVA-X's ViT-Ti (12 blocks): the patch embedding, class token and position embedding at
+    lr * 0.5^13, block i at lr * 0.5^(12 - i), the head and its norm at lr; no weight decay on 1-D parameters and
+    the position embedding and class token (timm's no_weight_decay). A torchvision ResNet-50 keeps one group."""
+    net = build_model(14, "none", "all", 0.5, "eva_x_tiny", image_size=64)
+    names = {id(parameter): name for name, parameter in net.named_parameters()}
+    seen = 0
+    for group in model_module.parameter_groups(net, 1e-3, 0.05, 0.5):
+        for parameter in group["params"]:
+            name = names[id(parameter)]
+            if name.startswith("blocks."):
+                depth = 12 - int(name.split(".")[1])
+            else:
+                depth = 0 if name.startswith(("head.", "fc_norm.")) else 13
+            assert group["lr"] == pytest.approx(1e-3 * 0.5**depth), name
+            no_decay = parameter.ndim == 1 or name in ("pos_embed", "cls_token")
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+            seen += 1
+    assert seen == len(names)
+    resnet = build_model(14, "none", "layer4")
+    groups = model_module.parameter_groups(resnet, 1e-3, 0.05)
+    assert len(groups) == 1 and len(groups[0]["params"]) == sum(p.requires_grad for p in resnet.parameters())
+
+
+def test_a_vits_frozen_blocks_stay_bit_identical_after_a_step_and_the_last_n_train():
+    """TRAINABLE_LAYERS 4 on EVA-X's ViT-Ti: blocks 8-11 and the head train; the patch embedding and blocks 0-7 are
+    bit-identical after an AdamW step with weight decay (and DROP_PATH on)."""
+    torch.manual_seed(0)
+    net = build_model(14, "none", "4", 0.5, "eva_x_tiny", image_size=64, drop_path=0.2).train()
+    before = {name: parameter.detach().clone() for name, parameter in net.named_parameters()}
+    optimizer = torch.optim.AdamW(model_module.parameter_groups(net, 1e-2, 0.05, 0.65), lr=1e-2)
+    loss = net(torch.randn(4, 3, 64, 64)).square().mean()
+    loss.backward()
+    optimizer.step()
+    for name, parameter in net.named_parameters():
+        trains = name.startswith(("head.", "fc_norm.")) or (name.startswith("blocks.") and int(name.split(".")[1]) >= 8)
+        assert parameter.requires_grad == trains, name
+        assert torch.equal(parameter, before[name]) != trains, name
+    with pytest.raises(SettingsError, match="takes 'all', 'head' or a number of its last blocks"):
+        build_model(14, "none", "layer4", 0.5, "eva_x_tiny", image_size=64)
+
+
+def test_a_vits_ood_features_are_its_pooled_features_and_its_ninth_blocks_token_grid_halves():
+    """Against timm's own forward_intermediates (the ninth block's patch tokens as an NCHW map) and forward_head's
+    pre-logits: the head's input, then the upper and lower halves' means of a map 4 rows high at 64 px."""
+    torch.manual_seed(0)
+    net = build_model(14, "none", "all", 0.5, "eva_x_tiny", image_size=64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features, logits = model_module.ood_features_and_logits(net, images)
+        pooled = net.forward_head(net.forward_features(images), pre_logits=True)
+        grid = net.forward_intermediates(images, indices=[8], intermediates_only=True, output_fmt="NCHW")[0]
+    assert grid.shape == (2, 192, 4, 4) and features.shape == (2, model_module.ood_features_of(net)) == (2, 576)
+    expected = torch.cat([pooled, grid[:, :, :2].mean(dim=(2, 3)), grid[:, :, 2:].mean(dim=(2, 3))], dim=1)
+    torch.testing.assert_close(features, expected)
+    torch.testing.assert_close(logits, net.head(pooled))
+
+
+def test_hf_hub_weights_come_through_timms_own_loader_and_eva_x_through_the_hub_and_offline_is_one_message(
+    tmp_path, monkeypatch, capsys
+):
+    """The Hugging Face Hub stood in for by local files (no network here): hf-hub:ORG/NAME asks timm's loader for
+    ORG/NAME's weights and loads them into timm/resnet18; eva_x_tiny's PRETRAINED "imagenet" asks for EVA-X's own
+    file from MapleF/eva_x; a download that fails is one CheckpointError saying what to do offline."""
+    import huggingface_hub
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    published = timm.create_model("resnet18", pretrained=False).eval()
+    save_file(published.state_dict(), str(tmp_path / "model.safetensors"))
+    asked = []
+
+    def hub(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr("timm.models._hub.hf_hub_download", hub)
+    net = build_model(14, "hf-hub:someone/cxr-resnet18", "all", 0.5, "timm/resnet18").eval()
+    assert asked == [("someone/cxr-resnet18", "model.safetensors")]
+    assert "PRETRAINED hf-hub:someone/cxr-resnet18: all" in capsys.readouterr().out
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.forward_features(images), published.forward_features(images))
+
+    source = build_model(14, "none", "all", 0.5, "eva_x_tiny", image_size=64)
+    state = {key: value for key, value in source.state_dict().items() if not key.startswith("head.")}
+    torch.save({"model": state}, tmp_path / "eva_x_tiny_patch16_merged520k_mim.pt")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    loaded = build_model(14, "imagenet", "all", 0.5, "eva_x_tiny", image_size=64)
+    assert asked[-1] == ("MapleF/eva_x", "eva_x_tiny_patch16_merged520k_mim.pt")
+    assert torch.equal(loaded.blocks[5].mlp.fc1.weight, source.blocks[5].mlp.fc1.weight)
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach huggingface.co")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(CheckpointError, match="could not download EVA-X's weights") as refused:
+        build_model(14, "imagenet", "all", 0.5, "eva_x_tiny", image_size=64)
+    assert "set PRETRAINED to its path" in str(refused.value) and "eva_x_tiny_patch16_merged520k_mim.pt" in str(
+        refused.value
+    )

@@ -104,10 +104,18 @@ RUN_DEFINING_CHANGES = {  # another valid value of each setting that defines a r
     "BATCH_SIZE": 8,
     "TRAINABLE_LAYERS": "all",
     "DROPOUT": 0.25,
+    "DROP_PATH": 0.1,
+    "POOLING": "token",
+    "LAYER_DECAY": 0.5,
     "POS_WEIGHT": "sqrt",
     "POS_WEIGHT_CAP": 5.0,
     "SEED": 7,
 }
+
+
+# settings that torchvision's ResNet-50 (the straight run's) refuses outright: changed with a network that takes them
+VIT = {"backbone": "eva_x_tiny", "trainable_layers": "all"}
+NEEDS_ANOTHER_NETWORK = {"DROP_PATH": VIT, "POOLING": VIT}
 
 
 @pytest.mark.parametrize("name", sorted(RUN_DEFINING_CHANGES))
@@ -116,7 +124,7 @@ def test_a_resume_with_another_run_defining_setting_is_refused_before_writing(na
 
     assert set(RUN_DEFINING_CHANGES) == set(RUN_DEFINING)  # a setting added there is tested here
     branch = tmp_path / "branch"
-    changed = {name.lower(): RUN_DEFINING_CHANGES[name]}
+    changed = {name.lower(): RUN_DEFINING_CHANGES[name], **NEEDS_ANOTHER_NETWORK.get(name, {})}
     message = run(tiny(demo_dir, branch, epochs=3, resume=straight_run / "epoch_02.pth", **changed))
     assert f"{name.lower()} " in message and "other settings" in message and "config.json" in message
     assert not branch.exists()
@@ -354,6 +362,80 @@ def test_another_backbone_trains_resumes_exactly_evaluates_draws_and_exports(bac
     export(tmp_path / "straight" / "best.pth", tmp_path / "model.onnx")
     onnx = OnnxModel(tmp_path / "model.onnx").predict(np.stack([film.crop for film in films])).probabilities
     np.testing.assert_allclose(onnx, probabilities, atol=1e-4)
+
+
+@pytest.mark.slow  # a ViT trained, resumed, evaluated (with localisation), drawn, exported and quantized: about 70 s
+def test_eva_x_tiny_at_64_px_trains_resumes_evaluates_predicts_and_exports_from_its_checkpoint_alone(
+    demo_dir, tmp_path, monkeypatch
+):
+    """EVA-X's ViT-Ti with its last four blocks trainable, layer decay and drop path: a run resumed with CUDA_GRAPHS'
+    static-buffer step (every step through it, per-layer learning rates on the device) equals the uninterrupted eager
+    run; then, with the code's EVA-X constants changed (the checkpoint's own arguments build it) and
+    timm unable to download anything, evaluate.py reports (Grad-CAM localisation on its tokens included), predict.py
+    and the page draw heat maps, export.py's ONNX model gives PyTorch's probabilities to 1e-4, and --int8 quantizes
+    its linear layers within the export's own limits."""
+    import onnx
+    from PIL import Image
+
+    import app
+    import evaluate
+    import export
+    import predict
+    from cxr14 import timm_networks
+    from cxr14.films import prepare
+    from cxr14.inference import TorchModel
+    from cxr14.onnx_model import OnnxModel
+
+    settings = {"backbone": "eva_x_tiny", "image_size": 64, "load_size": 72, "trainable_layers": "4"}
+    settings.update(layer_decay=0.65, drop_path=0.1, learning_rate=1e-3)
+    assert run(tiny(demo_dir, tmp_path / "straight", **settings)) == 0
+    calls = []
+
+    class CountedStep(GraphedStep):
+        def __call__(self, *tensors):
+            calls.append(1)
+            return super().__call__(*tensors)
+
+    with monkeypatch.context() as graphed:
+        graphed.setattr("cxr14.loop.graph_support", lambda device, world_size, dtype: (True, ""))
+        graphed.setattr("cxr14.loop.GraphedStep", CountedStep)
+        assert run(tiny(demo_dir, tmp_path / "resumed", **settings, epochs=1, cuda_graphs="true")) == 0
+        assert run(tiny(demo_dir, tmp_path / "resumed", **settings, resume="last", cuda_graphs="true")) == 0
+    steps = (pd.read_csv(tmp_path / "straight" / "split.csv").split == "train").sum() // 16
+    assert len(calls) == 2 * steps
+    assert_same_weights(weights(tmp_path / "straight" / "epoch_02.pth"), weights(tmp_path / "resumed" / "epoch_02.pth"))
+    best = tmp_path / "straight" / "best.pth"
+    saved = load_checkpoint(best, FINDINGS)
+    assert saved["timm"]["name"] == "eva_x_tiny" and saved["timm"]["arguments"]["img_size"] == 64
+
+    monkeypatch.setitem(timm_networks.EVA_X_COMMON, "depth", 3)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: pytest.fail("a download was attempted"))
+    arguments = ["--checkpoint", str(best), "--bootstrap", "20", "--num_workers", "0"]
+    report = evaluate.evaluate(evaluate.parse_args(arguments))
+    assert np.isfinite(report["mean_auroc"]) and report["localisation"] and report["subgroups"]
+    assert report["calibration"] and report["ood"]  # fitted at the run's end on its ViT features, applied
+    torch_model = TorchModel(best, device="cpu", amp=False)
+    assert len(torch_model.net.blocks) == 12
+    paths = sorted(demo_dir.rglob("*.png"))[:4]
+    films = [prepare(path, torch_model.load_size, torch_model.image_size) for path in paths]
+    probabilities = torch_model.predict(np.stack([film.crop for film in films])).probabilities
+    predict.main(["--checkpoint", str(best), "--cam", "--top", "2", "--out", str(tmp_path / "maps"), str(paths[0])])
+    drawn = sorted((tmp_path / "maps").glob(f"{paths[0].stem}_*.png"))
+    assert len(drawn) == 3 and all(min(Image.open(path).size) >= 512 for path in drawn)  # two maps and the sheet
+    shutil.copy(paths[0], tmp_path / "upload.png")  # the page forgets (deletes) what it was given
+    label, _, _, _, _, maps = app.analyse(torch_model, str(tmp_path / "upload.png"), 2)
+    np.testing.assert_allclose([label[finding] for finding in FINDINGS], probabilities[0], atol=1e-6)
+    assert len(maps) == 2 and min(maps[0][0].shape[:2]) >= 512
+    export.export(best, tmp_path / "model.onnx")
+    onnx_probabilities = OnnxModel(tmp_path / "model.onnx").predict(np.stack([film.crop for film in films]))
+    np.testing.assert_allclose(onnx_probabilities.probabilities, probabilities, atol=1e-4)
+    export.main(
+        ["--checkpoint", str(best), "--out", str(tmp_path / "int8.onnx"), "--int8", "--data_dir", str(demo_dir)]
+    )
+    quantized = [
+        node for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node if node.op_type == "DequantizeLinear"
+    ]
+    assert len(quantized) > 48  # at least each of the twelve blocks' four linear layers' weights
 
 
 @pytest.mark.parametrize("where", ["is", "below"])
