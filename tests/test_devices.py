@@ -287,7 +287,7 @@ def _average_over_ranks(rank, port, results):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
     parts, _ = training_parts(
-        type("Args", (), {"trainable_layers": "head"})(), torch.device("cpu"), Variant(False, False)
+        type("Args", (), {"trainable_layers": "head", "image_size": 32})(), torch.device("cpu"), Variant(False, False)
     )
     parts.net.fc[0].p = 0.0
     parts.optimizer.param_groups[0]["lr"] = 0.0  # the same model at every step: each loss depends on its batch only
