@@ -18,7 +18,7 @@ from torchvision import models
 from cxr14.errors import CheckpointError, SettingsError
 from cxr14.frozen_batchnorm import fold_frozen_batchnorm, freeze_batchnorm
 from cxr14.timm_networks import EVA_X, TIMM, timm_arguments, timm_network
-from cxr14.weights_files import weights_from_file
+from cxr14.weights_files import pretrained_source, weights_from_file
 
 BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")  # every backbone's blocks, in forward order
 
@@ -185,7 +185,7 @@ def _torchvision_network(backbone, pretrained):
     # markedly faster (measured on the demo when it ran at 56 px, 6 epochs: test mean AUROC 0.92 against 0.88);
     # pretrained weights overwrite it
     net = spec.build(weights=None, **({"zero_init_residual": True} if backbone == "resnet50" else {}))
-    if str(pretrained).lower() not in ("none", "false", ""):
+    if pretrained_source(pretrained) != "none":
         state = _pretrained_state_dict(pretrained, backbone, net.state_dict())
         net.load_state_dict(state, strict=False)  # the head: replaced below
     net.parts = Parts(
@@ -362,7 +362,7 @@ def cast_frozen(net, dtype):
 
 def _pretrained_state_dict(pretrained, backbone, expected):
     weights, title = BACKBONES[backbone].weights, BACKBONES[backbone].title
-    if str(pretrained).lower() in ("imagenet", "true"):
+    if pretrained_source(pretrained) == "published":
         try:
             return weights.get_state_dict(progress=True, check_hash=True)
         except (urllib.error.URLError, OSError, RuntimeError) as error:
@@ -373,10 +373,7 @@ def _pretrained_state_dict(pretrained, backbone, expected):
                 f"  - set PRETRAINED to a local {title} weights file (--pretrained path/to/file.pth), or\n"
                 "  - set PRETRAINED to none to start from random weights (much worse on real X-rays)."
             ) from error
-    path = Path(pretrained)
-    if not path.is_file():
-        raise CheckpointError(f"PRETRAINED={pretrained!r} is neither 'imagenet', 'none' nor an existing file.")
-    return weights_from_file(path, title, expected, BACKBONES[backbone].head)
+    return weights_from_file(Path(pretrained), title, expected, BACKBONES[backbone].head)
 
 
 def unwrap(net):

@@ -130,6 +130,7 @@ from cxr14.training_films import (
     sampling,
     say_films,
 )
+from cxr14.weights_files import pretrained_source
 from dataset import FINDINGS, count_positives, pos_weight_from_counts, split_record
 from model import build_model, check_backbone_settings, parameter_groups
 from transforms import mix_seed, normalize
@@ -165,11 +166,10 @@ def check_settings(config):
         )
     dataset_names(data)  # DATASET and DATA_DIR paired, one folder per dataset
     dataset_weights(data)
-    pretrained = str(model_settings.pretrained)
-    hub = pretrained.lower().startswith("hf-hub:")
-    if pretrained.lower() not in ("imagenet", "none") and not hub and not Path(pretrained).is_file():
+    pretrained, source = str(model_settings.pretrained), pretrained_source(model_settings.pretrained)
+    if source == "file" and not Path(pretrained).is_file():
         raise SettingsError(f"PRETRAINED = {pretrained!r}: use imagenet, none, hf-hub:ORG/NAME or a weights file")
-    if hub and not model_settings.backbone.startswith("timm/"):
+    if source == "hub" and not model_settings.backbone.startswith("timm/"):
         raise SettingsError(f"PRETRAINED = {pretrained!r}: Hugging Face Hub weights are for a BACKBONE timm/NAME")
     check_backbone_settings(model_settings)
 

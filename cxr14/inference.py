@@ -248,10 +248,7 @@ def model_from_checkpoint(checkpoint):
             settings.trainable_layers,
             settings.dropout,
             settings.backbone,
-            image_size=checkpoint["config"].get("IMAGE_SIZE", 224),  # timm's ViTs alone read it
-            drop_path=settings.drop_path,
-            pooling=settings.pooling,
-            timm=timm,
+            timm=timm,  # a timm network's image size, drop path and pooling, as it was built
         )
     net.load_state_dict(checkpoint["model"], assign=timm is None)
     return net

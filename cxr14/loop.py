@@ -27,6 +27,7 @@ from cxr14.devices import (
 from cxr14.distributed import setup_distributed, sum_over_ranks
 from cxr14.run_folder import EpochTotals, Position, TensorBoard, Training
 from cxr14.settings import Settings
+from cxr14.weights_files import pretrained_source
 from model import cast_frozen, derived_buffers, init_head_bias
 from transforms import augment_batch, augmentation_params, normalize
 
@@ -323,7 +324,7 @@ def auroc_by_dataset(validation, datasets):
 def warn_about_settings(settings, log):
     """Settings that run but waste the run: said at the start, with the fix."""
     model_settings, data = settings.model, settings.data
-    if str(model_settings.pretrained).lower() == "none" and model_settings.trainable_layers != "all":
+    if pretrained_source(model_settings.pretrained) == "none" and model_settings.trainable_layers != "all":
         log(
             f"warning: PRETRAINED = none with TRAINABLE_LAYERS = {model_settings.trainable_layers!r}: the frozen "
             "blocks keep random weights and pass little of use on. Train them: --trainable_layers all"

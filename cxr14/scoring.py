@@ -132,7 +132,7 @@ def evaluate_nih(model, request):
     if missing:
         print(f"warning: {len(missing)} film(s) missing and left out (first: {missing[0]})")
     rows = parts[request.split]
-    saw = pretrained_saw_test(model) if "nih" in set(data.dataset.split(",")) else None
+    saw = pretrained_saw_test(model) if "nih" in {name.strip() for name in data.dataset.split(",")} else None
     print(
         (f"PRETRAINED SAW THE TEST FILMS: {saw}\n" if saw else "")
         + f"checkpoint {request.checkpoint} (epoch {model.checkpoint['epoch']}); the {request.split} split: "

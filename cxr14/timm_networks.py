@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from cxr14.errors import CheckpointError, SettingsError
-from cxr14.weights_files import weights_from_file
+from cxr14.weights_files import pretrained_source, weights_from_file
 
 TIMM = "timm/"  # BACKBONE = "timm/NAME": the network timm.create_model builds by NAME (timm.list_models())
 EVA_X_COMMON = {  # hustvl/EVA-X classification/models/eva_x.py: timm's Eva with these arguments (MIT license)
@@ -43,7 +43,7 @@ def timm_network(pretrained, built):
     import timm
 
     name, arguments = built["name"], dict(built["arguments"])
-    source = str(pretrained).lower()
+    source = pretrained_source(pretrained)
     if name in EVA_X:
         from timm.models.eva import Eva
 
@@ -52,23 +52,17 @@ def timm_network(pretrained, built):
         model_name = name.removeprefix(TIMM)
         if not timm.is_model(model_name):
             raise SettingsError(f"BACKBONE {name!r}: timm {timm.__version__} has no such network (timm.list_models())")
-        hub = (
-            {"pretrained_cfg_overlay": {"hf_hub_id": pretrained[len("hf-hub:") :]}}
-            if source.startswith("hf-hub:")
-            else {}
-        )
-        from_timm = source in ("imagenet", "true") or bool(hub)
-        net = create_timm(timm, model_name, arguments, from_timm, hub, pretrained)
+        hub = {"pretrained_cfg_overlay": {"hf_hub_id": str(pretrained)[len("hf-hub:") :]}} if source == "hub" else {}
+        net = create_timm(timm, model_name, arguments, source in ("published", "hub"), hub, pretrained)
         built = {"name": name, "arguments": arguments}  # as timm took them: a CNN takes no image size
     parts = timm_parts(net, name, built)
-    if source in ("imagenet", "true") and name in EVA_X:
-        pretrained = source = eva_x_weights(name)  # a local file from here on
-    if source not in ("none", "false", "", "imagenet", "true") and not source.startswith("hf-hub:"):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise CheckpointError(f"PRETRAINED={pretrained!r} is neither 'imagenet', 'none', hf-hub:NAME nor a file.")
+    if source == "published" and name in EVA_X:
+        pretrained, source = eva_x_weights(name), "file"
+    if source == "file":
         convert = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
-        state = weights_from_file(path, name, net.state_dict(), parts["head"], convert and (lambda s: convert(s, net)))
+        state = weights_from_file(
+            Path(pretrained), name, net.state_dict(), parts["head"], convert and (lambda s: convert(s, net))
+        )
         net.load_state_dict(state, strict=False)
     return net, parts
 

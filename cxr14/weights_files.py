@@ -9,6 +9,18 @@ import torch
 
 from cxr14.errors import CheckpointError
 
+
+def pretrained_source(pretrained):
+    """What a PRETRAINED value names: "none" (random init), "published" ("imagenet": the network's own published
+    weights), "hub" (hf-hub:ORG/NAME) or "file" (a local weights file, weights_from_file)."""
+    text = str(pretrained).strip().lower()
+    if text in ("none", "false", ""):
+        return "none"
+    if text in ("imagenet", "true"):
+        return "published"
+    return "hub" if text.startswith("hf-hub:") else "file"
+
+
 WRAPPERS = ("state_dict", "model", "module", "model_ema", "net")  # where training checkpoints keep the weights
 MOST_MISSING = 0.5  # a weights file that leaves more than this share of the backbone's tensors random is refused
 
@@ -22,6 +34,8 @@ def weights_from_file(path, title, expected, head, convert=None):
     (timm's checkpoint_filter_fn: EVA-X's mlp.w12, position embeddings of another image size). Says how many were
     loaded and names what is missing and unexpected; refuses, naming the file and the first missing tensors, a file
     that would leave most of the backbone random (another network, or no weights)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"PRETRAINED={str(path)!r} is neither 'imagenet', 'none', hf-hub:ORG/NAME nor a file.")
     try:
         state = _read_weights(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
